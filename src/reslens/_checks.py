@@ -1,0 +1,109 @@
+"""Boundary validation shared by the public functions.
+
+Each check raises ``TypeError`` or ``ValueError`` naming the parameter, what it received
+and what was expected; none of them touches the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = ["check_ids", "check_mask", "check_layers", "check_sites", "check_dtype", "check_device"]
+
+
+def check_ids(input_ids: object, *, d_vocab: int, n_positions: int, name: str = "input_ids") -> torch.Tensor:
+    """A ``[batch, pos]`` integer tensor of in-vocabulary ids that fits the context."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids [batch, pos]; got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids; got dtype {input_ids.dtype}")
+    if input_ids.ndim != 2:
+        hint = " (add a batch axis with ids[None])" if input_ids.ndim == 1 else ""
+        raise ValueError(
+            f"{name} must be 2-D [batch, pos]; got {input_ids.ndim}-D with shape {tuple(input_ids.shape)}{hint}"
+        )
+    batch, n_pos = input_ids.shape
+    if batch == 0 or n_pos == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(input_ids.shape)}); give at least one token")
+    if n_pos > n_positions:
+        raise ValueError(
+            f"{name} has {n_pos} positions, more than the model's n_positions={n_positions}; "
+            "shorten or split the input"
+        )
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= d_vocab:
+        bad = high if high >= d_vocab else low
+        raise ValueError(f"{name} contains token id {bad}, outside the vocabulary 0..{d_vocab - 1}")
+    return input_ids
+
+
+def check_mask(attention_mask: object, input_ids: torch.Tensor, *, name: str = "attention_mask") -> torch.Tensor:
+    """A ``[batch, pos]`` 0/1 mask shaped like the ids, with at least one real token per row."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [batch, pos]; got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(attention_mask.shape)}; expected the ids' shape {tuple(input_ids.shape)}"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"{name} must contain only 0 (padding) and 1 (real token)")
+    empty = (~attention_mask.bool()).all(dim=-1).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{name} marks no real token in sequence(s) {empty}; every sequence needs one")
+    return attention_mask.bool()
+
+
+def check_sites(sites: object, known: Sequence[str], *, name: str = "sites") -> tuple[str, ...]:
+    """A non-empty collection of known site names, deduplicated in order."""
+    if isinstance(sites, str):
+        sites = (sites,)
+    if not isinstance(sites, Iterable):
+        raise TypeError(f"{name} must be a site name or a sequence of them; got {type(sites).__name__}")
+    sites = tuple(sites)
+    if not sites:
+        raise ValueError(f"{name} is empty; choose from {', '.join(known)}")
+    for site in sites:
+        if site not in known:
+            raise ValueError(f"{name} contains unknown site {site!r}; known sites: {', '.join(known)}")
+    return tuple(dict.fromkeys(sites))
+
+
+def check_layers(layers: object, n_max: int, *, what: str, name: str = "layers") -> tuple[int, ...]:
+    """Sorted unique layer indices in ``0..n_max``; negative indices count from the end; None = all."""
+    if layers is None:
+        return tuple(range(n_max + 1))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    if isinstance(layers, range):
+        layers = tuple(layers)
+    if not isinstance(layers, Iterable) or isinstance(layers, (str, bytes)):
+        raise TypeError(f"{name} must be an int, a sequence of ints or None; got {type(layers).__name__}")
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{name} must contain ints; got {layer!r} ({type(layer).__name__})")
+        if not -(n_max + 1) <= layer <= n_max:
+            raise ValueError(f"{name} contains {layer}, out of range for {what} (0..{n_max})")
+        out.append(layer % (n_max + 1))
+    if not out:
+        raise ValueError(f"{name} is empty; pass None for all layers")
+    return tuple(sorted(set(out)))
+
+
+def check_dtype(dtype: object, *, name: str = "dtype") -> torch.dtype | None:
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype (e.g. torch.float32) or None; got {dtype!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating dtype to store activations; got {dtype}")
+    return dtype
+
+
+def check_device(device: object, *, name: str = "device") -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name}={device!r} is not a valid torch device ({error})") from None

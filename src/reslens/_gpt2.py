@@ -1,0 +1,185 @@
+"""The one module that knows HuggingFace GPT-2 internals.
+
+Every other module asks a :class:`GPT2` adapter for blocks, layer norms, weights and sizes,
+so supporting another architecture means writing one more adapter, not touching analyses.
+
+Weights are returned exactly as HuggingFace stores them. GPT-2's ``Conv1D`` computes
+``y = x @ weight + bias`` (``weight: [in, out]``, the transpose of ``nn.Linear``):
+
+- ``mlp.c_fc.weight``    ``[d_model, d_mlp]``   (keys are its columns)
+- ``mlp.c_proj.weight``  ``[d_mlp, d_model]``   (values are its rows)
+- ``attn.c_attn.weight`` ``[d_model, 3 * d_model]`` (q, k, v side by side, heads contiguous)
+- ``attn.c_proj.weight`` ``[d_model, d_model]``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["GPT2", "CONV1D_WEIGHT_IS_IN_OUT", "SUPPORTED_CLASSES"]
+
+#: ``Conv1D.weight`` is stored ``[in_features, out_features]``: ``y = x @ weight + bias``.
+CONV1D_WEIGHT_IS_IN_OUT = True
+
+SUPPORTED_CLASSES = ("GPT2LMHeadModel", "GPT2Model")
+
+
+@dataclass(frozen=True, eq=False)
+class GPT2:
+    """A read-only view of a HuggingFace ``GPT2LMHeadModel`` or ``GPT2Model``.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> g = GPT2(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)))
+    >>> g.n_layer, g.d_model, g.d_mlp, g.n_head, g.d_head, g.d_vocab
+    (2, 16, 64, 2, 8, 50)
+    """
+
+    model: nn.Module
+
+    def __post_init__(self) -> None:
+        from transformers import GPT2LMHeadModel, GPT2Model
+
+        if not isinstance(self.model, (GPT2LMHeadModel, GPT2Model)):
+            raise TypeError(
+                f"model must be a HuggingFace GPT2LMHeadModel or GPT2Model; got {type(self.model).__name__}. "
+                f"Supported classes: {', '.join(SUPPORTED_CLASSES)}."
+            )
+
+    # --- modules ---------------------------------------------------------------------------
+
+    @property
+    def transformer(self) -> nn.Module:
+        """The ``GPT2Model`` body (the model itself when it has no LM head)."""
+        return getattr(self.model, "transformer", self.model)
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        """The LM head (``nn.Linear``, tied to ``wte``), or ``None`` for a bare ``GPT2Model``."""
+        return getattr(self.model, "lm_head", None)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    @property
+    def wpe(self) -> nn.Embedding:
+        return self.transformer.wpe
+
+    @property
+    def ln_f(self) -> nn.LayerNorm:
+        return self.transformer.ln_f
+
+    def ln_1(self, layer: int) -> nn.LayerNorm:
+        return self.blocks[layer].ln_1
+
+    def ln_2(self, layer: int) -> nn.LayerNorm:
+        return self.blocks[layer].ln_2
+
+    def attn(self, layer: int) -> nn.Module:
+        return self.blocks[layer].attn
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.blocks[layer].mlp
+
+    # --- sizes -----------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.wte.weight.shape[1]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.blocks[0].mlp.c_fc.weight.shape[1]
+
+    @property
+    def n_head(self) -> int:
+        return self.blocks[0].attn.num_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def d_vocab(self) -> int:
+        return self.wte.weight.shape[0]
+
+    @property
+    def n_positions(self) -> int:
+        return self.wpe.weight.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    # --- weights (as stored; never folded or centred) ----------------------------------------
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding ``[d_vocab, d_model]``: ``lm_head.weight`` (tied to ``wte``); ``wte`` without a head."""
+        head = self.lm_head
+        return head.weight if head is not None else self.wte.weight
+
+    def c_fc(self, layer: int) -> nn.Module:
+        """MLP input ``Conv1D``: ``weight [d_model, d_mlp]``, ``bias [d_mlp]``."""
+        return self.blocks[layer].mlp.c_fc
+
+    def c_proj(self, layer: int) -> nn.Module:
+        """MLP output ``Conv1D``: ``weight [d_mlp, d_model]``, ``bias [d_model]``."""
+        return self.blocks[layer].mlp.c_proj
+
+    def c_attn(self, layer: int) -> nn.Module:
+        """Attention q/k/v ``Conv1D``: ``weight [d_model, 3 * d_model]``, ``bias [3 * d_model]``."""
+        return self.blocks[layer].attn.c_attn
+
+    def attn_c_proj(self, layer: int) -> nn.Module:
+        """Attention output ``Conv1D``: ``weight [d_model, d_model]``, ``bias [d_model]``."""
+        return self.blocks[layer].attn.c_proj
+
+    def attn_scale(self, layer: int) -> float:
+        """The factor the model multiplies ``q @ k^T`` by in this layer."""
+        return float(self.blocks[layer].attn.scaling)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``c_attn`` output ``[batch, pos, 3 * d_model]`` -> q, k, v each ``[batch, head, pos, d_head]``."""
+        q, k, v = qkv.split(self.d_model, dim=-1)
+        shape = (*qkv.shape[:-1], self.n_head, self.d_head)
+        return tuple(t.reshape(shape).transpose(-3, -2) for t in (q, k, v))  # type: ignore[return-value]
+
+    def attention_pattern(
+        self, layer: int, qkv: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Softmax attention weights from the ``c_attn`` output, in float32.
+
+        ``qkv: [batch, pos, 3 * d_model]``, ``key_mask: [batch, pos]`` (True = real token) or
+        ``None``. Returns ``[batch, head, query, key]``; rows of query positions that see no
+        real key (left-padding) are zero.
+        """
+        q, k, _ = self.split_qkv(qkv.float())
+        scores = (q @ k.transpose(-1, -2)) * self.attn_scale(layer)  # [batch, head, query, key]
+        n_pos = qkv.shape[-2]
+        allowed = torch.ones(n_pos, n_pos, dtype=torch.bool, device=qkv.device).tril()
+        allowed = allowed.expand(qkv.shape[0], 1, n_pos, n_pos)
+        if key_mask is not None:
+            allowed = allowed & key_mask.bool()[:, None, None, :]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        pattern = torch.softmax(scores, dim=-1)
+        return pattern.nan_to_num(0.0)

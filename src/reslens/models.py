@@ -1,0 +1,78 @@
+"""Load a GPT-2 and its tokenizer: the embedded default shipped in the package, or any
+``from_pretrained`` name or local directory.
+
+The embedded default lives in ``reslens/data/embedded/`` (``config.json``,
+``model.safetensors``, the tokenizer files written by ``save_pretrained`` and
+``MODEL_CARD.md``). It loads offline, as float32 unless ``dtype`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["load_model", "embedded_model_dir"]
+
+
+def embedded_model_dir() -> Path:
+    """The folder inside the installed package that holds the embedded default model."""
+    return Path(str(resources.files("reslens") / "data" / "embedded"))
+
+
+def _check_dtype(dtype: Any) -> None:
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float32 or None; got {dtype!r}")
+
+
+def load_model(
+    name: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """Return ``(model, tokenizer)`` in eval mode.
+
+    ``name=None`` loads the small GPT-2 embedded in the package (offline, float32 by
+    default). A hub name or a local directory goes through ``from_pretrained``; when the
+    hub cannot be reached the error says so and suggests a local path or the default.
+    """
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    _check_dtype(dtype)
+    if name is not None and not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"name must be a model name, a local path or None; got {type(name).__name__}")
+
+    if name is None:
+        source = embedded_model_dir()
+        if not (source / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"the embedded reslens model is missing from {source} (no model.safetensors). "
+                "Reinstall reslens, or pass a local model directory: reslens.load_model('path/to/gpt2')."
+            )
+        local_only = True
+        dtype = torch.float32 if dtype is None else dtype
+    else:
+        source = Path(name) if Path(name).exists() else str(name)
+        local_only = False
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = GPT2LMHeadModel.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    except OSError as error:
+        if isinstance(source, Path):
+            raise
+        raise OSError(
+            f"could not load {name!r} with from_pretrained: the HuggingFace hub may be unreachable "
+            f"from here ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            "Pass a local directory that holds the model (config.json, weights, tokenizer files), "
+            "or call reslens.load_model() with no name for the embedded offline model."
+        ) from error
+
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,22 @@
+"""Fixtures: tiny seeded random GPT-2 models for fast CPU tests."""
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, GPT2Model
+
+from helpers import VOCAB, make_model
+
+
+@pytest.fixture
+def model() -> GPT2LMHeadModel:
+    return make_model()
+
+
+@pytest.fixture
+def base_model() -> GPT2Model:
+    return make_model(cls=GPT2Model)
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
