@@ -138,6 +138,17 @@ class GPT2:
         head = self.lm_head
         return head.weight if head is not None else self.wte.weight
 
+    def apply_ln_f(self, x: torch.Tensor) -> torch.Tensor:
+        """``ln_f`` applied functionally (the module's own weights, no module hooks fire)."""
+        ln = self.ln_f
+        return torch.nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., d_vocab]`` from ``ln_f`` outputs ``[..., d_model]``, as the LM head computes them."""
+        head = self.lm_head
+        bias = head.bias if head is not None else None
+        return torch.nn.functional.linear(x, self.W_U, bias)
+
     def c_fc(self, layer: int) -> nn.Module:
         """MLP input ``Conv1D``: ``weight [d_model, d_mlp]``, ``bias [d_mlp]``."""
         return self.blocks[layer].mlp.c_fc

@@ -1,0 +1,215 @@
+"""The logit lens against a brute-force reference built from full logits."""
+
+import math
+
+import matplotlib
+import pytest
+import torch
+
+from reslens import Batch, capture
+from reslens.lens import LensResult, lens_stats, logit_lens
+from helpers import VOCAB, make_model
+
+matplotlib.use("Agg")
+
+
+def brute_force(model, ids, mask=None, sites=("resid",)):
+    """Every metric from materialised [rows, batch, pos, vocab] float32 log-probs."""
+    res = capture(model, Batch.from_ids(ids, mask), sites=("resid", "resid_mid"))
+    n_layer = model.config.n_layer
+    rows = [(s, l) for l in range(n_layer + 1) for s in ("resid", "resid_mid") if s in sites and (s == "resid" or l < n_layer)]
+    z = torch.stack([model.lm_head(model.transformer.ln_f(res.get(s, l))) for s, l in rows]).float()
+    logp = z.log_softmax(-1)
+    p = logp.exp()
+    logq = model(ids, attention_mask=mask).logits.float().log_softmax(-1) if mask is None else logp[-1]
+    q = logq.exp()
+    m = (p + q) / 2
+    nxt = ids[:, 1:]
+    return dict(
+        rows=rows,
+        z=z,
+        entropy=-(p * logp).sum(-1),
+        kl_final_layer=(q * (logq - logp)).sum(-1),
+        kl_layer_final=(p * (logp - logq)).sum(-1),
+        js=0.5 * (p * (logp - m.log())).sum(-1) + 0.5 * (q * (logq - m.log())).sum(-1),
+        max_prob=p.max(-1).values,
+        final_top1_prob=p.gather(-1, q.argmax(-1).expand(len(rows), *q.shape[:-1])[..., None])[..., 0],
+        target_logprob=logp[..., :-1, :].gather(-1, nxt.expand(len(rows), *nxt.shape)[..., None])[..., 0],
+        target_rank=(z[..., :-1, :] > z[..., :-1, :].gather(-1, nxt.expand(len(rows), *nxt.shape)[..., None])).sum(-1),
+        top=z.topk(5, dim=-1),
+        final_top1=q.argmax(-1),
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 256])
+@pytest.mark.parametrize("sites", [("resid",), ("resid", "resid_mid")])
+def test_every_metric_equals_brute_force(model, ids, chunk_size, sites):
+    lens = logit_lens(model, ids, sites=sites, chunk_size=chunk_size)
+    ref = brute_force(model, ids, sites=sites)
+    assert list(zip(lens.site_of_row, lens.layer_of_row)) == ref["rows"]
+    for name in ("entropy", "kl_final_layer", "kl_layer_final", "js", "max_prob", "final_top1_prob"):
+        torch.testing.assert_close(getattr(lens, name), ref[name], atol=2e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(lens.target_logprob[..., :-1], ref["target_logprob"], atol=2e-5, rtol=1e-4)
+    assert torch.equal(lens.target_rank[..., :-1], ref["target_rank"])
+    assert torch.equal(lens.top_ids, ref["top"].indices)
+    torch.testing.assert_close(lens.top_probs, (ref["top"].values - ref["z"].logsumexp(-1, keepdim=True)).exp())
+    assert torch.equal(lens.final_top1, ref["final_top1"])
+    # the last position has no next token
+    assert lens.target_logprob[..., -1].isnan().all() and (lens.target_rank[..., -1] == -1).all()
+
+
+def test_final_row_is_the_models_own_prediction(model, ids):
+    lens = logit_lens(model, ids, top_k=VOCAB)
+    logits = model(ids).logits
+    assert lens.layer_of_row[-1] == model.config.n_layer
+    assert torch.equal(lens.top_ids[-1], logits.topk(VOCAB, dim=-1).indices)
+    torch.testing.assert_close(lens.top_probs[-1], logits.softmax(-1).sort(-1, descending=True).values, atol=1e-4, rtol=0)
+    assert (lens.kl_final_layer[-1] == 0).all() and (lens.kl_layer_final[-1] == 0).all()
+    assert lens.js[-1].abs().max() < 1e-5
+
+
+def test_ranks_and_convergence_by_hand(model, ids):
+    lens = logit_lens(model, ids)
+    top1 = lens.top_ids[..., 0]
+    for b in range(ids.shape[0]):
+        for p in range(ids.shape[1]):
+            agree = [bool(top1[r, b, p] == lens.final_top1[b, p]) for r in range(top1.shape[0])]
+            first = next(r for r in range(len(agree)) if all(agree[r:]))
+            assert lens.convergence_layer[b, p] == lens.layer_of_row[first]
+    assert (lens.target_rank[lens.target_rank >= 0] < VOCAB).all()
+    assert ((lens.target_rank[..., :-1] == 0) == (top1[..., :-1] == ids[:, 1:])).all()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_single_runs_and_pads_are_excluded(model, side):
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (4, 9, 6)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(9 - len(seq), 9) if side == "left" else slice(0, len(seq))
+        ids[row, span], mask[row, span] = seq, 1
+    lens = logit_lens(model, Batch(ids, mask), sites=("resid", "resid_mid"))
+    for row, seq in enumerate(seqs):
+        alone = logit_lens(model, seq[None], sites=("resid", "resid_mid"))
+        real = mask[row].bool()
+        for name in ("entropy", "kl_final_layer", "kl_layer_final", "js", "target_logprob", "top_probs"):
+            torch.testing.assert_close(getattr(lens, name)[:, row, real], getattr(alone, name)[:, 0], atol=1e-5, rtol=1e-4, equal_nan=True)
+        for name in ("top_ids", "target_rank"):
+            assert torch.equal(getattr(lens, name)[:, row, real], getattr(alone, name)[:, 0]), name
+        assert torch.equal(lens.convergence_layer[row, real], alone.convergence_layer[0])
+        assert lens.entropy[:, row, ~real].isnan().all() and (lens.top_ids[:, row, ~real] == -1).all()
+        assert (lens.convergence_layer[row, ~real] == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_compute_in_float32(ids, dtype):
+    model = make_model().to(dtype)
+    lens = logit_lens(model, ids)
+    assert lens.entropy.dtype == torch.float32 and lens.top_probs.dtype == torch.float32
+    logits = model(ids).logits
+    assert torch.equal(lens.top_ids[-1], logits.float().topk(5, dim=-1).indices)
+    torch.testing.assert_close(lens.target_logprob[-1, :, :-1], logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0])
+
+
+def test_explicit_targets_and_no_targets(model, ids):
+    targets = torch.full_like(ids, 3)
+    lens = logit_lens(model, ids, targets=targets)
+    logp = model(ids).logits.log_softmax(-1)[..., 3]
+    torch.testing.assert_close(lens.target_logprob[-1], logp, atol=1e-5, rtol=1e-5)
+    none = logit_lens(model, ids, targets=None)
+    assert none.target_logprob is None and none.target_rank is None and none.targets is None
+    torch.testing.assert_close(none.entropy, lens.entropy)
+
+
+def test_layer_selection(model, ids):
+    lens = logit_lens(model, ids, layers=[0, 2])
+    full = logit_lens(model, ids)
+    assert lens.layer_of_row == (0, 2)
+    torch.testing.assert_close(lens.kl_final_layer, full.kl_final_layer[[0, 2]])
+    assert (lens.convergence_layer == -1).any() or (lens.convergence_layer >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(top_k=0), ValueError, "top_k must be an int in 1..97"),
+        (dict(top_k=98), ValueError, "top_k"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(sites=("mlp_out",)), ValueError, "unknown site 'mlp_out'"),
+        (dict(layers=[9]), ValueError, "layers contains 9"),
+        (dict(targets="prev"), ValueError, "targets must be 'next'"),
+        (dict(targets=torch.zeros(2, 2, dtype=torch.long)), ValueError, "targets has shape"),
+        (dict(targets=torch.full((3, 11), VOCAB)), ValueError, "targets contains id 97"),
+        (dict(targets=[1, 2]), TypeError, "targets must be"),
+    ],
+)
+def test_bad_arguments(model, ids, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        logit_lens(model, ids, **kwargs)
+
+
+def test_result_round_trip_frame_table_and_plot(model, ids, tmp_path):
+    lens = logit_lens(model, Batch(ids, torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0)), sites=("resid", "resid_mid"))
+    path = tmp_path / "lens.safetensors"
+    lens.save(path)
+    back = LensResult.load(path)
+    assert back.row_labels == lens.row_labels and back.token_strings == lens.token_strings
+    for name in ("top_ids", "entropy", "target_rank", "convergence_layer", "attention_mask"):
+        assert torch.equal(getattr(back, name), getattr(lens, name)) or torch.allclose(getattr(back, name), getattr(lens, name), equal_nan=True)
+
+    frame = lens.to_frame()
+    assert len(frame) == len(lens.site_of_row) * int(lens.attention_mask.sum())
+    assert {"site", "layer", "seq", "pos", "top1_token", "target_rank", "kl_final_layer", "js"} <= set(frame.columns)
+
+    table = lens.table(seq=1, width=60)
+    lines = table.splitlines()
+    assert all(len(line) <= 60 for line in lines)
+    assert lines[1].startswith("next") and any(line.startswith("input") for line in lines)
+    assert "[0]" not in table  # position 0 is padding
+    with pytest.raises(ValueError, match="seq=5"):
+        lens.table(seq=5)
+
+    for metric in ("prob", "rank", "entropy", "kl"):
+        fig = lens.plot(metric=metric)
+        fig.savefig(tmp_path / f"{metric}.png")
+        assert (tmp_path / f"{metric}.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="metric must be one of"):
+        lens.plot(metric="logit")
+    assert "<pre>" in lens._repr_html_()
+
+
+def test_lens_stats_match_the_per_batch_lens(model):
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, VOCAB, (2, 10), generator=gen) for _ in range(3)]
+    stats = lens_stats(model, batches, progress=False)
+    lenses = [logit_lens(model, b, top_k=1) for b in batches]
+    entropy = torch.cat([l.entropy.flatten(1) for l in lenses], 1)
+    torch.testing.assert_close(stats.mean["entropy"], entropy.mean(1))
+    torch.testing.assert_close(stats.quantiles["entropy"][:, 2], entropy.median(1).values, atol=1e-3, rtol=1e-3)
+    rank = torch.cat([l.target_rank[..., :-1].flatten(1) for l in lenses], 1).float()
+    torch.testing.assert_close(stats.mean["target_rank"], rank.mean(1))
+    agree = torch.cat([(l.top_ids[..., 0] == l.final_top1).flatten(1) for l in lenses], 1).float().mean(1)
+    torch.testing.assert_close(stats.top1_agreement, agree)
+    assert stats.top1_agreement[-1] == 1 and stats.n_positions == 60 and stats.exact_quantiles
+    is_input = torch.cat([(l.top_ids[..., 0] == l.input_ids).flatten(1) for l in lenses], 1).float().mean(1)
+    torch.testing.assert_close(stats.input_token_top1, is_input)
+    assert len(stats.to_frame()) == model.config.n_layer + 1
+    assert "top1=final" in stats.table()
+    stats.plot()
+
+
+def test_lens_stats_sample_bounds_memory(model):
+    batches = [torch.randint(0, VOCAB, (4, 20), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    stats = lens_stats(model, batches, max_samples=50, progress=False)
+    assert not stats.exact_quantiles and stats.n_positions == 320
+    assert math.isfinite(float(stats.quantiles["js"].sum()))
+
+
+def test_lens_stats_bad_input(model):
+    with pytest.raises(ValueError, match="max_samples"):
+        lens_stats(model, [torch.ones(1, 3, dtype=torch.long)], max_samples=0)
+    with pytest.raises(TypeError, match="tokenizer"):
+        lens_stats(model, "some text")
+    with pytest.raises(ValueError, match="quantiles"):
+        lens_stats(model, [torch.ones(1, 3, dtype=torch.long)], quantiles=(0.5, 1.0))
