@@ -1,6 +1,5 @@
 """Bad input gets a clear error, and nothing is left on or changed in the model."""
 
-import warnings
 
 import pytest
 import torch

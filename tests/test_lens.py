@@ -213,3 +213,21 @@ def test_lens_stats_bad_input(model):
         lens_stats(model, "some text")
     with pytest.raises(ValueError, match="quantiles"):
         lens_stats(model, [torch.ones(1, 3, dtype=torch.long)], quantiles=(0.5, 1.0))
+
+
+def test_fused_reduction_equals_eager(model, ids):
+    eager = logit_lens(model, ids, sites=("resid", "resid_mid"))
+    fused = logit_lens(model, ids, sites=("resid", "resid_mid"), fused=True)
+    for name in ("top_ids", "target_rank", "convergence_layer", "final_top1"):
+        assert torch.equal(getattr(fused, name), getattr(eager, name)), name
+    for name in ("top_probs", "target_logprob", "entropy", "kl_final_layer", "kl_layer_final", "js", "final_top1_prob"):
+        torch.testing.assert_close(getattr(fused, name), getattr(eager, name), atol=1e-5, rtol=1e-5, equal_nan=True, msg=name)
+
+
+def test_lens_leaves_no_hook_and_no_change(model, ids):
+    from helpers import assert_same_state, hook_counts, model_state
+
+    before, state = hook_counts(model), model_state(model)
+    logit_lens(model, ids, sites=("resid", "resid_mid"))
+    assert hook_counts(model) == before
+    assert_same_state(state, model_state(model))

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
 import torch
+
+from reslens._checks import check_dtype
 
 __all__ = ["load_model", "embedded_model_dir"]
 
@@ -21,11 +21,6 @@ __all__ = ["load_model", "embedded_model_dir"]
 def embedded_model_dir() -> Path:
     """The folder inside the installed package that holds the embedded default model."""
     return Path(str(resources.files("reslens") / "data" / "embedded"))
-
-
-def _check_dtype(dtype: Any) -> None:
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype such as torch.float32 or None; got {dtype!r}")
 
 
 def load_model(
@@ -42,7 +37,7 @@ def load_model(
     """
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    _check_dtype(dtype)
+    check_dtype(dtype)
     if name is not None and not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model name, a local path or None; got {type(name).__name__}")
 
@@ -56,7 +51,11 @@ def load_model(
         local_only = True
         dtype = torch.float32 if dtype is None else dtype
     else:
-        source = Path(name) if Path(name).exists() else str(name)
+        path = Path(name).expanduser()
+        looks_local = isinstance(name, os.PathLike) or str(name).startswith((".", "~", os.sep)) or str(name).count("/") > 1
+        if looks_local and not path.exists():
+            raise FileNotFoundError(f"name={str(name)!r} looks like a local path, but nothing is there")
+        source = path if path.exists() else str(name)
         local_only = False
 
     try:

@@ -1,0 +1,50 @@
+"""load_model with a local directory, and the errors for what cannot load."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+import reslens
+from reslens.models import embedded_model_dir
+from helpers import make_model
+
+
+@pytest.fixture(scope="module")
+def local_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    make_model(vocab_size=50257).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((embedded_model_dir() / name).read_bytes())
+    return path
+
+
+def test_local_directory_loads_in_eval_mode(local_dir):
+    model, tokenizer = reslens.load_model(local_dir, dtype=torch.bfloat16)
+    assert isinstance(model, GPT2LMHeadModel) and not model.training
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    assert tokenizer("Mr")["input_ids"] == [5246]
+    reference = make_model(vocab_size=50257)
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight.float(), reference.transformer.h[0].mlp.c_fc.weight.bfloat16().float())
+
+
+def test_missing_local_path_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="looks like a local path"):
+        reslens.load_model(str(tmp_path / "nothing" / "here"))
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        reslens.load_model(dtype="float16")
+    with pytest.raises(TypeError, match="name must be"):
+        reslens.load_model(123)
+
+
+def test_unreachable_hub_suggests_a_local_path_or_the_default():
+    code = "import reslens\ntry:\n    reslens.load_model('gpt2-no-such-model')\nexcept OSError as e:\n    print(e)\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "hub may be unreachable" in out and "local directory" in out and "load_model() with no name" in out
