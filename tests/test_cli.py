@@ -45,3 +45,14 @@ def test_stats_over_a_file(local_dir, tmp_path, capsys):
 def test_text_and_file_are_exclusive(local_dir, tmp_path):
     with pytest.raises(SystemExit, match="either TEXT or --file"):
         main(["lens", "--model", str(local_dir)])
+
+
+def test_pca_prints_the_experiment_table(local_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The old sailor came back to the inn and asked for a glass of rum. " * 20)
+    out = tmp_path / "pca.png"
+    assert main(["pca", "--file", str(text), "--n", "12", "--model", str(local_dir), "--max-length", "24", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for condition in ("baseline", "no_embedding", "uncentred", "unit_norm", "ln_f", "random"):
+        assert condition in printed
+    assert "12 predictions" in printed and out.stat().st_size > 1000

@@ -2,6 +2,7 @@
 
     reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--metric M] [--out FILE.png]
     reslens lens --file corpus.txt --stats [--out FILE.png]
+    reslens pca --file corpus.txt [--n 200] [--model NAME_OR_PATH] [--out FILE.png]
 """
 
 from __future__ import annotations
@@ -31,7 +32,31 @@ def _parser() -> argparse.ArgumentParser:
     lens.add_argument("--max-length", type=int, default=128, help="--stats: tokens per window (default 128)")
     lens.add_argument("--max-tokens", type=int, default=None, help="--stats: use at most this many tokens of the file")
     lens.add_argument("--device", default=None, help="torch device (default: cpu)")
+
+    pca = commands.add_parser("pca", help="PCA across layers of sampled predictions, with controls",
+                              description="The 'one direction is the prediction' experiment over a text file.")
+    pca.add_argument("--file", type=Path, required=True, help="text to sample predictions from")
+    pca.add_argument("--n", type=int, default=200, help="number of predictions (default 200)")
+    pca.add_argument("--seed", type=int, default=0)
+    pca.add_argument("--model", default=None, help="model name or local directory (default: the embedded model)")
+    pca.add_argument("--max-length", type=int, default=128, help="tokens per window (default 128)")
+    pca.add_argument("--out", type=Path, help="write the explained-variance figure to this PNG file")
+    pca.add_argument("--device", default=None, help="torch device (default: cpu)")
     return parser
+
+
+def _pca(args: argparse.Namespace) -> int:
+    import reslens
+    from reslens.pca import pca_experiment
+
+    text = args.file.read_text(encoding="utf-8")
+    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    experiment = pca_experiment(model, tokenizer, text, n=args.n, seed=args.seed, max_length=args.max_length)
+    print(experiment.table())
+    if args.out is not None:
+        experiment.plot().savefig(args.out, dpi=150, bbox_inches="tight")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 def _lens(args: argparse.Namespace) -> int:
@@ -73,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib
 
         matplotlib.use("Agg")
-    return {"lens": _lens}[args.command](args)
+    return {"lens": _lens, "pca": _pca}[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

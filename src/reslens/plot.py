@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from reslens.lens import LensResult
     from reslens.lens import LensStats
 
-__all__ = ["lens_table", "plot_lens", "plot_lens_stats", "LENS_PLOT_METRICS"]
+__all__ = ["lens_table", "plot_lens", "plot_lens_stats", "plot_pca_experiment", "LENS_PLOT_METRICS"]
 
 LENS_PLOT_METRICS = ("prob", "rank", "entropy", "kl")
 
@@ -149,3 +149,26 @@ def plot_lens_stats(stats: LensStats, *, ax=None):
     fig.tight_layout()
     return fig
 
+
+
+def plot_pca_experiment(experiment, *, ax=None, conditions=("baseline", "no_embedding", "unit_norm")):
+    """Explained-variance ratio per principal component: mean line with a 10-90% band per condition."""
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    else:
+        fig = ax.figure
+    for name in conditions:
+        evr = experiment.results[name]["explained_variance_ratio"]  # [n, K]
+        k = range(1, evr.shape[1] + 1)
+        low, high = evr.quantile(0.1, dim=0).numpy(), evr.quantile(0.9, dim=0).numpy()
+        line, = ax.plot(k, evr.mean(0).numpy(), "o-", label=f"{name} (PC1 {evr[:, 0].mean():.0%})")
+        ax.fill_between(k, low, high, color=line.get_color(), alpha=0.2)
+    ax.set_xticks(list(k))
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("explained variance ratio")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"PCA across layers of one prediction's residuals ({experiment.n} predictions)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
