@@ -231,3 +231,14 @@ def test_lens_leaves_no_hook_and_no_change(model, ids):
     logit_lens(model, ids, sites=("resid", "resid_mid"))
     assert hook_counts(model) == before
     assert_same_state(state, model_state(model))
+
+
+def test_many_blocks_of_positions_equal_brute_force(model):
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(9))  # 80 positions: 3 blocks
+    for fused in (False, True):
+        lens = logit_lens(model, ids, fused=fused)
+        ref = brute_force(model, ids)
+        for name in ("entropy", "kl_final_layer", "js", "final_top1_prob"):
+            torch.testing.assert_close(getattr(lens, name), ref[name], atol=2e-5, rtol=1e-4, msg=name)
+        assert torch.equal(lens.target_rank[..., :-1], ref["target_rank"])
+        assert torch.equal(lens.top_ids, ref["top"].indices)

@@ -281,7 +281,10 @@ class _SiteBuffer:
         self.filled = 0
 
     def write(self, i: int, t: torch.Tensor) -> None:
-        if self.detach:
+        if self.n == 1:  # a whole-model site (final, logits): keep the tensor itself, no copy
+            t = t.detach() if self.detach else t
+            self.parts[0] = t.to(device=self.device, dtype=self.dtype)
+        elif self.detach:
             if self.buffer is None:
                 self.buffer = torch.empty(
                     (self.n, *t.shape), dtype=self.dtype or t.dtype, device=self.device or t.device
@@ -294,6 +297,8 @@ class _SiteBuffer:
     def result(self) -> torch.Tensor | None:
         if self.filled < self.n:
             return None
+        if self.n == 1:
+            return self.parts[0][None]  # type: ignore[index]
         if self.detach:
             return self.buffer
         return torch.stack(self.parts)  # type: ignore[arg-type]
