@@ -117,13 +117,23 @@ def tokenize(tokenizer: Any, texts: str | Sequence[str], *, padding_side: str = 
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"texts {empty} tokenize to no tokens; every text needs at least one token")
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    return pad_ids(encoded, pad_id=pad_token_id(tokenizer), padding_side=padding_side)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad id, else its end-of-text id, else 0."""
+    ids = (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+    return next((i for i in ids if i is not None), 0)
+
+
+def pad_ids(encoded: Sequence[Sequence[int]], *, pad_id: int = 0, padding_side: str = "right") -> Batch:
+    """Token id lists of any lengths -> a padded :class:`Batch` ``[len(encoded), longest]``."""
     n_pos = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), n_pos), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), n_pos), dtype=torch.bool)
     for row, ids in enumerate(encoded):
         span = slice(n_pos - len(ids), n_pos) if padding_side == "left" else slice(0, len(ids))
-        input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, span] = torch.as_tensor(list(ids), dtype=torch.long)
         attention_mask[row, span] = True
     return Batch(input_ids, attention_mask)
 

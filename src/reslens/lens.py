@@ -30,7 +30,7 @@ import torch
 
 from reslens._checks import check_layers, check_sites
 from reslens._gpt2 import GPT2
-from reslens.hooks import Batch, as_batch, capture
+from reslens.hooks import Batch, as_batch, capture, pad_ids, pad_token_id
 
 __all__ = ["LensResult", "LensStats", "logit_lens", "lens_stats", "LENS_SITES", "METRICS"]
 
@@ -602,14 +602,7 @@ def _windows(tokenizer: Any, data: Any, max_length: int) -> list[list[int]]:
 
 def _batches(windows: list[list[int]], batch_size: int, pad_id: int):
     for i in range(0, len(windows), batch_size):
-        group = windows[i : i + batch_size]
-        n_pos = max(len(w) for w in group)
-        ids = torch.full((len(group), n_pos), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), n_pos), dtype=torch.bool)
-        for row, w in enumerate(group):
-            ids[row, : len(w)] = torch.tensor(w)
-            mask[row, : len(w)] = True
-        yield Batch(ids, mask)
+        yield pad_ids(windows[i : i + batch_size], pad_id=pad_id)
 
 
 class _Reservoir:
@@ -671,8 +664,7 @@ def lens_stats(
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     if isinstance(data, (str, list, tuple)) and all(isinstance(t, str) for t in ([data] if isinstance(data, str) else data)):
         windows = _windows(tokenizer, data, min(max_length, g.n_positions))
-        pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if i is not None), 0)
-        batches, total = _batches(windows, batch_size, pad_id), -(-len(windows) // batch_size)
+        batches, total = _batches(windows, batch_size, pad_token_id(tokenizer)), -(-len(windows) // batch_size)
     else:
         batches, total = data, (len(data) if hasattr(data, "__len__") else None)
 

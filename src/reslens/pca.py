@@ -23,7 +23,7 @@ import torch
 
 from reslens._checks import check_layers
 from reslens._gpt2 import GPT2
-from reslens.hooks import Batch, as_batch, capture
+from reslens.hooks import Batch, as_batch, capture, pad_ids, pad_token_id
 
 __all__ = ["ResidualPCA", "TrajectoryPCAResult", "trajectory_pca", "PCAExperiment", "pca_experiment", "NORMALIZE"]
 
@@ -462,16 +462,10 @@ def pca_experiment(
         by_window.setdefault(w, []).append(p)
     order = sorted(by_window)
     stacks, finals = [], []
-    pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if i is not None), 0)
+    pad_id = pad_token_id(tokenizer)
     for start in tqdm(range(0, len(order), batch_size), desc="pca residuals", unit="batch", disable=not progress):
         group = order[start : start + batch_size]
-        n_pos = max(len(windows[w]) for w in group)
-        ids = torch.full((len(group), n_pos), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), n_pos), dtype=torch.bool)
-        for row, w in enumerate(group):
-            ids[row, : len(windows[w])] = torch.tensor(windows[w])
-            mask[row, : len(windows[w])] = True
-        res = capture(model, Batch(ids, mask), sites=("resid", "final"))
+        res = capture(model, pad_ids([windows[w] for w in group], pad_id=pad_id), sites=("resid", "final"))
         seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
         pos = torch.tensor([p for w in group for p in by_window[w]])
         stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
