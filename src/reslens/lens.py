@@ -299,8 +299,8 @@ _COMPILED: dict[str, Any] = {}
 
 
 def _reducer(fused: bool):
-    """``_block_metrics``, compiled by ``torch.compile`` when ``fused`` (falls back to eager
-    with a warning where compilation is unavailable)."""
+    """``_block_metrics``, compiled once by ``torch.compile`` when ``fused`` (compilation
+    needs a C++ compiler on CPU, Triton on GPU; errors surface on the first call)."""
     if not fused:
         return _block_metrics
     if "fn" not in _COMPILED:
