@@ -5,9 +5,9 @@ the logit lens, residual PCA, MLP key-value memories, attention-head scores and 
 tracing. Conventions (residual indexing, padding, rank, KL direction) are in DESIGN.md.
 """
 
-from reslens.hooks import Batch, Residuals, capture, tokenize, trace
+from reslens.hooks import Batch, Residuals, capture, patch, tokenize, trace
 from reslens.models import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["Batch", "Residuals", "capture", "load_model", "tokenize", "trace", "__version__"]
+__all__ = ["Batch", "Residuals", "capture", "load_model", "patch", "tokenize", "trace", "__version__"]

@@ -2,9 +2,11 @@
 registers hooks.
 
 ``capture`` runs the forward pass itself and returns :class:`Residuals`; ``trace`` is a
-context manager that records a forward the caller runs. Both remove every hook they added
-on exit (also on exceptions) in reverse order, and never change weights, the ``training``
-flag or ``requires_grad``.
+context manager that records a forward the caller runs; ``patch`` is a context manager that
+replaces sites during the forwards the caller runs (interventions: coefficient edits,
+causal-tracing noise and restoration). All remove every hook they added on exit (also on
+exceptions) in reverse order, and never change weights, the ``training`` flag or
+``requires_grad``.
 
 Sites and shapes (``L`` = number of kept layers or blocks):
 
@@ -38,10 +40,15 @@ import torch
 from reslens._checks import check_device, check_dtype, check_ids, check_layers, check_mask, check_sites
 from reslens._gpt2 import GPT2
 
-__all__ = ["SITES", "BLOCK_SITES", "Batch", "Residuals", "Trace", "capture", "trace", "tokenize"]
+__all__ = [
+    "SITES", "BLOCK_SITES", "PATCH_SITES", "Batch", "Residuals", "Trace", "Patch", "capture", "trace", "patch", "tokenize",
+]
 
 BLOCK_SITES = ("resid_mid", "attn_out", "mlp_out", "mlp_act", "attn_pattern")
 SITES = ("resid", *BLOCK_SITES, "final", "logits")
+#: Sites :func:`patch` can replace: ``resid`` layer ``l`` is the input of block ``l`` (of
+#: ``ln_f`` for ``l = n_layer``); the others are per block, as in :func:`capture`.
+PATCH_SITES = ("resid", "attn_out", "mlp_out", "mlp_act")
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -578,3 +585,98 @@ def capture(
         except _StopForward:
             pass
     return recorder.residuals
+
+
+class Patch:
+    """Hooks that replace sites during forwards; use via :func:`patch`."""
+
+    def __init__(self, model: Any, edits: Any) -> None:
+        self.g = GPT2(model)
+        if not isinstance(edits, Mapping):
+            raise TypeError(
+                "edits must be a mapping {(site, layer): function}; "
+                f"got {type(edits).__name__}"
+            )
+        self.edits: dict[tuple[str, int], Any] = {}
+        for key, fn in edits.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise TypeError(f"edits keys must be (site, layer) pairs; got {key!r}")
+            site, layer = key
+            check_sites((site,), PATCH_SITES, name="edits site")
+            n_max = self.g.n_layer if site == "resid" else self.g.n_layer - 1
+            (layer,) = check_layers(layer, n_max, what=f"site {site!r} of a {self.g.n_layer}-layer model",
+                                    name=f"edits layer for {site!r}")
+            if not callable(fn):
+                raise TypeError(f"edits[({site!r}, {layer})] must be a function tensor -> tensor; got {type(fn).__name__}")
+            if (site, layer) in self.edits:
+                raise ValueError(f"edits names ({site!r}, {layer}) twice (negative and positive layer numbers?)")
+            self.edits[(site, layer)] = fn
+        self._handles: list[Any] = []
+
+    def _apply(self, site: str, layer: int, t: torch.Tensor) -> torch.Tensor:
+        out = self.edits[(site, layer)](t)
+        if out is None:  # edited in place
+            return t
+        if not isinstance(out, torch.Tensor) or out.shape != t.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the edit of ({site!r}, {layer}) returned {got}; expected a tensor {tuple(t.shape)}")
+        return out.to(t.dtype)
+
+    def _register(self, site: str, layer: int):
+        g = self.g
+        if site == "resid":
+            module = g.ln_f if layer == g.n_layer else g.blocks[layer]
+
+            def pre(m, args, kwargs):
+                if args:
+                    return (self._apply(site, layer, args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": self._apply(site, layer, kwargs["hidden_states"])}
+
+            return module.register_forward_pre_hook(pre, with_kwargs=True)
+        if site == "mlp_act":
+            return g.c_proj(layer).register_forward_pre_hook(
+                lambda m, args: (self._apply(site, layer, args[0]), *args[1:])
+            )
+        if site == "attn_out":
+            return g.attn(layer).register_forward_hook(
+                lambda m, args, out: (self._apply(site, layer, out[0]), *out[1:])
+            )
+        return g.mlp(layer).register_forward_hook(lambda m, args, out: self._apply(site, layer, out))
+
+    def __enter__(self) -> Patch:
+        if self._handles:
+            raise RuntimeError("this patch is already active")
+        try:
+            for site, layer in self.edits:
+                self._handles.append(self._register(site, layer))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+
+def patch(model: Any, edits: Mapping[tuple[str, int], Any]) -> Patch:
+    """Replace sites during the forwards run inside the context; hooks go away on exit.
+
+    ``edits`` maps ``(site, layer)`` to a function that receives the site's tensor
+    ``[batch, pos, d_model]`` (``[batch, pos, d_mlp]`` for ``mlp_act``) as this forward
+    computed it and returns the tensor to use instead (or ``None`` after editing it in
+    place). Sites: ``resid`` (layer ``l`` = the input of block ``l``, ``n_layer`` = the input
+    of ``ln_f``; layer 0 is ``wte + wpe``), ``attn_out``, ``mlp_out``, ``mlp_act``. Gradients
+    flow through the functions, so they may add trainable tensors. To record the patched
+    run, enter :func:`patch` before :func:`trace` (hooks run in the order they were added).
+
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)).eval()
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> with patch(model, {("mlp_out", 1): torch.zeros_like}):
+    ...     res = capture(model, ids, sites="mlp_out")
+    >>> float(res.mlp_out[1].abs().max())
+    0.0
+    """
+    return Patch(model, edits)
