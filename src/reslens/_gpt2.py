@@ -157,6 +157,22 @@ class GPT2:
         """MLP output ``Conv1D``: ``weight [d_mlp, d_model]``, ``bias [d_model]``."""
         return self.blocks[layer].mlp.c_proj
 
+    def mlp_keys(self, layer: int) -> torch.Tensor:
+        """MLP keys ``[d_mlp, d_model]``: key ``i`` is ``c_fc.weight[:, i]`` (a transposed view)."""
+        return self.c_fc(layer).weight.T
+
+    def mlp_key_bias(self, layer: int) -> torch.Tensor:
+        """``c_fc.bias`` ``[d_mlp]``: the pre-activation is ``ln_2(x) @ keys.T + bias``."""
+        return self.c_fc(layer).bias
+
+    def mlp_values(self, layer: int) -> torch.Tensor:
+        """MLP values ``[d_mlp, d_model]``: value ``i`` is ``c_proj.weight[i]`` (a view)."""
+        return self.c_proj(layer).weight
+
+    def mlp_value_bias(self, layer: int) -> torch.Tensor:
+        """``c_proj.bias`` ``[d_model]``: ``mlp_out = coefficients @ values + bias``."""
+        return self.c_proj(layer).bias
+
     def c_attn(self, layer: int) -> nn.Module:
         """Attention q/k/v ``Conv1D``: ``weight [d_model, 3 * d_model]``, ``bias [3 * d_model]``."""
         return self.blocks[layer].attn.c_attn

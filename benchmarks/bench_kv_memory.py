@@ -1,0 +1,114 @@
+"""Trigger mining over the corpus on the embedded model: tokens/s of ``mine_triggers`` (all
+layers, top-50 per key) against plain forwards over the same batches, and peak memory as the
+corpus doubles.
+
+    python benchmarks/bench_kv_memory.py --tokens 1000000
+
+Units are sentences of the training books of ../shared/corpus (sorted file order). The
+forward baselines run on the batches mining forms (same sentences, same length-sorted
+groups, same padding), already tokenized; mining is timed end to end (reading, sentence
+splitting and tokenizing included). The memory runs are separate processes (``--memory``)
+so each peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import reslens
+from reslens import kv_memory as kv
+from reslens.hooks import pad_ids, pad_token_id
+
+CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
+
+
+def batches_like_mining(tokenizer, max_tokens: int, batch_size: int, window: int):
+    """The padded batches ``mine_triggers`` forms for the first ``max_tokens`` tokens."""
+    texts, _ = kv._corpus_texts(CORPUS)
+    units, total = [], 0
+    for ids in kv._units(tokenizer, texts, "sentence", window):
+        if total + len(ids) > max_tokens:
+            break
+        units.append(ids)
+        total += len(ids)
+    batches, group = [], 16 * batch_size
+    for start in range(0, len(units), group):
+        chunk = sorted(units[start : start + group], key=len)
+        batches += [pad_ids(chunk[i : i + batch_size], pad_id=pad_token_id(tokenizer)) for i in range(0, len(chunk), batch_size)]
+    return batches, total
+
+
+def mine(model, tokenizer, max_tokens: int, batch_size: int):
+    return kv.mine_triggers(model, tokenizer, CORPUS, max_tokens=max_tokens, batch_size=batch_size, progress=False)
+
+
+def memory_run(tokens: int, batch_size: int) -> None:
+    model, tokenizer = reslens.load_model()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    index = mine(model, tokenizer, tokens, batch_size)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"tokens": index.n_tokens, "peak_rss_mb": peak / 1024, "before_mining_mb": before / 1024,
+                      "stored_examples": len(index.example_ids)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory", type=int, default=None, help=argparse.SUPPRESS)  # child process mode
+    args = parser.parse_args()
+    if args.memory is not None:
+        return memory_run(args.memory, args.batch_size)
+
+    torch.manual_seed(0)
+    model, tokenizer = reslens.load_model()
+    window = min(model.config.n_positions, 128)
+    batches, total = batches_like_mining(tokenizer, args.tokens, args.batch_size, window)
+
+    def plain(runner):
+        def run():
+            with torch.no_grad():
+                for b in batches:
+                    runner(input_ids=b.input_ids, attention_mask=b.attention_mask.long(), position_ids=b.position_ids,
+                           use_cache=False)
+        return run
+
+    timings = {"forward (model, with LM head)": plain(model), "forward (transformer body, no LM head)": plain(model.transformer),
+               "mine_triggers (end to end)": lambda: mine(model, tokenizer, args.tokens, args.batch_size)}
+    results = {name: [] for name in timings}
+    for _ in range(args.repeats):
+        for name, fn in timings.items():  # interleaved, so drift hits every row alike
+            start = time.perf_counter()
+            fn()
+            results[name].append(time.perf_counter() - start)
+    mining = statistics.median(results["mine_triggers (end to end)"])
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {total} tokens in {len(batches)} batches of <= {args.batch_size} sentences")
+    print("| what | median s | tokens/s | mining throughput / this |")
+    print("|---|---|---|---|")
+    for name, times in results.items():
+        t = statistics.median(times)
+        print(f"| {name} | {t:.2f} | {total / t:,.0f} | {t / mining:.2f} |")
+
+    print("\n| corpus tokens | peak RSS (MB) | RSS before mining (MB) | examples stored |")
+    print("|---|---|---|---|")
+    for tokens in (args.tokens // 2, args.tokens):
+        out = subprocess.run([sys.executable, __file__, "--memory", str(tokens), "--batch-size", str(args.batch_size)],
+                             check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        print(f"| {row['tokens']:,} | {row['peak_rss_mb']:.0f} | {row['before_mining_mb']:.0f} | {row['stored_examples']:,} |")
+
+
+if __name__ == "__main__":
+    main()
