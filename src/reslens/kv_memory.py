@@ -891,20 +891,16 @@ def agreement(index: TriggerIndex, model: Any, *, through_ln_f: bool = False, ch
     if any(index.model_info.get(k) != info[k] for k in ("n_layer", "d_mlp", "d_vocab")):
         raise ValueError(f"index was mined on a model with {index.model_info}; this model has {info}")
     n_layers, d_mlp = len(index.layers), index.d_mlp
-    next_token = torch.full((n_layers, d_mlp), -1, dtype=torch.long)
     value_top = torch.full((n_layers, d_mlp), -1, dtype=torch.long)
     rank = torch.full((n_layers, d_mlp), -1, dtype=torch.long)
-    # the token after each key's top trigger
-    offsets = {int(e): i for i, e in enumerate(index.example_ids.tolist())}
-    for r in range(n_layers):
-        for key in range(d_mlp):
-            e, pos = int(index.example[r, key, 0]), int(index.position[r, key, 0])
-            if e < 0:
-                continue
-            i = offsets[e]
-            start, end = int(index.example_offsets[i]), int(index.example_offsets[i + 1])
-            if start + pos + 1 < end:
-                next_token[r, key] = int(index.example_tokens[start + pos + 1])
+    # the token after each key's top trigger (example_ids are sorted: find each example's offset)
+    example, position = index.example[..., 0], index.position[..., 0]  # [L, d_mlp]
+    next_token = torch.full((n_layers, d_mlp), -1, dtype=torch.long)
+    if len(index.example_ids):
+        slot = torch.searchsorted(index.example_ids, example.clamp(min=0)).clamp(max=len(index.example_ids) - 1)
+        after = index.example_offsets[slot] + position + 1
+        valid = (example >= 0) & (after < index.example_offsets[slot + 1])
+        next_token = torch.where(valid, index.example_tokens[after.clamp(0, len(index.example_tokens) - 1)], -1)
     with torch.no_grad():
         for r, layer in enumerate(index.layers):
             values_ = g.mlp_values(layer)
