@@ -277,6 +277,12 @@ def test_agreement_hand_computed(model):
     assert result.rank[0, 10:20].tolist() == [VOCAB - 1] * 10
     assert result.rank[0, 20:].eq(-1).all()
     assert result.baseline == 1 / VOCAB
+    # shuffled baseline: value tops paired with other keys' next tokens; equals a direct count
+    valid = result.next_token[0] >= 0
+    tops, nexts = result.value_top[0, valid], result.next_token[0, valid]
+    gen = torch.Generator().manual_seed(0)
+    expected = sum(float((tops == nexts[torch.randperm(20, generator=gen)]).float().mean()) for _ in range(100)) / 100
+    assert float(result.shuffled[0]) == pytest.approx(expected, abs=1e-6)
     assert list(result.to_frame()["agreement"]) == [0.5]
 
 
@@ -393,3 +399,13 @@ def test_embedded_values_agree_with_triggers_above_chance():
     index = kv.mine_triggers(model, tokenizer, CORPUS / "46-a-christmas-carol.txt", max_tokens=20_000, progress=False)
     result = kv.agreement(index, model)
     assert float(result.agreement.max()) > 20 * result.baseline
+
+
+def test_split_last_shows_whole_characters():
+    class Bytes:
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    quote = list("“".encode())  # three bytes
+    assert kv._split_last(Bytes().decode, [*b"said, ", *quote]) == ("said, ", "“")
+    assert kv._split_last(Bytes().decode, [*b"ab"]) == ("a", "b")

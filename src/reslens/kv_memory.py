@@ -549,9 +549,12 @@ class TriggerIndex:
         decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else (lambda ids: " ".join(map(str, ids)))
         lines = [f"L{layer}N{key}: top {n} of {self.n_examples} {self.unit}s ({self.n_tokens} tokens)"]
         for t in self.triggers(layer, key, n):
-            before = decode(t["prefix"][:-1]).replace("\n", "⏎")
-            token = decode(t["prefix"][-1:]).replace("\n", "⏎")
+            before, token = _split_last(decode, t["prefix"])
             after = "" if t["next"] is None else " → " + repr(decode([t["next"]]))
+            if "\ufffd" in token and t["next"] is not None:  # the first bytes of a character the next token ends
+                token = _split_last(decode, [*t["prefix"], t["next"]])[1] + " (first bytes)"
+                after = " → (its last bytes)"
+            before, token = before.replace("\n", "⏎"), token.replace("\n", "⏎")
             room = max(10, width - len(token) - len(after) - 12)
             before = before if len(before) <= room else "…" + before[-room:]
             lines.append(f"{t['score']:7.3f}  {before}[[{token}]]{after}")
@@ -610,6 +613,16 @@ class TriggerIndex:
     def __repr__(self) -> str:
         return (f"TriggerIndex(layers={list(self.layers)}, d_mlp={self.d_mlp}, top_k={self.top_k}, "
                 f"{self.n_examples} {self.unit}s, {self.n_tokens} tokens)")
+
+
+def _split_last(decode: Any, ids: list[int]) -> tuple[str, str]:
+    """Text before the last token and the last token's text; a token that completes a
+    multi-byte character (GPT-2's byte-level BPE splits curly quotes) shows that character."""
+    full, before = decode(ids), decode(ids[:-1])
+    stem = before.rstrip("\ufffd")
+    if full.startswith(stem) and len(full) > len(stem):
+        return stem, full[len(stem):]
+    return before, decode(ids[-1:])
 
 
 _INDEX_TENSORS = ("scores", "example", "position", "example_ids", "example_offsets", "example_tokens")
@@ -821,6 +834,9 @@ class KeyValueAgreement:
     - ``next_token``, ``value_top``, ``rank``: ``[L, d_mlp]`` (``-1`` = no next token)
     - ``agreement: [L]``: fraction of keys with ``value_top == next_token``
     - ``n_keys: [L]``: keys with a next token; ``baseline`` = ``1 / d_vocab`` (a random top token)
+    - ``shuffled: [L]``: the agreement when each key's next token is paired with another key's
+      value (mean over ``n_shuffles`` permutations within the layer): the chance level given
+      how often frequent tokens such as ``' the'`` top both lists, a stricter baseline than ``1/|V|``
     """
 
     layers: tuple[int, ...]
@@ -829,6 +845,7 @@ class KeyValueAgreement:
     rank: torch.Tensor
     agreement: torch.Tensor
     n_keys: torch.Tensor
+    shuffled: torch.Tensor
     d_vocab: int
     convention: str
 
@@ -839,7 +856,7 @@ class KeyValueAgreement:
         for name in ("value_top", "rank"):
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}; expected {shape}")
-        for name in ("agreement", "n_keys"):
+        for name in ("agreement", "n_keys", "shuffled"):
             if tuple(getattr(self, name).shape) != (len(self.layers),):
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}; expected ({len(self.layers)},)")
 
@@ -860,17 +877,18 @@ class KeyValueAgreement:
         return pd.DataFrame({
             "layer": list(self.layers), "keys": self.n_keys.numpy(), "agreement": self.agreement.numpy(),
             "baseline": self.baseline, "ratio_to_baseline": (self.agreement / self.baseline).numpy(),
-            "median_rank": self.median_rank().numpy(),
+            "shuffled": self.shuffled.numpy(), "median_rank": self.median_rank().numpy(),
         })
 
     def table(self) -> str:
-        head = f"{'layer':>5} {'keys':>6} {'agreement':>10} {'x random':>9} {'median rank':>12}"
-        lines = [f"value top token == token after the top trigger ({self.convention}); random = 1/{self.d_vocab}",
-                 head, "-" * len(head)]
+        head = f"{'layer':>5} {'keys':>6} {'agreement':>10} {'x random':>9} {'shuffled':>9} {'median rank':>12}"
+        lines = [f"value top token == token after the top trigger ({self.convention}); random = 1/{self.d_vocab}, "
+                 "shuffled = values paired with other keys' next tokens", head, "-" * len(head)]
         median = self.median_rank()
         for r, layer in enumerate(self.layers):
             lines.append(f"{layer:>5} {int(self.n_keys[r]):>6} {float(self.agreement[r]):>10.4f} "
-                         f"{float(self.agreement[r]) / self.baseline:>9.1f} {float(median[r]):>12.0f}")
+                         f"{float(self.agreement[r]) / self.baseline:>9.1f} {float(self.shuffled[r]):>9.4f} "
+                         f"{float(median[r]):>12.0f}")
         return "\n".join(lines)
 
     def plot(self, *, ax=None):
@@ -879,10 +897,15 @@ class KeyValueAgreement:
         return plot_agreement(self, ax=ax)
 
 
-def agreement(index: TriggerIndex, model: Any, *, through_ln_f: bool = False, chunk_size: int = 256) -> KeyValueAgreement:
+def agreement(
+    index: TriggerIndex, model: Any, *, through_ln_f: bool = False, n_shuffles: int = 100, seed: int = 0,
+    chunk_size: int = 256,
+) -> KeyValueAgreement:
     """Per layer, the fraction of keys whose value's top token is the token after their top trigger.
 
     Values are read as ``W_U v`` (Geva et al.) or, with ``through_ln_f=True``, ``W_U ln_f(v)``.
+    Two baselines: ``1/|V|`` (Geva et al.'s) and ``shuffled`` (next tokens permuted across
+    the layer's keys, ``n_shuffles`` times, seeded).
     """
     if not isinstance(index, TriggerIndex):
         raise TypeError(f"index must be a TriggerIndex (from mine_triggers or TriggerIndex.load); got {type(index).__name__}")
@@ -915,9 +938,16 @@ def agreement(index: TriggerIndex, model: Any, *, through_ln_f: bool = False, ch
     valid = next_token >= 0
     n_keys = valid.sum(-1)
     hits = ((value_top == next_token) & valid).sum(-1)
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = torch.zeros(n_layers)
+    for r in range(n_layers):
+        keys_ = valid[r].nonzero().flatten()
+        for _ in range(n_shuffles if len(keys_) else 0):
+            perm = keys_[torch.randperm(len(keys_), generator=gen)]
+            shuffled[r] += (value_top[r, keys_] == next_token[r, perm]).float().mean() / n_shuffles
     return KeyValueAgreement(
         layers=index.layers, next_token=next_token, value_top=value_top, rank=rank,
-        agreement=hits.float() / n_keys.clamp(min=1), n_keys=n_keys, d_vocab=g.d_vocab,
+        agreement=hits.float() / n_keys.clamp(min=1), n_keys=n_keys, shuffled=shuffled, d_vocab=g.d_vocab,
         convention="W_U ln_f(v)" if through_ln_f else "W_U v",
     )
 
