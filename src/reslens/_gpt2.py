@@ -210,3 +210,80 @@ class GPT2:
         scores = scores.masked_fill(~allowed, float("-inf"))
         pattern = torch.softmax(scores, dim=-1)
         return pattern.nan_to_num(0.0)
+
+    # --- per-head attention weights (views of c_attn / c_proj; row-vector convention) ------
+    #
+    # ``c_attn.weight [d_model, 3 * d_model]`` holds q, k, v side by side, each
+    # ``[d_model, n_head * d_head]`` with heads contiguous; ``attn.c_proj.weight
+    # [n_head * d_head, d_model]`` takes the concatenated head outputs ``z``. So head ``h``
+    # computes ``q = ln_1(x) @ W_Q[h] + b_Q[h]`` (likewise k, v) and writes
+    # ``z_h @ W_O[h]`` to the residual; ``b_O`` is added once per layer.
+
+    def _qkv_weight(self, layer: int, which: int) -> torch.Tensor:
+        w = self.c_attn(layer).weight[:, which * self.d_model : (which + 1) * self.d_model]
+        return w.reshape(self.d_model, self.n_head, self.d_head).permute(1, 0, 2)  # [head, d_model, d_head]
+
+    def _qkv_bias(self, layer: int, which: int) -> torch.Tensor:
+        b = self.c_attn(layer).bias[which * self.d_model : (which + 1) * self.d_model]
+        return b.reshape(self.n_head, self.d_head)
+
+    def W_Q(self, layer: int) -> torch.Tensor:
+        """Query weights ``[n_head, d_model, d_head]`` of ``layer`` (views of ``c_attn.weight``)."""
+        return self._qkv_weight(layer, 0)
+
+    def W_K(self, layer: int) -> torch.Tensor:
+        """Key weights ``[n_head, d_model, d_head]``."""
+        return self._qkv_weight(layer, 1)
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        """Value weights ``[n_head, d_model, d_head]``."""
+        return self._qkv_weight(layer, 2)
+
+    def b_Q(self, layer: int) -> torch.Tensor:
+        """Query bias ``[n_head, d_head]``."""
+        return self._qkv_bias(layer, 0)
+
+    def b_K(self, layer: int) -> torch.Tensor:
+        """Key bias ``[n_head, d_head]``."""
+        return self._qkv_bias(layer, 1)
+
+    def b_V(self, layer: int) -> torch.Tensor:
+        """Value bias ``[n_head, d_head]``."""
+        return self._qkv_bias(layer, 2)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Output weights ``[n_head, d_head, d_model]``: head ``h`` writes ``z_h @ W_O[h]``."""
+        return self.attn_c_proj(layer).weight.reshape(self.n_head, self.d_head, self.d_model)
+
+    def b_O(self, layer: int) -> torch.Tensor:
+        """Attention output bias ``[d_model]`` (``attn.c_proj.bias``), added once per layer."""
+        return self.attn_c_proj(layer).bias
+
+    def mlp_activation(self, layer: int) -> nn.Module:
+        """The MLP's elementwise activation (``gelu_new`` for GPT-2): ``act(ln_2(x) @ c_fc)``."""
+        return self.blocks[layer].mlp.act
+
+    def split_heads(self, z: torch.Tensor) -> torch.Tensor:
+        """``attn.c_proj`` input ``[..., n_head * d_head]`` -> per-head ``[..., n_head, d_head]``."""
+        return z.reshape(*z.shape[:-1], self.n_head, self.d_head)
+
+    # --- running the blocks from a residual layer (reslens.tracing) -------------------------
+
+    def run_blocks(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Run blocks ``start .. n_layer - 1`` and ``ln_f`` on ``resid`` layer ``start``
+        ``[batch, pos, d_model]`` (unpadded, positions ``0 .. pos - 1``): the
+        ``last_hidden_state`` a full forward computes from that residual. The causal mask is
+        built as ``GPT2Model.forward`` builds it; module hooks (``hooks.patch``) fire as in a
+        full forward.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        mask = create_causal_mask(
+            config=self.transformer.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+            position_ids=position_ids,
+        )
+        for block in self.blocks[start:]:
+            hidden = block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
+                           position_ids=position_ids)
+        return self.ln_f(hidden)

@@ -20,6 +20,9 @@ attn_out      ``[L, batch, pos, d_model]``            attention output (after ``
 mlp_out       ``[L, batch, pos, d_model]``            MLP output (after ``mlp.c_proj``)
 mlp_act       ``[L, batch, pos, d_mlp]``              post-GELU coefficients, input of ``c_proj``
 attn_pattern  ``[L, batch, head, query, key]``        softmax attention (float32, recomputed from q, k)
+attn_z        ``[L, batch, pos, n_head * d_head]``    per-head attention outputs ``z`` side by side (the
+                                                      input of ``attn.c_proj``; head ``h`` writes
+                                                      ``z_h @ W_O[h]``)
 final         ``[batch, pos, d_model]``               ``ln_f`` output
 logits        ``[batch, pos, d_vocab]``               the model's logits
 ============  =====================================  ==========================================
@@ -44,7 +47,7 @@ __all__ = [
     "SITES", "BLOCK_SITES", "PATCH_SITES", "Batch", "Residuals", "Trace", "Patch", "capture", "trace", "patch", "tokenize",
 ]
 
-BLOCK_SITES = ("resid_mid", "attn_out", "mlp_out", "mlp_act", "attn_pattern")
+BLOCK_SITES = ("resid_mid", "attn_out", "mlp_out", "mlp_act", "attn_pattern", "attn_z")
 SITES = ("resid", *BLOCK_SITES, "final", "logits")
 #: Sites :func:`patch` can replace: ``resid`` layer ``l`` is the input of block ``l`` (of
 #: ``ln_f`` for ``l = n_layer``); the others are per block, as in :func:`capture`.
@@ -188,6 +191,7 @@ class Residuals:
     - ``resid: [len(layers), batch, pos, d_model]``
     - ``resid_mid``, ``attn_out``, ``mlp_out``: ``[len(blocks), batch, pos, d_model]``
     - ``mlp_act: [len(blocks), batch, pos, d_mlp]``; ``attn_pattern: [len(blocks), batch, head, pos, pos]``
+    - ``attn_z: [len(blocks), batch, pos, n_head * d_head]`` (input of ``attn.c_proj``)
     - ``final: [batch, pos, d_model]``; ``logits: [batch, pos, d_vocab]``
     """
 
@@ -202,6 +206,7 @@ class Residuals:
     mlp_out: torch.Tensor | None = None
     mlp_act: torch.Tensor | None = None
     attn_pattern: torch.Tensor | None = None
+    attn_z: torch.Tensor | None = None
     final: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     _meta: dict = field(default_factory=dict, repr=False, compare=False)
@@ -217,7 +222,7 @@ class Residuals:
             if t is not None and tuple(t.shape) != (batch, n_pos):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(batch, n_pos)}")
         expect = {"resid": (len(self.layers), batch, n_pos)}
-        expect.update({site: (len(self.blocks), batch, n_pos) for site in ("resid_mid", "attn_out", "mlp_out", "mlp_act")})
+        expect.update({site: (len(self.blocks), batch, n_pos) for site in ("resid_mid", "attn_out", "mlp_out", "mlp_act", "attn_z")})
         expect.update({"final": (batch, n_pos), "logits": (batch, n_pos)})
         for site, lead in expect.items():
             t = getattr(self, site)
@@ -442,6 +447,8 @@ class Trace:
                 points.append(
                     (g.c_attn(block), "post", lambda out, i=i, b=block: self._store_pattern(i, b, out))
                 )
+            if "attn_z" in self.sites:
+                points.append((g.attn_c_proj(block), "pre", lambda args, kwargs, i=i: self._store("attn_z", i, args[0])))
             if "mlp_act" in self.sites:
                 points.append((g.c_proj(block), "pre", lambda args, kwargs, i=i: self._store("mlp_act", i, args[0])))
             if "mlp_out" in self.sites:
