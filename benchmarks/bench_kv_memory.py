@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,12 +53,28 @@ def mine(model, tokenizer, max_tokens: int, batch_size: int):
     return kv.mine_triggers(model, tokenizer, CORPUS, max_tokens=max_tokens, batch_size=batch_size, progress=False)
 
 
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def memory_run(tokens: int, batch_size: int) -> None:
+    """Mine ``tokens`` tokens, sampling this process's RSS every 5 ms (``ru_maxrss`` is useless
+    here: a child started from a large parent inherits the parent's peak)."""
     model, tokenizer = reslens.load_model()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mine(model, tokenizer, 2_000, batch_size)  # warm-up: allocator pools, lazy imports
+    before = _rss_mb()
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     index = mine(model, tokenizer, tokens, batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"tokens": index.n_tokens, "peak_rss_mb": peak / 1024, "before_mining_mb": before / 1024,
+    done.set()
+    sampler.join()
+    print(json.dumps({"tokens": index.n_tokens, "peak_rss_mb": max(peak[0], _rss_mb()), "before_mining_mb": before,
                       "stored_examples": len(index.example_ids)}))
 
 
@@ -101,13 +118,14 @@ def main() -> None:
         t = statistics.median(times)
         print(f"| {name} | {t:.2f} | {total / t:,.0f} | {t / mining:.2f} |")
 
-    print("\n| corpus tokens | peak RSS (MB) | RSS before mining (MB) | examples stored |")
-    print("|---|---|---|---|")
+    print("\n| corpus tokens | RSS before mining (MB) | peak RSS while mining (MB) | growth (MB) | examples stored |")
+    print("|---|---|---|---|---|")
     for tokens in (args.tokens // 2, args.tokens):
         out = subprocess.run([sys.executable, __file__, "--memory", str(tokens), "--batch-size", str(args.batch_size)],
                              check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
-        print(f"| {row['tokens']:,} | {row['peak_rss_mb']:.0f} | {row['before_mining_mb']:.0f} | {row['stored_examples']:,} |")
+        print(f"| {row['tokens']:,} | {row['before_mining_mb']:.0f} | {row['peak_rss_mb']:.0f} | "
+              f"{row['peak_rss_mb'] - row['before_mining_mb']:.0f} | {row['stored_examples']:,} |")
 
 
 if __name__ == "__main__":

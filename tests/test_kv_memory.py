@@ -180,6 +180,14 @@ def test_mined_top_k_equals_brute_force(model, batch_size):
     assert set(index.example_ids.tolist()) == set(index.example.unique().tolist())
 
 
+def test_order_key_sorts_by_score_then_earlier_example():
+    scores = torch.tensor([[float("-inf"), -2.5, -0.0, 0.0, 1e-30, 3.0, 3.0, -1e-30, float("inf")]])
+    example = torch.tensor([[-1, 4, 6, 5, 7, 9, 8, 3, 10]])
+    order = kv._order_key(scores, example).topk(9).indices[0].tolist()
+    expected = sorted(range(9), key=lambda i: (-float(scores[0, i]), int(example[0, i])))
+    assert order == expected
+
+
 def test_sentences_are_split_and_mined(model):
     index = kv.mine_triggers(model, CharTokenizer(), TEXTS, unit="sentence", top_k=3, progress=False)
     sentences = [s for t in TEXTS for s in kv._sentences(t)]

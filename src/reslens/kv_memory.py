@@ -628,6 +628,17 @@ def _split_last(decode: Any, ids: list[int]) -> tuple[str, str]:
 _INDEX_TENSORS = ("scores", "example", "position", "example_ids", "example_offsets", "example_tokens")
 
 
+def _order_key(scores: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """An int64 that orders by float32 ``scores`` descending, then ``example`` ascending.
+
+    The float's bits, with the magnitude bits of negatives flipped, order like the floats
+    (``-inf`` included); they fill the high 32 bits, ``2^31 - 1 - example`` the low ones.
+    """
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (bits.long() << 32) | (2**31 - 1 - example)
+
+
 class _Miner:
     """Running top-k state of :func:`mine_triggers`; memory bounded by layers x d_mlp x top_k."""
 
@@ -660,10 +671,8 @@ class _Miner:
         scores = torch.cat([self.scores[layer, key], best[layer, key]], dim=-1)  # [R, top_k + B]
         example = torch.cat([self.example[layer, key], numbered.expand(len(layer), batch)], dim=-1)
         position = torch.cat([self.position[layer, key], where[layer, key]], dim=-1)
-        by_example = torch.sort(example, dim=-1, stable=True).indices
-        top = torch.sort(scores.gather(-1, by_example), dim=-1, descending=True, stable=True)
-        keep = by_example.gather(-1, top.indices[:, :top_k])
-        self.scores[layer, key] = top.values[:, :top_k]
+        keep = _order_key(scores, example).topk(top_k, dim=-1).indices  # one top-k instead of two sorts
+        self.scores[layer, key] = scores.gather(-1, keep)
         self.example[layer, key] = example.gather(-1, keep)
         self.position[layer, key] = position.gather(-1, keep)
         row_of = {int(e): r for r, e in enumerate(numbered.tolist())}
