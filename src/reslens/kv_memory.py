@@ -676,8 +676,7 @@ class _Miner:
         self.example[layer, key] = example.gather(-1, keep)
         self.position[layer, key] = position.gather(-1, keep)
         row_of = {int(e): r for r, e in enumerate(numbered.tolist())}
-        new = self.example[layer, key]
-        for e in new[torch.isin(new, numbered)].unique().tolist():
+        for e in example.gather(-1, keep)[keep >= top_k].unique().tolist():  # slots filled from this batch
             self.stored[e] = units[row_of[e]]
 
     def prune(self) -> None:
