@@ -8,7 +8,9 @@ if TYPE_CHECKING:
     from reslens.lens import LensResult
     from reslens.lens import LensStats
 
-__all__ = ["lens_table", "plot_lens", "plot_lens_stats", "plot_pca_experiment", "LENS_PLOT_METRICS"]
+__all__ = ["lens_table", "plot_lens", "plot_lens_stats", "plot_pca_experiment", "LENS_PLOT_METRICS",
+           "plot_head_scores", "plot_head_score_panels", "plot_composition", "plot_logit_attribution",
+           "plot_agreement", "plot_deletion_neurons", "plot_trace", "plot_trace_summary"]
 
 LENS_PLOT_METRICS = ("prob", "rank", "entropy", "kl")
 
@@ -170,5 +172,248 @@ def plot_pca_experiment(experiment, *, ax=None, conditions=("baseline", "no_embe
     ax.set_ylim(0, 1)
     ax.set_title(f"PCA across layers of one prediction's residuals ({experiment.n} predictions)", fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --- attention heads (reslens.heads) ------------------------------------------------------------
+
+
+def plot_head_scores(scores, *, ax=None, annotate: bool | None = None):
+    """Layers x heads heatmap of a :class:`~reslens.heads.HeadScores`; values written in the
+    cells when ``annotate`` (default: at most 16 x 16 heads). Scores with negative values
+    (copying, logit attribution) get a diverging colour map centred on 0. Scores within
+    [-1, 1] (attention fractions, copying) keep the full 0..1 or -1..1 colour scale, so weak
+    heads look weak. Returns the figure."""
+    import numpy as np
+
+    plt = _pyplot()
+    values = scores.scores.numpy()
+    n_layer, n_head = values.shape
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(3.5, 0.55 * n_head + 2), max(2.5, 0.45 * n_layer + 1.2)))
+    else:
+        fig = ax.figure
+    finite = values[np.isfinite(values)]
+    largest = float(np.abs(finite).max()) if finite.size else 1.0
+    bound = 1.0 if largest <= 1.0 else largest
+    if finite.size and finite.min() < 0:
+        image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    else:
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=bound, aspect="auto")
+    if annotate if annotate is not None else (n_layer <= 16 and n_head <= 16):
+        for layer in range(n_layer):
+            for head in range(n_head):
+                v = values[layer, head]
+                if np.isfinite(v):
+                    rgba = image.cmap(image.norm(v))
+                    dark = (0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]) < 0.5
+                    ax.text(head, layer, f"{v:.2f}" if abs(v) >= 0.1 else f"{v:.3f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    ax.set_xticks(range(n_head))
+    ax.set_yticks(range(n_layer))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{scores.name} scores", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    return fig
+
+
+def plot_head_score_panels(all_scores, *, ncols: int | None = None):
+    """Several :class:`~reslens.heads.HeadScores` heatmaps side by side in one figure."""
+    plt = _pyplot()
+    all_scores = list(all_scores)
+    if not all_scores:
+        raise ValueError("all_scores is empty; give at least one HeadScores")
+    ncols = ncols or len(all_scores)
+    nrows = -(-len(all_scores) // ncols)
+    n_layer, n_head = all_scores[0].scores.shape
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
+                             figsize=(ncols * max(3.5, 0.55 * n_head + 2), nrows * max(2.5, 0.45 * n_layer + 1.2)))
+    for ax, scores in zip(axes.flat, all_scores):
+        plot_head_scores(scores, ax=ax)
+    for ax in list(axes.flat)[len(all_scores):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_composition(comp, *, ax=None):
+    """Writer heads (rows) x reader heads (columns) heatmap of a
+    :class:`~reslens.heads.CompositionScores`, with lines between layers. Returns the figure."""
+    import numpy as np
+
+    plt = _pyplot()
+    n_layer, n_head = comp.n_layer, comp.n_head
+    n = n_layer * n_head
+    values = comp.scores.reshape(n, n).numpy()
+    if ax is None:
+        size = min(12, max(4, 0.3 * n + 2))
+        fig, ax = plt.subplots(figsize=(size + 1, size))
+    else:
+        fig = ax.figure
+    finite = values[np.isfinite(values)]
+    bound = max(float(np.abs(finite).max()) if finite.size else 1.0, 1e-12)
+    image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound)
+    for edge in range(1, n_layer):
+        ax.axhline(edge * n_head - 0.5, color="grey", lw=0.5)
+        ax.axvline(edge * n_head - 0.5, color="grey", lw=0.5)
+    labels = [f"{l}.{h}" for l in range(n_layer) for h in range(n_head)]
+    step = max(1, n // 48)
+    ax.set_xticks(range(0, n, step), labels[::step], rotation=90, fontsize=6)
+    ax.set_yticks(range(0, n, step), labels[::step], fontsize=6)
+    ax.set_xlabel("reader head (later layer)")
+    ax.set_ylabel("writer head (earlier layer)")
+    ax.set_title(f"{comp.kind.upper()}-composition minus random baseline {comp.baseline:.3f}", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    return fig
+
+
+def plot_logit_attribution(attribution, seq: int = 0, *, ax=None):
+    """Direct logit attribution of sequence ``seq``: heads as a layers x heads heatmap (left)
+    and the other pieces (embeddings, attention biases, MLPs, ln_f bias) as bars (right).
+    With ``ax`` only the bar chart of every piece is drawn there. Returns the figure."""
+    import numpy as np
+
+    plt = _pyplot()
+    n = attribution.contributions.shape[0]
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < n:
+        raise ValueError(f"seq={seq!r} is out of range for a batch of {n} (0..{n - 1})")
+    row = attribution.contributions[seq].numpy()
+    labels = attribution.labels
+    if ax is not None:
+        fig = ax.figure
+        ax.bar(range(len(row)), row, color=["tab:red" if v < 0 else "tab:blue" for v in row])
+        ax.set_xticks(range(len(row)), labels, rotation=90, fontsize=6)
+        ax.set_ylabel("contribution to the logit")
+        return fig
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.45 * attribution.n_layer + 1.5)),
+                                      gridspec_kw={"width_ratios": [1, 1.3]})
+    plot_head_scores(attribution.head_scores(seq), ax=left)
+    others = [i for i, label in enumerate(labels) if "." not in label]
+    values = row[others]
+    right.barh(range(len(others)), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    right.set_yticks(range(len(others)), [labels[i] for i in others], fontsize=7)
+    right.invert_yaxis()
+    right.axvline(0, color="black", lw=0.5)
+    right.set_xlabel("contribution to the logit")
+    total = float(np.sum(row))
+    right.set_title(f"other pieces (all pieces sum to {total:.3f}; model {float(attribution.logit[seq]):.3f})", fontsize=9)
+    fig.suptitle(attribution._what(seq), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --- MLP key-value memories (reslens.kv_memory) ------------------------------------------------
+
+
+def plot_agreement(result, *, ax=None):
+    """Geva et al. Figs. 4-5: per layer, the fraction of keys whose value's top token is the
+    token after the key's top trigger (against the random 1/|V| baseline, log scale), and the
+    distribution of that token's rank in the value's vocabulary scores. Returns the figure."""
+    import numpy as np
+
+    plt = _pyplot()
+    if ax is None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    else:
+        fig, left, right = ax.figure, ax, None
+    layers = list(result.layers)
+    agree = result.agreement.numpy()
+    left.plot(layers, np.where(agree > 0, agree, np.nan), "o-", label="value top token = next token")
+    shuffled = result.shuffled.numpy()
+    left.plot(layers, np.where(shuffled > 0, shuffled, np.nan), "s--", color="tab:orange",
+              label="shuffled: another key's next token")
+    left.axhline(result.baseline, color="grey", ls="--", label=f"random (1/{result.d_vocab})")
+    left.set_yscale("log")
+    left.set_xlabel("layer")
+    left.set_ylabel("fraction of keys")
+    left.set_xticks(layers)
+    left.set_title(f"key-value agreement ({result.convention})", fontsize=10)
+    left.legend(fontsize=8)
+    if right is not None:
+        ranks = [r[r >= 0].numpy() + 1 for r in result.rank]
+        right.boxplot(ranks, positions=layers, showfliers=False)
+        right.set_yscale("log")
+        right.set_xlabel("layer")
+        right.set_ylabel("rank of the next token + 1")
+        right.set_title("next token's rank in the value's distribution", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_deletion_neurons(result, *, ax=None):
+    """Per-layer histograms of ``cos(k_i ⊙ γ_ln2, v_i)``; the left tail holds deletion neurons."""
+    import numpy as np
+
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    else:
+        fig = ax.figure
+    bins = np.linspace(-1, 1, 81)
+    for layer, cos in enumerate(result.cos):
+        ax.hist(cos.numpy(), bins=bins, histtype="step", label=f"layer {layer}", log=True)
+    ax.set_xlabel("cos(key ⊙ γ_ln2, value)")
+    ax.set_ylabel("neurons")
+    ax.set_title("input vs output direction of every MLP neuron", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# --- causal tracing (reslens.tracing) --------------------------------------------------------
+
+_TRACE_CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+
+
+def plot_trace(result, *, ax=None):
+    """ROME's causal-trace heatmap: tokens (rows, subject tokens starred) x layers, colour =
+    p(answer) with that cell restored, from the corrupted probability (white) upwards.
+    Purple = hidden states, green = MLP windows, red = attention windows, as in ROME."""
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(3.5 + 0.35 * result.n_layer, 1.2 + 0.3 * result.n_tokens))
+    else:
+        fig = ax.figure
+    scores = result.restored_prob.T.numpy()  # [n_tokens, n_layer]
+    image = ax.pcolor(scores, cmap=_TRACE_CMAPS[result.kind], vmin=result.corrupted_prob)
+    ax.invert_yaxis()
+    start, end = result.subject_span
+    labels = [repr(t)[1:-1] + ("*" if start <= i < end else "") for i, t in enumerate(result.tokens)]
+    ax.set_yticks([0.5 + i for i in range(result.n_tokens)])
+    ax.set_yticklabels(labels, fontsize=8)
+    step = max(1, result.n_layer // 12)
+    ax.set_xticks([0.5 + i for i in range(0, result.n_layer, step)])
+    ax.set_xticklabels(list(range(0, result.n_layer, step)), fontsize=8)
+    what = {"resid": "single restored layer", "mlp": "center of MLP window", "attn": "center of attention window"}
+    ax.set_xlabel(f"{what[result.kind]} (window {result.window})" if result.kind != "resid" else what["resid"])
+    ax.set_title(f"Impact of restoring {result.label} after corrupted input", fontsize=10)
+    bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
+    bar.set_label(f"p({result.answer!r}) restored (white = corrupted)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trace_summary(summary, *, ax=None):
+    """ROME's average indirect effect: buckets (first / middle / last subject token, first
+    subsequent, further, last token) x layers."""
+    import numpy as np
+
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(3.5 + 0.35 * summary.n_layer, 3))
+    else:
+        fig = ax.figure
+    values = np.nan_to_num(summary.mean.numpy(), nan=0.0)
+    image = ax.pcolor(values, cmap=_TRACE_CMAPS[summary.kind], vmin=min(0.0, float(values.min())))
+    ax.invert_yaxis()
+    ax.set_yticks([0.5 + i for i in range(len(summary.buckets))])
+    ax.set_yticklabels([f"{b} ({int(n)})" for b, n in zip(summary.buckets, summary.count)], fontsize=8)
+    ax.set_xticks([0.5 + i for i in range(summary.n_layer)])
+    ax.set_xticklabels(list(range(summary.n_layer)), fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_title(f"Average indirect effect ({summary.kind}) over {summary.n_facts} facts", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
     fig.tight_layout()
     return fig
