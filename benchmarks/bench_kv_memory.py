@@ -57,10 +57,10 @@ def _rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_run(tokens: int, batch_size: int) -> None:
+def memory_run(tokens: int, batch_size: int, device: str) -> None:
     """Mine ``tokens`` tokens, sampling this process's RSS every 5 ms (``ru_maxrss`` is useless
     here: a child started from a large parent inherits the parent's peak)."""
-    model, tokenizer = reslens.load_model()
+    model, tokenizer = reslens.load_model(device=device)
     mine(model, tokenizer, 2_000, batch_size)  # warm-up: allocator pools, lazy imports
     before = _rss_mb()
     peak, done = [before], threading.Event()
@@ -74,8 +74,11 @@ def memory_run(tokens: int, batch_size: int) -> None:
     index = mine(model, tokenizer, tokens, batch_size)
     done.set()
     sampler.join()
-    print(json.dumps({"tokens": index.n_tokens, "peak_rss_mb": max(peak[0], _rss_mb()), "before_mining_mb": before,
-                      "stored_examples": len(index.example_ids)}))
+    row = {"tokens": index.n_tokens, "peak_rss_mb": max(peak[0], _rss_mb()), "before_mining_mb": before,
+           "stored_examples": len(index.example_ids)}
+    if device.startswith("cuda"):
+        row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -83,21 +86,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (RSS then covers host memory only)")
     parser.add_argument("--lm-head-repeats", type=int, default=1, help="repeats of the (slow) forward with the LM head")
     parser.add_argument("--memory", type=int, default=None, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.memory is not None:
-        return memory_run(args.memory, args.batch_size)
+        return memory_run(args.memory, args.batch_size, args.device)
 
     torch.manual_seed(0)
-    model, tokenizer = reslens.load_model()
+    model, tokenizer = reslens.load_model(device=args.device)
+    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     window = min(model.config.n_positions, 128)
     batches, total = batches_like_mining(tokenizer, args.tokens, args.batch_size, window)
 
     def plain(runner):
         def run():
             with torch.no_grad():
-                for b in batches:
+                for b in (b.to(args.device) for b in batches):
                     runner(input_ids=b.input_ids, attention_mask=b.attention_mask.long(), position_ids=b.position_ids,
                            use_cache=False)
         return run
@@ -109,11 +114,14 @@ def main() -> None:
         for name, fn in timings.items():  # interleaved, so drift hits every row alike
             if name.startswith("forward (model") and repeat >= args.lm_head_repeats:
                 continue  # the LM-head forward is several times slower than the rest; fewer repeats
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             results[name].append(time.perf_counter() - start)
     mining = statistics.median(results["mine_triggers (end to end)"])
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    print(f"machine: {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {total} tokens in {len(batches)} batches of <= {args.batch_size} sentences")
     print(f"repeats: {args.repeats} (forward with LM head: {min(args.lm_head_repeats, args.repeats)}), interleaved")
     print("| what | median s | tokens/s | mining throughput / this |")
@@ -125,11 +133,13 @@ def main() -> None:
     print("\n| corpus tokens | RSS before mining (MB) | peak RSS while mining (MB) | growth (MB) | examples stored |")
     print("|---|---|---|---|---|")
     for tokens in (args.tokens // 2, args.tokens):
-        out = subprocess.run([sys.executable, __file__, "--memory", str(tokens), "--batch-size", str(args.batch_size)],
+        out = subprocess.run([sys.executable, __file__, "--memory", str(tokens), "--batch-size", str(args.batch_size),
+                              "--device", args.device],
                              check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         print(f"| {row['tokens']:,} | {row['before_mining_mb']:.0f} | {row['peak_rss_mb']:.0f} | "
-              f"{row['peak_rss_mb'] - row['before_mining_mb']:.0f} | {row['stored_examples']:,} |")
+              f"{row['peak_rss_mb'] - row['before_mining_mb']:.0f} | {row['stored_examples']:,} |"
+              + (f" GPU peak {row['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in row else ""))
 
 
 if __name__ == "__main__":
