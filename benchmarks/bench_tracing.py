@@ -9,8 +9,11 @@ Cases, timed interleaved (A, B, C, A, B, C, ...), medians:
 
 - ``batched``: ``reslens.tracing.causal_trace_ids`` -- ``cells x samples`` rows per forward
   (``batch_size`` rows at most), clean states captured once, unembedding of the last position
-  only, each forward starting at its cells' restored block from the corrupted residual, cells
-  before the subject skipped (both exact by causality).
+  only; exact by causality: one staged forward per restored token ``t`` computing positions
+  ``t ..`` only (earlier keys/values from the corrupted run), each cell's rows joining at its
+  restored block from the corrupted residual, the last block at the last position only, cells
+  that cannot reach the last position (last block, earlier token) and cells before the
+  subject not run.
 - ``per-cell loop``: one full forward of ``samples`` rows per cell, every cell, clean states
   captured once, last position unembedded only: what batching and the shortcuts buy.
 - ``ROME-style loop``: what ROME's ``trace_important_states`` does -- one forward per cell of
@@ -135,8 +138,9 @@ def main() -> None:
     print("| case | forwards | rows per forward | median s | min s | batched speed-up |")
     print("|---|---|---|---|---|---|")
     per_chunk = max(1, args.batch_size // args.samples)
+    staged = (ids.shape[0] - span[0]) * -(-12 // per_chunk)  # one per restored token (and chunk)
     rows = {
-        "batched": (f"3 full + {12 * -(-(ids.shape[0] - span[0]) // per_chunk) + 1} partial", f"≤ {per_chunk * args.samples}"),
+        "batched": (f"3 full + {staged} staged suffix", f"≤ {per_chunk * args.samples}"),
         "per-cell loop": (cells, str(args.samples)),
         "ROME-style loop": (cells, str(args.samples + 1)),
     }

@@ -102,6 +102,67 @@ def test_batched_trace_equals_a_per_cell_loop_of_forwards(sharp, prompt_ids, kin
     assert_same_state(before, model_state(sharp))
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_run_block_suffix_equals_the_full_forward_at_those_positions(impl):
+    from reslens._gpt2 import GPT2
+
+    model = make_model(initializer_range=0.3)
+    model.set_attn_implementation(impl)
+    g = GPT2(model)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    resid = capture(model, ids, sites="resid").resid  # [n_layer + 1, 2, 9, d]
+    for layer in range(g.n_layer):
+        k, v = g.attention_kv(layer, resid[layer])
+        assert k.shape == v.shape == (2, g.n_head, 9, g.d_head)
+        for start in (0, 1, 4, 8):
+            with torch.no_grad():
+                out = g.run_block_suffix(layer, resid[layer][:, start:], k[:, :, :start], v[:, :, :start])
+            torch.testing.assert_close(out, resid[layer + 1][:, start:], rtol=0, atol=1e-5)
+        with torch.no_grad():  # the last position alone, attending to all earlier keys/values
+            out = g.run_block_suffix(layer, resid[layer][:, -1:], k[:, :, :-1], v[:, :, :-1])
+        torch.testing.assert_close(out, resid[layer + 1][:, -1:], rtol=0, atol=1e-5)
+    assert hook_counts(model) == {}
+
+
+def test_restored_prob_of_mixed_items_equals_a_full_forward(sharp, prompt_ids):
+    """Items at several tokens and sites, including ones that cannot reach the last position."""
+    n, samples = prompt_ids.shape[0], 3
+    with torch.no_grad():
+        answer = int(sharp(prompt_ids[None]).logits[0, -1].argmax())
+    items = [("attn_out", 2, 3), ("resid", 3, 4), ("mlp_out", 1, n - 1), ("resid", 2, 6), ("attn_out", 0, 7),
+             ("attn_out", 2, n - 1), ("mlp_out", 2, 5)]
+    got = restored_prob(sharp, prompt_ids, SPAN, answer, items, samples=samples)
+    std = float(sharp.transformer.wte.weight[prompt_ids[SPAN[0]:SPAN[1]]].detach().std())
+    nu = torch.randn((samples, SPAN[1] - SPAN[0], 32), generator=torch.Generator().manual_seed(0)) * 3.0 * std
+    clean = capture(sharp, prompt_ids[None], sites=("resid", "attn_out", "mlp_out"))
+
+    def corrupt(t):
+        t = t.clone()
+        t[:, SPAN[0]:SPAN[1]] += nu
+        return t
+
+    edits = {("resid", 0): corrupt}
+    for site, layer, token in items:
+        def restore(t, site=site, layer=layer, token=token, prev=edits.get((site, layer))):
+            t = t.clone() if prev is None else prev(t)
+            t[:, token] = getattr(clean, site)[layer, 0, token]
+            return t
+
+        edits[(site, layer)] = restore
+    with torch.no_grad(), patch(sharp, edits):
+        logits = sharp(prompt_ids[None].expand(samples, -1)).logits[:, -1]
+    assert got == pytest.approx(float(logits.float().softmax(-1)[:, answer].mean()), abs=1e-6)
+    assert abs(got - restored_prob(sharp, prompt_ids, SPAN, answer, [], samples=samples)) > 1e-3  # not a no-op
+
+
+def test_batched_trace_with_eager_attention_equals_a_per_cell_loop(prompt_ids):
+    model = make_model(initializer_range=0.3)
+    model.set_attn_implementation("eager")
+    result = causal_trace_ids(model, prompt_ids, SPAN, kind="attn", window=2, samples=3, batch_size=9)
+    ref, _ = per_cell_reference(model, prompt_ids, SPAN, result.answer_id, "attn", 2, 3, 3.0, 0)
+    torch.testing.assert_close(result.restored_prob, ref, rtol=0, atol=1e-5)
+
+
 def test_zero_noise_gives_zero_indirect_effects(sharp, prompt_ids):
     for kind in ("resid", "mlp", "attn"):
         result = causal_trace_ids(sharp, prompt_ids, SPAN, kind=kind, noise=0.0, samples=3)

@@ -267,23 +267,49 @@ class GPT2:
         """``attn.c_proj`` input ``[..., n_head * d_head]`` -> per-head ``[..., n_head, d_head]``."""
         return z.reshape(*z.shape[:-1], self.n_head, self.d_head)
 
-    # --- running the blocks from a residual layer (reslens.tracing) -------------------------
+    # --- running blocks on suffix positions, with the prefix's keys/values given -----------
 
-    def run_blocks(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """Run blocks ``start .. n_layer - 1`` and ``ln_f`` on ``resid`` layer ``start``
-        ``[batch, pos, d_model]`` (unpadded, positions ``0 .. pos - 1``): the
-        ``last_hidden_state`` a full forward computes from that residual. The causal mask is
-        built as ``GPT2Model.forward`` builds it; module hooks (``hooks.patch``) fire as in a
-        full forward.
+    def attention_kv(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values block ``layer`` computes from its input ``hidden`` (``resid`` layer
+        ``layer``) ``[batch, pos, d_model]``: ``ln_1`` then ``c_attn``, each ``[batch, head, pos, d_head]``.
+        Calls those modules, so hooks on them fire (:func:`reslens.hooks.patch` puts none there)."""
+        block = self.blocks[layer]
+        _, k, v = self.split_qkv(block.attn.c_attn(block.ln_1(hidden)))
+        return k, v
+
+    def run_block_suffix(self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor,
+                         prefix_v: torch.Tensor) -> torch.Tensor:
+        """Block ``layer`` on positions ``start .. start + q - 1`` only, where ``start =
+        prefix_k.shape[-2]``: the output a full forward computes there, given the block's input
+        ``hidden`` ``[batch, q, d_model]`` at those positions and the keys/values of positions
+        ``0 .. start - 1`` (``prefix_k``, ``prefix_v``: ``[batch, head, start, d_head]``, e.g.
+        from :meth:`attention_kv`). Exact by causality: positions ``< start`` see nothing later.
+
+        The block gets a one-layer cache whose ``update`` prepends the prefix, and an additive
+        float mask ``[1, 1, q, start + q]`` (key ``j`` visible to query ``i`` iff ``j <= start + i``),
+        which both ``eager`` and ``sdpa`` attention take (``sdpa`` would otherwise crop the
+        keys to ``q`` when it runs causal without a mask). Module hooks (``hooks.patch``) fire
+        as in a full forward, on the ``q`` positions. Returns ``[batch, q, d_model]``.
         """
-        from transformers.masking_utils import create_causal_mask
+        impl = self.config._attn_implementation
+        if impl not in ("eager", "sdpa"):
+            raise NotImplementedError(f"run_block_suffix supports eager and sdpa attention; the model uses {impl!r}")
+        start, q = prefix_k.shape[-2], hidden.shape[1]
+        query_pos = torch.arange(start, start + q, device=hidden.device)[:, None]
+        visible = torch.arange(start + q, device=hidden.device)[None, :] <= query_pos  # [q, start + q]
+        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
+        cache = _PrefixCache(prefix_k.to(hidden.dtype), prefix_v.to(hidden.dtype))
+        return self.blocks[layer](hidden, cache, mask, None, encoder_attention_mask=None, use_cache=False)
 
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        mask = create_causal_mask(
-            config=self.transformer.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-            position_ids=position_ids,
-        )
-        for block in self.blocks[start:]:
-            hidden = block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
-                           position_ids=position_ids)
-        return self.ln_f(hidden)
+
+class _PrefixCache:
+    """The cache interface ``GPT2Attention.forward`` uses (``update``), prepending fixed
+    prefix keys/values ``[batch, head, start, d_head]`` to the ones the block computes."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None,
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)

@@ -25,12 +25,24 @@ ROME's reference code (``experiments/causal_trace.py``) and says where it differ
   prompt as row 0 of every batch; reslens captures the clean states once instead.
 - **batching**: ROME runs one forward of ``samples + 1`` rows per (layer, token) cell.
   reslens runs ``cells x samples`` rows per forward (chunked by ``batch_size``), each row
-  corrupted with its sample's noise and restored at its own cell through
-  :func:`reslens.hooks.patch` functions that index rows. Two shortcuts, both exact by
-  causality: a row equals the corrupted run up to its first restored block, so the forward
-  of a chunk starts at that block from the corrupted run's residual (captured once; cells are
-  grouped by that block); and cells at tokens before the subject are not run, since the
-  corrupted state there is the clean one: their restored probability is the corrupted one.
+  corrupted with its sample's noise and restored at its own cell (``resid`` written into the
+  block's input, ``mlp_out`` / ``attn_out`` through :func:`reslens.hooks.patch` functions that
+  index rows). Shortcuts, all exact by causality (a position sees only itself and earlier
+  ones), from the corrupted run's residual and keys/values (captured once):
+
+  - a cell restoring token ``t`` equals the corrupted run at positions ``< t`` in every block,
+    so only positions ``t ..`` are computed, attending to the corrupted run's keys/values of
+    positions ``< t`` (cells are grouped by ``t``);
+  - a row equals the corrupted run up to its first restored block, so it joins the forward
+    of its chunk there, from the corrupted residual (a staged forward: cells sorted by that block);
+  - the last block computes the last position only, the only one measured;
+  - a state that cannot reach the last position (the last block's output, ``mlp_out`` or
+    ``attn_out`` at an earlier token) is not restored: that cell's probability is the
+    corrupted one; nor are cells at tokens before the subject run, since the corrupted state
+    there is the clean one.
+
+  Restored probabilities agree with ROME's per-cell forwards to float rounding (batch and
+  kernel shapes differ), not bit for bit.
 
 Indirect effect = restored - corrupted probability; total effect = clean - corrupted.
 
@@ -303,62 +315,155 @@ class _Engine:
             self._clean["corrupted"] = res.resid
         return self._clean["corrupted"]
 
+    def corrupted_kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of block ``block`` in the corrupted run, each ``[samples, head, pos, d_head]``."""
+        key = f"kv{block}"
+        if key not in self._clean:
+            with torch.no_grad():
+                self._clean[key] = torch.stack(self.g.attention_kv(block, self.corrupted_resid()[block]))
+        k, v = self._clean[key]
+        return k, v
+
+    def _reaching(self, restoration: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """The items of ``restoration`` that can change the last position's output: a state at a
+        token before the last one reaches it only through a later block's attention, so
+        ``resid`` layer ``n_layer`` (the input of ``ln_f``) and the last block's ``mlp_out`` /
+        ``attn_out`` matter at the last token only. Dropping the others is exact."""
+        L, last = self.g.n_layer, self.ids.shape[0] - 1
+        top = {"resid": L - 1, "mlp_out": L - 2, "attn_out": L - 2}
+        return [(site, layer, token) for site, layer, token in restoration if token == last or layer <= top[site]]
+
     def _start(self, restoration: Sequence[tuple[str, int, int]]) -> int:
-        """First block whose input differs from the corrupted run's (``n_layer``: none)."""
+        """First block whose input differs from the corrupted run's (``n_layer``: only ``ln_f``'s)."""
         return min((layer for _, layer, _ in restoration), default=self.g.n_layer)
 
     def run(self, restorations: Sequence[Sequence[tuple[str, int, int]]], *, batch_size: int,
             progress: bool = False, desc: str = "causal trace") -> torch.Tensor:
         """Mean p(answer) over the samples for each restoration: float32 ``[len(restorations)]``.
 
-        Rows of a restoration equal the corrupted run up to its first restored block, so each
-        forward starts there, from the corrupted run's residual (restorations are grouped by
-        that block; chunks hold at most ``batch_size // samples`` restorations).
+        Exact shortcuts, all by causality (a position sees only itself and earlier ones):
+
+        - items that cannot reach the last position are dropped (:meth:`_reaching`); a
+          restoration left empty has the corrupted probability;
+        - a restoration whose first restored token is ``t`` equals the corrupted run at
+          positions ``< t`` in every block, so only positions ``t ..`` are computed, attending to
+          the corrupted run's keys/values of positions ``< t`` (same noise sample per row);
+        - its rows equal the corrupted run up to its first restored block ``b``, so they join
+          the forward there, from the corrupted residual (:meth:`_run_chunk`);
+        - the last block computes the last position only (the others' keys/values are enough).
+
+        Restorations are grouped by ``t`` and sorted by ``b``; chunks hold at most
+        ``batch_size // samples`` restorations (``batch_size`` rows).
         """
         from tqdm.auto import tqdm
 
         self.clean_states({site for r in restorations for site, _, _ in r})
-        corrupted = self.corrupted_resid()
-        S = self.samples
-        per_chunk = max(1, batch_size // S)
-        starts = [self._start(r) for r in restorations]
+        kept = [self._reaching(r) for r in restorations]
+        out = torch.empty(len(restorations), dtype=torch.float32)
+        empty = [i for i, r in enumerate(kept) if not r]
+        if empty:
+            out[torch.tensor(empty)] = self._run_chunk([[]]).cpu()
+        per_chunk = max(1, batch_size // self.samples)
+        key = {i: (min(token for _, _, token in r), self._start(r)) for i, r in enumerate(kept) if r}
         chunks: list[list[int]] = []
-        for i in sorted(range(len(restorations)), key=lambda i: starts[i]):
-            if chunks and starts[chunks[-1][0]] == starts[i] and len(chunks[-1]) < per_chunk:
+        for i in sorted(key, key=key.get):
+            if chunks and key[chunks[-1][0]][0] == key[i][0] and len(chunks[-1]) < per_chunk:
                 chunks[-1].append(i)
             else:
                 chunks.append([i])
-        out = torch.empty(len(restorations), dtype=torch.float32)
-        for chunk in tqdm(chunks, desc=desc, unit="forward", disable=not progress, leave=False):
-            start = starts[chunk[0]]
-            hidden = corrupted[start].repeat(len(chunk), 1, 1)  # [cells * S, pos, d]; row r has sample r % S
-            with torch.no_grad(), patch(self.g.model, self._edits([restorations[i] for i in chunk])):
-                h = self.g.run_blocks(hidden, start)[:, -1]  # [cells * S, d_model]
-                p = self.g.unembed(h).float().softmax(-1)[:, self.answer_id]
-            out[torch.tensor(chunk)] = p.view(len(chunk), S).mean(1).cpu()
+        for chunk in tqdm(chunks, desc=desc, unit="chunk", disable=not progress, leave=False):
+            out[torch.tensor(chunk)] = self._run_chunk([kept[i] for i in chunk]).cpu()
         return out
 
-    def _edits(self, chunk: Sequence[Sequence[tuple[str, int, int]]]) -> dict:
-        """``patch`` functions that set each row's restored cells to their clean values."""
-        S, device = self.samples, self.g.device
-        rows: dict[tuple[str, int], list[int]] = {}
-        toks: dict[tuple[str, int], list[int]] = {}
-        for c, restoration in enumerate(chunk):
-            for site, layer, token in restoration:
-                rows.setdefault((site, layer), []).extend(range(c * S, (c + 1) * S))
-                toks.setdefault((site, layer), []).extend([token] * S)
-        edits = {}
-        for (site, layer), row_list in rows.items():
-            r = torch.tensor(row_list, device=device)
-            t = torch.tensor(toks[(site, layer)], device=device)
-            vals = self._clean[site][layer][t]  # clean values [len, d]
+    def _run_chunk(self, chunk: Sequence[Sequence[tuple[str, int, int]]]) -> torch.Tensor:
+        """Mean p(answer) ``[len(chunk)]`` of restorations that share their first restored token
+        ``t0``, sorted by first restored block: a staged forward of positions ``t0 ..``.
 
-            def fn(x: torch.Tensor, r=r, t=t, vals=vals) -> torch.Tensor:
+        Row ``r`` (restoration ``r // samples``, noise sample ``r % samples``) joins at its
+        restoration's first block from the corrupted residual; since rows are sorted by that
+        block, the active rows are always a prefix. ``resid`` items are written into the
+        block's input directly; ``mlp_out`` / ``attn_out`` items through :func:`patch`.
+        """
+        g, S, L = self.g, self.samples, self.g.n_layer
+        n = self.ids.shape[0]
+        corrupted = self.corrupted_resid()  # [L + 1, S, n, d]
+        t0 = min((token for r in chunk for _, _, token in r), default=n - 1)
+        joins = [self._start(r) for r in chunk]
+        hidden = corrupted[0][:0, t0:]  # [rows, n - t0, d]: the active rows, positions t0 ..
+        with torch.no_grad():
+            for b in range(joins[0], L + 1):
+                if b == L:
+                    hidden = hidden[:, -1:]  # ln_f's input: the last position is enough
+                p0 = n - hidden.shape[1]  # the first position computed
+                active = sum(j <= b for j in joins)
+                if active * S > hidden.shape[0]:
+                    new = corrupted[b][:, p0:].repeat(active - hidden.shape[0] // S, 1, 1)
+                    hidden = torch.cat([hidden, new])
+                hidden = self._restore_resid(hidden, chunk, b, p0)
+                if b < L:
+                    hidden = self._block(hidden, chunk, b, p0)
+            h = g.ln_f(hidden[:, -1])  # [rows, d_model]
+            p = g.unembed(h).float().softmax(-1)[:, self.answer_id]
+        return p.view(len(chunk), S).mean(1)
+
+    def _block(self, hidden: torch.Tensor, chunk: Sequence[Sequence[tuple[str, int, int]]], b: int,
+               p0: int) -> torch.Tensor:
+        """Block ``b`` on ``hidden`` ``[rows, n - p0, d]`` (positions ``p0 ..``) with the chunk's
+        ``mlp_out`` / ``attn_out`` items of block ``b`` restored; the last block returns the
+        last position only ``[rows, 1, d]``."""
+        g, rows = self.g, hidden.shape[0]
+        k, v = self.corrupted_kv(b)  # [S, head, n, d_head]
+        prefix_k = k[:, :, :p0].repeat(rows // self.samples, 1, 1, 1)  # [rows, head, p0, d_head]
+        prefix_v = v[:, :, :p0].repeat(rows // self.samples, 1, 1, 1)
+        if b == self.g.n_layer - 1 and hidden.shape[1] > 1:
+            own_k, own_v = g.attention_kv(b, hidden[:, :-1])  # positions p0 .. n - 2
+            prefix_k, prefix_v = torch.cat([prefix_k, own_k], -2), torch.cat([prefix_v, own_v], -2)
+            hidden, p0 = hidden[:, -1:], self.ids.shape[0] - 1
+        with patch(g.model, self._edits(chunk, b, p0)):
+            return g.run_block_suffix(b, hidden, prefix_k, prefix_v)
+
+    def _rows_and_values(self, chunk: Sequence[Sequence[tuple[str, int, int]]], site: str, b: int,
+                         p0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Rows, positions (from ``p0``) and clean values ``[len, d]`` of the chunk's ``(site, b)`` items."""
+        S, rows, pos = self.samples, [], []
+        for c, restoration in enumerate(chunk):
+            for token in sorted({t for s, layer, t in restoration if s == site and layer == b}):
+                assert token >= p0, "an item before the computed positions (not dropped by _reaching?)"
+                rows.extend(range(c * S, (c + 1) * S))
+                pos.extend([token] * S)
+        if not rows:
+            return None
+        device = self.g.device
+        pos_t = torch.tensor(pos, device=device)
+        return torch.tensor(rows, device=device), pos_t - p0, self._clean[site][b][pos_t]
+
+    def _restore_resid(self, hidden: torch.Tensor, chunk: Sequence[Sequence[tuple[str, int, int]]], b: int,
+                       p0: int) -> torch.Tensor:
+        """``hidden`` (``resid`` layer ``b``, positions ``p0 ..``) with the chunk's ``resid`` items of layer ``b`` restored."""
+        found = self._rows_and_values(chunk, "resid", b, p0)
+        if found is None:
+            return hidden
+        r, t, vals = found
+        hidden = hidden.clone()
+        hidden[r, t] = vals.to(hidden.dtype)
+        return hidden
+
+    def _edits(self, chunk: Sequence[Sequence[tuple[str, int, int]]], b: int, p0: int) -> dict:
+        """``patch`` functions that set the chunk's ``mlp_out`` / ``attn_out`` items of block ``b``
+        to their clean values (rows index the active rows, positions count from ``p0``)."""
+        edits = {}
+        for site in ("mlp_out", "attn_out"):
+            found = self._rows_and_values(chunk, site, b, p0)
+            if found is None:
+                continue
+
+            def fn(x: torch.Tensor, found=found) -> torch.Tensor:
+                r, t, vals = found
                 x = x.clone()
                 x[r, t] = vals.to(x.dtype)
                 return x
 
-            edits[(site, layer)] = fn
+            edits[(site, b)] = fn
         return edits
 
 
