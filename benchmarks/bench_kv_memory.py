@@ -28,6 +28,7 @@ import torch
 
 import reslens
 from reslens import kv_memory as kv
+from reslens._corpus import corpus_texts, token_units
 from reslens.hooks import pad_ids, pad_token_id
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
@@ -35,9 +36,9 @@ CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
 
 def batches_like_mining(tokenizer, max_tokens: int, batch_size: int, window: int):
     """The padded batches ``mine_triggers`` forms for the first ``max_tokens`` tokens."""
-    texts, _ = kv._corpus_texts(CORPUS)
+    texts, _ = corpus_texts(CORPUS)
     units, total = [], 0
-    for ids in kv._units(tokenizer, texts, "sentence", window):
+    for ids in token_units(tokenizer, texts, "sentence", window):
         if total + len(ids) > max_tokens:
             break
         units.append(ids)

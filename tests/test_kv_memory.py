@@ -7,6 +7,7 @@ import torch
 
 from helpers import VOCAB, assert_same_state, hook_counts, make_model, model_state
 from reslens import kv_memory as kv
+from reslens._corpus import sentences
 from reslens.hooks import capture, pad_ids
 
 
@@ -190,9 +191,9 @@ def test_order_key_sorts_by_score_then_earlier_example():
 
 def test_sentences_are_split_and_mined(model):
     index = kv.mine_triggers(model, CharTokenizer(), TEXTS, unit="sentence", top_k=3, progress=False)
-    sentences = [s for t in TEXTS for s in kv._sentences(t)]
-    assert "Mr. Smith said yes." in sentences and "Was it?" in sentences
-    units = [[ord(c) % VOCAB for c in s][:40] for s in sentences]  # cut to the context (40)
+    found = [s for t in TEXTS for s in sentences(t)]
+    assert "Mr. Smith said yes." in found and "Was it?" in found
+    units = [[ord(c) % VOCAB for c in s][:40] for s in found]  # cut to the context (40)
     _, example, _ = brute_force_index(model, units, 3)
     assert torch.equal(index.example, example)
 

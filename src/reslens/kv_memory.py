@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_layers
+from reslens._corpus import UNITS, corpus_texts, token_units
 from reslens._gpt2 import GPT2
 from reslens.hooks import Patch, Residuals, capture, pad_ids, pad_token_id, patch
 
@@ -379,91 +379,6 @@ def value_tokens(
 
 # --- trigger mining -------------------------------------------------------------------------------
 
-UNITS = ("sentence", "window")
-_ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Mme.", "Messrs.", "Mlle.", "Capt.", "Col.", "Prof.")
-_SENTENCE = re.compile(r"\S.*?(?:[.!?]+[\"'”’)\]_]*(?=\s|$)|$)", re.S)
-_PARAGRAPH = re.compile(r"\n\s*\n")
-
-
-def _corpus_texts(corpus: Any) -> tuple[Iterator[str], str]:
-    """Texts of ``corpus`` (a file, a folder of ``.txt`` files, or an iterable of strings) and a description."""
-    if isinstance(corpus, (str, os.PathLike)):
-        path = Path(corpus)
-        if path.is_dir():
-            files = sorted(path.glob("*.txt"))
-            if not files:
-                raise ValueError(f"corpus folder {os.fspath(path)!r} holds no .txt file")
-        elif path.is_file():
-            files = [path]
-        else:
-            raise FileNotFoundError(
-                f"corpus={os.fspath(corpus)!r} is neither a file nor a folder; "
-                "to mine text held in memory pass a list of strings"
-            )
-        return (f.read_text(encoding="utf-8") for f in files), f"{len(files)} file(s) under {os.fspath(path)}"
-    if isinstance(corpus, (bytes, Mapping)) or not isinstance(corpus, Iterable):
-        raise TypeError(
-            f"corpus must be a path, a folder of .txt files, or an iterable of strings; got {type(corpus).__name__}"
-        )
-
-    def texts() -> Iterator[str]:
-        for i, text in enumerate(corpus):
-            if not isinstance(text, str):
-                raise TypeError(f"corpus item {i} is {type(text).__name__}; expected str")
-            yield text
-
-    return texts(), "iterable of strings"
-
-
-def _sentences(text: str) -> list[str]:
-    """Sentences of a text: paragraphs on blank lines, lines joined, split after . ! ? (not after Mr. etc.)."""
-    out: list[str] = []
-    for paragraph in _PARAGRAPH.split(text):
-        paragraph = " ".join(paragraph.split())
-        pending = ""
-        for match in _SENTENCE.finditer(paragraph):
-            sentence = (pending + " " + match.group().strip()).strip()
-            if sentence.endswith(_ABBREVIATIONS):
-                pending = sentence
-                continue
-            pending = ""
-            out.append(sentence)
-        if pending:
-            out.append(pending)
-    return out
-
-
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text; long texts are expected (we cut them), so HF's length warning is off."""
-    from transformers import PreTrainedTokenizerBase
-
-    quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, **quiet)["input_ids"]]
-
-
-def _units(tokenizer: Any, texts: Iterator[str], unit: str, window: int) -> Iterator[list[int]]:
-    """Token-id units (sentences, or windows that never cross texts), each 2..``window`` tokens."""
-    for text in texts:
-        if unit == "sentence":
-            sentences = _sentences(text)
-            for start in range(0, len(sentences), 512):
-                for ids in _encode(tokenizer, sentences[start : start + 512]):
-                    ids = list(ids)[:window]
-                    if len(ids) >= 2:
-                        yield ids
-        else:
-            stream: list[int] = []
-            pieces = _PARAGRAPH.split(text)
-            for start in range(0, len(pieces), 64):
-                chunk = "\n\n".join(pieces[start : start + 64]) + ("\n\n" if start + 64 < len(pieces) else "")
-                stream.extend(_encode(tokenizer, [chunk])[0])
-                while len(stream) >= window:
-                    yield stream[:window]
-                    stream = stream[window:]
-            if len(stream) >= 2:
-                yield stream
-
-
 @dataclass(frozen=True)
 class TriggerIndex:
     """For every (layer, key), the ``top_k`` corpus examples on which that key fires most.
@@ -748,7 +663,7 @@ def mine_triggers(
         raise ValueError(f"max_tokens must be a positive int or None; got {max_tokens!r}")
     if tokenizer is None or not callable(tokenizer):
         raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
-    texts, description = _corpus_texts(corpus)
+    texts, description = corpus_texts(corpus)
     info = _model_info(g)
 
     if resume is not None and not isinstance(resume, TriggerIndex):
@@ -769,7 +684,7 @@ def mine_triggers(
                desc="mining triggers")
     last_save = n_tokens
     group: list[list[int]] = []
-    units = _units(tokenizer, texts, unit, window)
+    units = token_units(tokenizer, texts, unit, window)
     done = max_tokens is not None and n_tokens >= max_tokens
     while not done:
         group.clear()

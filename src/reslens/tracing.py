@@ -65,6 +65,7 @@ from typing import Any
 
 import torch
 
+from reslens._corpus import corpus_files, corpus_texts, encode, token_units
 from reslens._gpt2 import GPT2
 from reslens.hooks import capture, patch
 
@@ -188,9 +189,7 @@ def window_layers(layer: int, window: int, n_layer: int) -> range:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    if tokenizer is None or not callable(tokenizer):
-        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode(tokenizer, [text])[0]
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> list[str]:
@@ -1034,28 +1033,21 @@ def _fingerprint(g: GPT2, layer: int) -> str:
     return h.hexdigest()
 
 
-def _corpus_texts(corpus: Any) -> tuple[list[str] | None, torch.Tensor | None, str]:
-    """(texts, ids, key): a file / folder of ``.txt`` files, an iterable of strings, or ids ``[n, pos]``."""
+def _corpus_key(corpus: Any) -> tuple[Any, torch.Tensor | None, str]:
+    """(texts or None, ids or None, identity key) of a stats corpus: a file / folder of ``.txt``
+    files (key: paths, sizes, mtimes), an iterable of strings (key: their hash), or ids ``[n, pos]``."""
     if isinstance(corpus, torch.Tensor):
         if corpus.ndim != 2 or corpus.dtype.is_floating_point:
             raise ValueError(f"stats_corpus as a tensor must be integer ids [n, pos]; got {tuple(corpus.shape)} {corpus.dtype}")
         return None, corpus.long(), "ids:" + hashlib.sha1(corpus.long().cpu().numpy().tobytes()).hexdigest()
     if isinstance(corpus, (str, os.PathLike)):
-        path = Path(corpus).expanduser()
-        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-        if not path.exists():
-            raise FileNotFoundError(f"stats_corpus={os.fspath(corpus)!r} does not exist (give a file, a folder of .txt files, "
-                                    "or a list of strings)")
-        if not files:
-            raise ValueError(f"stats_corpus folder {os.fspath(path)!r} holds no .txt files")
+        files = corpus_files(corpus, name="stats_corpus")
         key = "files:" + "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-        return [f.read_text(encoding="utf-8") for f in files], None, key
-    if isinstance(corpus, Iterable):
-        texts = list(corpus)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("stats_corpus as an iterable must hold strings (at least one)")
-        return texts, None, "texts:" + hashlib.sha1("\x00".join(texts).encode()).hexdigest()
-    raise TypeError(f"stats_corpus must be a path, a folder, an iterable of strings or ids [n, pos]; got {type(corpus).__name__}")
+        return corpus_texts(corpus, name="stats_corpus")[0], None, key
+    texts = list(corpus_texts(corpus, name="stats_corpus")[0])
+    if not texts:
+        raise ValueError("stats_corpus is empty; give at least one string")
+    return texts, None, "texts:" + hashlib.sha1("\x00".join(texts).encode()).hexdigest()
 
 
 def mlp_key_second_moment(
@@ -1076,7 +1068,8 @@ def mlp_key_second_moment(
 
     ``corpus``: a text file, a folder of ``.txt`` files, an iterable of strings (these need
     ``tokenizer``), or token ids ``[n, pos]``. Texts are cut into windows of ``max_length``
-    tokens (default: the model's context); at most ``max_tokens`` tokens are used.
+    tokens (default: the model's context) that never cross from one text into the next; at
+    most ``max_tokens`` tokens are used, and files are read only as far as that needs.
 
     Cached in memory per (weights that shape the keys, layer, corpus, limits): a SHA-1 of those
     weights, and of the corpus (paths + sizes + mtimes, or the texts / ids). With
@@ -1090,7 +1083,7 @@ def mlp_key_second_moment(
     max_tokens = _int(max_tokens, "max_tokens", low=1)
     max_length = g.n_positions if max_length is None else _int(max_length, "max_length", low=1)
     max_length = min(max_length, g.n_positions)
-    texts, ids, corpus_key = _corpus_texts(corpus)
+    texts, ids, corpus_key = _corpus_key(corpus)
     key = hashlib.sha1(f"{_fingerprint(g, layer)}|{layer}|{corpus_key}|{max_tokens}|{max_length}".encode()).hexdigest()
     if key in _MOM2_CACHE:
         return _MOM2_CACHE[key].to(g.device)
@@ -1104,25 +1097,14 @@ def mlp_key_second_moment(
     if texts is not None:
         if tokenizer is None:
             raise TypeError("stats_corpus holds text, so tokenizer= is required")
-        flat: list[int] = []
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # long texts are windowed below; silence "longer than max length"
-        try:
-            for text in texts:
-                for piece in _pieces(text):  # tokenized in pieces, so a huge corpus stops early
-                    flat.extend(_encode(tokenizer, piece))
-                    if len(flat) >= max_tokens:
-                        break
-                if len(flat) >= max_tokens:
-                    break
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        flat = flat[:max_tokens]
-        if not flat:
-            raise ValueError("stats_corpus tokenizes to no tokens")
-        windows = [flat[i : i + max_length] for i in range(0, len(flat), max_length)]
+        windows, total_tokens = [], 0
+        for window in token_units(tokenizer, texts, "window", max_length):  # texts are read only as far as needed
+            windows.append(window[: max_tokens - total_tokens])
+            total_tokens += len(windows[-1])
+            if total_tokens >= max_tokens:
+                break
+        if not windows:
+            raise ValueError("stats_corpus tokenizes to no window of at least 2 tokens")
     else:
         windows = []
         left = max_tokens
@@ -1150,16 +1132,6 @@ def mlp_key_second_moment(
         file.parent.mkdir(parents=True, exist_ok=True)
         save_file({"mom2": mom2}, os.fspath(file), metadata={"layer": str(layer), "tokens": str(count)})
     return mom2.to(g.device)
-
-
-def _pieces(text: str, size: int = 8192) -> Iterable[str]:
-    """``text`` cut after the first newline past every ``size`` characters (or at ``size``)."""
-    start = 0
-    while start < len(text):
-        cut = text.find("\n", start + size)
-        end = len(text) if cut < 0 else cut + 1
-        yield text[start:end]
-        start = end
 
 
 class RankOneEdit:

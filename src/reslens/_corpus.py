@@ -1,0 +1,110 @@
+"""Reading a text corpus for the dataset-scale analyses (trigger mining, ROME's key statistics).
+
+A corpus is a text file, a folder of ``.txt`` files (read in name order), or an iterable of
+strings; texts are streamed, one at a time, and turned into token-id units: sentences, or
+windows of the token stream that never cross from one text into the next.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "token_units"]
+
+UNITS = ("sentence", "window")
+_ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Mme.", "Messrs.", "Mlle.", "Capt.", "Col.", "Prof.")
+_SENTENCE = re.compile(r"\S.*?(?:[.!?]+[\"'”’)\]_]*(?=\s|$)|$)", re.S)
+_PARAGRAPH = re.compile(r"\n\s*\n")
+
+
+def corpus_files(path: str | os.PathLike, *, name: str = "corpus") -> list[Path]:
+    """The file itself, or a folder's ``.txt`` files in name order; clear errors otherwise."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise ValueError(f"{name} folder {os.fspath(path)!r} holds no .txt file")
+        return files
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(
+        f"{name}={os.fspath(path)!r} is neither a file nor a folder; to use text held in memory pass a list of strings"
+    )
+
+
+def corpus_texts(corpus: Any, *, name: str = "corpus") -> tuple[Iterator[str], str]:
+    """The texts of ``corpus``, streamed, and a description of where they come from."""
+    if isinstance(corpus, (str, os.PathLike)):
+        files = corpus_files(corpus, name=name)
+        return (f.read_text(encoding="utf-8") for f in files), f"{len(files)} file(s) under {os.fspath(corpus)}"
+    if isinstance(corpus, (bytes, Mapping)) or not isinstance(corpus, Iterable):
+        raise TypeError(
+            f"{name} must be a path, a folder of .txt files, or an iterable of strings; got {type(corpus).__name__}"
+        )
+
+    def texts() -> Iterator[str]:
+        for i, text in enumerate(corpus):
+            if not isinstance(text, str):
+                raise TypeError(f"{name} item {i} is {type(text).__name__}; expected str")
+            yield text
+
+    return texts(), "iterable of strings"
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of a text: paragraphs on blank lines, lines joined, split after . ! ? (not after Mr. etc.)."""
+    out: list[str] = []
+    for paragraph in _PARAGRAPH.split(text):
+        paragraph = " ".join(paragraph.split())
+        pending = ""
+        for match in _SENTENCE.finditer(paragraph):
+            sentence = (pending + " " + match.group().strip()).strip()
+            if sentence.endswith(_ABBREVIATIONS):
+                pending = sentence
+                continue
+            pending = ""
+            out.append(sentence)
+        if pending:
+            out.append(pending)
+    return out
+
+
+def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens; long texts are expected (callers cut them),
+    so HuggingFace's "longer than the maximum length" warning is off."""
+    from transformers import PreTrainedTokenizerBase
+
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, **quiet)["input_ids"]]
+
+
+def token_units(tokenizer: Any, texts: Iterable[str], unit: str, window: int) -> Iterator[list[int]]:
+    """Token-id units of 2..``window`` tokens: sentences (cut to ``window``), or windows of
+    each text's token stream (tokenized 64 paragraphs at a time; a text's last partial window
+    is kept when it has 2 tokens or more)."""
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}; got {unit!r}")
+    for text in texts:
+        if unit == "sentence":
+            found = sentences(text)
+            for start in range(0, len(found), 512):
+                for ids in encode(tokenizer, found[start : start + 512]):
+                    if len(ids) >= 2:
+                        yield ids[:window]
+        else:
+            stream: list[int] = []
+            pieces = _PARAGRAPH.split(text)
+            for start in range(0, len(pieces), 64):
+                chunk = "\n\n".join(pieces[start : start + 64]) + ("\n\n" if start + 64 < len(pieces) else "")
+                stream.extend(encode(tokenizer, [chunk])[0])
+                while len(stream) >= window:
+                    yield stream[:window]
+                    stream = stream[window:]
+            if len(stream) >= 2:
+                yield stream
