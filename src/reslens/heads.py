@@ -17,14 +17,13 @@ function's ``fold_ln=True`` says so):
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from reslens._gpt2 import GPT2
+from reslens._saving import Saveable
 from reslens.hooks import Batch, as_batch, capture
 
 __all__ = [
@@ -74,49 +73,6 @@ def _pandas():
     return pandas
 
 
-class _Saveable:
-    """``save``/``load`` through safetensors (no pickle) for the result dataclasses: tensors
-    go in the file (complex ones as real and imaginary parts), other fields in its metadata."""
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write to a safetensors file; read it back with ``load``."""
-        from safetensors.torch import save_file
-
-        tensors, meta = {}, {"format": f"reslens.{type(self).__name__}/1"}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                if value.is_complex():
-                    tensors[f"{f.name}.real"], tensors[f"{f.name}.imag"] = value.real.contiguous(), value.imag.contiguous()
-                else:
-                    tensors[f.name] = value.detach().contiguous().cpu()
-            else:
-                meta[f.name] = json.dumps(value)
-        save_file(tensors, os.fspath(path), metadata=meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike):
-        """Read a file written by ``save``."""
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != f"reslens.{cls.__name__}/1":
-                raise ValueError(f"{os.fspath(path)!r} is not a reslens {cls.__name__} file (format={meta.get('format')!r})")
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        kwargs: dict[str, Any] = {}
-        for fl in fields(cls):
-            if fl.name in tensors:
-                kwargs[fl.name] = tensors[fl.name]
-            elif f"{fl.name}.real" in tensors:
-                kwargs[fl.name] = torch.complex(tensors[f"{fl.name}.real"], tensors[f"{fl.name}.imag"])
-            elif fl.name in meta:
-                kwargs[fl.name] = json.loads(meta[fl.name])
-        if isinstance(kwargs.get("token_strings"), dict):
-            kwargs["token_strings"] = {int(k): v for k, v in kwargs["token_strings"].items()}
-        return cls(**kwargs)
-
-
 def _check_head(g: GPT2, layer: Any, head: Any) -> tuple[int, int]:
     for name, value, n in (("layer", layer, g.n_layer), ("head", head, g.n_head)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -130,7 +86,7 @@ def _check_head(g: GPT2, layer: Any, head: Any) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class HeadScores(_Saveable):
+class HeadScores(Saveable):
     """One number per attention head: ``scores: [n_layer, n_head]`` (float32).
 
     ``name`` says what was measured (``"induction"``, ``"previous-token"``, ...) and
@@ -198,7 +154,7 @@ class HeadScores(_Saveable):
 
 
 @dataclass(frozen=True)
-class OVSummary(_Saveable):
+class OVSummary(Saveable):
     """Eigenvalues of every head's full OV circuit ``W_E W_V W_O W_U^T`` ``[d_vocab, d_vocab]``.
 
     They are computed from the ``d_head x d_head`` matrix ``W_O (W_U^T W_E) W_V``, which has
@@ -262,7 +218,7 @@ class OVSummary(_Saveable):
 
 
 @dataclass(frozen=True)
-class CompositionScores(_Saveable):
+class CompositionScores(Saveable):
     """Q-, K- or V-composition between every earlier head (writer) and later head (reader).
 
     ``raw[a, i, b, j]`` = ``‖W_A W_B‖_F / (‖W_A‖_F ‖W_B‖_F)`` with ``W_A`` = writer ``a.i``'s
@@ -350,7 +306,7 @@ class CompositionScores(_Saveable):
 
 
 @dataclass(frozen=True)
-class LogitAttribution(_Saveable):
+class LogitAttribution(Saveable):
     """The final logit (or logit difference) at one position per sequence, split into pieces.
 
     ``ln_f`` is linearised at that position: with ``x`` the final raw residual, ``σ =

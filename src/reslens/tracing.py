@@ -54,7 +54,6 @@ The rank-one edit (:func:`rank_one_edit`, ROME's ``rome_main.py``, ``compute_u.p
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import warnings
@@ -67,6 +66,7 @@ import torch
 
 from reslens._corpus import corpus_files, corpus_texts, encode, token_units
 from reslens._gpt2 import GPT2
+from reslens._saving import Saveable
 from reslens.hooks import capture, patch
 
 __all__ = [
@@ -524,7 +524,7 @@ def restored_prob(
 
 
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(Saveable):
     """A causal trace of one prompt (ROME's ``calculate_hidden_flow``).
 
     - ``input_ids: [n_tokens]`` int64; ``tokens``: their strings; ``subject_span = (start, end)``
@@ -646,31 +646,6 @@ class TraceResult:
             f"answer={self.answer!r}, clean={self.clean_prob:.4f}, corrupted={self.corrupted_prob:.4f}, "
             f"peak=(layer {layer}, token {token}, {value:+.4f}))"
         )
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write to safetensors (no pickle): the tensors, and the rest as JSON metadata."""
-        from safetensors.torch import save_file
-
-        meta = {name: getattr(self, name) for name in (
-            "kind", "tokens", "subject_span", "answer_id", "answer", "clean_prob", "corrupted_prob",
-            "window", "samples", "noise", "noise_std", "seed")}
-        save_file(
-            {"input_ids": self.input_ids.contiguous().cpu(), "restored_prob": self.restored_prob.contiguous().cpu()},
-            os.fspath(path),
-            metadata={"format": "reslens.TraceResult/1", "meta": json.dumps(meta)},
-        )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> TraceResult:
-        """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("format") != "reslens.TraceResult/1":
-                raise ValueError(f"{os.fspath(path)!r} is not a reslens TraceResult file")
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        return cls(**json.loads(header["meta"]), **tensors)
 
 
 def _show(token: str) -> str:
