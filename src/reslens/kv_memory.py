@@ -573,10 +573,9 @@ class _Miner:
         Order: score descending, ties to the earlier example, so batching never changes the result.
         Only keys where some new example beats the current k-th score are re-sorted.
         """
-        act.masked_fill_(~mask[None, :, :, None], float("-inf"))
-        best, where = act.max(dim=2)  # [L, B, d_mlp]
-        best = best.float().transpose(1, 2).cpu()  # [L, d_mlp, B]
-        where = where.transpose(1, 2).cpu()
+        penalty = torch.zeros(mask.shape, dtype=act.dtype, device=act.device).masked_fill_(~mask, float("-inf"))
+        act.add_(penalty[None, :, :, None])  # pads -> -inf (an add: far cheaper than a broadcast masked_fill)
+        best = act.amax(dim=2).float().transpose(1, 2).cpu()  # [L, d_mlp, B]; positions only for winners, below
         kth, kth_example = self.scores[..., -1:], self.example[..., -1:]  # [L, d_mlp, 1]
         beats = (best > kth) | ((best == kth) & (numbered < kth_example))
         layer, key = beats.any(-1).nonzero(as_tuple=True)  # the keys whose top-k changes
@@ -585,13 +584,17 @@ class _Miner:
         top_k, batch = self.scores.shape[-1], best.shape[-1]
         scores = torch.cat([self.scores[layer, key], best[layer, key]], dim=-1)  # [R, top_k + B]
         example = torch.cat([self.example[layer, key], numbered.expand(len(layer), batch)], dim=-1)
-        position = torch.cat([self.position[layer, key], where[layer, key]], dim=-1)
         keep = _order_key(scores, example).topk(top_k, dim=-1).indices  # one top-k instead of two sorts
+        position = self.position[layer, key].gather(-1, keep.clamp(max=top_k - 1))  # [R, top_k]
+        row, slot = (keep >= top_k).nonzero(as_tuple=True)  # slots filled from this batch
+        at = act.device
+        where = act[layer[row].to(at), (keep[row, slot] - top_k).to(at), :, key[row].to(at)].argmax(-1)
+        position[row, slot] = where.cpu()  # the first position of the maximum, as max(dim) gives
         self.scores[layer, key] = scores.gather(-1, keep)
         self.example[layer, key] = example.gather(-1, keep)
-        self.position[layer, key] = position.gather(-1, keep)
+        self.position[layer, key] = position
         row_of = {int(e): r for r, e in enumerate(numbered.tolist())}
-        for e in example.gather(-1, keep)[keep >= top_k].unique().tolist():  # slots filled from this batch
+        for e in self.example[layer, key][keep >= top_k].unique().tolist():
             self.stored[e] = units[row_of[e]]
 
     def prune(self) -> None:
