@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (RSS then covers host memory only)")
-    parser.add_argument("--lm-head-repeats", type=int, default=1, help="repeats of the (slow) forward with the LM head")
+    parser.add_argument("--lm-head-repeats", type=int, default=1, help="repeats of the (slow) forward with the LM head; 0 skips it")
     parser.add_argument("--memory", type=int, default=None, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.memory is not None:
@@ -128,6 +128,8 @@ def main() -> None:
     print("| what | median s | tokens/s | mining throughput / this |")
     print("|---|---|---|---|")
     for name, times in results.items():
+        if not times:  # --lm-head-repeats 0
+            continue
         t = statistics.median(times)
         print(f"| {name} | {t:.2f} | {total / t:,.0f} | {t / mining:.2f} |")
 
