@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["check_ids", "check_mask", "check_layers", "check_sites", "check_dtype", "check_device"]
+__all__ = ["check_ids", "check_mask", "check_layers", "check_block", "check_sites", "check_dtype", "check_device"]
 
 
 def check_ids(input_ids: object, *, d_vocab: int, n_positions: int, name: str = "input_ids") -> torch.Tensor:
@@ -90,6 +90,14 @@ def check_layers(layers: object, n_max: int, *, what: str, name: str = "layers")
     if not out:
         raise ValueError(f"{name} is empty; pass None for all layers")
     return tuple(sorted(set(out)))
+
+
+def check_block(layer: object, n_layer: int, *, name: str = "layer") -> int:
+    """One block index ``0..n_layer - 1``; negative indices count from the end."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"{name} must be an int block index; got {layer!r} ({type(layer).__name__})")
+    (block,) = check_layers(layer, n_layer - 1, what=f"a {n_layer}-layer model's blocks", name=name)
+    return block
 
 
 def check_dtype(dtype: object, *, name: str = "dtype") -> torch.dtype | None:

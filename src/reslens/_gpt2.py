@@ -143,6 +143,11 @@ class GPT2:
         ln = self.ln_f
         return torch.nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
+    def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The ``ln_f`` output ``[batch, pos, d_model]`` of unpadded ids ``[batch, pos]`` (no
+        cache, no LM head); :meth:`unembed` turns it into logits. Patch hooks fire as usual."""
+        return self.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., d_vocab]`` from ``ln_f`` outputs ``[..., d_model]``, as the LM head computes them."""
         head = self.lm_head

@@ -19,6 +19,12 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _save(figure, path: Path) -> None:
+    """Write a matplotlib figure as PNG and say so on stderr."""
+    figure.savefig(path, dpi=150, bbox_inches="tight")
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reslens", description="See how a GPT-2 builds its prediction.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -111,8 +117,7 @@ def _trace(args: argparse.Namespace) -> int:
         raise SystemExit(f"reslens trace: {error}") from None
     print(result.table())
     if args.out is not None:
-        result.plot().savefig(args.out, dpi=150, bbox_inches="tight")
-        print(f"wrote {args.out}", file=sys.stderr)
+        _save(result.plot(), args.out)
     return 0
 
 
@@ -125,8 +130,7 @@ def _pca(args: argparse.Namespace) -> int:
     experiment = pca_experiment(model, tokenizer, text, n=args.n, seed=args.seed, max_length=args.max_length)
     print(experiment.table())
     if args.out is not None:
-        experiment.plot().savefig(args.out, dpi=150, bbox_inches="tight")
-        print(f"wrote {args.out}", file=sys.stderr)
+        _save(experiment.plot(), args.out)
     return 0
 
 
@@ -158,8 +162,7 @@ def _lens(args: argparse.Namespace) -> int:
         print(result.table(width=args.width))
         figure = result.plot(metric=args.metric) if args.out else None
     if figure is not None:
-        figure.savefig(args.out, dpi=150, bbox_inches="tight")
-        print(f"wrote {args.out}", file=sys.stderr)
+        _save(figure, args.out)
     return 0
 
 
@@ -197,8 +200,7 @@ def _heads(args: argparse.Namespace) -> int:
     if args.out is not None:
         from reslens.plot import plot_head_score_panels
 
-        plot_head_score_panels([induction, previous, copying]).savefig(args.out, dpi=150, bbox_inches="tight")
-        print(f"wrote {args.out}", file=sys.stderr)
+        _save(plot_head_score_panels([induction, previous, copying]), args.out)
     return 0
 
 
@@ -235,8 +237,7 @@ def _memories(args: argparse.Namespace) -> int:
         result = kv.agreement(index, model)
         print(result.table())
         if args.figure is not None:
-            result.plot().savefig(args.figure, dpi=150, bbox_inches="tight")
-            print(f"wrote {args.figure}", file=sys.stderr)
+            _save(result.plot(), args.figure)
         return 0
     token = None
     if args.token is not None:

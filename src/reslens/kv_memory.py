@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_layers
+from reslens._checks import check_block, check_layers
 from reslens._corpus import UNITS, corpus_texts, token_units
 from reslens._gpt2 import GPT2
 from reslens.hooks import Patch, Residuals, capture, pad_ids, pad_token_id, patch
@@ -32,10 +32,7 @@ __all__ = [
 
 
 def _block(g: GPT2, layer: Any, name: str = "layer") -> int:
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"{name} must be an int block index; got {layer!r} ({type(layer).__name__})")
-    (block,) = check_layers(layer, g.n_layer - 1, what=f"a {g.n_layer}-layer model's blocks", name=name)
-    return block
+    return check_block(layer, g.n_layer, name=name)
 
 
 def keys(model: Any, layer: int) -> torch.Tensor:

@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 
+from reslens._checks import check_block
 from reslens._corpus import corpus_files, corpus_texts, encode, token_units
 from reslens._gpt2 import GPT2
 from reslens._saving import Saveable
@@ -120,15 +121,6 @@ def _float(value: Any, name: str, *, low: float | None = None) -> float:
     if not math.isfinite(value) or (low is not None and value < low):
         raise ValueError(f"{name} must be a finite number >= {low}; got {value}")
     return value
-
-
-def _block(g: GPT2, layer: Any) -> int:
-    """A block index ``0..n_layer-1`` (negatives count from the end)."""
-    from reslens._checks import check_layers
-
-    _int(layer, "layer")
-    (block,) = check_layers(layer, g.n_layer - 1, what=f"a {g.n_layer}-layer model's blocks", name="layer")
-    return block
 
 
 def _check_kind(kind: Any) -> str:
@@ -289,15 +281,11 @@ class _Engine:
             for site in need:
                 self._clean[site] = getattr(res, site)[:, 0]  # [layers or blocks, pos, d]
 
-    def probs(self, rows: torch.Tensor) -> torch.Tensor:
-        """p(answer) at the last position of ``rows`` ids ``[R, pos]``, float32 ``[R]``."""
-        out = self.g.transformer(input_ids=rows, use_cache=False)
-        h = out[0][:, -1]  # [R, d_model] (after ln_f)
-        return self.g.unembed(h).float().softmax(-1)[:, self.answer_id]
-
     def clean_prob(self) -> float:
+        """p(answer) at the last position of the clean prompt."""
         with torch.no_grad():
-            return float(self.probs(self.ids[None])[0])
+            h = self.g.final_hidden(self.ids[None])[0, -1]  # [d_model] (after ln_f)
+            return float(self.g.unembed(h).float().softmax(-1)[self.answer_id])
 
     def corrupted_resid(self) -> torch.Tensor:
         """``resid`` of the corrupted run, every layer: ``[n_layer + 1, samples, pos, d_model]``."""
@@ -704,7 +692,7 @@ def causal_trace_ids(
 
     if answer_id is None:
         with torch.no_grad():
-            h = g.transformer(input_ids=ids[None], use_cache=False)[0][0, -1]
+            h = g.final_hidden(ids[None])[0, -1]
             answer_id = int(g.unembed(h).argmax())
     answer_id = _int(answer_id, "answer_id")
     if not 0 <= answer_id < g.d_vocab:
@@ -941,7 +929,7 @@ def trace_many(
     for i, (ids, span, answer_id, prompt) in enumerate(tqdm(prepared, desc=f"causal traces ({kind})", unit="fact", disable=not progress)):
         if answer_id is not None and require_correct:
             with torch.no_grad():
-                h = g.transformer(input_ids=torch.tensor([ids], device=g.device), use_cache=False)[0][0, -1]
+                h = g.final_hidden(torch.tensor([ids], device=g.device))[0, -1]
                 if int(g.unembed(h).argmax()) != answer_id:
                     skipped.append(i)
                     continue
@@ -1054,7 +1042,7 @@ def mlp_key_second_moment(
     from tqdm.auto import tqdm
 
     g = GPT2(model)
-    layer = _block(g, layer)
+    layer = check_block(layer, g.n_layer)
     max_tokens = _int(max_tokens, "max_tokens", low=1)
     max_length = g.n_positions if max_length is None else _int(max_length, "max_length", low=1)
     max_length = min(max_length, g.n_positions)
@@ -1183,7 +1171,7 @@ def _sample_prefixes(g: GPT2, start_id: int, shapes: Sequence[tuple[int, int]], 
         seqs = torch.full((n, 1), start_id, dtype=torch.long, device=g.device)
         with torch.no_grad():
             for _ in range(length):
-                h = g.transformer(input_ids=seqs, use_cache=False)[0][:, -1]
+                h = g.final_hidden(seqs)[:, -1]
                 top = g.unembed(h).float().topk(5, dim=-1)
                 pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=gen).to(g.device)
                 seqs = torch.cat([seqs, top.indices.gather(1, pick)], 1)
@@ -1255,7 +1243,7 @@ def _edit_core(
     losses = []
     for _ in range(steps):
         with torch.enable_grad(), patch(g.model, {("mlp_out", layer): lambda t: t + at.to(t.dtype) * delta.to(t.dtype)}):
-            hidden = g.transformer(input_ids=input_ids, use_cache=False)[0]
+            hidden = g.final_hidden(input_ids)
             logp = g.unembed(hidden[t_row, t_pos]).float().log_softmax(-1)  # [targets, vocab]
             nll = -logp.gather(1, t_id[:, None]).sum() / n_rewrite / len(answer_ids)
             loss = nll + weight_decay * delta.norm() / out0.norm() ** 2
@@ -1284,7 +1272,7 @@ def _edit_core(
 
 def _edit_args(g: GPT2, layer: Any, steps: Any, lr: Any, weight_decay: Any, kl_factor: Any, clamp_norm: Any, ridge: Any):
     return dict(
-        layer=_block(g, layer),
+        layer=check_block(layer, g.n_layer),
         steps=_int(steps, "steps", low=1),
         lr=_float(lr, "lr", low=0.0),
         weight_decay=_float(weight_decay, "weight_decay", low=0.0),
