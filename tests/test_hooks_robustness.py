@@ -6,7 +6,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import reslens
 from reslens import Batch, capture, tokenize, trace
+from reslens.hooks import patch
 from reslens.hooks import SITES
 from helpers import N_POSITIONS, VOCAB, assert_same_state, hook_counts, make_model, model_state
 
@@ -113,7 +115,7 @@ def test_bad_arguments(model, ids, kwargs, error, match):
 
 
 def test_non_gpt2_model_is_rejected(ids):
-    with pytest.raises(TypeError, match="Linear.*GPT2LMHeadModel"):
+    with pytest.raises(TypeError, match="supported family.*gpt2.*Linear"):
         capture(torch.nn.Linear(3, 3), ids)
 
 
@@ -196,3 +198,110 @@ def test_property_padding_invariance_and_shapes(lengths, side, sites, layers, se
         else:
             got, want = got[:, row, real], want[:, 0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- issue 18: threads, patch inside trace, files, inputs --------------------------------------
+
+def test_capture_in_two_threads_records_each_threads_own_forward(model):
+    import threading
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randint(0, VOCAB, (2, 9), generator=gen) for _ in range(2)]
+    expected = [capture(model, ids, sites=("resid", "mlp_out")).resid for ids in inputs]
+    wrong, errors = [], []
+
+    def work(k: int) -> None:
+        try:
+            for _ in range(15):
+                got = capture(model, inputs[k], sites=("resid", "mlp_out")).resid
+                if not torch.equal(got, expected[k]):
+                    wrong.append(k)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong
+    assert hook_counts(model) == {}
+
+
+def test_a_plain_forward_in_another_thread_is_never_stopped_or_patched(model, ids):
+    import threading
+
+    with torch.no_grad():
+        reference = model(ids).logits
+    seen = {}
+
+    def other() -> None:
+        with torch.no_grad():
+            seen["logits"] = model(ids).logits
+
+    with patch(model, {("mlp_out", 0): torch.zeros_like}), trace(model, sites="resid", layers=0):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert torch.equal(seen["logits"], reference)
+
+
+def test_patch_entered_inside_trace_is_recorded_consistently(model, ids):
+    shift = torch.full((32,), 0.5)
+    with trace(model, sites=("resid", "attn_out", "mlp_out")) as tr:
+        with patch(model, {("mlp_out", 0): lambda t: t + shift, ("resid", 2): lambda t: t * 2}):
+            with torch.no_grad():
+                model(ids)
+    res = tr.residuals
+    torch.testing.assert_close(res.resid[1], res.resid[0] + res.attn_out[0] + res.mlp_out[0], atol=1e-5, rtol=1e-5)
+    with patch(model, {("mlp_out", 0): lambda t: t + shift, ("resid", 2): lambda t: t * 2}):
+        outer = capture(model, ids, sites=("resid", "attn_out", "mlp_out"))
+    assert torch.equal(outer.resid, res.resid) and torch.equal(outer.mlp_out, res.mlp_out)
+    assert hook_counts(model) == {}
+
+
+def test_a_second_forward_inside_trace_warns(model, ids):
+    with trace(model, sites="resid") as tr, torch.no_grad():
+        model(ids)
+        with pytest.warns(UserWarning, match="second forward"):
+            model(ids[:1])
+    assert tr.residuals.resid.shape[1] == 1
+
+
+def test_residuals_repr_is_short_and_html_is_a_table(model, ids):
+    res = capture(model, ids, sites=("resid", "mlp_act", "logits"))
+    text = repr(res)
+    assert len(text) < 300 and "resid[4, 3, 11, 32]" in text and "tensor(" not in text
+    assert "<table>" in res._repr_html_() and "mlp_act" in res._repr_html_()
+
+
+def test_residuals_files_fail_with_a_message_naming_the_path(model, ids, tmp_path):
+    res = capture(model, ids, sites=("resid",))
+    target = tmp_path / "new" / "folder" / "run.safetensors"
+    res.save(target)  # the folder is created
+    assert (target.stat().st_mode & 0o777) != 0o600
+    loaded = reslens.Residuals.load(target)
+    assert torch.equal(loaded.resid, res.resid) and loaded.layers == res.layers
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(target.read_bytes()[:200])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for bad, why in [(truncated, "truncated"), (text, "safetensors"), (tmp_path, "folder"),
+                     (tmp_path / "missing.safetensors", "no such file")]:
+        with pytest.raises(ValueError, match=why) as info:
+            reslens.Residuals.load(bad)
+        assert str(bad) in str(info.value)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        res.save(tmp_path / "a_file" / "run.safetensors")
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_uint8_ids_work_and_out_of_range_positions_are_refused(model, ids):
+    small = ids.to(torch.uint8)
+    assert torch.equal(capture(model, small).resid, capture(model, ids).resid)
+    batch = reslens.Batch(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(11).expand(3, 11) + 35)
+    with pytest.raises(ValueError, match="position_ids must lie in 0..39"):
+        capture(model, batch)
+    with pytest.raises(TypeError, match="position_ids must hold integers"):
+        reslens.Batch(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(3, 11))

@@ -6,11 +6,104 @@ and what was expected; none of them touches the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["check_ids", "check_mask", "check_layers", "check_block", "check_sites", "check_dtype", "check_device"]
+__all__ = [
+    "check_ids", "check_mask", "check_layers", "check_block", "check_sites", "check_dtype", "check_device",
+    "check_int", "check_float", "check_bool", "check_choice", "check_position", "check_finite",
+]
+
+
+def _span(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"{low}..{high}"
+    return f">= {low}" if low is not None else f"<= {high}"
+
+
+def check_int(value: object, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """An int (not a bool, not a float) in ``low..high`` (inclusive; ``None`` = unbounded).
+
+    >>> check_int(3, "top_k", low=1)
+    3
+    >>> check_int(0, "top_k", low=1)
+    Traceback (most recent call last):
+    ValueError: top_k=0 is out of range (expected >= 1)
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}={value} is out of range (expected {_span(low, high)})")
+    return int(value)
+
+
+def check_float(value: object, name: str, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> float:
+    """A finite real number (int or float, not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    below = low is not None and (value <= low if low_open else value < low)
+    if below or (high is not None and value > high):
+        bound = f"> {low}" if low_open and high is None else _span(low, high)
+        raise ValueError(f"{name}={value} is out of range (expected {bound})")
+    return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_choice(value: object, choices: Sequence[object], name: str) -> object:
+    """One of ``choices`` (compared with ``==``; ``None`` may be one of them)."""
+    if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+        raise TypeError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    try:
+        ok = value in choices
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_position(position: object, attention_mask: torch.Tensor, *, name: str = "position") -> torch.Tensor:
+    """One position per sequence ``[batch]`` (long) on the padded ``pos`` axis.
+
+    reslens's one meaning of ``position``: an index of the ``pos`` axis of the (padded)
+    batch, negatives counting from its end, or ``None`` for each sequence's last real token.
+    The position must hold a real token in every sequence (not padding).
+    """
+    mask = attention_mask.bool()
+    n_pos = mask.shape[-1]
+    if position is None:
+        # the last real token: the largest index where the mask is True
+        index = torch.arange(n_pos, device=mask.device).expand_as(mask)
+        return torch.where(mask, index, -1).amax(-1)
+    check_int(position, name, low=-n_pos, high=n_pos - 1)
+    pos = position % n_pos
+    padded = (~mask[:, pos]).nonzero().flatten().tolist()
+    if padded:
+        raise ValueError(
+            f"{name}={position} is a padding position in sequence(s) {padded}; pass position=None for each "
+            "sequence's last real token, or an index of a real token"
+        )
+    return torch.full((mask.shape[0],), pos, dtype=torch.long, device=mask.device)
+
+
+def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` with no NaN or infinity (a ``ValueError`` says how many entries are not finite)."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name} has {bad} non-finite entries (NaN or inf) of {x.numel()}; it cannot be used")
+    return x
 
 
 def check_ids(input_ids: object, *, d_vocab: int, n_positions: int, name: str = "input_ids") -> torch.Tensor:

@@ -123,6 +123,10 @@ class GPT2:
         return self.wpe.weight.shape[0]
 
     @property
+    def n_ctx(self) -> int:
+        return self.n_positions
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.wte.weight.dtype
 

@@ -64,6 +64,19 @@ def _pyplot():
     return plt
 
 
+def _figure(ax: Any, size: tuple[float, float]):
+    """``(fig, ax)``: a new figure of ``size`` inches, or ``ax`` and its figure (drawn the same way either way)."""
+    if ax is None:
+        return _pyplot().subplots(figsize=size)
+    return ax.figure, ax
+
+
+def _text_colour(image: Any, value: float) -> str:
+    """White on dark cells of ``image`` (a matplotlib ``AxesImage``), black on light ones."""
+    rgba = image.cmap(image.norm(value))
+    return "white" if (0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]) < 0.5 else "black"
+
+
 def plot_lens(result: LensResult, metric: str = "prob", seq: int = 0, *, ax=None, max_positions: int = 40):
     """Layers x positions heatmap of ``metric`` with each cell's top-1 token written in it.
 

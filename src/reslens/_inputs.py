@@ -1,0 +1,171 @@
+"""Inputs: token ids with their padding mask and positions (:class:`Batch`), tokenizing and padding.
+
+Pure functions of tokenizers and tensors; :func:`as_batch` turns whatever a public function
+was given (ids, a Batch, a tokenizer output, text) into a checked Batch on the model's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reslens._checks import check_choice, check_ids, check_mask
+
+__all__ = ["Batch", "tokenize", "pad_ids", "pad_token_id", "as_batch", "positions_from_mask"]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[batch, pos]`` that count real tokens only (0 for left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids with their padding mask and the positions the model sees.
+
+    ``input_ids: [batch, pos]`` (int64), ``attention_mask: [batch, pos]`` (bool, True = real
+    token), ``position_ids: [batch, pos]`` (default: counted from the mask, so padding on
+    either side gives each sequence the positions of running it alone).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input_ids, torch.Tensor) or self.input_ids.ndim != 2:
+            got = tuple(self.input_ids.shape) if isinstance(self.input_ids, torch.Tensor) else type(self.input_ids)
+            raise ValueError(f"Batch.input_ids must be a 2-D tensor [batch, pos]; got {got}")
+        if self.input_ids.dtype.is_floating_point or self.input_ids.dtype.is_complex or self.input_ids.dtype == torch.bool:
+            raise TypeError(f"Batch.input_ids must hold integer token ids; got dtype {self.input_ids.dtype}")
+        object.__setattr__(self, "input_ids", self.input_ids.long())
+        mask = check_mask(self.attention_mask, self.input_ids, name="Batch.attention_mask")
+        object.__setattr__(self, "attention_mask", mask)
+        if self.position_ids is None:
+            object.__setattr__(self, "position_ids", positions_from_mask(mask))
+        elif not isinstance(self.position_ids, torch.Tensor) or self.position_ids.shape != self.input_ids.shape:
+            raise ValueError(f"Batch.position_ids must be a tensor shaped like input_ids {tuple(self.input_ids.shape)}")
+        elif self.position_ids.dtype.is_floating_point or self.position_ids.dtype == torch.bool:
+            raise TypeError(f"Batch.position_ids must hold integers; got dtype {self.position_ids.dtype}")
+        else:
+            object.__setattr__(self, "position_ids", self.position_ids.long())
+
+    @classmethod
+    def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Batch:
+        """A batch from ids ``[batch, pos]``; no mask means every token is real."""
+        if attention_mask is None:
+            if not isinstance(input_ids, torch.Tensor):
+                raise TypeError(f"input_ids must be a torch.Tensor; got {type(input_ids).__name__}")
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        return cls(input_ids, attention_mask)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Batch({len(self)} sequences x {self.input_ids.shape[1]} positions, {int(self.lengths.sum())} real tokens)"
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Number of real tokens per sequence ``[batch]``."""
+        return self.attention_mask.sum(-1)
+
+    def to(self, device: str | torch.device) -> Batch:
+        """The batch on ``device``."""
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device))
+
+
+def tokenize(tokenizer: Any, texts: str | Sequence[str], *, padding_side: str = "right") -> Batch:
+    """Tokenize texts one by one (no special tokens added) and pad them into a :class:`Batch`.
+
+    Padding uses the tokenizer's pad id (its end-of-text id for GPT-2, which has no pad
+    token); the mask marks pads, so their id never matters.
+
+    ``tokenize(tokenizer, ["The cat", "A much longer text"], padding_side="left")`` gives a
+    ``[2, n]`` batch whose first row starts with pads.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a string or a sequence of strings")
+    if not texts:
+        raise ValueError("texts is empty; give at least one string")
+    check_choice(padding_side, ("left", "right"), "padding_side")
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError("tokenizer must be a HuggingFace tokenizer (pass tokenizer= with text inputs)")
+    encoded = [encode(tokenizer, text) for text in texts]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"texts {empty} tokenize to no tokens; every text needs at least one token")
+    return pad_ids(encoded, pad_id=pad_token_id(tokenizer), padding_side=padding_side)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of ``text`` without special tokens, for texts of any length.
+
+    ``verbose=False`` keeps the tokenizer's "sequence length is longer than the specified
+    maximum" warning quiet: reslens splits or refuses long inputs itself, against the model's context.
+    """
+    quiet = {"verbose": False} if hasattr(tokenizer, "model_max_length") else {}  # a HuggingFace tokenizer
+    return list(tokenizer(text, add_special_tokens=False, **quiet)["input_ids"])
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad id, else its end-of-text id, else 0."""
+    ids = (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+    return next((i for i in ids if i is not None), 0)
+
+
+def pad_ids(encoded: Sequence[Sequence[int]], *, pad_id: int = 0, padding_side: str = "right") -> Batch:
+    """Token id lists of any lengths -> a padded :class:`Batch` ``[len(encoded), longest]``."""
+    n_pos = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), n_pos), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), n_pos), dtype=torch.bool)
+    for row, ids in enumerate(encoded):
+        span = slice(n_pos - len(ids), n_pos) if padding_side == "left" else slice(0, len(ids))
+        input_ids[row, span] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, span] = True
+    return Batch(input_ids, attention_mask)
+
+
+def _is_texts(inputs: Any) -> bool:
+    return isinstance(inputs, str) or (
+        isinstance(inputs, Sequence) and len(inputs) > 0 and all(isinstance(t, str) for t in inputs)
+    )
+
+
+def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
+    """Turn ids, a :class:`Batch`, a tokenizer output mapping, or text into a Batch checked
+    against the model (vocabulary, context, positions) on its device. ``arch``: the adapter."""
+    d_vocab, n_ctx = arch.d_vocab, arch.n_ctx
+    if isinstance(inputs, Batch):
+        batch = inputs
+    elif isinstance(inputs, torch.Tensor):
+        batch = Batch.from_ids(check_ids(inputs, d_vocab=d_vocab, n_positions=n_ctx))
+    elif isinstance(inputs, Mapping) and "input_ids" in inputs:
+        ids = inputs["input_ids"]
+        ids = torch.as_tensor(ids) if not isinstance(ids, torch.Tensor) else ids
+        mask = inputs.get("attention_mask")
+        batch = Batch.from_ids(
+            check_ids(ids, d_vocab=d_vocab, n_positions=n_ctx),
+            torch.as_tensor(mask) if mask is not None else None,
+        )
+    elif _is_texts(inputs):
+        if tokenizer is None:
+            raise TypeError("inputs are text, so tokenizer= is required (e.g. from reslens.load_model())")
+        batch = tokenize(tokenizer, inputs)
+    elif isinstance(inputs, Sequence) and len(inputs) == 0:
+        raise ValueError("inputs is empty; give token ids [batch, pos], a Batch, or a list of strings")
+    else:
+        raise TypeError(
+            "inputs must be a [batch, pos] tensor of token ids, a reslens Batch, a tokenizer output "
+            f"with 'input_ids', or a list of strings with tokenizer=; got {type(inputs).__name__}"
+        )
+    check_ids(batch.input_ids, d_vocab=d_vocab, n_positions=n_ctx)
+    low, high = int(batch.position_ids.min()), int(batch.position_ids.max())
+    if low < 0 or high >= n_ctx:
+        raise ValueError(f"position_ids must lie in 0..{n_ctx - 1} (the model's context); got {low}..{high}")
+    return batch.to(arch.device)

@@ -1,0 +1,34 @@
+"""The only code that names HuggingFace modules: one role-named adapter per model family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reslens.arch._base import Arch, ForwardInputs, MLPWeights, PatternHook
+from reslens.arch._norm import Norm
+from reslens.arch.gpt2 import GPT2
+
+__all__ = ["Arch", "ForwardInputs", "MLPWeights", "Norm", "PatternHook", "GPT2", "adapter", "FAMILIES"]
+
+#: ``config.model_type`` -> adapter class.
+FAMILIES: dict[str, type[Arch]] = {"gpt2": GPT2}
+
+
+def adapter(model: Any) -> Arch:
+    """The adapter of ``model`` (an :class:`Arch` is passed through unchanged).
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> arch = adapter(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)))
+    >>> arch.family, adapter(arch) is arch
+    ('gpt2', True)
+    """
+    if isinstance(model, Arch):
+        return model
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    cls = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if cls is None:
+        raise TypeError(
+            f"model must be a HuggingFace model of a supported family ({', '.join(sorted(FAMILIES))}); got "
+            f"{type(model).__name__}" + (f" with config.model_type={model_type!r}" if model_type else "")
+        )
+    return cls(model)

@@ -1,0 +1,77 @@
+"""Norms as data: LayerNorm and RMSNorm as one value that analyses apply, linearise and read through."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Norm"]
+
+
+@dataclass(frozen=True, eq=False)
+class Norm:
+    """A LayerNorm or RMSNorm as data: ``y = γ ⊙ centre(x) / σ(x) + β``.
+
+    - ``weight``: ``γ [d_model]`` (the module's own tensor, detached; never copied or folded)
+    - ``bias``: ``β [d_model]``, or ``None`` (RMSNorm)
+    - ``eps``: added to the variance (LayerNorm) or the mean square (RMSNorm)
+    - ``centred``: LayerNorm subtracts the mean first; RMSNorm does not
+
+    ``norm(x)`` computes exactly what the HuggingFace module computes (LayerNorm through
+    ``torch.nn.functional.layer_norm``, RMSNorm in float32 as Llama's ``RMSNorm`` does) without
+    calling the module, so no hook fires.
+
+    >>> ln = torch.nn.LayerNorm(4)
+    >>> x = torch.randn(2, 4)
+    >>> norm = Norm(ln.weight.detach(), ln.bias.detach(), ln.eps, centred=True)
+    >>> bool(torch.equal(norm(x), ln(x).detach()))
+    True
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+    centred: bool
+
+    @property
+    def kind(self) -> str:
+        """``"layernorm"`` or ``"rmsnorm"``."""
+        return "layernorm" if self.centred else "rmsnorm"
+
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """``x - mean(x)`` over the last axis for LayerNorm; ``x`` itself for RMSNorm."""
+        return x - x.mean(-1, keepdim=True) if self.centred else x
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``σ(x) [...]`` in float32: ``sqrt(var(x) + eps)`` (LayerNorm) or ``sqrt(mean(x²) + eps)`` (RMSNorm)."""
+        x = x.float()
+        if self.centred:
+            return torch.sqrt(x.var(-1, unbiased=False) + self.eps)
+        return torch.sqrt(x.pow(2).mean(-1) + self.eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm of ``x [..., d_model]``, as the module computes it (in ``x``'s dtype for LayerNorm)."""
+        if self.centred:
+            weight = self.weight.to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(dtype)
+        return out if self.bias is None else out + self.bias
+
+    def linearised(self, at: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``p -> γ ⊙ centre(p) / σ(at)`` (float32, no bias): the norm with its scale frozen at
+        the residual ``at [..., d_model]``. Exact for pieces ``p`` that sum to ``at``: their images
+        sum to ``norm(at) - β``."""
+        sigma = self.scale(at)[..., None]
+        weight = self.weight.float()
+        return lambda p: weight * self.centre(p.float()) / sigma
+
+    def read_direction(self, w: torch.Tensor) -> torch.Tensor:
+        """The residual direction a reader ``w [..., d_model]`` behind this norm actually reads:
+        ``centre(w ⊙ γ)`` (float32; no centring for RMSNorm). ``w · norm(x) = read_direction(w) · x / σ(x) + w · β``."""
+        return self.centre(w.float() * self.weight.float())
