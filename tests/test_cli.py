@@ -56,3 +56,54 @@ def test_pca_prints_the_experiment_table(local_dir, tmp_path, capsys):
     for condition in ("baseline", "no_embedding", "uncentred", "unit_norm", "ln_f", "random"):
         assert condition in printed
     assert "12 predictions" in printed and out.stat().st_size > 1000
+
+
+# --- every subcommand: one line on stderr, exit code 2, before any model loads -------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["lens", "--file", "{tmp}/missing.txt"], "no such file"),
+    (["lens", "--file", "{tmp}"], "is a folder"),
+    (["lens", "--file", "{tmp}/binary.bin"], "not a UTF-8 text file"),
+    (["lens", "text", "--top-k", "0"], "--top-k must be a positive integer"),
+    (["lens", "text", "--out", "{tmp}"], "is a folder"),
+    (["lens", "text", "--out", "{tmp}/plain/lens.png"], "not a writable folder"),
+    (["lens", "text", "--device", "cuda"], "CUDA is not available"),
+    (["lens", "text", "--device", "toaster"], "is not a torch device"),
+    (["pca", "--file", "{tmp}/missing.txt"], "no such file"),
+    (["pca", "--file", "{tmp}/book.txt", "--n", "-3"], "--n must be a positive integer"),
+    (["heads", "--top", "0"], "--top must be a positive integer"),
+    (["trace", "prompt", "--subject", "p", "--samples", "0"], "--samples must be a positive integer"),
+    (["memories", "text", "--top", "0"], "--top must be a positive integer"),
+])
+def test_bad_arguments_are_one_line_and_exit_code_2(argv, message, tmp_path, capsys, monkeypatch):
+    import reslens.models
+
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "book.txt").write_text("Some text. " * 50)
+    (tmp_path / "plain").write_text("a file where a folder should be")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(reslens.models, "load_model", no_loading)
+    monkeypatch.setattr(reslens, "load_model", no_loading, raising=False)
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_errors_inside_the_work_are_one_line_too(local_dir, capsys):
+    code = main(["trace", "Mr Holmes looked", "--subject", "Watson", "--model", str(local_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("reslens trace: error:") and err.count("\n") == 1
+
+
+def test_help_returns_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from reslens.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
+           "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "usage: reslens" in out and out.strip().endswith("NO TORCH")

@@ -48,3 +48,35 @@ def test_unreachable_hub_suggests_a_local_path_or_the_default():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
     assert "hub may be unreachable" in out and "local directory" in out and "load_model() with no name" in out
+
+
+def test_another_familys_checkpoint_is_refused_before_loading(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, vocab_size=50)).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((embedded_model_dir() / name).read_bytes())
+    with pytest.raises(TypeError, match="'bert' model; reslens supports the families gpt2"):
+        reslens.load_model(tmp_path)
+
+
+def test_a_checkpoint_missing_weights_is_refused(local_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for f in local_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = [k for k in weights if k.endswith("h.1.mlp.c_fc.weight")]
+    assert dropped
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 of the model's weights.*c_fc"):
+        reslens.load_model(tmp_path)
+
+
+def test_loading_prints_no_weights_bar(local_dir, capfd):
+    reslens.load_model(local_dir)
+    reslens.load_model()
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out

@@ -1,4 +1,4 @@
-"""Load a GPT-2 and its tokenizer: the embedded default shipped in the package, or any
+"""Load a model of a supported family and its tokenizer: the embedded default shipped in the package, or any
 ``from_pretrained`` name or local directory.
 
 The embedded default lives in ``reslens/data/embedded/`` (``config.json``,
@@ -8,6 +8,7 @@ The embedded default lives in ``reslens/data/embedded/`` (``config.json``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,51 @@ import torch
 from reslens._checks import check_dtype
 
 __all__ = ["load_model", "embedded_model_dir"]
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """Keep transformers' "Loading weights" bar off for one load."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _hub_error(name: object, error: Exception) -> OSError:
+    return OSError(
+        f"could not load {name!r} with from_pretrained: the HuggingFace hub may be unreachable "
+        f"from here ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        "Pass a local directory that holds the model (config.json, weights, tokenizer files), "
+        "or call reslens.load_model() with no name for the embedded offline model."
+    )
+
+
+def _load_config(name: object, source: str | Path, local_only: bool):
+    """The checkpoint's config, read first: a family reslens does not support is refused before any weight loads."""
+    from transformers import AutoConfig
+
+    from reslens.arch import FAMILIES
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except OSError as error:
+        if isinstance(source, Path):
+            raise
+        raise _hub_error(name, error) from error
+    except ValueError as error:
+        raise ValueError(f"cannot read the config of {str(source)!r}: {error}") from None
+    if config.model_type not in FAMILIES:
+        raise TypeError(
+            f"{str(source)!r} holds a {config.model_type!r} model; reslens supports the families "
+            f"{', '.join(sorted(FAMILIES))}"
+        )
+    return config
 
 
 def embedded_model_dir() -> Path:
@@ -35,7 +81,7 @@ def load_model(
     default). A hub name or a local directory goes through ``from_pretrained``; when the
     hub cannot be reached the error says so and suggests a local path or the default.
     """
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_dtype(dtype)
     if name is not None and not isinstance(name, (str, os.PathLike)):
@@ -58,19 +104,24 @@ def load_model(
         source = path if path.exists() else str(name)
         local_only = False
 
+    config = _load_config(name, source, local_only)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = GPT2LMHeadModel.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        with _quiet_progress():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source, config=config, dtype=dtype, local_files_only=local_only, output_loading_info=True
+            )
     except OSError as error:
         if isinstance(source, Path):
             raise
-        raise OSError(
-            f"could not load {name!r} with from_pretrained: the HuggingFace hub may be unreachable "
-            f"from here ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            "Pass a local directory that holds the model (config.json, weights, tokenizer files), "
-            "or call reslens.load_model() with no name for the embedded offline model."
-        ) from error
-
+        raise _hub_error(name, error) from error
+    missing = list(info.get("missing_keys", ()))
+    if missing:
+        raise ValueError(
+            f"{str(name if name is not None else source)!r} lacks {len(missing)} of the model's weights "
+            f"(e.g. {', '.join(missing[:3])}); the checkpoint does not match its config.json "
+            f"(model_type={config.model_type!r}), so reslens refuses a partly random model"
+        )
     if device is not None:
         model = model.to(device)
     model.eval()
