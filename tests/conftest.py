@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, GPT2Model
 
-from helpers import VOCAB, make_model
+from helpers import FAMILIES, VOCAB, make_family, make_model
 
 
 @pytest.fixture
@@ -20,3 +20,9 @@ def base_model() -> GPT2Model:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(params=FAMILIES)
+def family_model(request):
+    """A tiny random model of every supported family (GPT-2, Llama/GQA, Mistral/window, Qwen2/biases)."""
+    return make_family(request.param)

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 import reslens
 from reslens import Batch, capture, tokenize, trace
 from reslens.hooks import patch
-from reslens.hooks import SITES
+from reslens.hooks import SITES as ALL_SITES
+
+SITES = tuple(s for s in ALL_SITES if s != "mlp_gate")  # GPT-2 has no gate (tests/test_families.py covers it)
 from helpers import N_POSITIONS, VOCAB, assert_same_state, hook_counts, make_model, model_state
 
 
@@ -214,7 +216,9 @@ def test_capture_in_two_threads_records_each_threads_own_forward(model):
         try:
             for _ in range(15):
                 got = capture(model, inputs[k], sites=("resid", "mlp_out")).resid
-                if not torch.equal(got, expected[k]):
+                # close, not equal: concurrent matmuls may split their sums differently; the other
+                # thread's activations would differ by O(1)
+                if got.shape != expected[k].shape or not torch.allclose(got, expected[k], atol=1e-5, rtol=1e-5):
                     wrong.append(k)
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)

@@ -26,10 +26,33 @@ _LAZY = {
 }
 
 #: submodules reachable as attributes of ``reslens`` without an explicit import
-_SUBMODULES = ("arch", "attribution", "heads", "hooks", "kv_memory", "lens", "lens_stats", "models", "pca", "plot",
-               "residuals", "rome", "tracing")
+_SUBMODULES = (
+    "arch",
+    "attribution",
+    "heads",
+    "hooks",
+    "kv_memory",
+    "lens",
+    "lens_stats",
+    "models",
+    "pca",
+    "plot",
+    "residuals",
+    "rome",
+    "tracing",
+)
 
-__all__ = ["Batch", "Residuals", "adapter", "capture", "load_model", "patch", "tokenize", "trace", "__version__"]
+__all__ = [
+    "Batch",
+    "Residuals",
+    "adapter",
+    "capture",
+    "load_model",
+    "patch",
+    "tokenize",
+    "trace",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,8 +12,19 @@ from collections.abc import Iterable, Sequence
 import torch
 
 __all__ = [
-    "check_ids", "check_mask", "check_layers", "check_block", "check_sites", "check_dtype", "check_device",
-    "check_int", "check_float", "check_bool", "check_choice", "check_position", "check_finite",
+    "check_ids",
+    "check_mask",
+    "check_layers",
+    "check_block",
+    "check_sites",
+    "check_dtype",
+    "check_device",
+    "check_int",
+    "check_float",
+    "check_bool",
+    "check_choice",
+    "check_position",
+    "check_finite",
 ]
 
 
@@ -39,9 +50,10 @@ def check_int(value: object, name: str, *, low: int | None = None, high: int | N
     return int(value)
 
 
-def check_float(value: object, name: str, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> float:
-    """A finite real number (int or float, not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+def check_float(
+    value: object, name: str, *, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
+    """A finite real number (int or float, not a bool) in ``[low, high]`` (open below: ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
     value = float(value)
@@ -102,20 +114,25 @@ def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     """``x`` with no NaN or infinity (a ``ValueError`` says how many entries are not finite)."""
     bad = int((~torch.isfinite(x)).sum())
     if bad:
-        raise ValueError(f"{name} has {bad} non-finite entries (NaN or inf) of {x.numel()}; it cannot be used")
+        raise ValueError(
+            f"{name} has {bad} non-finite entries (NaN or inf) of {x.numel()}; it cannot be used"
+        )
     return x
 
 
 def check_ids(input_ids: object, *, d_vocab: int, n_positions: int, name: str = "input_ids") -> torch.Tensor:
     """A ``[batch, pos]`` integer tensor of in-vocabulary ids that fits the context."""
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids [batch, pos]; got {type(input_ids).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of token ids [batch, pos]; got {type(input_ids).__name__}"
+        )
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids; got dtype {input_ids.dtype}")
     if input_ids.ndim != 2:
         hint = " (add a batch axis with ids[None])" if input_ids.ndim == 1 else ""
         raise ValueError(
-            f"{name} must be 2-D [batch, pos]; got {input_ids.ndim}-D with shape {tuple(input_ids.shape)}{hint}"
+            f"{name} must be 2-D [batch, pos]; got {input_ids.ndim}-D with shape "
+            f"{tuple(input_ids.shape)}{hint}"
         )
     batch, n_pos = input_ids.shape
     if batch == 0 or n_pos == 0:
@@ -132,13 +149,16 @@ def check_ids(input_ids: object, *, d_vocab: int, n_positions: int, name: str = 
     return input_ids
 
 
-def check_mask(attention_mask: object, input_ids: torch.Tensor, *, name: str = "attention_mask") -> torch.Tensor:
+def check_mask(
+    attention_mask: object, input_ids: torch.Tensor, *, name: str = "attention_mask"
+) -> torch.Tensor:
     """A ``[batch, pos]`` 0/1 mask shaped like the ids, with at least one real token per row."""
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [batch, pos]; got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"{name} has shape {tuple(attention_mask.shape)}; expected the ids' shape {tuple(input_ids.shape)}"
+            f"{name} has shape {tuple(attention_mask.shape)}; "
+            f"expected the ids' shape {tuple(input_ids.shape)}"
         )
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError(f"{name} must contain only 0 (padding) and 1 (real token)")

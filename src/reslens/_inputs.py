@@ -37,17 +37,29 @@ class Batch:
 
     def __post_init__(self) -> None:
         if not isinstance(self.input_ids, torch.Tensor) or self.input_ids.ndim != 2:
-            got = tuple(self.input_ids.shape) if isinstance(self.input_ids, torch.Tensor) else type(self.input_ids)
+            got = (
+                tuple(self.input_ids.shape)
+                if isinstance(self.input_ids, torch.Tensor)
+                else type(self.input_ids)
+            )
             raise ValueError(f"Batch.input_ids must be a 2-D tensor [batch, pos]; got {got}")
-        if self.input_ids.dtype.is_floating_point or self.input_ids.dtype.is_complex or self.input_ids.dtype == torch.bool:
+        if (
+            self.input_ids.dtype.is_floating_point
+            or self.input_ids.dtype.is_complex
+            or self.input_ids.dtype == torch.bool
+        ):
             raise TypeError(f"Batch.input_ids must hold integer token ids; got dtype {self.input_ids.dtype}")
         object.__setattr__(self, "input_ids", self.input_ids.long())
         mask = check_mask(self.attention_mask, self.input_ids, name="Batch.attention_mask")
         object.__setattr__(self, "attention_mask", mask)
         if self.position_ids is None:
             object.__setattr__(self, "position_ids", positions_from_mask(mask))
-        elif not isinstance(self.position_ids, torch.Tensor) or self.position_ids.shape != self.input_ids.shape:
-            raise ValueError(f"Batch.position_ids must be a tensor shaped like input_ids {tuple(self.input_ids.shape)}")
+        elif (
+            not isinstance(self.position_ids, torch.Tensor) or self.position_ids.shape != self.input_ids.shape
+        ):
+            raise ValueError(
+                f"Batch.position_ids must be a tensor shaped like input_ids {tuple(self.input_ids.shape)}"
+            )
         elif self.position_ids.dtype.is_floating_point or self.position_ids.dtype == torch.bool:
             raise TypeError(f"Batch.position_ids must hold integers; got dtype {self.position_ids.dtype}")
         else:
@@ -66,7 +78,8 @@ class Batch:
         return self.input_ids.shape[0]
 
     def __repr__(self) -> str:
-        return f"Batch({len(self)} sequences x {self.input_ids.shape[1]} positions, {int(self.lengths.sum())} real tokens)"
+        n_real = int(self.lengths.sum())
+        return f"Batch({len(self)} sequences x {self.input_ids.shape[1]} positions, {n_real} real tokens)"
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -138,8 +151,11 @@ def _is_texts(inputs: Any) -> bool:
 
 
 def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
-    """Turn ids, a :class:`Batch`, a tokenizer output mapping, or text into a Batch checked
-    against the model (vocabulary, context, positions) on its device. ``arch``: the adapter."""
+    """Turn ids, a :class:`Batch`, a tokenizer output mapping, or text into a checked Batch.
+
+    The batch is checked against the model of ``arch`` (the adapter): vocabulary, context and
+    positions; it comes back on the model's device.
+    """
     d_vocab, n_ctx = arch.d_vocab, arch.n_ctx
     if isinstance(inputs, Batch):
         batch = inputs

@@ -43,9 +43,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"cannot save to {os.fspath(path)!r}: a part of {str(parent)!r} is a file, not a folder") from None
+        raise ValueError(
+            f"cannot save to {os.fspath(path)!r}: a part of {str(parent)!r} is a file, not a folder"
+        ) from None
     except PermissionError:
-        raise ValueError(f"cannot save to {os.fspath(path)!r}: no permission to create {str(parent)!r}") from None
+        raise ValueError(
+            f"cannot save to {os.fspath(path)!r}: no permission to create {str(parent)!r}"
+        ) from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     except PermissionError:
@@ -61,7 +65,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     """Write ``tensors`` (CPU, contiguous copies) and string ``metadata`` atomically to ``path``."""
     from safetensors.torch import save_file
 
@@ -70,8 +76,13 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file(tensors, os.fspath(tmp), metadata=metadata)
 
 
-def read_safetensors(path: str | os.PathLike, fmt: str | None = None, *, device: str | torch.device = "cpu",
-                     what: str = "reslens") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(
+    path: str | os.PathLike,
+    fmt: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    what: str = "reslens",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; ``fmt`` = the ``format`` its metadata must hold.
 
     Every failure is a ``ValueError`` naming ``path`` and what is wrong with it.
@@ -93,7 +104,9 @@ def read_safetensors(path: str | os.PathLike, fmt: str | None = None, *, device:
                 )
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot load {shown!r}: not a readable safetensors file, or truncated ({error})") from None
+        raise ValueError(
+            f"cannot load {shown!r}: not a readable safetensors file, or truncated ({error})"
+        ) from None
     return tensors, meta
 
 
@@ -108,9 +121,11 @@ def _int_keyed(annotation: Any) -> bool:
 
 
 class Saveable:
-    """``save``/``load`` through safetensors (no pickle) for the result dataclasses: tensors
-    go in the file (complex ones as real and imaginary parts), other fields in its metadata
-    as JSON (tuples come back as tuples, ``dict[int, ...]`` fields with int keys)."""
+    """``save``/``load`` through safetensors (no pickle) for the result dataclasses.
+
+    Tensors go in the file (complex ones as real and imaginary parts), other fields in its metadata
+    as JSON (tuples come back as tuples, ``dict[int, ...]`` fields with int keys).
+    """
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (atomically; the folder is created); read it back with ``load``."""
@@ -132,8 +147,9 @@ class Saveable:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu"):
         """Read a file written by ``save``."""
-        tensors, meta = read_safetensors(path, f"reslens.{cls.__name__}/1", device=device,
-                                         what=f"reslens {cls.__name__}")
+        tensors, meta = read_safetensors(
+            path, f"reslens.{cls.__name__}/1", device=device, what=f"reslens {cls.__name__}"
+        )
         hints = typing.get_type_hints(cls) if hasattr(cls, "__dataclass_fields__") else {}
         kwargs: dict[str, Any] = {}
         for fl in fields(cls):  # type: ignore[arg-type]

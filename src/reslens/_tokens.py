@@ -29,8 +29,11 @@ def decode_each(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 
 def text_pieces(tokenizer: Any, text: str, ids: Sequence[int]) -> list[str]:
-    """Each token's piece of ``text`` (offset mapping), so a character split across byte-level
-    tokens shows as itself instead of a replacement character; decoded tokens otherwise."""
+    """Each token's piece of ``text`` (from the offset mapping).
+
+    A character split across byte-level tokens shows as itself instead of a replacement character; decoded
+    tokens otherwise.
+    """
     try:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) == len(ids):

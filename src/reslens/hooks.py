@@ -36,8 +36,21 @@ from reslens.arch import adapter
 from reslens.residuals import BLOCK_SITES, SITES, Residuals
 
 __all__ = [
-    "SITES", "BLOCK_SITES", "PATCH_SITES", "Batch", "Residuals", "Trace", "Patch", "capture", "trace", "patch", "tokenize",
-    "pad_ids", "pad_token_id", "as_batch", "positions_from_mask",
+    "SITES",
+    "BLOCK_SITES",
+    "PATCH_SITES",
+    "Batch",
+    "Residuals",
+    "Trace",
+    "Patch",
+    "capture",
+    "trace",
+    "patch",
+    "tokenize",
+    "pad_ids",
+    "pad_token_id",
+    "as_batch",
+    "positions_from_mask",
 ]
 
 #: Sites :func:`patch` can replace: ``resid`` layer ``l`` is the input of block ``l`` (of
@@ -97,14 +110,18 @@ class _ThreadHooks:
 
     def _add_pre(self, module: Any, callback: Any) -> None:
         """``callback(args, kwargs)`` before ``module`` runs; it may return new ``(args, kwargs)``."""
+
         def hook(m, args, kwargs):
             return callback(args, kwargs) if self._mine() else None
+
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _add_post(self, module: Any, callback: Any) -> None:
         """``callback(output)`` after ``module`` runs; it may return a new output."""
+
         def hook(m, args, out):
             return callback(out) if self._mine() else None
+
         self._handles.append(module.register_forward_hook(hook))
 
     def _remove(self) -> None:
@@ -223,24 +240,50 @@ class Trace(_ThreadHooks):
         if "resid" in self.sites:
             for i, layer in enumerate(self.layers):
                 module = a.final_norm_module if layer == a.n_layer else a.blocks[layer]
-                points.append((module, "pre", lambda args, kwargs, i=i: self._store("resid", i, hidden(args, kwargs))))
+                points.append(
+                    (module, "pre", lambda args, kwargs, i=i: self._store("resid", i, hidden(args, kwargs)))
+                )
         for i, block in enumerate(self.blocks):
             if "resid_mid" in self.sites:
-                points.append((a.mlp_norm(block), "pre",
-                               lambda args, kwargs, i=i: self._store("resid_mid", i, hidden(args, kwargs))))
+                points.append(
+                    (
+                        a.mlp_norm(block),
+                        "pre",
+                        lambda args, kwargs, i=i: self._store("resid_mid", i, hidden(args, kwargs)),
+                    )
+                )
             if "attn_out" in self.sites:
                 points.append((a.attn(block), "post", lambda out, i=i: self._store("attn_out", i, out[0])))
             if "attn_pattern" in self.sites:
                 spec = a.pattern_hook(block)
                 points.append((spec.module, spec.kind, self._pattern_callback(i, spec)))
             if "attn_z" in self.sites:
-                points.append((a.attn_out_proj(block), "pre",
-                               lambda args, kwargs, i=i: self._store("attn_z", i, hidden(args, kwargs))))
+                points.append(
+                    (
+                        a.attn_out_proj(block),
+                        "pre",
+                        lambda args, kwargs, i=i: self._store("attn_z", i, hidden(args, kwargs)),
+                    )
+                )
             if "mlp_act" in self.sites:
-                points.append((a.mlp_out_proj(block), "pre",
-                               lambda args, kwargs, i=i: self._store("mlp_act", i, hidden(args, kwargs))))
+                points.append(
+                    (
+                        a.mlp_out_proj(block),
+                        "pre",
+                        lambda args, kwargs, i=i: self._store("mlp_act", i, hidden(args, kwargs)),
+                    )
+                )
             if "mlp_out" in self.sites:
                 points.append((a.mlp(block), "post", lambda out, i=i: self._store("mlp_out", i, out)))
+            if "mlp_up" in self.sites:
+                points.append((a.mlp_in_proj(block), "post", lambda out, i=i: self._store("mlp_up", i, out)))
+            if "mlp_gate" in self.sites:
+                gate = a.mlp_gate_proj(block)
+                if gate is None:
+                    raise ValueError(
+                        f"site 'mlp_gate' needs a gated MLP; this {a.family} model's MLP has no gate"
+                    )
+                points.append((gate, "post", lambda out, i=i: self._store("mlp_gate", i, out)))
         if "final" in self.sites or ("logits" in self.sites and a.lm_head is None):
             points.append((a.final_norm_module, "post", self._on_final))
         if "logits" in self.sites and a.lm_head is not None:
@@ -251,6 +294,7 @@ class Trace(_ThreadHooks):
         def store(payload: Any) -> None:
             mask = self._inputs[1]
             self._store("attn_pattern", i, spec.pattern(payload, mask))
+
         if spec.kind == "pre":
             return lambda args, kwargs: store((args, kwargs))
         return store
@@ -307,7 +351,8 @@ class Trace(_ThreadHooks):
             raise RuntimeError("this trace is already active")
         if self.arch.model.training:
             warnings.warn(
-                "the model is in training mode, so dropout makes captured activations random; call model.eval()",
+                "the model is in training mode, so dropout makes captured activations random; "
+                "call model.eval()",
                 stacklevel=3,
             )
         self._thread = threading.get_ident()
@@ -376,11 +421,13 @@ def capture(
     >>> tuple(res.resid.shape), tuple(res.mlp_act.shape), res.layers
     ((3, 1, 4, 16), (2, 1, 4, 64), (0, 1, 2))
     """
-    recorder = Trace(model, sites, layers=layers, dtype=dtype, device=device, detach=detach, _stop_when_done=True)
+    recorder = Trace(
+        model, sites, layers=layers, dtype=dtype, device=device, detach=detach, _stop_when_done=True
+    )
     arch = recorder.arch
     batch = as_batch(inputs, arch, tokenizer)
     runner = arch.model if "logits" in recorder.sites and arch.lm_head is not None else arch.body
-    with recorder, (torch.no_grad() if detach else nullcontext()):
+    with recorder, torch.no_grad() if detach else nullcontext():
         try:
             runner(
                 input_ids=batch.input_ids,
@@ -401,7 +448,9 @@ class Patch(_ThreadHooks):
         self.arch = adapter(model)
         n_layer = self.arch.n_layer
         if not isinstance(edits, Mapping):
-            raise TypeError(f"edits must be a mapping {{(site, layer): function}}; got {type(edits).__name__}")
+            raise TypeError(
+                f"edits must be a mapping {{(site, layer): function}}; got {type(edits).__name__}"
+            )
         self.edits: dict[tuple[str, int], Any] = {}
         for key, fn in edits.items():
             if not (isinstance(key, tuple) and len(key) == 2):
@@ -409,12 +458,20 @@ class Patch(_ThreadHooks):
             site, layer = key
             check_sites((site,), PATCH_SITES, name="edits site")
             n_max = n_layer if site == "resid" else n_layer - 1
-            (layer,) = check_layers(layer, n_max, what=f"site {site!r} of a {n_layer}-layer model",
-                                    name=f"edits layer for {site!r}")
+            (layer,) = check_layers(
+                layer,
+                n_max,
+                what=f"site {site!r} of a {n_layer}-layer model",
+                name=f"edits layer for {site!r}",
+            )
             if not callable(fn):
-                raise TypeError(f"edits[({site!r}, {layer})] must be a function tensor -> tensor; got {type(fn).__name__}")
+                raise TypeError(
+                    f"edits[({site!r}, {layer})] must be a function tensor -> tensor; got {type(fn).__name__}"
+                )
             if (site, layer) in self.edits:
-                raise ValueError(f"edits names ({site!r}, {layer}) twice (negative and positive layer numbers?)")
+                raise ValueError(
+                    f"edits names ({site!r}, {layer}) twice (negative and positive layer numbers?)"
+                )
             self.edits[(site, layer)] = fn
 
     def _apply(self, site: str, layer: int, t: torch.Tensor) -> torch.Tensor:
@@ -423,7 +480,9 @@ class Patch(_ThreadHooks):
             return t
         if not isinstance(out, torch.Tensor) or out.shape != t.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the edit of ({site!r}, {layer}) returned {got}; expected a tensor {tuple(t.shape)}")
+            raise ValueError(
+                f"the edit of ({site!r}, {layer}) returned {got}; expected a tensor {tuple(t.shape)}"
+            )
         return out.to(t.dtype)
 
     def _register(self, site: str, layer: int) -> None:

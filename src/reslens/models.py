@@ -1,5 +1,6 @@
-"""Load a model of a supported family and its tokenizer: the embedded default shipped in the package, or any
-``from_pretrained`` name or local directory.
+"""Load a model of a supported family and its tokenizer.
+
+The embedded default shipped in the package, or any ``from_pretrained`` name or local directory.
 
 The embedded default lives in ``reslens/data/embedded/`` (``config.json``,
 ``model.safetensors``, the tokenizer files written by ``save_pretrained`` and
@@ -43,7 +44,7 @@ def _hub_error(name: object, error: Exception) -> OSError:
 
 
 def _load_config(name: object, source: str | Path, local_only: bool):
-    """The checkpoint's config, read first: a family reslens does not support is refused before any weight loads."""
+    """The checkpoint's config, read first: an unsupported family is refused before any weight loads."""
     from transformers import AutoConfig
 
     from reslens.arch import FAMILIES
@@ -98,7 +99,11 @@ def load_model(
         dtype = torch.float32 if dtype is None else dtype
     else:
         path = Path(name).expanduser()
-        looks_local = isinstance(name, os.PathLike) or str(name).startswith((".", "~", os.sep)) or str(name).count("/") > 1
+        looks_local = (
+            isinstance(name, os.PathLike)
+            or str(name).startswith((".", "~", os.sep))
+            or str(name).count("/") > 1
+        )
         if looks_local and not path.exists():
             raise FileNotFoundError(f"name={str(name)!r} looks like a local path, but nothing is there")
         source = path if path.exists() else str(name)

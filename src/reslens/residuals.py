@@ -16,6 +16,10 @@ attn_pattern  ``[L, batch, head, query, key]``        softmax attention (float32
 attn_z        ``[L, batch, pos, n_head * d_head]``    per-head attention outputs ``z`` side by side (the
                                                       input of the attention output projection; head
                                                       ``h`` writes ``z_h @ W_O[h]``)
+mlp_up        ``[L, batch, pos, d_mlp]``              the MLP's (up) key pre-activations ``x̂ @ W_in.T + b_in``
+                                                      (GPT-2: the output of its one input projection)
+mlp_gate      ``[L, batch, pos, d_mlp]``              the gate pre-activations ``x̂ @ W_gate.T`` (gated MLPs
+                                                      only): ``mlp_act = act(mlp_gate) * mlp_up``
 final         ``[batch, pos, d_model]``               the final norm's output
 logits        ``[batch, pos, d_vocab]``               the model's logits
 ============  =====================================  ==========================================
@@ -33,7 +37,7 @@ from reslens._saving import Saveable
 
 __all__ = ["SITES", "BLOCK_SITES", "Residuals"]
 
-BLOCK_SITES = ("resid_mid", "attn_out", "mlp_out", "mlp_act", "attn_pattern", "attn_z")
+BLOCK_SITES = ("resid_mid", "attn_out", "mlp_out", "mlp_act", "attn_pattern", "attn_z", "mlp_up", "mlp_gate")
 SITES = ("resid", *BLOCK_SITES, "final", "logits")
 
 
@@ -46,10 +50,12 @@ class Residuals(Saveable):
     use :meth:`get` to index by the true layer number. Sites not captured are ``None``
     (:meth:`get` raises for them, naming what was captured).
 
-    - ``attention_mask: [batch, pos]`` bool (True = real token); ``input_ids``, ``position_ids`` ``[batch, pos]``
+    - ``attention_mask: [batch, pos]`` bool (True = real token)
+    - ``input_ids``, ``position_ids``: ``[batch, pos]``
     - ``resid: [len(layers), batch, pos, d_model]``
     - ``resid_mid``, ``attn_out``, ``mlp_out``: ``[len(blocks), batch, pos, d_model]``
-    - ``mlp_act: [len(blocks), batch, pos, d_mlp]``; ``attn_pattern: [len(blocks), batch, head, pos, pos]``
+    - ``mlp_act``, ``mlp_up``, ``mlp_gate``: ``[len(blocks), batch, pos, d_mlp]``
+    - ``attn_pattern: [len(blocks), batch, head, pos, pos]``
     - ``attn_z: [len(blocks), batch, pos, n_head * d_head]`` (input of the attention output projection)
     - ``final: [batch, pos, d_model]``; ``logits: [batch, pos, d_vocab]``
     """
@@ -64,6 +70,8 @@ class Residuals(Saveable):
     attn_out: torch.Tensor | None = None
     mlp_out: torch.Tensor | None = None
     mlp_act: torch.Tensor | None = None
+    mlp_up: torch.Tensor | None = None
+    mlp_gate: torch.Tensor | None = None
     attn_pattern: torch.Tensor | None = None
     attn_z: torch.Tensor | None = None
     final: torch.Tensor | None = None
@@ -73,7 +81,11 @@ class Residuals(Saveable):
         object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
         object.__setattr__(self, "blocks", tuple(int(block) for block in self.blocks))
         if not isinstance(self.attention_mask, torch.Tensor) or self.attention_mask.ndim != 2:
-            got = tuple(self.attention_mask.shape) if isinstance(self.attention_mask, torch.Tensor) else self.attention_mask
+            got = (
+                tuple(self.attention_mask.shape)
+                if isinstance(self.attention_mask, torch.Tensor)
+                else self.attention_mask
+            )
             raise ValueError(f"attention_mask must be a [batch, pos] tensor; got {got!r}")
         batch, n_pos = self.attention_mask.shape
         for name in ("input_ids", "position_ids"):
@@ -81,18 +93,25 @@ class Residuals(Saveable):
             if t is not None and tuple(t.shape) != (batch, n_pos):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(batch, n_pos)}")
         expect = {"resid": (len(self.layers), batch, n_pos)}
-        expect.update({site: (len(self.blocks), batch, n_pos)
-                       for site in ("resid_mid", "attn_out", "mlp_out", "mlp_act", "attn_z")})
+        expect.update(
+            {
+                site: (len(self.blocks), batch, n_pos)
+                for site in ("resid_mid", "attn_out", "mlp_out", "mlp_act", "attn_z", "mlp_up", "mlp_gate")
+            }
+        )
         expect.update({"final": (batch, n_pos), "logits": (batch, n_pos)})
         for site, lead in expect.items():
             t = getattr(self, site)
             if t is not None and tuple(t.shape[: len(lead)]) != lead:
                 raise ValueError(f"{site} has shape {tuple(t.shape)}; expected leading dims {lead}")
         p = self.attn_pattern
-        if p is not None and (p.ndim != 5 or (p.shape[0], p.shape[1], p.shape[3], p.shape[4])
-                              != (len(self.blocks), batch, n_pos, n_pos)):
+        if p is not None and (
+            p.ndim != 5
+            or (p.shape[0], p.shape[1], p.shape[3], p.shape[4]) != (len(self.blocks), batch, n_pos, n_pos)
+        ):
             raise ValueError(
-                f"attn_pattern has shape {tuple(p.shape)}; expected {(len(self.blocks), batch, 'head', n_pos, n_pos)}"
+                f"attn_pattern has shape {tuple(p.shape)}; "
+                f"expected {(len(self.blocks), batch, 'head', n_pos, n_pos)}"
             )
 
     @property
@@ -106,12 +125,16 @@ class Residuals(Saveable):
         return tuple(self.attention_mask.shape)  # type: ignore[return-value]
 
     def get(self, site: str, layer: int | None = None) -> torch.Tensor:
-        """The tensor of ``site`` at true layer/block number ``layer`` (negatives count from the
-        last kept one; not needed for ``final``/``logits``)."""
+        """The tensor of ``site`` at true layer/block number ``layer``.
+
+        Negatives count from the last kept one; not needed for ``final``/``logits``.
+        """
         check_sites((site,), SITES, name="site")
         tensor = getattr(self, site)
         if tensor is None:
-            raise ValueError(f"site {site!r} was not captured; captured sites: {', '.join(self.sites) or 'none'}")
+            raise ValueError(
+                f"site {site!r} was not captured; captured sites: {', '.join(self.sites) or 'none'}"
+            )
         if site in ("final", "logits"):
             return tensor
         kept = self.layers if site == "resid" else self.blocks
@@ -129,7 +152,8 @@ class Residuals(Saveable):
         if missing:
             raise ValueError(
                 f"{what} needs the site(s) {', '.join(missing)}, which these Residuals lack (captured: "
-                f"{', '.join(self.sites) or 'none'}); capture with sites=({', '.join(repr(s) for s in sites)},)"
+                f"{', '.join(self.sites) or 'none'}); capture with "
+                f"sites=({', '.join(repr(s) for s in sites)},)"
             )
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Residuals:
@@ -159,8 +183,12 @@ class Residuals(Saveable):
 
     def _repr_html_(self) -> str:
         batch, n_pos = self.shape
-        body = "".join(f"<tr><td><code>{html.escape(s)}</code></td><td>{html.escape(d)}</td></tr>"
-                       for s, d in self._summary())
-        return (f"<div><b>Residuals</b>: {batch} sequences x {n_pos} positions, "
-                f"{int(self.attention_mask.sum())} real tokens"
-                f"<table><tr><th>site</th><th>shape, dtype, layers</th></tr>{body}</table></div>")
+        body = "".join(
+            f"<tr><td><code>{html.escape(s)}</code></td><td>{html.escape(d)}</td></tr>"
+            for s, d in self._summary()
+        )
+        return (
+            f"<div><b>Residuals</b>: {batch} sequences x {n_pos} positions, "
+            f"{int(self.attention_mask.sum())} real tokens"
+            f"<table><tr><th>site</th><th>shape, dtype, layers</th></tr>{body}</table></div>"
+        )

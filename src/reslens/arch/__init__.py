@@ -7,11 +7,22 @@ from typing import Any
 from reslens.arch._base import Arch, ForwardInputs, MLPWeights, PatternHook
 from reslens.arch._norm import Norm
 from reslens.arch.gpt2 import GPT2
+from reslens.arch.llama import Llama
 
-__all__ = ["Arch", "ForwardInputs", "MLPWeights", "Norm", "PatternHook", "GPT2", "adapter", "FAMILIES"]
+__all__ = [
+    "Arch",
+    "ForwardInputs",
+    "MLPWeights",
+    "Norm",
+    "PatternHook",
+    "GPT2",
+    "Llama",
+    "adapter",
+    "FAMILIES",
+]
 
 #: ``config.model_type`` -> adapter class.
-FAMILIES: dict[str, type[Arch]] = {"gpt2": GPT2}
+FAMILIES: dict[str, type[Arch]] = {"gpt2": GPT2, "llama": Llama, "mistral": Llama, "qwen2": Llama}
 
 
 def adapter(model: Any) -> Arch:

@@ -29,12 +29,12 @@ class MLPWeights:
     weights (never copied, folded or centred); biases may be ``None``.
     """
 
-    W_in: torch.Tensor                 # [d_mlp, d_model]: GPT-2's keys (c_fc columns); Llama's up keys
-    b_in: torch.Tensor | None          # [d_mlp]
-    W_gate: torch.Tensor | None        # [d_mlp, d_model]: Llama's gate keys; None for GPT-2
-    b_gate: torch.Tensor | None        # [d_mlp]
-    W_out: torch.Tensor                # [d_mlp, d_model]: the values
-    b_out: torch.Tensor | None         # [d_model]
+    W_in: torch.Tensor  # [d_mlp, d_model]: GPT-2's keys (c_fc columns); Llama's up keys
+    b_in: torch.Tensor | None  # [d_mlp]
+    W_gate: torch.Tensor | None  # [d_mlp, d_model]: Llama's gate keys; None for GPT-2
+    b_gate: torch.Tensor | None  # [d_mlp]
+    W_out: torch.Tensor  # [d_mlp, d_model]: the values
+    b_out: torch.Tensor | None  # [d_model]
     act: Callable[[torch.Tensor], torch.Tensor]
 
     @property
@@ -64,17 +64,20 @@ class MLPWeights:
 class ForwardInputs:
     """The inputs of one call of the model body, read by keyword or position by the adapter."""
 
-    input_ids: torch.Tensor | None       # [batch, pos]
+    input_ids: torch.Tensor | None  # [batch, pos]
     attention_mask: torch.Tensor | None  # [batch, pos] (2-D) or whatever the caller passed
-    position_ids: torch.Tensor | None    # [batch, pos]
-    cache: Any                           # a KV cache object or None
+    position_ids: torch.Tensor | None  # [batch, pos]
+    cache: Any  # a KV cache object or None
 
 
 @dataclass(frozen=True)
 class PatternHook:
-    """Where and how ``attn_pattern`` is recomputed for one layer: a hook of ``kind`` on
-    ``module`` whose payload (the output for ``"post"``, ``(args, kwargs)`` for ``"pre"``) and
-    the batch's key mask ``[batch, pos]`` (or ``None``) give ``[batch, head, query, key]`` float32."""
+    """Where and how ``attn_pattern`` is recomputed for one layer.
+
+    A hook of ``kind`` on ``module`` whose payload (the output for ``"post"``, ``(args, kwargs)`` for
+    ``"pre"``) and the batch's key mask ``[batch, pos]`` (or ``None``) give ``[batch, head, query, key]``
+    float32.
+    """
 
     module: nn.Module
     kind: Literal["pre", "post"]
@@ -139,20 +142,26 @@ class Arch:
     def lm_head(self) -> nn.Module | None:
         raise NotImplementedError
 
-    def attn(self, layer: int) -> nn.Module:          # attn_out = output[0]
+    def attn(self, layer: int) -> nn.Module:  # attn_out = output[0]
         raise NotImplementedError
 
-    def attn_norm(self, layer: int) -> nn.Module:     # its input is resid[layer]
+    def attn_norm(self, layer: int) -> nn.Module:  # its input is resid[layer]
         raise NotImplementedError
 
     def attn_out_proj(self, layer: int) -> nn.Module:  # attn_z = its input
         raise NotImplementedError
 
-    def mlp(self, layer: int) -> nn.Module:           # mlp_out = output
+    def mlp(self, layer: int) -> nn.Module:  # mlp_out = output
         raise NotImplementedError
 
-    def mlp_norm(self, layer: int) -> nn.Module:      # resid_mid = its input
+    def mlp_norm(self, layer: int) -> nn.Module:  # resid_mid = its input
         raise NotImplementedError
+
+    def mlp_in_proj(self, layer: int) -> nn.Module:  # mlp_up = its output (GPT-2: c_fc, the only key)
+        raise NotImplementedError
+
+    def mlp_gate_proj(self, layer: int) -> nn.Module | None:  # mlp_gate = its output; None without a gate
+        return None
 
     def mlp_out_proj(self, layer: int) -> nn.Module:  # mlp_act = its input
         raise NotImplementedError
@@ -181,7 +190,7 @@ class Arch:
         raise NotImplementedError
 
     @property
-    def W_E(self) -> torch.Tensor:     # [d_vocab, d_model]
+    def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
         raise NotImplementedError
 
     @property
@@ -189,7 +198,7 @@ class Arch:
         return None
 
     @property
-    def W_U(self) -> torch.Tensor:     # [d_vocab, d_model]
+    def W_U(self) -> torch.Tensor:  # [d_vocab, d_model]
         raise NotImplementedError
 
     @property
@@ -198,14 +207,16 @@ class Arch:
         return None if head is None else getattr(head, "bias", None)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., d_vocab]`` of final-norm outputs ``[..., d_model]``, as the LM head computes them."""
+        """Logits ``[..., d_vocab]`` of final-norm outputs ``[..., d_model]``, as the LM head does."""
         return torch.nn.functional.linear(x, self.W_U, self.b_U)
 
     def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The final norm's output ``[batch, pos, d_model]`` of unpadded ids (no cache, no LM head)."""
         return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
 
-    def embedding_components(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def embedding_components(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor]]:
         """The pieces of ``resid[0]`` outside any block, ``[(kind, [..., d_model] float32)]``."""
         raise NotImplementedError
 
@@ -242,8 +253,10 @@ class Arch:
         raise NotImplementedError
 
     def rotation(self, layer: int, offset: int) -> torch.Tensor:
-        """``R [d_head, d_head]`` with score ``= q · R · k`` for a key ``offset`` positions back
-        (the identity for learned positions, where the offset changes nothing)."""
+        """``R [d_head, d_head]`` with score ``= q · R · k`` for a key ``offset`` positions back.
+
+        The identity for learned positions, where the offset changes nothing).
+        """
         return torch.eye(self.d_head)
 
     def split_heads(self, z: torch.Tensor) -> torch.Tensor:
@@ -252,11 +265,14 @@ class Arch:
 
     # --- partial forwards (causal tracing) ---------------------------------------------------
 
-    def attention_kv(self, layer: int, hidden: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_kv(
+        self, layer: int, hidden: torch.Tensor, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def run_block_suffix(self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor,
-                         prefix_v: torch.Tensor) -> torch.Tensor:
+    def run_block_suffix(
+        self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     # --- weight edits and the keys of cached statistics --------------------------------------
@@ -265,8 +281,10 @@ class Arch:
         raise NotImplementedError
 
     def rank_one_delta(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``u [d_mlp]`` (key side), ``v [d_model]`` (value side) -> the delta of
-        :meth:`mlp_out_param` in its stored orientation."""
+        """The delta of :meth:`mlp_out_param` in its stored orientation.
+
+        From ``u [d_mlp]`` (the key side) and ``v [d_model]`` (the value side).
+        """
         raise NotImplementedError
 
     def key_parameters(self, layer: int) -> list[torch.Tensor]:
@@ -278,5 +296,8 @@ class Arch:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({type(self.model).__name__}: {self.n_layer} layers, d_model {self.d_model}, "
-                f"{self.n_head} heads, d_vocab {self.d_vocab})")
+        return (
+            f"{type(self).__name__}({type(self.model).__name__}: {self.n_layer} layers, "
+            f"d_model {self.d_model}, "
+            f"{self.n_head} heads, d_vocab {self.d_vocab})"
+        )

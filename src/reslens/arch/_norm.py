@@ -45,7 +45,7 @@ class Norm:
         return x - x.mean(-1, keepdim=True) if self.centred else x
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """``σ(x) [...]`` in float32: ``sqrt(var(x) + eps)`` (LayerNorm) or ``sqrt(mean(x²) + eps)`` (RMSNorm)."""
+        """``σ(x) [...]`` in float32: ``sqrt(var(x) + eps)`` (LayerNorm), ``sqrt(mean(x²) + eps)`` (RMS)."""
         x = x.float()
         if self.centred:
             return torch.sqrt(x.var(-1, unbiased=False) + self.eps)
@@ -64,14 +64,19 @@ class Norm:
         return out if self.bias is None else out + self.bias
 
     def linearised(self, at: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``p -> γ ⊙ centre(p) / σ(at)`` (float32, no bias): the norm with its scale frozen at
-        the residual ``at [..., d_model]``. Exact for pieces ``p`` that sum to ``at``: their images
-        sum to ``norm(at) - β``."""
+        """``p -> γ ⊙ centre(p) / σ(at)`` (float32, no bias).
+
+        The norm with its scale frozen at the residual ``at [..., d_model]``. Exact for pieces ``p`` that sum
+        to ``at``: their images sum to ``norm(at) - β``.
+        """
         sigma = self.scale(at)[..., None]
         weight = self.weight.float()
         return lambda p: weight * self.centre(p.float()) / sigma
 
     def read_direction(self, w: torch.Tensor) -> torch.Tensor:
-        """The residual direction a reader ``w [..., d_model]`` behind this norm actually reads:
-        ``centre(w ⊙ γ)`` (float32; no centring for RMSNorm). ``w · norm(x) = read_direction(w) · x / σ(x) + w · β``."""
+        """The residual direction a reader ``w [..., d_model]`` behind this norm actually reads.
+
+        ``centre(w ⊙ γ)`` (float32; no centring for RMSNorm). ``w · norm(x) = read_direction(w) · x /
+        σ(x) + w · β``.
+        """
         return self.centre(w.float() * self.weight.float())

@@ -93,11 +93,15 @@ class GPT2(Arch):
 
     def pattern_hook(self, layer: int) -> PatternHook:
         """A post-hook on ``c_attn``: the pattern from its fused q/k/v output."""
-        return PatternHook(self.blocks[layer].attn.c_attn, "post",
-                           lambda qkv, key_mask: self.attention_pattern(layer, qkv, key_mask))
+        return PatternHook(
+            self.blocks[layer].attn.c_attn,
+            "post",
+            lambda qkv, key_mask: self.attention_pattern(layer, qkv, key_mask),
+        )
 
     def forward_inputs(self, args: tuple, kwargs: dict) -> ForwardInputs:
         """``GPT2Model.forward(input_ids, cache, attention_mask, token_type_ids, position_ids, ...)``."""
+
         def arg(name: str, index: int) -> Any:
             return kwargs.get(name, args[index] if len(args) > index else None)
 
@@ -156,22 +160,33 @@ class GPT2(Arch):
 
     @property
     def W_U(self) -> torch.Tensor:
-        """Unembedding ``[d_vocab, d_model]``: ``lm_head.weight`` (tied to ``wte``); ``wte`` without a head."""
+        """Unembedding ``[d_vocab, d_model]``: ``lm_head.weight`` (tied to ``wte``), else ``wte``."""
         head = self.lm_head
         return head.weight if head is not None else self.body.wte.weight
 
-    def embedding_components(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def embedding_components(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor]]:
         """``[("embed", wte[ids]), ("pos_embed", wpe[positions])]``, float32 ``[..., d_model]``."""
-        return [("embed", self.W_E.detach().float()[input_ids]),
-                ("pos_embed", self.W_pos.detach().float()[position_ids])]
+        return [
+            ("embed", self.W_E.detach().float()[input_ids]),
+            ("pos_embed", self.W_pos.detach().float()[position_ids]),
+        ]
 
     # --- the MLP ---------------------------------------------------------------------------
 
     def mlp_weights(self, layer: int) -> MLPWeights:
         """Keys ``W_in = c_fc.weight.T``, values ``W_out = c_proj.weight`` (views), GELU."""
         mlp = self.blocks[layer].mlp
-        return MLPWeights(W_in=mlp.c_fc.weight.T, b_in=mlp.c_fc.bias, W_gate=None, b_gate=None,
-                          W_out=mlp.c_proj.weight, b_out=mlp.c_proj.bias, act=mlp.act)
+        return MLPWeights(
+            W_in=mlp.c_fc.weight.T,
+            b_in=mlp.c_fc.bias,
+            W_gate=None,
+            b_gate=None,
+            W_out=mlp.c_proj.weight,
+            b_out=mlp.c_proj.bias,
+            act=mlp.act,
+        )
 
     # --- attention -------------------------------------------------------------------------
     #
@@ -192,9 +207,11 @@ class GPT2(Arch):
         return tuple(t.reshape(shape).transpose(-3, -2) for t in (q, k, v))  # type: ignore[return-value]
 
     def attention_pattern(self, layer: int, qkv: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """Softmax attention weights ``[batch, head, query, key]`` (float32) from the ``c_attn``
-        output ``[batch, pos, 3 * d_model]`` and ``key_mask [batch, pos]`` (True = real) or ``None``.
-        Rows of query positions that see no real key (left padding) are zero."""
+        """Softmax attention weights ``[batch, head, query, key]`` (float32).
+
+        From the ``c_attn`` output ``[batch, pos, 3 * d_model]`` and ``key_mask [batch, pos]`` (True = real)
+        or ``None``. Rows of query positions that see no real key (left padding) are zero.
+        """
         q, k, _ = self._split_qkv(qkv.float())
         scores = (q @ k.transpose(-1, -2)) * self.attn_scale(layer)  # [batch, head, query, key]
         n_pos = qkv.shape[-2]
@@ -247,19 +264,25 @@ class GPT2(Arch):
 
     # --- running blocks on suffix positions, with the prefix's keys/values given -----------
 
-    def attention_kv(self, layer: int, hidden: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[batch, n_kv_head, pos, d_head]`` block ``layer`` computes from its
-        input ``hidden [batch, pos, d_model]`` (positions ``start ..``; learned positions are
-        already in ``hidden``, so ``start`` changes nothing here). Calls ``ln_1`` and ``c_attn``,
-        so hooks on them fire (:func:`reslens.hooks.patch` puts none there)."""
+    def attention_kv(
+        self, layer: int, hidden: torch.Tensor, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[batch, n_kv_head, pos, d_head]`` of block ``layer``.
+
+        Computed from its input ``hidden [batch, pos, d_model]`` (positions ``start ..``; learned positions
+        are already in ``hidden``, so ``start`` changes nothing here). Calls ``ln_1`` and ``c_attn``, so hooks
+        on them fire (:func:`reslens.hooks.patch` puts none there).
+        """
         block = self.blocks[layer]
         _, k, v = self._split_qkv(block.attn.c_attn(block.ln_1(hidden)))
         return k, v
 
-    def run_block_suffix(self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor,
-                         prefix_v: torch.Tensor) -> torch.Tensor:
-        """Block ``layer`` on positions ``start .. start + q - 1`` only, where ``start =
-        prefix_k.shape[-2]``: the output a full forward computes there, given the block's input
+    def run_block_suffix(
+        self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor
+    ) -> torch.Tensor:
+        """Block ``layer`` on positions ``start .. start + q - 1`` only.
+
+        ``start = prefix_k.shape[-2]``: the output a full forward computes there, given the block's input
         ``hidden`` ``[batch, q, d_model]`` at those positions and the keys/values of positions
         ``0 .. start - 1`` (``prefix_k``, ``prefix_v``: ``[batch, head, start, d_head]``, e.g.
         from :meth:`attention_kv`). Exact by causality: positions ``< start`` see nothing later.
@@ -272,15 +295,22 @@ class GPT2(Arch):
         """
         impl = self.config._attn_implementation
         if impl not in ("eager", "sdpa"):
-            raise NotImplementedError(f"run_block_suffix supports eager and sdpa attention; the model uses {impl!r}")
+            raise NotImplementedError(
+                f"run_block_suffix supports eager and sdpa attention; the model uses {impl!r}"
+            )
         start, q = prefix_k.shape[-2], hidden.shape[1]
         query_pos = torch.arange(start, start + q, device=hidden.device)[:, None]
         visible = torch.arange(start + q, device=hidden.device)[None, :] <= query_pos  # [q, start + q]
         mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
         mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
         cache = PrefixCache(prefix_k.to(hidden.dtype), prefix_v.to(hidden.dtype))
-        return self.blocks[layer](hidden_states=hidden, cache=cache, attention_mask=mask,
-                                  encoder_attention_mask=None, use_cache=False)
+        return self.blocks[layer](
+            hidden_states=hidden,
+            cache=cache,
+            attention_mask=mask,
+            encoder_attention_mask=None,
+            use_cache=False,
+        )
 
     # --- weight edits and cache keys -------------------------------------------------------
 
@@ -293,7 +323,7 @@ class GPT2(Arch):
         return torch.outer(u, v)
 
     def key_parameters(self, layer: int) -> list[torch.Tensor]:
-        """``wte``, ``wpe``, every parameter of blocks ``< layer`` and of block ``layer`` except ``mlp.c_proj``."""
+        """``wte``, ``wpe``, every parameter of blocks ``< layer``, and block ``layer`` but ``mlp.c_proj``."""
         params = [self.body.wte.weight, self.body.wpe.weight]
         for block in range(layer + 1):
             for name, p in self.blocks[block].named_parameters():
@@ -307,12 +337,20 @@ class GPT2(Arch):
 
 
 class PrefixCache:
-    """The cache interface HF attention uses (``update``), prepending fixed prefix keys/values
-    ``[batch, head, start, d_head]`` to the ones the block computes."""
+    """The cache interface HF attention uses (``update``), with a fixed prefix.
+
+    It prepends prefix keys/values ``[batch, head, start, d_head]`` to the ones the block computes.
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys, self.values = keys, values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
