@@ -65,6 +65,34 @@ def _load_config(name: object, source: str | Path, local_only: bool):
     return config
 
 
+def _known_models() -> tuple[str, ...]:
+    from reslens.hub import KNOWN
+
+    return tuple(KNOWN)
+
+
+def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dtype | None):
+    """``(model, tokenizer)`` from one GGUF file, dequantised by transformers' GGUF loader."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from reslens.arch import FAMILIES
+    from reslens.hub import _need_gguf_extra
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
+    _need_gguf_extra()
+    folder, file = str(path.parent), path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    if config.model_type not in FAMILIES:
+        raise TypeError(f"{str(path)!r} holds a {config.model_type!r} model; reslens supports the families "
+                        f"{', '.join(sorted(FAMILIES))}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype or torch.float32)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
 def embedded_model_dir() -> Path:
     """The folder inside the installed package that holds the embedded default model."""
     return Path(str(resources.files("reslens") / "data" / "embedded"))
@@ -78,9 +106,16 @@ def load_model(
 ):
     """Return ``(model, tokenizer)`` in eval mode.
 
-    ``name=None`` loads the small GPT-2 embedded in the package (offline, float32 by
-    default). A hub name or a local directory goes through ``from_pretrained``; when the
-    hub cannot be reached the error says so and suggests a local path or the default.
+    - ``name=None``: the small GPT-2 embedded in the package (offline, float32 by default; a weak
+      CPU-trained stand-in, right for tests).
+    - a name reslens knows (``"smollm2"``: SmolLM2-135M-Instruct, see :mod:`reslens.hub`): fetched
+      and converted into reslens's cache on first use, read from there afterwards.
+    - a ``.gguf`` file: read with transformers' GGUF loader (the ``gguf`` extra), dequantised.
+    - a hub name or a local directory of any supported family: ``from_pretrained``; when the hub
+      cannot be reached the error says so and suggests a local path or the default.
+
+    A checkpoint of an unsupported family is refused (``TypeError``) before its weights load, and one
+    that lacks weights is refused (``ValueError``) rather than returned partly random.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,6 +132,13 @@ def load_model(
             )
         local_only = True
         dtype = torch.float32 if dtype is None else dtype
+    elif isinstance(name, str) and name in _known_models():
+        from reslens import hub
+
+        source = hub.download(name) if not hub.is_cached(name) else hub.model_dir(name)
+        local_only = True
+    elif str(name).endswith(".gguf"):
+        return _load_gguf(Path(name).expanduser(), device=device, dtype=dtype)
     else:
         path = Path(name).expanduser()
         looks_local = (
