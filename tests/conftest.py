@@ -26,3 +26,11 @@ def ids() -> torch.Tensor:
 def family_model(request):
     """A tiny random model of every supported family (GPT-2, Llama/GQA, Mistral/window, Qwen2/biases)."""
     return make_family(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (the real model), or a skip with the reason (a failure in CI)."""
+    from real_model import smollm2 as load
+
+    return load()

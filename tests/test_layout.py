@@ -136,3 +136,15 @@ def test_logging_not_print_outside_the_cli_and_no_pickle():
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 hits += [f"{_rel(path)}:{node.lineno}: imports {m}" for m in mods if m.split(".")[0] in ("pickle", "dill")]
     assert not hits, "\n".join(hits)
+
+
+def test_ruff_is_clean():
+    """ruff (pyflakes, pycodestyle, Google-style pydocstyle; configured in pyproject.toml) finds nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = PACKAGE.parents[1]
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    done = subprocess.run([ruff, "check", "src", "tests"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

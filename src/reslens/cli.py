@@ -4,8 +4,8 @@
     reslens lens --file corpus.txt --stats [--out FILE.png]
     reslens pca --file corpus.txt [--n 200] [--model NAME_OR_PATH] [--out FILE.png]
     reslens memories "TEXT" [--layer L] [--top 10] [--token " word"]
-    reslens memories --mine CORPUS --out INDEX_DIR [--max-tokens N] [--figure FILE.png]
-    reslens memories --index INDEX_DIR --show L.K [--n 10]
+    reslens memories --mine CORPUS --out INDEX.safetensors [--max-tokens N] [--figure FILE.png]
+    reslens memories --index INDEX.safetensors --show L.K [--n 10]
     reslens heads [--model NAME_OR_PATH] [--file TEXT.txt] [--top K] [--out FILE.png]
     reslens trace "PROMPT" --subject S [--answer " A"] [--kind resid|mlp|attn] [--out FILE.png]
 """
@@ -30,91 +30,142 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lens = commands.add_parser("lens", help="logit lens of a text (or statistics over a file)",
-                               description="Logit lens: each layer's residual read through ln_f and the unembedding.")
+                               description="Logit lens: each layer's residual read through the final norm "
+                               "and the unembedding.")
     lens.add_argument("text", nargs="?", help="the text to read (or use --file)")
     lens.add_argument("--file", type=Path, help="read the text from this file")
-    lens.add_argument("--stats", action="store_true", help="per-layer statistics over the whole text instead of one table")
-    lens.add_argument("--model", default=None, help="model name or local directory (default: the embedded model)")
+    lens.add_argument("--stats", action="store_true",
+                      help="per-layer statistics over the whole text instead of one table")
+    lens.add_argument("--model", default=None,
+                      help="model name or local directory (default: the embedded model)")
     lens.add_argument("--top-k", type=int, default=5, help="top-k tokens kept per cell (default 5)")
-    lens.add_argument("--metric", default="prob", choices=("prob", "rank", "entropy", "kl"), help="colour of the figure")
-    lens.add_argument("--mid", action="store_true", help="also read the residual after each attention (resid_mid)")
+    lens.add_argument("--metric", default="prob", choices=("prob", "rank", "entropy", "kl"),
+                      help="colour of the figure")
+    lens.add_argument("--mid", action="store_true",
+                      help="also read the residual after each attention (resid_mid)")
     lens.add_argument("--out", type=Path, help="write the figure to this PNG file")
     lens.add_argument("--width", type=int, default=100, help="table width in characters (default 100)")
     lens.add_argument("--max-length", type=int, default=128, help="--stats: tokens per window (default 128)")
-    lens.add_argument("--max-tokens", type=int, default=None, help="--stats: use at most this many tokens of the file")
+    lens.add_argument("--max-tokens", type=int, default=None,
+                      help="--stats: use at most this many tokens of the file")
     lens.add_argument("--device", default=None, help="torch device (default: cpu)")
 
     pca = commands.add_parser("pca", help="PCA across layers of sampled predictions, with controls",
-                              description="The 'one direction is the prediction' experiment over a text file.")
+                              description="The 'one direction is the prediction' experiment over a text "
+                              "file.")
     pca.add_argument("--file", type=Path, required=True, help="text to sample predictions from")
     pca.add_argument("--n", type=int, default=200, help="number of predictions (default 200)")
     pca.add_argument("--seed", type=int, default=0)
-    pca.add_argument("--model", default=None, help="model name or local directory (default: the embedded model)")
+    pca.add_argument("--model", default=None,
+                     help="model name or local directory (default: the embedded model)")
     pca.add_argument("--max-length", type=int, default=128, help="tokens per window (default 128)")
     pca.add_argument("--out", type=Path, help="write the explained-variance figure to this PNG file")
     pca.add_argument("--device", default=None, help="torch device (default: cpu)")
 
-    heads = commands.add_parser("heads", help="top induction, previous-token and copying heads, with heatmaps",
-                                description="Attention-head scores: induction and previous-token (attention on repeated "
-                                "random tokens, or on --file), copying (OV eigenvalues) and K-composition.")
-    heads.add_argument("--model", default=None, help="model name or local directory (default: the embedded model)")
-    heads.add_argument("--file", type=Path, help="text for the previous-token scores (default: the repeated random tokens)")
-    heads.add_argument("--seq-len", type=int, default=50, help="random tokens per repeat (default 50; capped by the context)")
+    heads = commands.add_parser(
+        "heads", help="top induction, previous-token and copying heads, with heatmaps",
+        description="Attention-head scores: induction and previous-token (attention on repeated random "
+        "tokens, or on --file), copying (OV eigenvalues) and K-composition.")
+    heads.add_argument("--model", default=None,
+                       help="model name or local directory (default: the embedded model)")
+    heads.add_argument("--file", type=Path,
+                       help="text for the previous-token scores (default: the repeated random tokens)")
+    heads.add_argument("--seq-len", type=int, default=50,
+                       help="random tokens per repeat (default 50; capped by the context)")
     heads.add_argument("--n", type=int, default=10, help="number of repeated random sequences (default 10)")
     heads.add_argument("--seed", type=int, default=0)
     heads.add_argument("--top", type=int, default=5, help="heads listed per score (default 5)")
     heads.add_argument("--out", type=Path, help="write the heatmaps to this PNG file")
     heads.add_argument("--device", default=None, help="torch device (default: cpu)")
 
-    mem = commands.add_parser("memories", help="MLP key-value memories: dominant memories of a text, or trigger mining",
-                              description="The MLP as key-value memories (Geva et al. 2021).")
+    mem = commands.add_parser("memories", description="The MLP as key-value memories (Geva et al. 2021).",
+                              help="MLP key-value memories: dominant memories of a text, or trigger mining")
     mem.add_argument("text", nargs="?", help="show the dominant memories at this text's last token")
     mem.add_argument("--layer", type=int, default=None, help="block to show (default: every block)")
     mem.add_argument("--top", type=int, default=10, help="memories listed per block (default 10)")
-    mem.add_argument("--token", default=None, help="rank memories by their push on this token's logit (e.g. ' Holmes')")
+    mem.add_argument("--token", default=None,
+                     help="rank memories by their push on this token's logit (e.g. ' Holmes')")
     mem.add_argument("--mine", type=Path, help="mine triggers from this .txt file or folder of .txt files")
-    mem.add_argument("--out", type=Path, help="--mine: folder to save the trigger index in (resumes if it holds one)")
-    mem.add_argument("--max-tokens", type=int, default=None, help="--mine: stop after this many corpus tokens")
+    mem.add_argument("--out", type=Path,
+                     help="--mine: file to save the trigger index in (e.g. index.safetensors); an index "
+                     "already there is resumed (same corpus, options and model, or an error)")
+    mem.add_argument("--max-tokens", type=int, default=None,
+                     help="--mine: stop after this many corpus tokens")
     mem.add_argument("--top-k", type=int, default=50, help="--mine: triggers kept per key (default 50)")
-    mem.add_argument("--unit", default="sentence", choices=("sentence", "window"), help="--mine: example unit")
-    mem.add_argument("--batch-size", type=int, default=32, help="--mine: sequences per forward (default 32)")
-    mem.add_argument("--figure", type=Path, help="--mine: write the key-value agreement figure to this PNG file")
-    mem.add_argument("--index", type=Path, help="read a saved trigger index (with --show)")
+    mem.add_argument("--unit", default="sentence", choices=("sentence", "window"),
+                     help="--mine: example unit")
+    mem.add_argument("--batch-size", type=int, default=32,
+                     help="--mine: sequences per forward (default 32)")
+    mem.add_argument("--figure", type=Path,
+                     help="--mine: write the key-value agreement figure to this PNG file")
+    mem.add_argument("--index", type=Path, help="read a saved trigger index file (with --show)")
     mem.add_argument("--show", default=None, help="--index: the key to show as LAYER.KEY (e.g. 3.17)")
     mem.add_argument("--n", type=int, default=10, help="--show: triggers listed (default 10)")
-    mem.add_argument("--model", default=None, help="model name or local directory (default: the embedded model)")
+    mem.add_argument("--model", default=None,
+                     help="model name or local directory (default: the embedded model)")
     mem.add_argument("--device", default=None, help="torch device (default: cpu)")
     _add_trace_parser(commands)
+    download = commands.add_parser(
+        "download", help="fetch a named model into reslens's cache (smollm2)",
+        description="Fetch and convert a named model once (SmolLM2-135M-Instruct as a dequantised Q4_1 GGUF), "
+        "into $RESLENS_CACHE or ~/.cache/reslens.")
+    download.add_argument("name", choices=("smollm2",), help="the model")
+    download.add_argument("--force", action="store_true", help="fetch and convert again even when cached")
     return parser
+
+
+def _download(args: argparse.Namespace) -> int:
+    from reslens import hub
+
+    folder = hub.download(args.name, force=args.force)
+    print(f"{args.name}: {hub.KNOWN[args.name].description}\n  in {folder}")
+    return 0
 
 
 def _add_trace_parser(commands) -> None:
     trace = commands.add_parser("trace", help="causal tracing (ROME): which states carry the subject's fact",
-                                description="Corrupt the subject's embeddings, restore each (layer, token) state, "
-                                            "print the indirect effects and optionally draw ROME's heatmap.")
+                                description="Corrupt the subject's embeddings, restore each (layer, token) "
+                                            "state, print the indirect effects and optionally draw ROME's "
+                                            "heatmap.")
     trace.add_argument("prompt", help="the prompt, e.g. 'said White'")
     trace.add_argument("--subject", required=True, help="the subject's text as it appears in the prompt")
-    trace.add_argument("--answer", default=None, help="answer token (with its leading space); default: the model's top-1")
-    trace.add_argument("--kind", default="resid", choices=("resid", "mlp", "attn"), help="what to restore (default resid)")
-    trace.add_argument("--window", type=int, default=10, help="mlp/attn: layers restored around each (default 10)")
+    trace.add_argument("--answer", default=None,
+                       help="answer, one token (with its leading space); default: the model's top-1")
+    trace.add_argument("--kind", default="resid", choices=("resid", "mlp", "attn"),
+                       help="what to restore (default resid)")
+    trace.add_argument("--window", type=int, default=10,
+                       help="mlp/attn: layers restored around each (default 10)")
     trace.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
-    trace.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subject embeddings' std (default 3)")
-    trace.add_argument("--seed", type=int, default=0)
-    trace.add_argument("--model", default=None, help="model name or local directory (default: the embedded model)")
+    trace.add_argument("--noise", type=float, default=3.0,
+                       help="noise std in units of the subject embeddings' std (default 3)")
+    trace.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    trace.add_argument("--model", default=None,
+                       help="model name or local directory (default: the embedded model)")
     trace.add_argument("--out", type=Path, help="write ROME's heatmap to this PNG file")
     trace.add_argument("--device", default=None, help="torch device (default: cpu)")
 
 
 def _trace(args: argparse.Namespace) -> int:
-    import reslens
-    from reslens.tracing import causal_trace
+    import torch
 
+    import reslens
+    from reslens.tracing import Noise, causal_trace
+
+    try:  # checked before the model loads
+        noise = Noise(samples=args.samples, scale=args.noise, seed=args.seed)
+    except ValueError as error:
+        raise ValueError(f"--samples/--noise/--seed: {error}") from None
     model, tokenizer = reslens.load_model(args.model, device=args.device)
     try:
         result = causal_trace(model, tokenizer, args.prompt, args.subject, answer=args.answer, kind=args.kind,
-                              window=args.window, samples=args.samples, noise=args.noise, seed=args.seed)
-    except (ValueError, TypeError) as error:
-        raise SystemExit(f"reslens trace: {error}") from None
+                              window=args.window, noise=noise)
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        raise ValueError(f"--samples {args.samples} needs more memory than there is ({error}); "
+                         "use fewer") from None
+    except RuntimeError as error:
+        if "alloc" not in str(error):
+            raise
+        raise ValueError(f"--samples {args.samples} needs more memory than there is; use fewer") from None
     print(result.table())
     if args.out is not None:
         _save(result.plot(), args.out)
@@ -135,30 +186,39 @@ def _pca(args: argparse.Namespace) -> int:
 
 
 def _lens(args: argparse.Namespace) -> int:
+    """``reslens lens``: the logit-lens table of a text, or per-layer statistics over a file (``--stats``)."""
+    import torch
+
     import reslens
+    from reslens._inputs import encode, pad_ids, pad_token_id
+    from reslens.arch import adapter
     from reslens.lens import lens_stats, logit_lens
 
     if (args.text is None) == (args.file is None):
-        raise SystemExit("reslens lens: give either TEXT or --file FILE (one of them)")
+        raise _UsageError("give either TEXT or --file FILE (one of them)")
     text = args.text if args.file is None else args.file.read_text(encoding="utf-8")
     if not text.strip():
-        raise SystemExit("reslens lens: the text is empty")
+        raise _UsageError("the text is empty")
     model, tokenizer = reslens.load_model(args.model, device=args.device)
+    arch = adapter(model)
+    ids = encode(tokenizer, text)  # no "longer than the maximum" warning: long texts are cut below
     if args.stats:
-        if args.max_tokens is not None:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
-            text = tokenizer.decode(ids)
-        stats = lens_stats(model, text, tokenizer=tokenizer, max_length=args.max_length)
+        ids = ids if args.max_tokens is None else ids[: args.max_tokens]
+        size = min(args.max_length, arch.n_ctx)
+        windows = [ids[i : i + size] for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
+        if not windows:
+            raise ValueError("the text has fewer than 2 tokens")
+        batches = [pad_ids(windows[i : i + 8], pad_id=pad_token_id(tokenizer)) for i in range(0, len(windows), 8)]
+        stats = lens_stats(arch, batches, tokenizer=tokenizer)
         print(stats.table())
         figure = stats.plot() if args.out else None
     else:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        limit = model.config.n_positions
-        if len(ids) > limit:
-            print(f"(the text has {len(ids)} tokens; reading its first {limit}, the model's context)", file=sys.stderr)
-            text = tokenizer.decode(ids[:limit])
+        if len(ids) > arch.n_ctx:
+            print(f"(the text has {len(ids)} tokens; reading its first {arch.n_ctx}, the model's context)",
+                  file=sys.stderr)
+            ids = ids[: arch.n_ctx]
         sites = ("resid", "resid_mid") if args.mid else ("resid",)
-        result = logit_lens(model, [text], tokenizer=tokenizer, top_k=args.top_k, sites=sites)
+        result = logit_lens(arch, torch.tensor([ids]), tokenizer=tokenizer, top_k=args.top_k, sites=sites)
         print(result.table(width=args.width))
         figure = result.plot(metric=args.metric) if args.out else None
     if figure is not None:
@@ -167,31 +227,40 @@ def _lens(args: argparse.Namespace) -> int:
 
 
 def _heads(args: argparse.Namespace) -> int:
-    import reslens
-    from reslens.heads import composition_scores, induction_scores, ov_eigen_summary, previous_token_scores, repeated_tokens
-    from reslens.hooks import pad_ids, pad_token_id
+    """``reslens heads``: the top induction, previous-token and copying heads, and K-composition.
 
-    if args.top < 1 or args.n < 1:
-        raise SystemExit("reslens heads: --top and --n must be at least 1")
+    Argument problems (``--seq-len``, an unreadable ``--file``) are found before the model loads.
+    """
+    import reslens
+    from reslens._inputs import encode, pad_ids, pad_token_id
+    from reslens.arch import adapter
+    from reslens.heads import composition_scores, induction_scores, ov_eigen_summary, previous_token_scores
+    from reslens.heads import repeated_tokens
+
+    if args.seq_len < 2:
+        raise _UsageError(f"--seq-len must be at least 2 (tokens per repeat); got {args.seq_len}")
+    text = None if args.file is None else args.file.read_text(encoding="utf-8")
     model, tokenizer = reslens.load_model(args.model, device=args.device)
-    n_positions = model.config.n_positions
-    seq_len = min(args.seq_len, n_positions // 2)
+    arch = adapter(model)
+    seq_len = min(args.seq_len, arch.n_ctx // 2)
     if seq_len < 2:
-        raise SystemExit(f"reslens heads: the model's context ({n_positions}) is too short for repeated tokens")
+        raise ValueError(f"the model's context ({arch.n_ctx} positions) is too short for repeated tokens")
     if seq_len < args.seq_len:
-        print(f"(--seq-len {args.seq_len} does not fit twice in the context of {n_positions}; using {seq_len})", file=sys.stderr)
-    induction = induction_scores(model, seq_len=seq_len, n=args.n, seed=args.seed)
-    if args.file is not None:
-        ids = tokenizer(args.file.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        print(f"(--seq-len {args.seq_len} does not fit twice in the context of {arch.n_ctx}; "
+              f"using {seq_len})", file=sys.stderr)
+    induction = induction_scores(arch, seq_len=seq_len, n=args.n, seed=args.seed)
+    if text is not None:
+        ids = encode(tokenizer, text)
         if len(ids) < 2:
-            raise SystemExit("reslens heads: --file needs at least 2 tokens")
-        window = min(n_positions, 128)
+            raise ValueError(f"--file {args.file} needs at least 2 tokens; it has {len(ids)}")
+        window = min(arch.n_ctx, 128)
         windows = [ids[i : i + window] for i in range(0, min(len(ids), 32 * window), window)]
-        previous = previous_token_scores(model, pad_ids(windows, pad_id=pad_token_id(tokenizer)))
+        previous = previous_token_scores(arch, pad_ids(windows, pad_id=pad_token_id(tokenizer)))
     else:
-        previous = previous_token_scores(model, repeated_tokens(model, seq_len=seq_len, n=args.n, seed=args.seed))
-    copying = ov_eigen_summary(model).copying_scores
-    k_comp = composition_scores(model, "k")
+        repeats = repeated_tokens(arch, seq_len=seq_len, n=args.n, seed=args.seed)
+        previous = previous_token_scores(arch, repeats)
+    copying = ov_eigen_summary(arch).copying_scores
+    k_comp = composition_scores(arch, "k")
     for scores in (induction, previous, copying):
         print(f"top {scores.name} heads ({scores.description}):")
         print("\n".join(f"  {label:>6}  {score:+.4f}" for label, score in scores.top(args.top)))
@@ -205,76 +274,192 @@ def _heads(args: argparse.Namespace) -> int:
 
 
 def _memories(args: argparse.Namespace) -> int:
+    """``reslens memories``: a text's dominant memories, trigger mining, or one key of a saved index.
+
+    Every argument problem (modes, ``--show``, the corpus path, a saved index to read or resume)
+    is found before the model loads.
+    """
+    modes = [args.text is not None, args.mine is not None, args.index is not None]
+    if sum(modes) != 1:
+        raise _UsageError("give exactly one of TEXT, --mine CORPUS or --index FILE")
+    for flag, value, mode in (("--show", args.show, "--index"), ("--out", args.out, "--mine"),
+                              ("--figure", args.figure, "--mine")):
+        if value is not None and not (args.index if mode == "--index" else args.mine):
+            raise _UsageError(f"{flag} goes with {mode}")
+    if args.index is not None:
+        return _memories_index(args)
+    if args.mine is not None:
+        return _memories_mine(args)
+    return _memories_text(args)
+
+
+def _memories_index(args: argparse.Namespace) -> int:
     import reslens
     from reslens import kv_memory as kv
 
-    modes = [args.text is not None, args.mine is not None, args.index is not None]
-    if sum(modes) != 1:
-        raise SystemExit("reslens memories: give exactly one of TEXT, --mine CORPUS or --index DIR")
-    if args.top < 1 or args.n < 1:
-        raise SystemExit("reslens memories: --top and --n must be at least 1")
+    if args.show is None:
+        raise _UsageError("--index: say which key with --show LAYER.KEY (e.g. 3.17)")
+    try:
+        layer, key = (int(part) for part in args.show.split("."))
+    except ValueError:
+        raise _UsageError(f"--show must look like LAYER.KEY (e.g. 3.17); got {args.show!r}") from None
+    index = kv.TriggerIndex.load(args.index)
+    index.triggers(layer, key, 1)  # an unmined layer or a key out of range is refused here, before the model
     model, tokenizer = reslens.load_model(args.model, device=args.device)
-    if args.index is not None:
-        if args.show is None:
-            raise SystemExit("reslens memories --index: say which key with --show LAYER.KEY (e.g. 3.17)")
-        try:
-            layer, key = (int(part) for part in args.show.split("."))
-        except ValueError:
-            raise SystemExit(f"reslens memories: --show must look like LAYER.KEY (e.g. 3.17); got {args.show!r}") from None
-        index = kv.TriggerIndex.load(args.index, tokenizer=tokenizer)
-        index.show(layer, key, n=args.n)
-        print(kv.value_tokens(model, layer, [key], k=10, tokenizer=tokenizer).table())
-        return 0
-    if args.mine is not None:
-        if args.out is None:
-            raise SystemExit("reslens memories --mine: say where to save the index with --out DIR")
-        resume = args.out if (args.out / "index.json").is_file() else None
-        if resume is not None:
-            print(f"(resuming the index in {args.out})", file=sys.stderr)
-        index = kv.mine_triggers(model, tokenizer, args.mine, top_k=args.top_k, unit=args.unit,
-                                 batch_size=args.batch_size, max_tokens=args.max_tokens, resume=resume, out=args.out)
-        print(index)
-        result = kv.agreement(index, model)
-        print(result.table())
-        if args.figure is not None:
-            _save(result.plot(), args.figure)
-        return 0
+    index.show(layer, key, n=args.n, tokenizer=tokenizer)
+    print(kv.value_tokens(model, layer, [key], k=10, tokenizer=tokenizer).table())
+    return 0
+
+
+def _memories_mine(args: argparse.Namespace) -> int:
+    import reslens
+    from reslens import kv_memory as kv
+    from reslens._corpus import corpus_files
+
+    if args.out is None:
+        raise _UsageError("--mine: say where to save the index with --out FILE (e.g. index.safetensors)")
+    corpus_files(args.mine, name="--mine")
+    resume = None
+    if args.out.exists():
+        resume = kv.TriggerIndex.load(args.out)
+        print(f"resuming {args.out}: {resume.describe()}, mined on {resume.model_name or 'an unnamed model'}",
+              file=sys.stderr)
+    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    index = kv.mine_triggers(model, tokenizer, args.mine, top_k=args.top_k, unit=args.unit,
+                             batch_size=args.batch_size, max_tokens=args.max_tokens, resume=resume,
+                             out=args.out)
+    print(index)
+    result = kv.agreement(index, model)
+    print(result.table())
+    if args.figure is not None:
+        _save(result.plot(), args.figure)
+    return 0
+
+
+def _memories_text(args: argparse.Namespace) -> int:
+    import torch
+
+    import reslens
+    from reslens import kv_memory as kv
+    from reslens.arch import adapter
+
+    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    arch = adapter(model)
     token = None
     if args.token is not None:
         ids = tokenizer(args.token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise SystemExit(f"reslens memories: --token must be one token; {args.token!r} is {len(ids)} tokens")
+            raise ValueError(f"--token must be one token; {args.token!r} is {len(ids)} tokens")
         token = ids[0]
-    ids = tokenizer(args.text, add_special_tokens=False)["input_ids"][-model.config.n_positions :]
+    ids = tokenizer(args.text, add_special_tokens=False)["input_ids"][-arch.n_ctx :]
     if not ids:
-        raise SystemExit("reslens memories: the text is empty")
-    import torch
-
-    residuals = reslens.capture(model, torch.tensor([ids]), sites=("mlp_act", "resid"))
-    layers = range(model.config.n_layer) if args.layer is None else [args.layer]
+        raise ValueError("the text is empty")
+    residuals = reslens.capture(arch, torch.tensor([ids]), sites=("mlp_act", "resid"))
+    layers = range(arch.n_layer) if args.layer is None else [args.layer]
     last = tokenizer.decode(ids[-1:])
     for layer in layers:
-        c = kv.contributions(model, residuals, layer, -1, token=token, through_ln_f=token is not None)
+        c = kv.contributions(arch, residuals, layer, token=token, through_final_norm=token is not None)
         top = c.top(args.top)
-        names = kv.value_tokens(model, layer, [n for n, _, _ in top], k=5, tokenizer=tokenizer)
-        score = "|m|·‖v‖" if token is None else f"Δlogit {args.token!r} (ln_f linearised)"
-        print(f"block {layer}, last token {last!r}: top {len(top)} memories by {score}")
+        names = kv.value_tokens(arch, layer, [m.neuron for m in top], k=5, tokenizer=tokenizer)
+        score = "|m|·‖v‖" if token is None else f"Δlogit {args.token!r} (final norm linearised)"
+        print(f"block {c.layer}, last token {last!r}: top {len(top)} memories by {score}")
         print(f"  {'neuron':>8} {'m':>7} {'score':>8}  value's top tokens (W_U v)")
-        for neuron, m, value in top:
-            words = " ".join(repr(w) for w in names.tokens(neuron))
-            print(f"  {'L%dN%d' % (layer, neuron):>8} {m:>+7.3f} {value:>+8.3f}  {words}")
+        for m in top:
+            words = " ".join(repr(w) for w in names.tokens(m.neuron))
+            print(f"  {'L%dN%d' % (c.layer, m.neuron):>8} {m.coefficient:>+7.3f} {m.score:>+8.3f}  {words}")
         print()
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    figure = getattr(args, "figure", None) if args.command == "memories" else getattr(args, "out", None)
-    if figure is not None:
-        import matplotlib
+#: integer options that must be positive, in every subcommand that has them
+_POSITIVE = ("top_k", "top", "n", "max_length", "max_tokens", "samples", "width", "batch_size", "window")
+#: path options read as text files
+_INPUT_FILES = ("file",)
+#: path options written at the end (checked before the work starts)
+_OUTPUT_FILES = ("out", "figure")
 
-        matplotlib.use("Agg")
-    return {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace}[args.command](args)
+
+class _UsageError(ValueError):
+    """An argument problem found before any model loads."""
+
+
+def _check_text_file(path: Path, flag: str) -> None:
+    if not path.exists():
+        raise _UsageError(f"--{flag} {path}: no such file")
+    if path.is_dir():
+        raise _UsageError(f"--{flag} {path}: is a folder; give a plain-text file")
+    with open(path, "rb") as handle:
+        head = handle.read(8192)
+    try:
+        if b"\0" in head:
+            raise UnicodeDecodeError("utf-8", head, 0, 1, "NUL byte")
+        head.decode("utf-8", errors="strict") if len(head) < 8192 else head[:8000].decode("utf-8", errors="ignore")
+    except UnicodeDecodeError:
+        raise _UsageError(f"--{flag} {path}: not a UTF-8 text file") from None
+
+
+def _check_output(path: Path, flag: str) -> None:
+    import os
+
+    if path.is_dir():
+        raise _UsageError(f"--{flag} {path}: is a folder; give a file name such as {path / 'figure.png'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise _UsageError(f"--{flag} {path}: {existing} is not a writable folder")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise _UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise _UsageError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model, before the subcommand's work starts."""
+    for name in _POSITIVE:
+        value = getattr(args, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            raise _UsageError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+    for name in _INPUT_FILES:
+        if getattr(args, name, None) is not None:
+            _check_text_file(getattr(args, name), name)
+    for name in _OUTPUT_FILES:
+        if isinstance(getattr(args, name, None), Path):
+            _check_output(getattr(args, name), name)
+    _check_device(getattr(args, "device", None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``reslens`` command; returns the exit code (2 for a bad argument or input, one line on stderr)."""
+    args = _parser().parse_args(argv)
+    try:
+        _check_args(args)
+        figure = getattr(args, "figure", None) if args.command == "memories" else getattr(args, "out", None)
+        if figure is not None:
+            import matplotlib
+
+            matplotlib.use("Agg")
+        handlers = {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
+                    "download": _download}
+        handler = handlers[args.command]
+        return handler(args)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"reslens {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reslens {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

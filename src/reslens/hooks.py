@@ -111,8 +111,10 @@ class _ThreadHooks:
     def _add_pre(self, module: Any, callback: Any) -> None:
         """``callback(args, kwargs)`` before ``module`` runs; it may return new ``(args, kwargs)``."""
 
-        def hook(m, args, kwargs):
-            return callback(args, kwargs) if self._mine() else None
+        def hook(m, args, kwargs=None):
+            # kwargs=None: another thread's forward saw this hook between torch registering it and
+            # marking it with_kwargs (registration is not atomic); it is never this thread's forward
+            return callback(args, kwargs) if kwargs is not None and self._mine() else None
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
