@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import reslens
 from reslens import Batch, Residuals, capture, trace
 from reslens.hooks import SITES
 from helpers import VOCAB, make_model
@@ -215,3 +216,26 @@ def test_text_inputs_with_a_tokenizer(model):
     res = capture(model, ["abc", "hello"], tokenizer=CharTokenizer(), sites=("resid",))
     assert res.resid.shape[1:3] == (2, 5)
     assert res.attention_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+
+
+def test_tokenize_follows_the_tokenizers_special_token_convention(model):
+    class BosTokenizer:  # adds BOS = 1 by default, like Llama-3's tokenizer
+        pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [3 + ord(c) % (VOCAB - 3) for c in text]
+            return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+    tok = BosTokenizer()
+    batch = reslens.tokenize(tok, ["ab", "hello"], padding_side="left")
+    assert batch.input_ids[0, 3].item() == 1 and batch.input_ids[1, 0].item() == 1
+    assert batch.special_mask.tolist() == [[False, False, False, True, False, False],
+                                           [True, False, False, False, False, False]]
+    assert batch.stat_mask.sum().item() == 7
+    plain = reslens.tokenize(tok, ["ab", "hello"], special_tokens=False)
+    assert not plain.special_mask.any() and plain.input_ids.shape == (2, 5)
+    res = reslens.capture(model, batch, sites=("resid",))
+    assert torch.equal(res.special_mask, batch.special_mask) and res.stat_mask.sum().item() == 7
+    # GPT-2's tokenizer adds nothing: no special positions
+    _, gpt2_tok = reslens.load_model()
+    assert not reslens.tokenize(gpt2_tok, ["The cat sat"]).special_mask.any()

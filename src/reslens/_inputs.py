@@ -28,12 +28,15 @@ class Batch:
 
     ``input_ids: [batch, pos]`` (int64), ``attention_mask: [batch, pos]`` (bool, True = real
     token), ``position_ids: [batch, pos]`` (default: counted from the mask, so padding on
-    either side gives each sequence the positions of running it alone).
+    either side gives each sequence the positions of running it alone), ``special_mask:
+    [batch, pos]`` (bool, True = a special token such as BOS that :func:`tokenize` added by the
+    tokenizer's convention; analyses leave these out of statistics as they leave out pads).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor = None  # type: ignore[assignment]
+    special_mask: torch.Tensor = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if not isinstance(self.input_ids, torch.Tensor) or self.input_ids.ndim != 2:
@@ -64,6 +67,17 @@ class Batch:
             raise TypeError(f"Batch.position_ids must hold integers; got dtype {self.position_ids.dtype}")
         else:
             object.__setattr__(self, "position_ids", self.position_ids.long())
+        if self.special_mask is None:
+            object.__setattr__(self, "special_mask", torch.zeros_like(mask))
+        elif not isinstance(self.special_mask, torch.Tensor) or self.special_mask.shape != self.input_ids.shape:
+            raise ValueError(f"Batch.special_mask must be a bool tensor shaped like input_ids {tuple(mask.shape)}")
+        else:
+            object.__setattr__(self, "special_mask", self.special_mask.bool() & mask)
+
+    @property
+    def stat_mask(self) -> torch.Tensor:
+        """``[batch, pos]`` bool: the positions statistics count (real tokens that are not special)."""
+        return self.attention_mask & ~self.special_mask
 
     @classmethod
     def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Batch:
@@ -88,14 +102,19 @@ class Batch:
 
     def to(self, device: str | torch.device) -> Batch:
         """The batch on ``device``."""
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                     self.special_mask.to(device))
 
 
-def tokenize(tokenizer: Any, texts: str | Sequence[str], *, padding_side: str = "right") -> Batch:
-    """Tokenize texts one by one (no special tokens added) and pad them into a :class:`Batch`.
+def tokenize(tokenizer: Any, texts: str | Sequence[str], *, padding_side: str = "right",
+             special_tokens: bool | None = None) -> Batch:
+    """Tokenize texts one by one and pad them into a :class:`Batch`.
 
-    Padding uses the tokenizer's pad id (its end-of-text id for GPT-2, which has no pad
-    token); the mask marks pads, so their id never matters.
+    ``special_tokens=None`` follows the tokenizer's own convention: whatever special tokens it adds
+    at the start of a text (BOS for Llama-style tokenizers that add one; nothing for GPT-2 or
+    SmolLM2) are kept and marked in ``Batch.special_mask``; ``False`` adds none, ``True`` asks the
+    tokenizer to add its special tokens. Padding uses the tokenizer's pad id (its end-of-text id for
+    GPT-2, which has no pad token); the mask marks pads, so their id never matters.
 
     ``tokenize(tokenizer, ["The cat", "A much longer text"], padding_side="left")`` gives a
     ``[2, n]`` batch whose first row starts with pads.
@@ -107,23 +126,37 @@ def tokenize(tokenizer: Any, texts: str | Sequence[str], *, padding_side: str = 
     if not texts:
         raise ValueError("texts is empty; give at least one string")
     check_choice(padding_side, ("left", "right"), "padding_side")
+    check_choice(special_tokens, (None, True, False), "special_tokens")
     if tokenizer is None or not callable(tokenizer):
         raise TypeError("tokenizer must be a HuggingFace tokenizer (pass tokenizer= with text inputs)")
-    encoded = [encode(tokenizer, text) for text in texts]
-    empty = [i for i, ids in enumerate(encoded) if not ids]
+    encoded, n_special = [], []
+    for text in texts:
+        plain = encode(tokenizer, text)
+        ids = plain if special_tokens is False else encode(tokenizer, text, special_tokens=True)
+        prefix = len(ids) - len(plain) if ids[len(ids) - len(plain):] == plain else 0
+        encoded.append(ids)
+        n_special.append(prefix)
+    empty = [i for i, ids in enumerate(encoded) if len(ids) == n_special[i]]
     if empty:
         raise ValueError(f"texts {empty} tokenize to no tokens; every text needs at least one token")
-    return pad_ids(encoded, pad_id=pad_token_id(tokenizer), padding_side=padding_side)
+    batch = pad_ids(encoded, pad_id=pad_token_id(tokenizer), padding_side=padding_side)
+    if any(n_special):
+        special = torch.zeros_like(batch.attention_mask)
+        first = batch.attention_mask.long().argmax(-1)  # the first real position of each row
+        for row, n in enumerate(n_special):
+            special[row, first[row] : first[row] + n] = True
+        batch = Batch(batch.input_ids, batch.attention_mask, batch.position_ids, special)
+    return batch
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """The token ids of ``text`` without special tokens, for texts of any length.
+def encode(tokenizer: Any, text: str, *, special_tokens: bool = False) -> list[int]:
+    """The token ids of ``text`` (special tokens only with ``special_tokens=True``), for texts of any length.
 
     ``verbose=False`` keeps the tokenizer's "sequence length is longer than the specified
     maximum" warning quiet: reslens splits or refuses long inputs itself, against the model's context.
     """
     quiet = {"verbose": False} if hasattr(tokenizer, "model_max_length") else {}  # a HuggingFace tokenizer
-    return list(tokenizer(text, add_special_tokens=False, **quiet)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=special_tokens, **quiet)["input_ids"])
 
 
 def pad_token_id(tokenizer: Any) -> int:

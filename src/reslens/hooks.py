@@ -26,6 +26,7 @@ import warnings
 import weakref
 from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -439,7 +440,10 @@ def capture(
             )
         except _StopForward:
             pass
-    return recorder.residuals
+    res = recorder.residuals
+    if bool(batch.special_mask.any()):
+        res = replace(res, special_mask=batch.special_mask.to(res.attention_mask.device))
+    return res
 
 
 class Patch(_ThreadHooks):

@@ -51,7 +51,8 @@ class Residuals(Saveable):
     (:meth:`get` raises for them, naming what was captured).
 
     - ``attention_mask: [batch, pos]`` bool (True = real token)
-    - ``input_ids``, ``position_ids``: ``[batch, pos]``
+    - ``input_ids``, ``position_ids``: ``[batch, pos]``; ``special_mask: [batch, pos]`` bool (special tokens
+      such as BOS added by :func:`~reslens.tokenize`, or ``None``); :attr:`stat_mask` = real and not special
     - ``resid: [len(layers), batch, pos, d_model]``
     - ``resid_mid``, ``attn_out``, ``mlp_out``: ``[len(blocks), batch, pos, d_model]``
     - ``mlp_act``, ``mlp_up``, ``mlp_gate``: ``[len(blocks), batch, pos, d_mlp]``
@@ -76,6 +77,7 @@ class Residuals(Saveable):
     attn_z: torch.Tensor | None = None
     final: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    special_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
@@ -88,7 +90,7 @@ class Residuals(Saveable):
             )
             raise ValueError(f"attention_mask must be a [batch, pos] tensor; got {got!r}")
         batch, n_pos = self.attention_mask.shape
-        for name in ("input_ids", "position_ids"):
+        for name in ("input_ids", "position_ids", "special_mask"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (batch, n_pos):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(batch, n_pos)}")
@@ -118,6 +120,13 @@ class Residuals(Saveable):
     def sites(self) -> tuple[str, ...]:
         """The sites that hold a tensor."""
         return tuple(site for site in SITES if getattr(self, site) is not None)
+
+    @property
+    def stat_mask(self) -> torch.Tensor:
+        """``[batch, pos]`` bool: the positions statistics count (real tokens, not special ones such as BOS)."""
+        if self.special_mask is None:
+            return self.attention_mask
+        return self.attention_mask & ~self.special_mask.to(self.attention_mask.device).bool()
 
     @property
     def shape(self) -> tuple[int, int]:
