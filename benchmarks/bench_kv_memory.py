@@ -29,7 +29,8 @@ import torch
 import reslens
 from reslens import kv_memory as kv
 from reslens._corpus import corpus_texts, token_units
-from reslens.hooks import pad_ids, pad_token_id
+from reslens._inputs import pad_ids, pad_token_id
+from reslens.arch import adapter
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
 
@@ -46,12 +47,15 @@ def batches_like_mining(tokenizer, max_tokens: int, batch_size: int, window: int
     batches, group = [], 16 * batch_size
     for start in range(0, len(units), group):
         chunk = sorted(units[start : start + group], key=len)
-        batches += [pad_ids(chunk[i : i + batch_size], pad_id=pad_token_id(tokenizer)) for i in range(0, len(chunk), batch_size)]
+        pad_id = pad_token_id(tokenizer)
+        batches += [pad_ids(chunk[i : i + batch_size], pad_id=pad_id)
+                    for i in range(0, len(chunk), batch_size)]
     return batches, total
 
 
 def mine(model, tokenizer, max_tokens: int, batch_size: int):
-    return kv.mine_triggers(model, tokenizer, CORPUS, max_tokens=max_tokens, batch_size=batch_size, progress=False)
+    return kv.mine_triggers(model, tokenizer, CORPUS, max_tokens=max_tokens, batch_size=batch_size,
+                            progress=False)
 
 
 def _rss_mb() -> float:
@@ -87,8 +91,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (RSS then covers host memory only)")
-    parser.add_argument("--lm-head-repeats", type=int, default=1, help="repeats of the (slow) forward with the LM head; 0 skips it")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda for the GPU run (RSS then covers host memory only)")
+    parser.add_argument("--lm-head-repeats", type=int, default=1,
+                        help="repeats of the (slow) forward with the LM head; 0 skips it")
     parser.add_argument("--memory", type=int, default=None, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.memory is not None:
@@ -97,23 +103,25 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = reslens.load_model(device=args.device)
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    window = min(model.config.n_positions, 128)
+    arch = adapter(model)
+    window = min(arch.n_ctx, 128)
     batches, total = batches_like_mining(tokenizer, args.tokens, args.batch_size, window)
 
     def plain(runner):
         def run():
             with torch.no_grad():
                 for b in (b.to(args.device) for b in batches):
-                    runner(input_ids=b.input_ids, attention_mask=b.attention_mask.long(), position_ids=b.position_ids,
-                           use_cache=False)
+                    runner(input_ids=b.input_ids, attention_mask=b.attention_mask.long(),
+                           position_ids=b.position_ids, use_cache=False)
         return run
 
-    timings = {"forward (model, with LM head)": plain(model), "forward (transformer body, no LM head)": plain(model.transformer),
+    timings = {"forward (model, with LM head)": plain(model),
+               "forward (model body, no LM head)": plain(arch.body),
                "mine_triggers (end to end)": lambda: mine(model, tokenizer, args.tokens, args.batch_size)}
     results = {name: [] for name in timings}
     for repeat in range(args.repeats):
         for name, fn in timings.items():  # interleaved, so drift hits every row alike
-            if name.startswith("forward (model") and repeat >= args.lm_head_repeats:
+            if name == "forward (model, with LM head)" and repeat >= args.lm_head_repeats:
                 continue  # the LM-head forward is several times slower than the rest; fewer repeats
             synchronize()
             start = time.perf_counter()
@@ -121,10 +129,13 @@ def main() -> None:
             synchronize()
             results[name].append(time.perf_counter() - start)
     mining = statistics.median(results["mine_triggers (end to end)"])
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    cpu = platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     print(f"machine: {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {total} tokens in {len(batches)} batches of <= {args.batch_size} sentences")
-    print(f"repeats: {args.repeats} (forward with LM head: {min(args.lm_head_repeats, args.repeats)}), interleaved")
+          f"{torch.get_num_threads()} threads; {total} tokens in {len(batches)} batches of <= "
+          f"{args.batch_size} sentences")
+    lm_head = min(args.lm_head_repeats, args.repeats)
+    print(f"repeats: {args.repeats} (forward with LM head: {lm_head}), interleaved")
     print("| what | median s | tokens/s | mining throughput / this |")
     print("|---|---|---|---|")
     for name, times in results.items():
@@ -133,10 +144,12 @@ def main() -> None:
         t = statistics.median(times)
         print(f"| {name} | {t:.2f} | {total / t:,.0f} | {t / mining:.2f} |")
 
-    print("\n| corpus tokens | RSS before mining (MB) | peak RSS while mining (MB) | growth (MB) | examples stored |")
+    print("\n| corpus tokens | RSS before mining (MB) | peak RSS while mining (MB) | growth (MB) "
+          "| examples stored |")
     print("|---|---|---|---|---|")
     for tokens in (args.tokens // 2, args.tokens):
-        out = subprocess.run([sys.executable, __file__, "--memory", str(tokens), "--batch-size", str(args.batch_size),
+        out = subprocess.run([sys.executable, __file__, "--memory", str(tokens),
+                              "--batch-size", str(args.batch_size),
                               "--device", args.device],
                              check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])

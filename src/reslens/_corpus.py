@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from reslens._checks import check_choice, check_int
+
 __all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "token_units"]
 
 UNITS = ("sentence", "window")
@@ -22,7 +24,13 @@ _PARAGRAPH = re.compile(r"\n\s*\n")
 
 
 def corpus_files(path: str | os.PathLike, *, name: str = "corpus") -> list[Path]:
-    """The file itself, or a folder's ``.txt`` files in name order; clear errors otherwise."""
+    """The file itself, or a folder's ``.txt`` files in name order; clear errors otherwise.
+
+    An empty path (``""``) is refused: ``Path("")`` would be the current folder.
+    """
+    if not os.fspath(path).strip():
+        raise ValueError(f"{name}={os.fspath(path)!r} is an empty path; give a .txt file or a folder of them "
+                         "(use '.' for the current folder)")
     path = Path(path).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
@@ -32,7 +40,8 @@ def corpus_files(path: str | os.PathLike, *, name: str = "corpus") -> list[Path]
     if path.is_file():
         return [path]
     raise FileNotFoundError(
-        f"{name}={os.fspath(path)!r} is neither a file nor a folder; to use text held in memory pass a list of strings"
+        f"{name}={os.fspath(path)!r} is neither a file nor a folder; to use text held in memory pass a list "
+        "of strings"
     )
 
 
@@ -40,10 +49,12 @@ def corpus_texts(corpus: Any, *, name: str = "corpus") -> tuple[Iterator[str], s
     """The texts of ``corpus``, streamed, and a description of where they come from."""
     if isinstance(corpus, (str, os.PathLike)):
         files = corpus_files(corpus, name=name)
-        return (f.read_text(encoding="utf-8") for f in files), f"{len(files)} file(s) under {os.fspath(corpus)}"
+        texts = (f.read_text(encoding="utf-8") for f in files)
+        return texts, f"{len(files)} file(s) under {os.fspath(corpus)}"
     if isinstance(corpus, (bytes, Mapping)) or not isinstance(corpus, Iterable):
         raise TypeError(
-            f"{name} must be a path, a folder of .txt files, or an iterable of strings; got {type(corpus).__name__}"
+            f"{name} must be a path, a folder of .txt files, or an iterable of strings; "
+            f"got {type(corpus).__name__}"
         )
 
     def texts() -> Iterator[str]:
@@ -56,7 +67,7 @@ def corpus_texts(corpus: Any, *, name: str = "corpus") -> tuple[Iterator[str], s
 
 
 def sentences(text: str) -> list[str]:
-    """Sentences of a text: paragraphs on blank lines, lines joined, split after . ! ? (not after Mr. etc.)."""
+    """Sentences of a text: paragraphs on blank lines, lines joined, split after . ! ? (not Mr. etc.)."""
     out: list[str] = []
     for paragraph in _PARAGRAPH.split(text):
         paragraph = " ".join(paragraph.split())
@@ -74,8 +85,11 @@ def sentences(text: str) -> list[str]:
 
 
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens; long texts are expected (callers cut them),
-    so HuggingFace's "longer than the maximum length" warning is off."""
+    """Token ids of each text, no special tokens.
+
+    Long texts are expected (callers cut them), so HuggingFace's "longer than the maximum
+    length" warning is off.
+    """
     from transformers import PreTrainedTokenizerBase
 
     if tokenizer is None or not callable(tokenizer):
@@ -85,11 +99,14 @@ def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 def token_units(tokenizer: Any, texts: Iterable[str], unit: str, window: int) -> Iterator[list[int]]:
-    """Token-id units of 2..``window`` tokens: sentences (cut to ``window``), or windows of
-    each text's token stream (tokenized 64 paragraphs at a time; a text's last partial window
-    is kept when it has 2 tokens or more)."""
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {UNITS}; got {unit!r}")
+    """Token-id units of 2..``window`` tokens: sentences, or windows of each text's token stream.
+
+    Sentences are cut to ``window`` tokens; windows are read from each text's token stream,
+    tokenized 64 paragraphs at a time (a text's last partial window is kept when it has 2
+    tokens or more).
+    """
+    check_choice(unit, UNITS, "unit")
+    check_int(window, "window", low=1)
     for text in texts:
         if unit == "sentence":
             found = sentences(text)

@@ -1,0 +1,59 @@
+"""Helpers shared by the key-value memory modules: neuron indices, HTML tables, pandas."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from reslens._checks import check_int
+
+__all__ = ["check_neurons", "html_table", "pandas"]
+
+
+def check_neurons(neurons: Any, d_mlp: int, name: str = "neurons") -> torch.Tensor:
+    """Neuron indices ``[N]`` (long) in ``0..d_mlp - 1``.
+
+    From an int, a sequence of ints, an integer tensor, or ``None`` (every neuron). Floats and
+    bools are refused, also inside a sequence.
+    """
+    if neurons is None:
+        return torch.arange(d_mlp)
+    if isinstance(neurons, torch.Tensor):
+        if neurons.dtype.is_floating_point or neurons.dtype.is_complex or neurons.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer neuron indices; got a tensor of dtype {neurons.dtype}")
+        if neurons.ndim > 1:
+            raise ValueError(f"{name} must be 0-D or 1-D; got shape {tuple(neurons.shape)}")
+        items: list[Any] = [int(i) for i in neurons.reshape(-1).tolist()]
+    elif isinstance(neurons, (str, bytes)) or not isinstance(neurons, (int, Iterable)):
+        raise TypeError(
+            f"{name} must be an int, a sequence of ints or None; got {neurons!r} ({type(neurons).__name__})"
+        )
+    elif isinstance(neurons, Iterable):
+        items = list(neurons)
+    else:
+        items = [neurons]
+    if not items:
+        raise ValueError(f"{name} is empty; pass None for every neuron")
+    for i, item in enumerate(items):
+        label = name if len(items) == 1 and not isinstance(neurons, Iterable) else f"{name}[{i}]"
+        check_int(item, label, low=0, high=d_mlp - 1)
+    return torch.tensor(items, dtype=torch.long)
+
+
+def html_table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A small HTML table (escaped) under a bold title, for ``_repr_html_``."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<div><b>{html.escape(title)}</b><table><tr>{head}</tr>{body}</table></div>"
+
+
+def pandas(what: str) -> Any:
+    """The pandas module, or an ImportError saying how to install the optional extra."""
+    try:
+        import pandas as pd
+    except ImportError as error:
+        raise ImportError(f'{what} needs pandas, an optional extra: pip install "reslens[frame]"') from error
+    return pd

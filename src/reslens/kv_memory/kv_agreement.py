@@ -1,0 +1,190 @@
+"""Key-value agreement (Geva et al. 2021, Figs. 4-5).
+
+Does a key's value predict the token that follows the key's top trigger? Read from a
+:class:`~reslens.kv_memory.TriggerIndex` and the MLP values; no forward runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reslens._checks import check_bool, check_int
+from reslens._saving import Saveable
+from reslens.arch import adapter
+from reslens.kv_memory._common import html_table, pandas
+from reslens.kv_memory.mining import model_fingerprint
+from reslens.kv_memory.neurons import convention, vocab_scores
+from reslens.kv_memory.triggers import TriggerIndex
+
+__all__ = ["KeyValueAgreement", "agreement"]
+
+_HEADER = ("layer", "keys", "agreement", "x random", "shuffled", "median rank")
+
+
+@dataclass(frozen=True, repr=False)
+class KeyValueAgreement(Saveable):
+    """Does a key's value predict the token that follows the key's top trigger (Geva et al. Figs. 4-5)?
+
+    For every mined key: ``next_token`` = the token after the activating token of its top
+    trigger (``-1`` when the trigger ends its example: such keys are left out), the value's
+    top token under ``convention`` and the next token's ``rank`` in the value's vocabulary
+    scores (0 = its top token). ``L = len(layers)``.
+
+    - ``next_token``, ``value_top``, ``rank``: ``[L, d_mlp]`` (``-1`` = no next token)
+    - ``agreement: [L]``: fraction of keys with ``value_top == next_token``
+    - ``n_keys: [L]``: keys with a next token; ``baseline`` = ``1 / d_vocab`` (a random top token)
+    - ``shuffled: [L]``: the agreement when each key's next token is paired with another key's
+      value (mean over ``n_shuffles`` permutations within the layer): the chance level given
+      how often frequent tokens such as ``' the'`` top both lists, a stricter baseline than ``1/|V|``
+    """
+
+    layers: tuple[int, ...]
+    next_token: torch.Tensor
+    value_top: torch.Tensor
+    rank: torch.Tensor
+    agreement: torch.Tensor
+    n_keys: torch.Tensor
+    shuffled: torch.Tensor
+    d_vocab: int
+    convention: str
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.next_token.shape)
+        if len(shape) != 2 or shape[0] != len(self.layers):
+            raise ValueError(f"next_token has shape {shape}; expected [len(layers), d_mlp]")
+        for name in ("value_top", "rank"):
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}; expected {shape}")
+        for name in ("agreement", "n_keys", "shuffled"):
+            if tuple(getattr(self, name).shape) != (len(self.layers),):
+                got = tuple(getattr(self, name).shape)
+                raise ValueError(f"{name} has shape {got}; expected ({len(self.layers)},)")
+
+    @property
+    def baseline(self) -> float:
+        """The random baseline ``1 / d_vocab``."""
+        return 1.0 / self.d_vocab
+
+    def median_rank(self) -> torch.Tensor:
+        """``[L]`` median rank of the next token in the value's distribution (valid keys only)."""
+        nan = torch.tensor(float("nan"))
+        return torch.stack([r[r >= 0].float().median() if bool((r >= 0).any()) else nan for r in self.rank])
+
+    def to_frame(self):
+        """``pandas.DataFrame``: one row per layer."""
+        pd = pandas("KeyValueAgreement.to_frame")
+        return pd.DataFrame({
+            "layer": list(self.layers), "keys": self.n_keys.numpy(), "agreement": self.agreement.numpy(),
+            "baseline": self.baseline, "ratio_to_baseline": (self.agreement / self.baseline).numpy(),
+            "shuffled": self.shuffled.numpy(), "median_rank": self.median_rank().numpy(),
+        })
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        median = self.median_rank()
+        return [(str(layer), str(int(self.n_keys[r])), f"{float(self.agreement[r]):.4f}",
+                 f"{float(self.agreement[r]) / self.baseline:.1f}", f"{float(self.shuffled[r]):.4f}",
+                 f"{float(median[r]):.0f}") for r, layer in enumerate(self.layers)]
+
+    def table(self) -> str:
+        """One line per layer: keys, agreement, its ratio to random, the shuffled baseline, median rank."""
+        widths = (5, 6, 10, 9, 9, 12)
+        head = " ".join(f"{h:>{w}}" for h, w in zip(_HEADER, widths))
+        lines = [f"value top token == token after the top trigger ({self.convention}); "
+                 f"random = 1/{self.d_vocab}, shuffled = values paired with other keys' next tokens",
+                 head, "-" * len(head)]
+        lines += [" ".join(f"{cell:>{w}}" for cell, w in zip(row, widths)) for row in self._rows()]
+        return "\n".join(lines)
+
+    def plot(self, *, ax=None):
+        """The agreement per layer and the next token's rank (see :func:`reslens.plot.plot_agreement`)."""
+        from reslens.plot import plot_agreement
+
+        return plot_agreement(self, ax=ax)
+
+    def __repr__(self) -> str:
+        best = int(self.agreement.argmax()) if len(self.layers) else 0
+        return (f"KeyValueAgreement(layers={list(self.layers)}, {self.convention}, best layer "
+                f"{self.layers[best]}: {float(self.agreement[best]):.4f} vs random {self.baseline:.2g})")
+
+    def _repr_html_(self) -> str:
+        return html_table(f"KeyValueAgreement ({self.convention}; random = 1/{self.d_vocab})",
+                          _HEADER, self._rows())
+
+
+def _next_tokens(index: TriggerIndex) -> torch.Tensor:
+    """``[L, d_mlp]``: the token after each key's top trigger (``-1`` when there is none)."""
+    n_layers, d_mlp = len(index.layers), index.d_mlp
+    example, position = index.example[..., 0], index.position[..., 0]  # [L, d_mlp]
+    if not len(index.example_ids):
+        return torch.full((n_layers, d_mlp), -1, dtype=torch.long)
+    # example_ids are sorted: find each example's offset
+    slot = torch.searchsorted(index.example_ids, example.clamp(min=0)).clamp(max=len(index.example_ids) - 1)
+    after = index.example_offsets[slot] + position + 1
+    valid = (example >= 0) & (after < index.example_offsets[slot + 1])
+    return torch.where(valid, index.example_tokens[after.clamp(0, len(index.example_tokens) - 1)], -1)
+
+
+def _check_model(index: TriggerIndex, arch: Any) -> None:
+    sizes = {"n_layer": arch.n_layer, "d_mlp": arch.d_mlp, "d_vocab": arch.d_vocab}
+    mined = {"n_layer": index.n_layer, "d_mlp": index.d_mlp, "d_vocab": index.d_vocab}
+    if mined != sizes:
+        raise ValueError(f"index was mined on a model with {mined}; this model has {sizes}")
+    if index.model_fingerprint and model_fingerprint(arch, index.layers) != index.model_fingerprint:
+        raise ValueError(f"index was mined on a model with other weights ({index.model_name or 'unnamed'}): "
+                         "the sizes match, but the weights that shape its keys differ")
+
+
+def agreement(
+    index: TriggerIndex, model: Any, *, through_final_norm: bool = False, n_shuffles: int = 100,
+    seed: int = 0, chunk_size: int = 256,
+) -> KeyValueAgreement:
+    """Per layer, the fraction of keys whose value's top token is the token after their top trigger.
+
+    Values are read as ``W_U v`` (Geva et al.) or, with ``through_final_norm=True``,
+    ``W_U final_norm(v)``. Two baselines: ``1/|V|`` (Geva et al.'s) and ``shuffled`` (next
+    tokens permuted across the layer's keys, ``n_shuffles >= 1`` times, seeded). The model
+    must be the one the index was mined on (same sizes and, when the index records it, the
+    same weights behind the keys).
+    """
+    if not isinstance(index, TriggerIndex):
+        raise TypeError(f"index must be a TriggerIndex (from mine_triggers or TriggerIndex.load); "
+                        f"got {type(index).__name__}")
+    arch = adapter(model)
+    check_bool(through_final_norm, "through_final_norm")
+    check_int(n_shuffles, "n_shuffles", low=1)
+    check_int(seed, "seed")
+    check_int(chunk_size, "chunk_size", low=1)
+    _check_model(index, arch)
+    n_layers, d_mlp = len(index.layers), index.d_mlp
+    value_top = torch.full((n_layers, d_mlp), -1, dtype=torch.long)
+    rank = torch.full((n_layers, d_mlp), -1, dtype=torch.long)
+    next_token = _next_tokens(index)
+    with torch.no_grad():
+        for r, layer in enumerate(index.layers):
+            values_ = arch.mlp_weights(layer).W_out
+            for start in range(0, d_mlp, chunk_size):
+                scores = vocab_scores(arch, values_[start : start + chunk_size], through_final_norm).cpu()
+                value_top[r, start : start + chunk_size] = scores.argmax(-1)
+                nxt = next_token[r, start : start + chunk_size]
+                valid = nxt >= 0
+                target = scores.gather(-1, nxt.clamp(min=0)[:, None])
+                ranks = (scores > target).sum(-1)
+                rank[r, start : start + chunk_size] = torch.where(valid, ranks, -1)
+    valid = next_token >= 0
+    n_keys = valid.sum(-1)
+    hits = ((value_top == next_token) & valid).sum(-1)
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = torch.zeros(n_layers)
+    for r in range(n_layers):
+        keys_ = valid[r].nonzero().flatten()
+        for _ in range(n_shuffles if len(keys_) else 0):
+            perm = keys_[torch.randperm(len(keys_), generator=gen)]
+            shuffled[r] += (value_top[r, keys_] == next_token[r, perm]).float().mean() / n_shuffles
+    return KeyValueAgreement(
+        layers=index.layers, next_token=next_token, value_top=value_top, rank=rank,
+        agreement=hits.float() / n_keys.clamp(min=1), n_keys=n_keys, shuffled=shuffled, d_vocab=arch.d_vocab,
+        convention=convention(through_final_norm),
+    )

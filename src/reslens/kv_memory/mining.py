@@ -1,0 +1,333 @@
+"""Trigger mining: stream a corpus once and keep, for every (layer, key), its top-k examples.
+
+The running state is bounded (``[layers, d_mlp, top_k]`` plus the token ids of the examples in
+some top-k list). A run can save snapshots and be resumed: each snapshot is one file written
+atomically, carrying a fingerprint of the corpus read so far and of the weights that shape the
+keys, and a resume refuses another corpus, other reading options or another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from array import array
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reslens._checks import check_bool, check_choice, check_int, check_layers
+from reslens._corpus import UNITS, corpus_texts, token_units
+from reslens._inputs import pad_ids, pad_token_id
+from reslens.arch import Arch, adapter
+from reslens.hooks import capture
+from reslens.kv_memory.triggers import TriggerIndex
+
+__all__ = ["mine_triggers", "model_fingerprint", "model_name"]
+
+
+def _order_key(scores: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """An int64 that orders by float32 ``scores`` descending, then ``example`` ascending.
+
+    The float's bits, with the magnitude bits of negatives flipped, order like the floats
+    (``-inf`` included); they fill the high 32 bits, ``2^31 - 1 - example`` the low ones.
+    """
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (bits.long() << 32) | (2**31 - 1 - example)
+
+
+class _Miner:
+    """Running top-k state of :func:`mine_triggers`; memory bounded by layers x d_mlp x top_k."""
+
+    def __init__(self, n_layers: int, d_mlp: int, top_k: int, start: TriggerIndex | None):
+        if start is None:
+            self.scores = torch.full((n_layers, d_mlp, top_k), float("-inf"))
+            self.example = torch.full((n_layers, d_mlp, top_k), -1, dtype=torch.long)
+            self.position = torch.full((n_layers, d_mlp, top_k), -1, dtype=torch.long)
+            self.stored: dict[int, list[int]] = {}
+        else:
+            self.scores, self.example = start.scores.clone(), start.example.clone()
+            self.position = start.position.clone()
+            self.stored = {int(e): start.tokens(int(e)) for e in start.example_ids.tolist()}
+
+    def add(self, units: list[list[int]], numbered: torch.Tensor, act: torch.Tensor,
+            mask: torch.Tensor) -> None:
+        """Merge one batch: ``act: [L, B, P, d_mlp]`` (overwritten), ``mask: [B, P]``, ``numbered: [B]``.
+
+        Order: score descending, ties to the earlier example, so batching never changes the result.
+        Only keys where some new example beats the current k-th score are re-sorted.
+        """
+        penalty = torch.zeros(mask.shape, dtype=act.dtype, device=act.device)
+        penalty.masked_fill_(~mask, float("-inf"))
+        act.add_(penalty[None, :, :, None])  # pads -> -inf (an add: far cheaper than a broadcast masked_fill)
+        best = act.amax(dim=2).float().transpose(1, 2).cpu()  # [L, d_mlp, B]; positions for winners only
+        kth, kth_example = self.scores[..., -1:], self.example[..., -1:]  # [L, d_mlp, 1]
+        beats = (best > kth) | ((best == kth) & (numbered < kth_example))
+        layer, key = beats.any(-1).nonzero(as_tuple=True)  # the keys whose top-k changes
+        if not len(layer):
+            return
+        top_k, batch = self.scores.shape[-1], best.shape[-1]
+        scores = torch.cat([self.scores[layer, key], best[layer, key]], dim=-1)  # [R, top_k + B]
+        example = torch.cat([self.example[layer, key], numbered.expand(len(layer), batch)], dim=-1)
+        keep = _order_key(scores, example).topk(top_k, dim=-1).indices  # one top-k instead of two sorts
+        position = self.position[layer, key].gather(-1, keep.clamp(max=top_k - 1))  # [R, top_k]
+        row, slot = (keep >= top_k).nonzero(as_tuple=True)  # slots filled from this batch
+        at = act.device
+        where = act[layer[row].to(at), (keep[row, slot] - top_k).to(at), :, key[row].to(at)].argmax(-1)
+        position[row, slot] = where.cpu()  # the first position of the maximum, as max(dim) gives
+        self.scores[layer, key] = scores.gather(-1, keep)
+        self.example[layer, key] = example.gather(-1, keep)
+        self.position[layer, key] = position
+        row_of = {int(e): r for r, e in enumerate(numbered.tolist())}
+        for e in self.example[layer, key][keep >= top_k].unique().tolist():
+            self.stored[e] = units[row_of[e]]
+
+    def prune(self) -> None:
+        referenced = set(self.example[self.example >= 0].unique().tolist())
+        self.stored = {e: ids for e, ids in self.stored.items() if e in referenced}
+
+    def index(self, **meta: Any) -> TriggerIndex:
+        self.prune()
+        order = sorted(self.stored)
+        lengths = torch.tensor([0] + [len(self.stored[e]) for e in order], dtype=torch.long)
+        tokens = [t for e in order for t in self.stored[e]]
+        return TriggerIndex(
+            scores=self.scores, example=self.example, position=self.position,
+            example_ids=torch.tensor(order, dtype=torch.long), example_offsets=lengths.cumsum(0),
+            example_tokens=torch.tensor(tokens, dtype=torch.long), **meta,
+        )
+
+
+# --- fingerprints ---------------------------------------------------------------------------------
+
+
+def model_fingerprint(model: Any, layers: Iterable[int]) -> str:
+    """SHA-256 (hex) of every weight that shapes the keys' coefficients at ``layers``.
+
+    Those are :meth:`reslens.arch.Arch.key_parameters` of the last layer, hashed with their
+    shapes and dtypes. Two models of the same shape give different fingerprints unless those weights are equal
+    bit for bit. Reads every such weight once (on CPU), so compute it once per run.
+    """
+    arch = adapter(model)
+    digest = hashlib.sha256()
+    for p in arch.key_parameters(max(layers)):
+        t = p.detach()
+        digest.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_name(arch: Arch) -> str:
+    """The model's name or path as its config records it ('' when unknown)."""
+    config = getattr(arch.model, "config", None)
+    return str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+
+
+def _hash_unit(digest: Any, ids: list[int]) -> None:
+    digest.update(len(ids).to_bytes(8, "little"))
+    digest.update(array("q", ids).tobytes())
+
+
+def _skip_read(units: Iterator[list[int]], index: TriggerIndex, digest: Any) -> None:
+    """Read again the ``n_examples`` units ``index`` has read, hashing them into ``digest``.
+
+    Refuses to go on when they are not the units it read (another corpus, tokenizer or cut).
+    """
+    n, tokens = 0, 0
+    for ids in units if index.n_examples else ():
+        _hash_unit(digest, ids)
+        n, tokens = n + 1, tokens + len(ids)
+        if n == index.n_examples:
+            break  # before pulling one more unit from the stream: it belongs to the new part
+    if n < index.n_examples:
+        raise ValueError(f"cannot resume: this corpus holds {n} {index.unit}s, but the index has read "
+                         f"{index.n_examples} (of {index.corpus or 'its corpus'}); it is another corpus")
+    if digest.hexdigest() != index.corpus_fingerprint or tokens != index.n_tokens:
+        raise ValueError(
+            f"cannot resume: the first {index.n_examples} {index.unit}s of this corpus are not the ones the "
+            f"index read from {index.corpus or 'its corpus'} (corpus fingerprint {digest.hexdigest()[:12]}, "
+            f"{tokens} tokens; the index has {index.corpus_fingerprint[:12]}, {index.n_tokens} tokens); "
+            "resume with the same corpus, tokenizer, unit and window"
+        )
+
+
+def _unit_groups(units: Iterable[list[int]], *, n_tokens: int, max_tokens: int | None, size: int,
+                 digest: Any) -> Iterator[list[list[int]]]:
+    """Lists of up to ``size`` units in corpus order, until the corpus ends or ``max_tokens``.
+
+    Stops before the unit that would take the total (``n_tokens`` so far) past ``max_tokens``:
+    units are never cut, so a resumed run starts at a unit boundary. A unit is hashed into
+    ``digest`` when it enters a group, so between groups the digest covers exactly the units
+    handed out.
+    """
+    if max_tokens is not None and n_tokens >= max_tokens:
+        return
+    group: list[list[int]] = []
+    for ids in units:
+        if max_tokens is not None and n_tokens + len(ids) > max_tokens:
+            break
+        _hash_unit(digest, ids)
+        group.append(ids)
+        n_tokens += len(ids)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def _check_options(arch: Arch, tokenizer: Any, layers: Any, top_k: Any, unit: Any, window: Any,
+                   batch_size: Any, max_tokens: Any, save_every: Any,
+                   progress: Any) -> tuple[tuple[int, ...], int]:
+    """``(blocks, window)`` after checking every mining option."""
+    blocks = check_layers(layers, arch.n_layer - 1, what=f"a {arch.n_layer}-layer model's blocks")
+    check_int(top_k, "top_k", low=1)
+    check_int(batch_size, "batch_size", low=1)
+    check_int(save_every, "save_every", low=1)
+    check_choice(unit, UNITS, "unit")
+    window = min(arch.n_ctx, 128) if window is None else check_int(window, "window", low=2, high=arch.n_ctx)
+    if max_tokens is not None:
+        check_int(max_tokens, "max_tokens", low=1)
+    check_bool(progress, "progress")
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    return blocks, window
+
+
+def _check_out(out: Any) -> None:
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise TypeError(f"out must be a file path for the index (e.g. 'index.safetensors'); got {out!r}")
+    if Path(os.fspath(out)).is_dir():
+        raise ValueError(f"out={os.fspath(out)!r} is a folder; give the index's file name (e.g. "
+                         f"{os.path.join(os.fspath(out), 'index.safetensors')!r})")
+
+
+def _check_resume(index: TriggerIndex, blocks: tuple[int, ...], top_k: int, unit: str, window: int,
+                  arch: Arch, fingerprint: str) -> None:
+    theirs = (tuple(index.layers), index.top_k, index.unit, index.window)
+    ours = (blocks, top_k, unit, window)
+    if theirs != ours:
+        raise ValueError(
+            f"cannot resume: the index was mined with layers, top_k, unit, window = {theirs}; this call asks "
+            f"for {ours}"
+        )
+    names = ("n_layer", "d_model", "d_mlp", "d_vocab")
+    sizes = {name: getattr(arch, name) for name in names}
+    mined = {name: getattr(index, name) for name in names}
+    if mined != sizes:
+        raise ValueError(f"cannot resume: the index comes from a model with {mined}; this model has {sizes}")
+    if not index.model_fingerprint or not index.corpus_fingerprint:
+        raise ValueError("cannot resume: the index records no model or corpus fingerprint, so it cannot be "
+                         "checked")
+    if index.model_fingerprint != fingerprint:
+        raise ValueError(
+            f"cannot resume: the index was mined on a model with other weights "
+            f"({index.model_name or 'unnamed'}, fingerprint {index.model_fingerprint[:12]}; this model's is "
+            f"{fingerprint[:12]}): the same "
+            "sizes, but different (or edited) weights shape its keys"
+        )
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def _merge_group(arch: Arch, miner: _Miner, group: list[list[int]], first: int, blocks: tuple[int, ...],
+                 batch_size: int, pad_id: int, bar: Any) -> None:
+    """Run one group in length-sorted batches and merge them; examples are numbered from ``first``."""
+    order = sorted(range(len(group)), key=lambda i: len(group[i]))
+    for start in range(0, len(group), batch_size):
+        rows = order[start : start + batch_size]
+        batch = pad_ids([group[i] for i in rows], pad_id=pad_id)
+        act = capture(arch, batch, sites="mlp_act", layers=blocks).mlp_act  # [L, B, P, d_mlp]
+        numbered = torch.tensor([first + i for i in rows])  # examples are numbered in corpus order
+        miner.add([group[i] for i in rows], numbered, act, batch.attention_mask.to(act.device))
+        bar.update(int(batch.attention_mask.sum()))
+
+
+def mine_triggers(
+    model: Any,
+    tokenizer: Any,
+    corpus: Any,
+    *,
+    layers: Any = None,
+    top_k: int = 50,
+    unit: str = "sentence",
+    window: int | None = None,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    resume: TriggerIndex | str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    save_every: int = 500_000,
+    progress: bool = True,
+) -> TriggerIndex:
+    """Stream a corpus once and keep, for every (layer, key), its ``top_k`` trigger examples.
+
+    ``corpus``: a text file, a folder of ``.txt`` files (sorted by name), or an iterable of
+    strings. ``unit="sentence"`` splits paragraphs into sentences (Geva et al. used
+    sentences); ``"window"`` cuts the token stream of each text into windows of ``window``
+    tokens (default: the model's context, at most 128). Units are cut to ``window`` tokens;
+    units shorter than 2 tokens are skipped. ``layers`` are blocks (default all).
+    Examples are numbered in corpus order (0, 1, ...).
+
+    Memory does not grow with the corpus: the state is ``[layers, d_mlp, top_k]`` plus the
+    token ids of examples that are in some top-k list. Batches are formed from length-sorted
+    groups of ``16 * batch_size`` units to limit padding. ``max_tokens`` stops before the
+    first unit that would pass that many tokens (in total, counting a resumed index's).
+
+    ``out`` (a file, e.g. ``"index.safetensors"``) receives a snapshot every ``save_every``
+    tokens and at the end, each written atomically as a whole, so an interrupted run leaves
+    the last good snapshot. ``resume`` (an index or its file) continues from it: it must come
+    from the same model weights (checked by fingerprint), layers, ``top_k``, ``unit`` and
+    ``window``, and the corpus must begin with the units it read (checked by re-reading and
+    hashing them); anything else is a ``ValueError``. A resumed run ends with the index one
+    uninterrupted run gives.
+    """
+    from tqdm.auto import tqdm
+
+    arch = adapter(model)
+    blocks, window = _check_options(arch, tokenizer, layers, top_k, unit, window, batch_size, max_tokens,
+                                    save_every, progress)
+    if out is not None:
+        _check_out(out)
+    texts, description = corpus_texts(corpus)
+    fingerprint = model_fingerprint(arch, blocks)
+    units = token_units(tokenizer, texts, unit, window)
+    digest = hashlib.sha256()
+    if resume is not None:
+        resume = TriggerIndex.load(resume) if not isinstance(resume, TriggerIndex) else resume
+        _check_resume(resume, blocks, top_k, unit, window, arch, fingerprint)
+        _skip_read(units, resume, digest)
+    miner = _Miner(len(blocks), arch.d_mlp, top_k, resume)
+    n_examples, n_tokens = (resume.n_examples, resume.n_tokens) if resume is not None else (0, 0)
+    meta = dict(layers=blocks, top_k=top_k, unit=unit, window=window, n_layer=arch.n_layer,
+                d_model=arch.d_model, d_vocab=arch.d_vocab, model_name=model_name(arch),
+                model_fingerprint=fingerprint, corpus=description)
+
+    def snapshot() -> TriggerIndex:
+        return miner.index(n_examples=n_examples, n_tokens=n_tokens, corpus_fingerprint=digest.hexdigest(),
+                           **meta)
+
+    last_save, pad_id = n_tokens, pad_token_id(tokenizer)
+    groups = _unit_groups(units, n_tokens=n_tokens, max_tokens=max_tokens, size=16 * batch_size,
+                          digest=digest)
+    with tqdm(total=max_tokens, initial=n_tokens, unit="tok", unit_scale=True, disable=not progress,
+              desc="mining triggers") as bar:
+        for group in groups:
+            _merge_group(arch, miner, group, n_examples, blocks, batch_size, pad_id, bar)
+            n_examples += len(group)
+            n_tokens += sum(map(len, group))
+            miner.prune()
+            if out is not None and n_tokens - last_save >= save_every:
+                snapshot().save(out)
+                last_save = n_tokens
+    if n_examples == 0:
+        raise ValueError(f"corpus ({description}) holds no unit of at least 2 tokens")
+    index = snapshot()
+    if out is not None:
+        index.save(out)
+    return index

@@ -1,0 +1,262 @@
+"""Per-neuron readings of the MLP weights alone (no forward).
+
+Each value's top and bottom tokens in vocabulary space (:func:`value_tokens`), and each
+neuron's key-value cosine (:func:`deletion_neurons`: strongly negative neurons write against
+what they read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reslens._checks import check_block, check_bool, check_int
+from reslens._saving import Saveable
+from reslens._tokens import token_strings
+from reslens.arch import Arch, adapter
+from reslens.kv_memory._common import check_neurons, html_table, pandas
+
+__all__ = ["ValueTokens", "value_tokens", "DeletionNeurons", "deletion_neurons", "vocab_scores", "convention"]
+
+
+def convention(through_final_norm: bool) -> str:
+    """How a value ``v`` became vocabulary scores: ``"W_U v"`` or ``"W_U final_norm(v)"``."""
+    return "W_U final_norm(v)" if through_final_norm else "W_U v"
+
+
+def vocab_scores(arch: Arch, vectors: torch.Tensor, through_final_norm: bool) -> torch.Tensor:
+    """``[n, d_model]`` vectors -> ``[n, d_vocab]`` float32 scores: ``W_U v`` or ``W_U final_norm(v)``."""
+    vectors = vectors.float()
+    if through_final_norm:
+        vectors = arch.norm("final")(vectors)
+    return vectors @ arch.W_U.detach().float().T
+
+
+@dataclass(frozen=True, repr=False)
+class ValueTokens(Saveable):
+    """Top and bottom vocabulary entries of value vectors (``N`` neurons, ``k`` tokens each).
+
+    ``convention`` says how a value ``v`` became vocabulary scores: ``"W_U v"`` (raw, Geva et
+    al. 2021) or ``"W_U final_norm(v)"`` (the final norm applied to ``v`` alone, then the unembedding).
+
+    - ``neurons: [N]``; ``top_ids``, ``top_scores``, ``bottom_ids``, ``bottom_scores``: ``[N, k]``
+    """
+
+    layer: int
+    neurons: torch.Tensor
+    top_ids: torch.Tensor
+    top_scores: torch.Tensor
+    bottom_ids: torch.Tensor
+    bottom_scores: torch.Tensor
+    convention: str
+    token_strings: dict[int, str] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.neurons)
+        shape = tuple(self.top_ids.shape)
+        for name in ("top_ids", "top_scores", "bottom_ids", "bottom_scores"):
+            t = getattr(self, name)
+            if t.ndim != 2 or t.shape[0] != n or tuple(t.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({n}, k) like top_ids {shape}")
+
+    def token(self, token_id: int) -> str:
+        """The decoded string of ``token_id`` (its number without a tokenizer)."""
+        return self.token_strings.get(token_id, str(token_id)) if self.token_strings else str(token_id)
+
+    def tokens(self, neuron: int, *, bottom: bool = False) -> list[str]:
+        """The token strings of one neuron's top (or bottom) list."""
+        rows = (self.neurons == neuron).nonzero().flatten()
+        if not len(rows):
+            raise ValueError(f"neuron {neuron} is not in this result; it has {self.neurons.tolist()}")
+        ids = (self.bottom_ids if bottom else self.top_ids)[rows[0]]
+        return [self.token(i) for i in ids.tolist()]
+
+    def table(self, k: int | None = None) -> str:
+        """One line per neuron: its top tokens, then its bottom tokens."""
+        k = self.top_ids.shape[1] if k is None else check_int(k, "k", low=1)
+        lines = [f"layer {self.layer} values as {self.convention}: top tokens | bottom tokens"]
+        for r, neuron in enumerate(self.neurons.tolist()):
+            top = " ".join(repr(self.token(i)) for i in self.top_ids[r, :k].tolist())
+            bottom = " ".join(repr(self.token(i)) for i in self.bottom_ids[r, :k].tolist())
+            lines.append(f"L{self.layer}N{neuron:<5} {top} | {bottom}")
+        return "\n".join(lines)
+
+    def to_frame(self):
+        """``pandas.DataFrame``: one row per (neuron, side, rank)."""
+        pd = pandas("ValueTokens.to_frame")
+        rows = []
+        for r, neuron in enumerate(self.neurons.tolist()):
+            for side, ids, scores in (("top", self.top_ids, self.top_scores),
+                                      ("bottom", self.bottom_ids, self.bottom_scores)):
+                for rank, (i, s) in enumerate(zip(ids[r].tolist(), scores[r].tolist())):
+                    rows.append({"layer": self.layer, "neuron": neuron, "side": side, "rank": rank,
+                                 "token_id": i, "token": self.token(i), "score": s})
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return (f"ValueTokens(layer={self.layer}, neurons={len(self.neurons)}, k={self.top_ids.shape[1]}, "
+                f"{self.convention})")
+
+    def _repr_html_(self) -> str:
+        k = min(5, self.top_ids.shape[1])
+        rows = [(f"L{self.layer}N{n}", " ".join(repr(self.token(i)) for i in self.top_ids[r, :k].tolist()),
+                 " ".join(repr(self.token(i)) for i in self.bottom_ids[r, :k].tolist()))
+                for r, n in enumerate(self.neurons[:20].tolist())]
+        return html_table(f"ValueTokens: layer {self.layer} values as {self.convention}",
+                          ("neuron", "top tokens", "bottom tokens"), rows)
+
+
+def value_tokens(
+    model: Any, layer: int, neurons: Any = None, k: int = 10, *, through_final_norm: bool = False,
+    tokenizer: Any = None, chunk_size: int = 256,
+) -> ValueTokens:
+    """Each value vector's top and bottom ``k`` tokens in vocabulary space.
+
+    ``through_final_norm=False``: scores are ``W_U v_i`` (Geva et al. 2021); ``True``:
+    ``W_U final_norm(v_i)`` (the value alone put through the final norm, as LM-Debugger-style
+    tools do). The convention is recorded in the result. ``neurons=None`` means all ``d_mlp``
+    of them (computed ``chunk_size`` at a time). ``tokenizer`` adds token strings.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50))
+    >>> vt = value_tokens(model, 1, [0, 5], k=3)
+    >>> tuple(vt.top_ids.shape), vt.convention
+    ((2, 3), 'W_U v')
+    """
+    arch = adapter(model)
+    block = check_block(layer, arch.n_layer)
+    idx = check_neurons(neurons, arch.d_mlp)
+    check_int(k, "k", low=1, high=arch.d_vocab)
+    check_bool(through_final_norm, "through_final_norm")
+    check_int(chunk_size, "chunk_size", low=1)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with torch.no_grad():
+        values_ = arch.mlp_weights(block).W_out
+        for start in range(0, len(idx), chunk_size):
+            rows = values_[idx[start : start + chunk_size].to(values_.device)]
+            scores = vocab_scores(arch, rows, through_final_norm)
+            top = scores.topk(k, dim=-1)
+            bottom = scores.topk(k, dim=-1, largest=False)
+            parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu()))
+    top_ids, top_scores, bottom_ids, bottom_scores = (torch.cat(p) for p in zip(*parts))
+    return ValueTokens(
+        layer=block, neurons=idx, top_ids=top_ids, top_scores=top_scores, bottom_ids=bottom_ids,
+        bottom_scores=bottom_scores, convention=convention(through_final_norm),
+        token_strings=token_strings(tokenizer, top_ids, bottom_ids),
+    )
+
+
+# --- deletion neurons ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class DeletionNeurons(Saveable):
+    """``cos[l, i] = cos(k_i ⊙ γ, v_i)`` for every neuron: ``[n_layer, d_mlp]``.
+
+    ``γ`` is the weight of the norm before the MLP, so ``k_i ⊙ γ`` is the direction of the
+    residual the key reads (up to the norm's centring; with ``centred=True`` the direction is
+    :meth:`reslens.arch.Norm.read_direction`, ``centre(k_i ⊙ γ)``, which LayerNorm actually
+    reads). Strongly negative neurons write against what they read: they delete it.
+    ``cos_gate`` (gated MLPs only, else ``None``) is the same cosine for the gate keys.
+    """
+
+    cos: torch.Tensor
+    centred: bool = False
+    cos_gate: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.cos.ndim != 2:
+            raise ValueError(f"cos has shape {tuple(self.cos.shape)}; expected [n_layer, d_mlp]")
+        if self.cos_gate is not None and self.cos_gate.shape != self.cos.shape:
+            raise ValueError(
+                f"cos_gate has shape {tuple(self.cos_gate.shape)}; expected {tuple(self.cos.shape)}"
+            )
+
+    @property
+    def direction(self) -> str:
+        """What was compared, in words (axis labels use it)."""
+        return "cos(centre(key ⊙ γ), value)" if self.centred else "cos(key ⊙ γ, value)"
+
+    def most_negative(self, k: int = 10, layer: int | None = None) -> list[tuple[int, int, float]]:
+        """The ``k`` most negative neurons as ``(layer, neuron, cos)`` (of one layer if given)."""
+        check_int(k, "k", low=1)
+        if layer is not None:
+            layer = check_block(layer, self.cos.shape[0])
+        cos = self.cos if layer is None else self.cos[layer : layer + 1]
+        flat = cos.flatten().topk(min(k, cos.numel()), largest=False)
+        d_mlp = self.cos.shape[1]
+        first = 0 if layer is None else layer
+        return [(first + i // d_mlp, i % d_mlp, float(v)) for i, v in zip(flat.indices.tolist(), flat.values)]
+
+    def summary(self) -> torch.Tensor:
+        """``[n_layer, 4]``: per layer the mean, minimum, 1st percentile and fraction below -0.5."""
+        return torch.stack([self.cos.mean(-1), self.cos.min(-1).values,
+                            self.cos.quantile(0.01, dim=-1), (self.cos < -0.5).float().mean(-1)], dim=-1)
+
+    def table(self, k: int = 10) -> str:
+        """Per-layer summary lines, then the ``k`` most negative neurons."""
+        s = self.summary()
+        lines = [f"{self.direction} per neuron",
+                 f"{'layer':>5} {'mean cos':>9} {'min':>7} {'1st pct':>8} {'< -0.5':>7}"]
+        lines += [f"{la:>5} {s[la, 0]:>9.3f} {s[la, 1]:>7.3f} {s[la, 2]:>8.3f} {s[la, 3]:>7.3f}"
+                  for la in range(len(s))]
+        worst = ", ".join(f"L{la}N{n} ({c:.2f})" for la, n, c in self.most_negative(k))
+        lines.append("most negative: " + worst)
+        return "\n".join(lines)
+
+    def to_frame(self):
+        """``pandas.DataFrame``: one row per (layer, neuron)."""
+        pd = pandas("DeletionNeurons.to_frame")
+        n_layer, d_mlp = self.cos.shape
+        columns = {"layer": torch.arange(n_layer).repeat_interleave(d_mlp).numpy(),
+                   "neuron": torch.arange(d_mlp).repeat(n_layer).numpy(), "cos": self.cos.flatten().numpy()}
+        if self.cos_gate is not None:
+            columns["cos_gate"] = self.cos_gate.flatten().numpy()
+        return pd.DataFrame(columns)
+
+    def plot(self, *, ax=None):
+        """Per-layer histograms of the cosines (see :func:`reslens.plot.plot_deletion_neurons`)."""
+        from reslens.plot import plot_deletion_neurons
+
+        return plot_deletion_neurons(self, ax=ax)
+
+    def __repr__(self) -> str:
+        n_layer, d_mlp = self.cos.shape
+        return (f"DeletionNeurons({self.direction}: {n_layer} layers x {d_mlp} neurons, "
+                f"{int((self.cos < -0.5).sum())} below -0.5"
+                f"{', with gate keys' if self.cos_gate is not None else ''})")
+
+    def _repr_html_(self) -> str:
+        s = self.summary()
+        rows = [(la, *(f"{float(v):.3f}" for v in s[la])) for la in range(len(s))]
+        header = ("layer", "mean", "min", "1st pct", "< -0.5")
+        return html_table(f"DeletionNeurons: {self.direction}", header, rows)
+
+
+def _cosines(arch: Arch, layer: int, key: torch.Tensor, value: torch.Tensor, centred: bool) -> torch.Tensor:
+    norm = arch.norm("mlp", layer)
+    reads = norm.read_direction(key) if centred else key.float() * norm.weight.float()
+    return torch.nn.functional.cosine_similarity(reads, value.float(), dim=-1)
+
+
+def deletion_neurons(model: Any, *, centred: bool = False) -> DeletionNeurons:
+    """Cosine between each neuron's input direction ``k_i ⊙ γ`` and its value ``v_i``, every layer.
+
+    ``γ`` is the weight of the norm before the MLP. ``centred=True`` compares
+    ``centre(k_i ⊙ γ)`` instead (:meth:`reslens.arch.Norm.read_direction`: the direction a
+    LayerNorm's reader actually reads; the same as ``False`` for RMSNorm). For a gated MLP,
+    ``cos`` uses the up keys (``W_in``) and ``cos_gate`` the gate keys.
+    """
+    arch = adapter(model)
+    check_bool(centred, "centred")
+    cos, cos_gate = [], []
+    with torch.no_grad():
+        for layer in range(arch.n_layer):
+            w = arch.mlp_weights(layer)
+            cos.append(_cosines(arch, layer, w.W_in, w.W_out, centred))
+            if w.W_gate is not None:
+                cos_gate.append(_cosines(arch, layer, w.W_gate, w.W_out, centred))
+    return DeletionNeurons(cos=torch.stack(cos).cpu(), centred=centred,
+                           cos_gate=torch.stack(cos_gate).cpu() if cos_gate else None)
