@@ -4,9 +4,10 @@ Random weights (``GPT2Config()`` defaults: 12 layers, d_model 768, 12 heads, voc
 seed 0, float32). Each case runs once as a warm-up, then ``--repeats`` times; the median
 and the minimum are printed as a Markdown table with the machine line.
 
-- ``ov_eigen_summary``: ``W_U^T W_E`` once (``[768, 50257] @ [50257, 768]``), then one
-  ``d_head x d_head`` matrix and its eigenvalues per head; ``fold_ln=True`` and
-  ``effective_embedding="wte+mlp0"`` (block 0's MLP on all 50257 embeddings) as extra rows.
+- ``ov_eigen_summary``: ``W_U^T W_E`` once (``[768, 50257] @ [50257, 768]``, in float64 since
+  issue 18 item 10), then one ``d_head x d_head`` matrix and its eigenvalues per head;
+  ``fold_ln=True`` and ``effective_embedding="embed+mlp0"`` (block 0's MLP on all 50257
+  embeddings) as extra rows.
 - ``composition_scores`` for ``q``, ``k``, ``v``: all 9,504 earlier -> later pairs through
   ``d_head``-sized factors, plus the random baseline (200 samples).
 - ``dense composition (extrapolated)``: the textbook ``‖W_A W_B‖_F / (‖W_A‖_F ‖W_B‖_F)``
@@ -27,7 +28,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from reslens import heads
-from reslens._gpt2 import GPT2
+from reslens.arch import adapter
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -41,9 +42,9 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def dense_composition_per_pair(model, n_pairs: int = 50) -> float:
-    g = GPT2(model)
-    w_ov = [g.W_V(l).detach() @ g.W_O(l).detach() for l in range(2)]  # [H, d, d]
-    w_qk = [g.W_Q(l).detach() @ g.W_K(l).detach().transpose(-1, -2) for l in range(2)]
+    arch = adapter(model)
+    w_ov = [arch.W_V(layer).detach() @ arch.W_O(layer).detach() for layer in range(2)]  # [H, d, d]
+    w_qk = [arch.W_Q(layer).detach() @ arch.W_K(layer).detach().transpose(-1, -2) for layer in range(2)]
     start = time.perf_counter()
     for i in range(n_pairs):
         a, b = w_ov[0][i % 12], w_qk[1][(i * 5) % 12]
@@ -60,15 +61,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config()).eval()
-    g = GPT2(model)
+    g = adapter(model)
     n_pairs = sum(g.n_head * g.n_head * (g.n_layer - 1 - a) for a in range(g.n_layer))
 
     rows = []
     for label, fn in [
         ("ov_eigen_summary()", lambda: heads.ov_eigen_summary(model)),
         ("ov_eigen_summary(fold_ln=True)", lambda: heads.ov_eigen_summary(model, fold_ln=True)),
-        ('ov_eigen_summary(effective_embedding="wte+mlp0")',
-         lambda: heads.ov_eigen_summary(model, effective_embedding="wte+mlp0")),
+        ('ov_eigen_summary(effective_embedding="embed+mlp0")',
+         lambda: heads.ov_eigen_summary(model, effective_embedding="embed+mlp0")),
         ('composition_scores("q")', lambda: heads.composition_scores(model, "q")),
         ('composition_scores("k")', lambda: heads.composition_scores(model, "k")),
         ('composition_scores("v")', lambda: heads.composition_scores(model, "v")),
@@ -79,7 +80,8 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small shape "
-          f"({g.n_layer} x {g.n_head} heads, d_model {g.d_model}, vocab {g.d_vocab}), random weights, float32")
+          f"({g.n_layer} x {g.n_head} heads, d_model {g.d_model}, vocab {g.d_vocab}), random weights, "
+          "float32")
     print()
     print("| case | median s | min s |")
     print("| --- | ---: | ---: |")

@@ -24,15 +24,17 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 
 import reslens  # noqa: E402
-from reslens import heads  # noqa: E402
+from reslens import attribution, heads  # noqa: E402
 from reslens.plot import plot_head_score_panels  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--out-dir", type=Path, default=Path("."), help="where the PNG figures go (default: here)")
+parser.add_argument("--out-dir", type=Path, default=Path("."),
+                    help="where the PNG figures go (default: here)")
 args = parser.parse_args()
 args.out_dir.mkdir(parents=True, exist_ok=True)
 
 model, tokenizer = reslens.load_model()
+arch = reslens.adapter(model)  # the family adapter: pass it around instead of re-wrapping the model
 bos = tokenizer.eos_token_id  # GPT-2 marks document starts with <|endoftext|>
 
 # 1. Scores from attention patterns: induction on repeated random tokens, previous-token on text.
@@ -51,7 +53,8 @@ print(previous.table(k=3), "\n")
 ov = heads.ov_eigen_summary(model)
 print(ov.table(k=3), "\n")
 current = heads.current_token_scores(model, text, tokenizer=tokenizer)
-print("candidate deleting heads (copying <= -0.3, attention to self >= 0.3):", ov.deleters(current) or "none", "\n")
+print("candidate deleting heads (copying <= -0.3, attention to self >= 0.3):", ov.deleters(current) or "none",
+      "\n")
 
 # 3. The circuit: K-composition from the previous-token head into the induction head.
 k_comp = heads.composition_scores(model, "k")
@@ -65,19 +68,28 @@ if ind_layer == 0:
     print(f"the strongest induction head {ind_label} is in layer 0, so no head can compose into it")
 else:
     pair = float(k_comp.scores[prev_layer, prev_head, ind_layer, ind_head])
-    print(f"strongest induction head {ind_label} (score {ind_score:.3f}); strongest earlier previous-token head "
-          f"{prev_layer}.{prev_head} (score {float(previous.scores[prev_layer, prev_head]):.3f})")
+    prev_score = float(previous.scores[prev_layer, prev_head])
+    print(f"strongest induction head {ind_label} (score {ind_score:.3f}); strongest earlier "
+          f"previous-token head {prev_layer}.{prev_head} (score {prev_score:.3f})")
     print(f"K-composition {prev_layer}.{prev_head} -> {ind_label}: {pair:+.3f} above the random baseline "
           f"{k_comp.baseline:.3f}")
     print(f"heads composing most into {ind_label}:", k_comp.reader(ind_layer, ind_head).top(3), "\n")
 
-# 4. Who writes the induction prediction? Logit of the repeated next token in the second copy.
-ids = heads.repeated_tokens(model, seq_len=20, n=1, seed=1, bos_token_id=bos)
+# 4. Who writes the induction prediction? Capture once, analyse many: one forward over a repeated sequence
+#    records the attention patterns and the sites direct logit attribution reads; both analyses use it.
+ids = heads.repeated_tokens(arch, seq_len=20, n=1, seed=1, bos_token_id=bos)
+res = reslens.capture(arch, ids, sites=(*attribution.SITES, "attn_pattern"), dtype=torch.float32)
+print(heads.induction_scores_of(res, seq_len=20, start=1).table(k=3), "\n")
 position = 1 + 20 + 10  # token 10 of the second copy; the next token is token 11 of the first copy
-dla = heads.logit_attribution(model, ids, target=int(ids[0, position + 1]), position=position, tokenizer=tokenizer)
+target = int(ids[0, position + 1])
+dla = attribution.logit_attribution_of(res, arch, target, position=position, tokenizer=tokenizer)
 print(dla.table(k=8))
 
-plot_head_score_panels([induction, previous, ov.copying_scores]).savefig(args.out_dir / "head_scores.png", dpi=150, bbox_inches="tight")
-k_comp.plot().savefig(args.out_dir / "k_composition.png", dpi=150, bbox_inches="tight")
-dla.plot().savefig(args.out_dir / "induction_logit_attribution.png", dpi=150, bbox_inches="tight")
+figures = {
+    "head_scores.png": plot_head_score_panels([induction, previous, ov.copying_scores]),
+    "k_composition.png": k_comp.plot(),
+    "induction_logit_attribution.png": dla.plot(),
+}
+for name, figure in figures.items():
+    figure.savefig(args.out_dir / name, dpi=150, bbox_inches="tight")
 print(f"\nwrote head_scores.png, k_composition.png, induction_logit_attribution.png to {args.out_dir}")
