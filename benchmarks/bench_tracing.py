@@ -35,13 +35,15 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from reslens.arch import adapter
 from reslens.hooks import capture, patch
-from reslens.tracing import _noise, causal_trace_ids, embedding_std
+from reslens.tracing import Noise, causal_trace_ids, embedding_std
+from reslens.tracing._engine import draw_noise
 
 
 def rome_style_loop(model, ids, span, answer_id, noise):
     """ROME's ``trace_important_states``: one forward of ``samples + 1`` rows per cell."""
-    n_layer, n = len(model.transformer.h), ids.shape[0]
+    n_layer, n = adapter(model).n_layer, ids.shape[0]
     samples = noise.shape[0]
     start, end = span
     out = torch.empty(n_layer, n)
@@ -67,7 +69,8 @@ def rome_style_loop(model, ids, span, answer_id, noise):
 def per_cell_loop(model, ids, span, answer_id, noise):
     """One full forward of ``samples`` rows per cell (every cell), clean states captured once,
     the last position unembedded only: isolates what batching and the shortcuts buy."""
-    n_layer, n = len(model.transformer.h), ids.shape[0]
+    arch = adapter(model)
+    n_layer, n = arch.n_layer, ids.shape[0]
     start, end = span
     clean = capture(model, ids[None], sites="resid").resid[:, 0]  # [n_layer + 1, pos, d]
     out = torch.empty(n_layer, n)
@@ -85,14 +88,15 @@ def per_cell_loop(model, ids, span, answer_id, noise):
                 return t
 
             with torch.no_grad(), patch(model, {("resid", 0): corrupt, ("resid", layer + 1): restore}):
-                h = model.transformer(rows, use_cache=False)[0][:, -1]
-                p = torch.softmax(model.lm_head(h).float(), -1)[:, answer_id]
+                h = arch.final_hidden(rows)[:, -1]
+                p = torch.softmax(arch.unembed(h).float(), -1)[:, answer_id]
             out[layer, token] = p.mean()
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -107,12 +111,11 @@ def main() -> None:
     with torch.no_grad():
         answer_id = int(model(ids[None]).logits[0, -1].argmax())
     std = embedding_std(model, ids[span[0] : span[1]])
-    from reslens._gpt2 import GPT2
-
-    noise = _noise(GPT2(model), args.samples, span, 3.0 * std, 0)
+    noise = draw_noise(adapter(model), args.samples, span, 3.0 * std, 0)
 
     cases = {
-        "batched": lambda: causal_trace_ids(model, ids, span, answer_id=answer_id, samples=args.samples,
+        "batched": lambda: causal_trace_ids(model, ids, span, answer_id=answer_id,
+                                            noise=Noise(samples=args.samples),
                                             batch_size=args.batch_size).restored_prob,
         "per-cell loop": lambda: per_cell_loop(model, ids, span, answer_id, noise),
         "ROME-style loop": lambda: rome_style_loop(model, ids, span, answer_id, noise),
@@ -130,8 +133,9 @@ def main() -> None:
     diff = max(float((outputs[name] - outputs["batched"]).abs().max()) for name in cases) / scale
 
     cells = 12 * ids.shape[0]
-    print(f"GPT-2-small shape, random weights; prompt {ids.shape[0]} tokens, subject tokens {span[0]}..{span[1] - 1}, "
-          f"{cells} cells, samples={args.samples}, batch_size={args.batch_size} rows; torch {torch.__version__}, "
+    print(f"GPT-2-small shape, random weights; prompt {ids.shape[0]} tokens, "
+          f"subject tokens {span[0]}..{span[1] - 1}, {cells} cells, samples={args.samples}, "
+          f"batch_size={args.batch_size} rows; torch {torch.__version__}, "
           f"{args.threads} thread(s), {platform.processor() or platform.machine()}; "
           f"max |restored prob difference| / max restored prob = {diff:.1e}")
     print()
@@ -147,7 +151,8 @@ def main() -> None:
     base = statistics.median(times["batched"])
     for name in cases:
         med = statistics.median(times[name])
-        print(f"| {name} | {rows[name][0]} | {rows[name][1]} | {med:.2f} | {min(times[name]):.2f} | {med / base:.1f}x |")
+        print(f"| {name} | {rows[name][0]} | {rows[name][1]} | {med:.2f} | {min(times[name]):.2f} "
+              f"| {med / base:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""Prompts, subjects and answers as token ids: the checked inputs of causal tracing and ROME's edit.
+
+The subject span is ROME's ``find_token_range``: the tokens overlapping the characters of the
+first occurrence of the subject in the prompt, found through the tokenizer's offset mapping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from reslens._checks import check_int
+from reslens._inputs import encode as _encode_text
+from reslens.arch import Arch
+
+__all__ = ["encode", "subject_span", "token_span", "check_prompt_ids", "check_span", "prompt_ids",
+           "answer_id", "answer_ids"]
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of ``text`` without special tokens."""
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    return _encode_text(tokenizer, text)
+
+
+def subject_span(tokenizer: Any, prompt: str, subject: str) -> tuple[int, int]:
+    """Token span ``(start, end)`` of the first occurrence of ``subject`` in ``prompt``.
+
+    The tokens overlapping its characters, as ROME's ``find_token_range``. Uses the tokenizer's
+    offset mapping when it has one (fast tokenizers), else decodes token prefixes. Raises
+    ``ValueError`` when ``subject`` does not occur in ``prompt``.
+    """
+    if not isinstance(prompt, str) or not isinstance(subject, str):
+        raise TypeError(f"prompt and subject must be strings; got {type(prompt).__name__} and "
+                        f"{type(subject).__name__}")
+    if not subject.strip():
+        raise ValueError("subject is empty; give the subject's text as it appears in the prompt")
+    char_start = prompt.find(subject)
+    if char_start < 0:
+        raise ValueError(f"subject={subject!r} does not occur in prompt={prompt!r}")
+    return token_span(tokenizer, prompt, char_start, char_start + len(subject))
+
+
+def token_span(tokenizer: Any, text: str, char_start: int, char_end: int) -> tuple[int, int]:
+    """The tokens ``(start, end)`` of ``text`` overlapping characters ``char_start:char_end``."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [tuple(o) for o in encoded["offset_mapping"]]
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        ids = encode(tokenizer, text)
+        offsets, at = [], 0
+        for i in range(len(ids)):
+            end = len(tokenizer.decode(ids[: i + 1]))
+            offsets.append((at, end))
+            at = end
+    inside = [i for i, (s, e) in enumerate(offsets) if e > char_start and s < char_end]
+    if not inside:
+        raise ValueError(f"characters {char_start}:{char_end} ({text[char_start:char_end]!r}) cover no token "
+                         f"of {text!r}")
+    return inside[0], inside[-1] + 1
+
+
+def check_prompt_ids(arch: Arch, input_ids: Any) -> torch.Tensor:
+    """One prompt as ids ``[pos]`` on the model's device (``[1, pos]`` or a list of ints is accepted)."""
+    if isinstance(input_ids, (list, tuple)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in input_ids):
+            raise TypeError("input_ids given as a list must hold ints (token ids)")
+        input_ids = torch.tensor(list(input_ids), dtype=torch.long)
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a tensor [pos] or [1, pos] of token ids; "
+                        f"got {type(input_ids).__name__}")
+    if input_ids.ndim == 2 and input_ids.shape[0] == 1:
+        input_ids = input_ids[0]
+    if input_ids.ndim != 1:
+        raise ValueError(f"input_ids must be one prompt, [pos] or [1, pos]; "
+                         f"got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
+    n = input_ids.shape[0]
+    if n == 0:
+        raise ValueError("input_ids is empty; give at least one token")
+    if n > arch.n_ctx:
+        raise ValueError(f"the prompt has {n} tokens, more than the model's context (n_ctx={arch.n_ctx}); "
+                         "shorten it")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= arch.d_vocab:
+        bad = high if high >= arch.d_vocab else low
+        raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary 0..{arch.d_vocab - 1}")
+    return input_ids.long().to(arch.device)
+
+
+def check_span(span: Any, n_tokens: int) -> tuple[int, int]:
+    """A subject span ``(start, end)`` with ``0 <= start < end <= n_tokens``."""
+    if not (isinstance(span, (tuple, list)) and len(span) == 2):
+        raise TypeError(f"subject_span must be a (start, end) pair of token indices; got {span!r}")
+    start, end = (check_int(x, "subject_span") for x in span)
+    if not 0 <= start < end <= n_tokens:
+        raise ValueError(
+            f"subject_span={tuple(span)} must satisfy 0 <= start < end <= {n_tokens} (the prompt's tokens)"
+        )
+    return start, end
+
+
+def prompt_ids(arch: Arch, tokenizer: Any, prompt: Any) -> list[int]:
+    """The ids of a non-empty prompt string that fits the model's context."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string; got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("prompt is empty")
+    ids = encode(tokenizer, prompt)
+    if len(ids) > arch.n_ctx:
+        raise ValueError(
+            f"prompt has {len(ids)} tokens, more than the model's context (n_ctx={arch.n_ctx}); shorten it"
+        )
+    return ids
+
+
+def answer_ids(tokenizer: Any, answer: Any, *, name: str = "answer") -> list[int]:
+    """The ids (one or more) of an answer string, written as it follows the prompt (e.g. ``" Holmes"``)."""
+    if not isinstance(answer, str):
+        raise TypeError(f"{name} must be a string (e.g. ' Holmes', with its leading space); got {answer!r}")
+    if not answer:
+        raise ValueError(f"{name} is empty; give its text as it follows the prompt (e.g. ' Holmes')")
+    ids = encode(tokenizer, answer)
+    if not ids:
+        raise ValueError(f"{name}={answer!r} tokenizes to no tokens")
+    return ids
+
+
+def answer_id(tokenizer: Any, answer: Any) -> int:
+    """The id of an answer that is exactly one token; a longer answer is refused (its tokens are named)."""
+    ids = answer_ids(tokenizer, answer)
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise ValueError(
+            f"answer={answer!r} is {len(ids)} tokens {pieces}; a causal trace measures the probability "
+            f"of one token: pass one token, e.g. answer={pieces[0]!r} (its first)"
+        )
+    return ids[0]
