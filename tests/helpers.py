@@ -11,7 +11,13 @@ N_POSITIONS = 40
 
 def make_config(**overrides) -> GPT2Config:
     kwargs = dict(
-        n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=N_POSITIONS, bos_token_id=0, eos_token_id=0
+        n_layer=3,
+        n_embd=32,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=N_POSITIONS,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     kwargs.update(overrides)
     return GPT2Config(**kwargs)
@@ -28,26 +34,57 @@ FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 def make_family(family: str, seed: int = 0, bare: bool = False, **overrides):
     """A tiny seeded random model of ``family``: GPT-2; Llama with grouped-query attention and an untied
     head; Mistral with a small sliding window; Qwen2 with q/k/v biases and a tied head."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, LlamaModel, MistralConfig, MistralForCausalLM,
-                              MistralModel, Qwen2Config, Qwen2ForCausalLM, Qwen2Model)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaModel,
+        MistralConfig,
+        MistralForCausalLM,
+        MistralModel,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2Model,
+    )
 
     if family == "gpt2":
         from transformers import GPT2Model
 
         return make_model(seed, cls=GPT2Model if bare else GPT2LMHeadModel, **overrides)
-    common = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=N_POSITIONS,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5)
+    common = dict(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=N_POSITIONS,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rms_norm_eps=1e-5,
+    )
     specific = {
         "llama": (LlamaConfig, LlamaForCausalLM, LlamaModel, dict(tie_word_embeddings=False)),
-        "mistral": (MistralConfig, MistralForCausalLM, MistralModel, dict(sliding_window=4, tie_word_embeddings=False)),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM, Qwen2Model, dict(tie_word_embeddings=True, num_key_value_heads=4)),
+        "mistral": (
+            MistralConfig,
+            MistralForCausalLM,
+            MistralModel,
+            dict(sliding_window=4, tie_word_embeddings=False),
+        ),
+        "qwen2": (
+            Qwen2Config,
+            Qwen2ForCausalLM,
+            Qwen2Model,
+            dict(tie_word_embeddings=True, num_key_value_heads=4),
+        ),
     }
     config_cls, lm_cls, body_cls, extra = specific[family]
     kwargs = {**common, **extra, **overrides}
     torch.manual_seed(seed)
     model = (body_cls if bare else lm_cls)(config_cls(**kwargs)).eval()
-    with torch.no_grad():  # random norm weights and biases, so RMSNorm's gamma and Qwen2's q/k/v biases matter
+    with (
+        torch.no_grad()
+    ):  # random norm weights and biases, so RMSNorm's gamma and Qwen2's q/k/v biases matter
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))

@@ -16,7 +16,8 @@ def smollm2():
     from reslens import hub, load_model
 
     if not hub.is_cached("smollm2"):
-        reason = f"SmolLM2-135M is not in the reslens cache ({hub.model_dir('smollm2')}); run: reslens download smollm2"
+        reason = (f"SmolLM2-135M is not in the reslens cache ({hub.model_dir('smollm2')}); "
+                  "run: reslens download smollm2")
         if os.environ.get("RESLENS_REQUIRE_REAL_MODEL") == "1":
             pytest.fail(reason + " (RESLENS_REQUIRE_REAL_MODEL=1)")
         pytest.skip(reason)

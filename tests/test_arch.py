@@ -14,7 +14,15 @@ def test_sizes_and_tied_unembedding(model):
     a = adapter(model)
     assert isinstance(a, GPT2) and a.family == "gpt2" and a.positional == "learned" and not a.gated_mlp
     assert (a.n_layer, a.d_model, a.d_mlp, a.n_head, a.n_kv_head, a.d_head, a.d_vocab, a.n_ctx) == (
-        3, 32, 128, 4, 4, 8, 97, 40)
+        3,
+        32,
+        128,
+        4,
+        4,
+        8,
+        97,
+        40,
+    )
     assert a.W_U.data_ptr() == a.W_E.data_ptr()
     assert a.lm_head is model.lm_head and a.body is model.transformer
     assert adapter(a) is a
@@ -25,9 +33,16 @@ def test_bare_body_is_supported():
     assert a.lm_head is None and a.W_U is a.W_E and a.n_layer == 3 and a.b_U is None
 
 
-@pytest.mark.parametrize("bad", [
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
-    torch.nn.Linear(2, 2), "gpt2"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        BertModel(
+            BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        ),
+        torch.nn.Linear(2, 2),
+        "gpt2",
+    ],
+)
 def test_unsupported_family_is_a_type_error_listing_the_families(bad):
     with pytest.raises(TypeError, match=f"supported family.*gpt2.*{type(bad).__name__}"):
         adapter(bad)
@@ -44,7 +59,9 @@ def test_norm_equals_the_module(model, which, layer):
         assert torch.equal(norm(x), module(x))
         # the linearised norm of pieces summing to x sums to norm(x) - bias
         pieces = torch.stack([x * 0.25, x * 0.75])
-        torch.testing.assert_close(norm.linearised(x)(pieces).sum(0) + norm.bias, module(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            norm.linearised(x)(pieces).sum(0) + norm.bias, module(x), atol=1e-5, rtol=1e-5
+        )
         # read_direction: w . norm(x) = read_direction(w) . x / sigma(x) + w . beta
         w = torch.randn(a.d_model)
         lhs = module(x) @ w
@@ -69,7 +86,9 @@ def test_mlp_weights_rebuild_mlp_act_and_mlp_out(model, ids):
             x_hat = a.norm("mlp", layer)(res.resid_mid[layer])
             torch.testing.assert_close(w.coefficients(x_hat), res.mlp_act[layer], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(w.forward(x_hat), res.mlp_out[layer], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(res.mlp_act[layer] @ w.W_out + w.b_out, res.mlp_out[layer], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                res.mlp_act[layer] @ w.W_out + w.b_out, res.mlp_out[layer], atol=1e-5, rtol=1e-5
+            )
 
 
 def test_per_head_weights_rebuild_attn_out(model, ids):
@@ -115,7 +134,9 @@ def test_rank_one_delta_has_the_stored_orientation(model):
     # adding the delta changes mlp_out by (m . u) v for coefficients m
     m = torch.randn(3, a.d_mlp)
     w = a.mlp_weights(1)
-    torch.testing.assert_close(m @ (w.W_out + delta) - m @ w.W_out, (m @ u)[:, None] * v, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        m @ (w.W_out + delta) - m @ w.W_out, (m @ u)[:, None] * v, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_key_parameters_exclude_the_mlp_output_projection(model):

@@ -16,8 +16,18 @@ import reslens.models
 
 EMBEDDED = reslens.models.embedded_model_dir()
 REPO = Path(__file__).resolve().parents[1]
-HELD_OUT_BOOKS = ("105-persuasion.txt", "2852-hound-of-the-baskervilles.txt", "12-through-the-looking-glass.txt")
-PACKAGE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "MODEL_CARD.md")
+HELD_OUT_BOOKS = (
+    "105-persuasion.txt",
+    "2852-hound-of-the-baskervilles.txt",
+    "12-through-the-looking-glass.txt",
+)
+PACKAGE_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "MODEL_CARD.md",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +47,9 @@ def test_tokenizer_has_gpt2_ids(loaded):
 
 def test_tokenizer_round_trip(loaded):
     _, tokenizer = loaded
-    text = "“Well, Watson, what do you make of it?” said Mr. Holmes — and _then_ he smiled.\n\n  [Illustration]"
+    text = (
+        "“Well, Watson, what do you make of it?” said Mr. Holmes — and _then_ he smiled.\n\n  [Illustration]"
+    )
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
@@ -83,7 +95,18 @@ def test_card_names_held_out_books_and_licences():
 
 def test_wheel_ships_the_embedded_model(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("reslens-*.whl")
@@ -94,7 +117,18 @@ def test_wheel_ships_the_embedded_model(tmp_path):
     # A non-editable install of that wheel loads the model offline.
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
         check=True,
     )
     code = (
@@ -102,8 +136,12 @@ def test_wheel_ships_the_embedded_model(tmp_path):
         "print(m.__file__); print(model.config.vocab_size, tok.encode('Mr'))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
     )
     module_file, numbers = result.stdout.strip().splitlines()[-2:]
     assert module_file.startswith(str(target))

@@ -53,7 +53,9 @@ def test_mlp_sites_and_weights_rebuild_the_mlp(family_model, ids):
             torch.testing.assert_close(w.coefficients(x_hat), res.mlp_act[layer], **ATOL)
             torch.testing.assert_close(w.forward(x_hat), res.mlp_out[layer], **ATOL)
             if a.gated_mlp:
-                torch.testing.assert_close(w.act(res.mlp_gate[layer]) * res.mlp_up[layer], res.mlp_act[layer], **ATOL)
+                torch.testing.assert_close(
+                    w.act(res.mlp_gate[layer]) * res.mlp_up[layer], res.mlp_act[layer], **ATOL
+                )
             else:
                 torch.testing.assert_close(w.act(res.mlp_up[layer]), res.mlp_act[layer], **ATOL)
 
@@ -119,6 +121,7 @@ def test_nothing_is_left_changed(family_model, ids):
 
 # --- the adapter contract --------------------------------------------------------------------------
 
+
 def test_per_head_weights_rebuild_attn_out_and_values(family_model, ids):
     a = adapter(family_model)
     res = capture(family_model, ids, sites=("resid", "attn_z", "attn_out", "attn_pattern"))
@@ -126,7 +129,9 @@ def test_per_head_weights_rebuild_attn_out_and_values(family_model, ids):
         for layer in range(a.n_layer):
             z = a.split_heads(res.attn_z[layer])  # [batch, pos, head, d_head]
             b_o = 0 if a.b_O(layer) is None else a.b_O(layer)
-            torch.testing.assert_close(torch.einsum("bphe,hed->bpd", z, a.W_O(layer)) + b_o, res.attn_out[layer], **ATOL)
+            torch.testing.assert_close(
+                torch.einsum("bphe,hed->bpd", z, a.W_O(layer)) + b_o, res.attn_out[layer], **ATOL
+            )
             h = a.norm("attn", layer)(res.resid[layer])
             v = torch.einsum("bpd,hde->bhpe", h, a.W_V(layer))
             if a.b_V(layer) is not None:
@@ -134,7 +139,9 @@ def test_per_head_weights_rebuild_attn_out_and_values(family_model, ids):
             # z_h = pattern_h @ v_h: the pattern and the expanded value weights give the head outputs
             torch.testing.assert_close(res.attn_pattern[layer] @ v, z.transpose(1, 2), **ATOL)
             for head in range(a.n_head):
-                assert torch.equal(a.W_K(layer)[head], a.W_K(layer)[a.kv_head(head) * (a.n_head // a.n_kv_head)])
+                assert torch.equal(
+                    a.W_K(layer)[head], a.W_K(layer)[a.kv_head(head) * (a.n_head // a.n_kv_head)]
+                )
 
 
 def test_rotation_gives_the_attention_scores(family_model, ids):
@@ -143,14 +150,25 @@ def test_rotation_gives_the_attention_scores(family_model, ids):
     layer, batch, query = 1, 0, 7
     with torch.no_grad():
         h = a.norm("attn", layer)(res.resid[layer][batch])  # [pos, d_model]
-        q = torch.einsum("pd,hde->hpe", h, a.W_Q(layer)) + (0 if a.b_Q(layer) is None else a.b_Q(layer)[:, None])
-        k = torch.einsum("pd,hde->hpe", h, a.W_K(layer)) + (0 if a.b_K(layer) is None else a.b_K(layer)[:, None])
-        scores = torch.stack([torch.einsum("he,ef,hf->h", q[:, query], a.rotation(layer, query - key), k[:, key])
-                              for key in range(query + 1)], dim=-1) * a.attn_scale(layer)  # [head, key]
+        q = torch.einsum("pd,hde->hpe", h, a.W_Q(layer)) + (
+            0 if a.b_Q(layer) is None else a.b_Q(layer)[:, None]
+        )
+        k = torch.einsum("pd,hde->hpe", h, a.W_K(layer)) + (
+            0 if a.b_K(layer) is None else a.b_K(layer)[:, None]
+        )
+        scores = torch.stack(
+            [
+                torch.einsum("he,ef,hf->h", q[:, query], a.rotation(layer, query - key), k[:, key])
+                for key in range(query + 1)
+            ],
+            dim=-1,
+        ) * a.attn_scale(layer)  # [head, key]
     window = getattr(a, "window", lambda _: None)(layer)
     if window is not None:
         scores[:, : query + 1 - window] = float("-inf")
-    torch.testing.assert_close(scores.softmax(-1), res.attn_pattern[layer][batch, :, query, : query + 1], **ATOL)
+    torch.testing.assert_close(
+        scores.softmax(-1), res.attn_pattern[layer][batch, :, query, : query + 1], **ATOL
+    )
 
 
 @pytest.mark.parametrize("start", [1, 5, 9])
@@ -173,7 +191,11 @@ def test_norm_is_the_module_and_rank_one_delta_has_the_stored_orientation(family
     a = adapter(family_model)
     x = torch.randn(3, a.d_model) * 2
     with torch.no_grad():
-        for which, module in (("attn", a.attn_norm(1)), ("mlp", a.mlp_norm(1)), ("final", a.final_norm_module)):
+        for which, module in (
+            ("attn", a.attn_norm(1)),
+            ("mlp", a.mlp_norm(1)),
+            ("final", a.final_norm_module),
+        ):
             norm = a.norm(which, 1)
             assert norm.centred == (a.family == "gpt2") and (norm.bias is None) == (a.family != "gpt2")
             assert torch.equal(norm(x), module(x))
@@ -199,12 +221,16 @@ def test_bare_bodies_are_supported(ids):
         res = capture(body, ids, sites=("resid", "final", "logits"))
         with torch.no_grad():
             out = body(ids, output_hidden_states=True)
-        assert torch.equal(res.resid[1], out.hidden_states[1]) and torch.equal(res.final, out.last_hidden_state)
+        assert torch.equal(res.resid[1], out.hidden_states[1]) and torch.equal(
+            res.final, out.last_hidden_state
+        )
         torch.testing.assert_close(res.logits, out.last_hidden_state @ a.W_E.T, **ATOL)
 
 
 def test_rope_scaling_comes_from_the_model(ids):
-    scaled = make_family("llama", rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    scaled = make_family(
+        "llama", rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    )
     plain = make_family("llama")
     res_s = capture(scaled, ids, sites=("attn_pattern",))
     res_p = capture(plain, ids, sites=("attn_pattern",))

@@ -40,10 +40,19 @@ def test_bare_gpt2model_logits_come_from_the_tied_unembedding(base_model, ids):
 def test_block_decomposition_is_exact(model, ids):
     res = capture(model, ids, sites=("resid", "resid_mid", "attn_out", "mlp_out", "mlp_act"))
     for layer in range(model.config.n_layer):
-        torch.testing.assert_close(res.resid[layer + 1], res.resid[layer] + res.attn_out[layer] + res.mlp_out[layer], atol=1e-5, rtol=0)
-        torch.testing.assert_close(res.resid_mid[layer], res.resid[layer] + res.attn_out[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            res.resid[layer + 1],
+            res.resid[layer] + res.attn_out[layer] + res.mlp_out[layer],
+            atol=1e-5,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            res.resid_mid[layer], res.resid[layer] + res.attn_out[layer], atol=1e-5, rtol=0
+        )
         c_proj = model.transformer.h[layer].mlp.c_proj
-        torch.testing.assert_close(res.mlp_act[layer] @ c_proj.weight + c_proj.bias, res.mlp_out[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            res.mlp_act[layer] @ c_proj.weight + c_proj.bias, res.mlp_out[layer], atol=1e-5, rtol=0
+        )
 
 
 def test_mlp_act_is_post_gelu(model, ids):
@@ -74,12 +83,16 @@ def test_attn_pattern_with_padding_matches_eager(model, ids):
     batch = Batch(ids, mask)
     res = capture(model, batch, sites=("attn_pattern",))
     model.set_attn_implementation("eager")
-    eager = model(ids, attention_mask=mask, position_ids=batch.position_ids, output_attentions=True).attentions
+    eager = model(
+        ids, attention_mask=mask, position_ids=batch.position_ids, output_attentions=True
+    ).attentions
     real = mask.bool()
     for layer, weights in enumerate(eager):
         for b in range(3):
             rows = real[b].nonzero().flatten()
-            torch.testing.assert_close(res.attn_pattern[layer, b][:, rows], weights[b][:, rows], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                res.attn_pattern[layer, b][:, rows], weights[b][:, rows], atol=1e-6, rtol=1e-5
+            )
             assert (res.attn_pattern[layer, b][:, rows][..., ~real[b]] == 0).all()
 
 
@@ -229,8 +242,10 @@ def test_tokenize_follows_the_tokenizers_special_token_convention(model):
     tok = BosTokenizer()
     batch = reslens.tokenize(tok, ["ab", "hello"], padding_side="left")
     assert batch.input_ids[0, 3].item() == 1 and batch.input_ids[1, 0].item() == 1
-    assert batch.special_mask.tolist() == [[False, False, False, True, False, False],
-                                           [True, False, False, False, False, False]]
+    assert batch.special_mask.tolist() == [
+        [False, False, False, True, False, False],
+        [True, False, False, False, False, False],
+    ]
     assert batch.stat_mask.sum().item() == 7
     plain = reslens.tokenize(tok, ["ab", "hello"], special_tokens=False)
     assert not plain.special_mask.any() and plain.input_ids.shape == (2, 5)

@@ -1,6 +1,5 @@
 """Bad input gets a clear error, and nothing is left on or changed in the model."""
 
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,8 +10,9 @@ from reslens import Batch, capture, tokenize, trace
 from reslens.hooks import patch
 from reslens.hooks import SITES as ALL_SITES
 
-SITES = tuple(s for s in ALL_SITES if s != "mlp_gate")  # GPT-2 has no gate (tests/test_families.py covers it)
 from helpers import N_POSITIONS, VOCAB, assert_same_state, hook_counts, make_model, model_state
+
+SITES = tuple(s for s in ALL_SITES if s != "mlp_gate")  # GPT-2 has no gate (tests/test_families.py covers it)
 
 
 def test_no_hook_remains_after_capture_and_trace(model, ids):
@@ -187,7 +187,7 @@ def test_property_padding_invariance_and_shapes(lengths, side, sites, layers, se
     assert hook_counts(model) == before
     assert res.sites == tuple(s for s in SITES if s in sites)
     kept = tuple(range(4)) if layers is None else tuple(layers)
-    assert res.layers == kept and res.blocks == tuple(l for l in kept if l < 3)
+    assert res.layers == kept and res.blocks == tuple(layer for layer in kept if layer < 3)
     row = int(torch.randint(0, len(lengths), (1,), generator=gen))
     real = mask[row].bool()
     alone = capture(model, ids[row, real][None], sites=sites, layers=layers)
@@ -204,6 +204,7 @@ def test_property_padding_invariance_and_shapes(lengths, side, sites, layers, se
 
 # --- issue 18: threads, patch inside trace, files, inputs --------------------------------------
 
+
 def test_capture_in_two_threads_records_each_threads_own_forward(model):
     import threading
 
@@ -218,7 +219,9 @@ def test_capture_in_two_threads_records_each_threads_own_forward(model):
                 got = capture(model, inputs[k], sites=("resid", "mlp_out")).resid
                 # close, not equal: concurrent matmuls may split their sums differently; the other
                 # thread's activations would differ by O(1)
-                if got.shape != expected[k].shape or not torch.allclose(got, expected[k], atol=1e-5, rtol=1e-5):
+                if got.shape != expected[k].shape or not torch.allclose(
+                    got, expected[k], atol=1e-5, rtol=1e-5
+                ):
                     wrong.append(k)
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
@@ -257,7 +260,9 @@ def test_patch_entered_inside_trace_is_recorded_consistently(model, ids):
             with torch.no_grad():
                 model(ids)
     res = tr.residuals
-    torch.testing.assert_close(res.resid[1], res.resid[0] + res.attn_out[0] + res.mlp_out[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        res.resid[1], res.resid[0] + res.attn_out[0] + res.mlp_out[0], atol=1e-5, rtol=1e-5
+    )
     with patch(model, {("mlp_out", 0): lambda t: t + shift, ("resid", 2): lambda t: t * 2}):
         outer = capture(model, ids, sites=("resid", "attn_out", "mlp_out"))
     assert torch.equal(outer.resid, res.resid) and torch.equal(outer.mlp_out, res.mlp_out)
@@ -290,8 +295,12 @@ def test_residuals_files_fail_with_a_message_naming_the_path(model, ids, tmp_pat
     truncated.write_bytes(target.read_bytes()[:200])
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    for bad, why in [(truncated, "truncated"), (text, "safetensors"), (tmp_path, "folder"),
-                     (tmp_path / "missing.safetensors", "no such file")]:
+    for bad, why in [
+        (truncated, "truncated"),
+        (text, "safetensors"),
+        (tmp_path, "folder"),
+        (tmp_path / "missing.safetensors", "no such file"),
+    ]:
         with pytest.raises(ValueError, match=why) as info:
             reslens.Residuals.load(bad)
         assert str(bad) in str(info.value)

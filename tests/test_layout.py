@@ -14,8 +14,23 @@ MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 #: HuggingFace GPT-2 module and config names: only arch/ may use them (in code, docs or option values).
 #: ``n_layer`` alone is the adapter's own size name, so only the config field is forbidden.
-FORBIDDEN = ["transformer.h", "c_fc", "c_proj", "c_attn", "ln_1", "ln_2", "ln_f", "wte", "wpe", "n_positions",
-             "n_embd", "config.n_layer", "num_hidden_layers", "model.transformer", "model.model"]
+FORBIDDEN = [
+    "transformer.h",
+    "c_fc",
+    "c_proj",
+    "c_attn",
+    "ln_1",
+    "ln_2",
+    "ln_f",
+    "wte",
+    "wpe",
+    "n_positions",
+    "n_embd",
+    "config.n_layer",
+    "num_hidden_layers",
+    "model.transformer",
+    "model.model",
+]
 #: reading a forward's positional arguments (``args[0]`` in a hook) belongs in arch/ too
 POSITIONAL = re.compile(r"\bargs\[\d+\]")
 
@@ -61,8 +76,11 @@ def _functions(tree: ast.AST):
 @pytest.mark.parametrize("path", MODULES, ids=_rel)
 def test_functions_are_short(path):
     tree = ast.parse(path.read_text())
-    long = [f"{f.name} ({f.end_lineno - f.lineno + 1} lines)" for f in _functions(tree)
-            if f.end_lineno - f.lineno + 1 > 85]
+    long = [
+        f"{f.name} ({f.end_lineno - f.lineno + 1} lines)"
+        for f in _functions(tree)
+        if f.end_lineno - f.lineno + 1 > 85
+    ]
     assert not long, f"{_rel(path)}: functions over ~80 lines: {', '.join(long)}"
 
 
@@ -95,15 +113,17 @@ def test_no_import_cycle():
             target = target.rpartition(".")[0]
         return target or None
 
-    edges = {m: {r for t in deps if (r := resolve(t)) and r != m and not m.startswith(r + ".")}
-             for m, deps in graph.items()}
+    edges = {
+        m: {r for t in deps if (r := resolve(t)) and r != m and not m.startswith(r + ".")}
+        for m, deps in graph.items()
+    }
     state: dict[str, int] = {}
 
     def visit(node: str, stack: list[str]) -> None:
         state[node] = 1
         for nxt in edges.get(node, ()):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(nxt):], nxt]))
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(nxt) :], nxt]))
             if nxt not in state:
                 visit(nxt, [*stack, nxt])
         state[node] = 2
@@ -126,15 +146,25 @@ def test_logging_not_print_outside_the_cli_and_no_pickle():
         if path.name == "cli.py":
             continue
         tree = ast.parse(path.read_text())
-        shown = {id(n) for f in _functions(tree) if f.name == "show" for n in ast.walk(f)}  # display methods print
+        shown = {
+            id(n) for f in _functions(tree) if f.name == "show" for n in ast.walk(f)
+        }  # display methods print
         for node in ast.walk(tree):
             if id(node) in shown and isinstance(node, ast.Call) and getattr(node.func, "id", "") == "print":
                 continue
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("print", "eval", "exec"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("print", "eval", "exec")
+            ):
                 hits.append(f"{_rel(path)}:{node.lineno}: {node.func.id}()")
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                hits += [f"{_rel(path)}:{node.lineno}: imports {m}" for m in mods if m.split(".")[0] in ("pickle", "dill")]
+                hits += [
+                    f"{_rel(path)}:{node.lineno}: imports {m}"
+                    for m in mods
+                    if m.split(".")[0] in ("pickle", "dill")
+                ]
     assert not hits, "\n".join(hits)
 
 
@@ -146,5 +176,7 @@ def test_ruff_is_clean():
 
     root = PACKAGE.parents[1]
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    done = subprocess.run([ruff, "check", "src", "tests"], cwd=root, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [ruff, "check", "src", "tests"], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -28,7 +28,10 @@ def test_local_directory_loads_in_eval_mode(local_dir):
     assert model.transformer.wte.weight.dtype == torch.bfloat16
     assert tokenizer("Mr")["input_ids"] == [5246]
     reference = make_model(vocab_size=50257)
-    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight.float(), reference.transformer.h[0].mlp.c_fc.weight.bfloat16().float())
+    assert torch.equal(
+        model.transformer.h[0].mlp.c_fc.weight.float(),
+        reference.transformer.h[0].mlp.c_fc.weight.bfloat16().float(),
+    )
 
 
 def test_missing_local_path_says_so(tmp_path):
@@ -44,17 +47,23 @@ def test_bad_arguments():
 
 
 def test_unreachable_hub_suggests_a_local_path_or_the_default():
-    code = "import reslens\ntry:\n    reslens.load_model('gpt2-no-such-model')\nexcept OSError as e:\n    print(e)\n"
+    code = "\n".join(["import reslens", "try:", "    reslens.load_model('gpt2-no-such-model')",
+                      "except OSError as e:", "    print(e)", ""])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    ).stdout
     assert "hub may be unreachable" in out and "local directory" in out and "load_model() with no name" in out
 
 
 def test_another_familys_checkpoint_is_refused_before_loading(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, vocab_size=50)).save_pretrained(tmp_path)
+    BertForMaskedLM(
+        BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50
+        )
+    ).save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((embedded_model_dir() / name).read_bytes())
     with pytest.raises(TypeError, match="'bert' model; reslens supports the families gpt2"):
@@ -69,8 +78,11 @@ def test_a_checkpoint_missing_weights_is_refused(local_dir, tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     dropped = [k for k in weights if k.endswith("h.1.mlp.c_fc.weight")]
     assert dropped
-    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ValueError, match="lacks 1 of the model's weights.*c_fc"):
         reslens.load_model(tmp_path)
 
