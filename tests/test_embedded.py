@@ -146,3 +146,17 @@ def test_wheel_ships_the_embedded_model(tmp_path):
     module_file, numbers = result.stdout.strip().splitlines()[-2:]
     assert module_file.startswith(str(target))
     assert numbers == "50257 [5246]"
+
+
+def test_sdist_carries_what_its_tests_import_and_the_description_links_nothing_outside(tmp_path):
+    import tarfile
+
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True)
+    (sdist,) = tmp_path.glob("reslens-*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for needed in ("tests/conftest.py", "tests/helpers.py", "tests/real_model.py", "tests/frozen_results.py",
+                   "tests/fixtures/gpt2_frozen.safetensors", "src/reslens/data/embedded/model.safetensors"):
+        assert needed in names, needed
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "](../" not in readme and "](shared" not in readme  # no link out of the package in its description
