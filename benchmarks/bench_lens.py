@@ -12,6 +12,10 @@ Cases (timed interleaved: A, B, C, ..., A, B, C, ...; medians and ratios to the 
   (target = next token, so every metric is computed). The fused reducer's compile runs in a
   warm-up call that is excluded from the timings; its one-off cost is printed separately
   (measured with a fresh, empty inductor cache).
+- ``lens_stats`` against ``logit_lens`` on the same tokens: ``lens_stats(model, [ids])`` (one
+  batch: the lens with top-1 plus running sums and the quantile samples) beside
+  ``logit_lens(model, ids, top_k=1)``, which is what it reads per batch; a line after the table
+  gives both per token and their ratio.
 - ``naive lens``: ``ln_f(resid) @ W_U^T`` for all 13 layers materialised as float32
   ``[13, B, P, V]``, ``log_softmax``, then top-5, target log-prob, rank, entropy, KL both
   ways and JS from the full tensors.
@@ -72,6 +76,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from reslens import capture  # noqa: E402
 from reslens.lens import logit_lens  # noqa: E402
+from reslens.lens_stats import lens_stats  # noqa: E402
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "reslens" / "data" / "embedded"
 TOP_K = 5
@@ -79,6 +84,8 @@ TOP_K = 5
 FORWARD = "HF forward (baseline)"
 RESLENS = "reslens logit_lens, fused=False"
 RESLENS_FUSED = "reslens logit_lens, fused=True"
+RESLENS_TOP1 = "reslens logit_lens, top_k=1 (what lens_stats reads)"
+STATS = "reslens lens_stats, same tokens (1 batch)"
 NAIVE = "naive lens (full [13,B,P,V] float32)"
 TL_TOP = "TransformerLens logit_lens, top-5"
 TL_BOTH = "TransformerLens logit_lens, top-5 + target (2 readouts, 1 cache)"
@@ -164,9 +171,16 @@ def naive_lens(model: GPT2LMHeadModel, ids: torch.Tensor, top_k: int = TOP_K) ->
         final_top1_prob = p.gather(-1, final_top1[None, ..., None].expand(p.shape[0], -1, -1, 1)).squeeze(-1)
         top_probs = top_logp.exp()
         return dict(
-            top_ids=top_ids, top_probs=top_probs, target_logprob=target_logprob, target_rank=target_rank,
-            entropy=entropy, kl_final_layer=kl_final_layer, kl_layer_final=kl_layer_final, js=js,
-            max_prob=top_probs[..., 0], final_top1_prob=final_top1_prob,
+            top_ids=top_ids,
+            top_probs=top_probs,
+            target_logprob=target_logprob,
+            target_rank=target_rank,
+            entropy=entropy,
+            kl_final_layer=kl_final_layer,
+            kl_layer_final=kl_layer_final,
+            js=js,
+            max_prob=top_probs[..., 0],
+            final_top1_prob=final_top1_prob,
         )
 
 
@@ -190,7 +204,7 @@ def tl_both(bridge, ids: torch.Tensor):
     from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
 
     n = int(bridge.cfg.n_layers)
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
     with torch.no_grad():
         _, cache = bridge.run_with_cache(ids, names_filter=names)
     top = tl_logit_lens(cache, positions=None, top_k=TOP_K, return_type="probs")
@@ -208,6 +222,8 @@ def make_cases(model, ids, bridge, breakdown: bool) -> dict:
         FORWARD: forward,
         RESLENS: lambda: logit_lens(model, ids, top_k=TOP_K, fused=False),
         RESLENS_FUSED: lambda: logit_lens(model, ids, top_k=TOP_K, fused=True),
+        RESLENS_TOP1: lambda: logit_lens(model, ids, top_k=1),
+        STATS: lambda: lens_stats(model, [ids], progress=False),
         NAIVE: lambda: naive_lens(model, ids),
     }
     if bridge is not None:
@@ -247,7 +263,9 @@ def spot_check(model, bridge) -> str:
         worst["TL top_probs"] = float((top.values - ours.top_probs).abs().max())
         worst["TL entropy"] = float((top.readout.entropy - ours.entropy).abs().max())
         worst["TL target_logprob"] = float((target.values[..., 0] - ours.target_logprob)[:, keep].abs().max())
-        worst["TL target_rank"] = int((target.readout.target_ranks[..., 0] - ours.target_rank)[:, keep].abs().max())
+        worst["TL target_rank"] = int(
+            (target.readout.target_ranks[..., 0] - ours.target_rank)[:, keep].abs().max()
+        )
     return ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in worst.items())
 
 
@@ -277,10 +295,22 @@ def memory_child(case: str, batch: int, pos: int, model_dir: str | None) -> None
     start = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - start
-    peak = _status_kb("VmHWM") if method == "VmHWM reset" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = (
+        _status_kb("VmHWM") if method == "VmHWM reset" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    )
     del out
-    print(json.dumps({"case": case, "before_mb": before / 1024, "peak_mb": peak / 1024,
-                      "extra_mb": (peak - before) / 1024, "seconds": seconds, "method": method}))
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "before_mb": before / 1024,
+                "peak_mb": peak / 1024,
+                "extra_mb": (peak - before) / 1024,
+                "seconds": seconds,
+                "method": method,
+            }
+        )
+    )
 
 
 def measure_memory(case: str, batch: int, pos: int, model_dir: str | None) -> dict:
@@ -311,11 +341,14 @@ def machine_line() -> str:
             cpu = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1).strip()
     except (OSError, AttributeError):
         pass
-    return f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"machine: {cpu}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", default="1x1024,4x256", help="comma-separated BATCHxPOS")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-tl", action="store_true", help="skip TransformerLens even if it imports")
@@ -343,8 +376,9 @@ def main() -> None:
 
     print(machine_line())
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = "?"
     import transformers
@@ -354,7 +388,8 @@ def main() -> None:
         from importlib.metadata import version
 
         tl_version = version("transformer-lens")
-    print(f"reslens commit {commit or '?'}, transformers {transformers.__version__}, transformer-lens {tl_version}")
+    versions = f"transformers {transformers.__version__}, transformer-lens {tl_version}"
+    print(f"reslens commit {commit or '?'}, {versions}")
     if tl_reason is not None:
         print(f"TransformerLens: not benchmarked -- {tl_reason}")
     print(f"spot check (max |reslens - other| on 2 x 48 tokens): {spot_check(model, bridge)}")
@@ -393,8 +428,10 @@ def main() -> None:
 
         base = statistics.median(times[FORWARD])
         base_mem = memory.get(FORWARD, {}).get("extra_mb")
-        print(f"\n### GPT-2 small (124M), {batch} x {pos} tokens, 13 layers, all positions, top-{TOP_K} "
-              f"+ all metrics; cpu, {args.repeats} interleaved repeats\n")
+        print(
+            f"\n### GPT-2 small (124M), {batch} x {pos} tokens, 13 layers, all positions, top-{TOP_K} "
+            f"+ all metrics; cpu, {args.repeats} interleaved repeats\n"
+        )
         print("| case | median s | min s | ratio to forward | peak extra MB | above forward MB |")
         print("|---|---|---|---|---|---|")
         for name, ts in times.items():
@@ -402,21 +439,37 @@ def main() -> None:
             mem = memory.get(name, {})
             extra = mem.get("extra_mb")
             above = "" if extra is None or base_mem is None else f"{extra - base_mem:.0f}"
-            extra_s = f"{extra:.0f}" if extra is not None else (f"error: {mem['error']}" if "error" in mem else "")
+            extra_s = (
+                f"{extra:.0f}" if extra is not None else (f"error: {mem['error']}" if "error" in mem else "")
+            )
             print(f"| {name} | {med:.3f} | {min(ts):.3f} | {med / base:.2f} | {extra_s} | {above} |")
         if compile_note and (batch, pos) == shapes[0]:
             print(f"\n{compile_note}")
         med = {name: statistics.median(ts) for name, ts in times.items()}
+        per_token = {name: med[name] / (batch * pos) * 1e3 for name in (RESLENS_TOP1, STATS)}
+        print(
+            f"\nper token: logit_lens(top_k=1) {per_token[RESLENS_TOP1]:.3f} ms, lens_stats "
+            f"{per_token[STATS]:.3f} ms: lens_stats / logit_lens = {med[STATS] / med[RESLENS_TOP1]:.3f}"
+        )
         if TL_TOP in med:
             for tl in (TL_TOP, TL_BOTH):
                 for ours in (RESLENS, RESLENS_FUSED):
                     line = f"- {tl} / {ours}: time {med[tl] / med[ours]:.2f}x"
-                    if memory.get(tl, {}).get("extra_mb") and memory.get(ours, {}).get("extra_mb") is not None:
-                        line += f", peak extra {memory[ours]['extra_mb'] / memory[tl]['extra_mb']:.3f} of TL's"
+                    if (
+                        memory.get(tl, {}).get("extra_mb")
+                        and memory.get(ours, {}).get("extra_mb") is not None
+                    ):
+                        line += (
+                            f", peak extra {memory[ours]['extra_mb'] / memory[tl]['extra_mb']:.3f} of TL's"
+                        )
                     print(line)
         print(f"\nraw times (s): {json.dumps({k: [round(t, 3) for t in v] for k, v in times.items()})}")
         if memory:
-            print(f"memory (MB): {json.dumps({k: {f: (round(x, 1) if isinstance(x, float) else x) for f, x in v.items() if f != 'case'} for k, v in memory.items()})}")
+            rounded = {
+                k: {f: (round(x, 1) if isinstance(x, float) else x) for f, x in v.items() if f != "case"}
+                for k, v in memory.items()
+            }
+            print(f"memory (MB): {json.dumps(rounded)}")
         sys.stdout.flush()
 
 

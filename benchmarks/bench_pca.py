@@ -20,8 +20,8 @@ from sklearn.decomposition import PCA
 
 import reslens
 from reslens import Batch, capture
-from reslens._gpt2 import GPT2
-from reslens.pca import _batched_pca, _sample_windows, _stack_pca
+from reslens.arch import adapter
+from reslens.pca import _batched_pca, _final_prediction, _sample_windows, _stack_pca
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "105-persuasion.txt"
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = reslens.load_model()
-    g = GPT2(model)
+    g = adapter(model)
     windows, chosen = _sample_windows(tokenizer, CORPUS.read_text(), args.n, 0, 128, 8)
     used = sorted({w for w, _ in chosen})
     ids = torch.full((len(used), 128), 0, dtype=torch.long)
@@ -46,8 +46,8 @@ def main() -> None:
     batch = Batch(ids, mask)
 
     def forward():
-        res = capture(model, batch, sites=("resid", "final"))
-        return res.resid[:, seq, pos].transpose(0, 1), g.unembed(res.final[seq, pos]).argmax(-1)
+        res = capture(g, batch, sites=("resid",))
+        return res.resid[:, seq, pos].transpose(0, 1), _final_prediction(g, res, seq, pos)
 
     stacks, final = forward()
 
@@ -61,9 +61,12 @@ def main() -> None:
         for stack in stacks.double().numpy():
             PCA(svd_solver="full").fit(stack)
 
-    cases = {"forward passes (capture resid of the windows)": forward, "batched torch PCA": batched,
-             "batched torch PCA + PC1 vocabulary readouts": batched_readout,
-             "loop of sklearn PCA fits": sklearn_loop}
+    cases = {
+        "forward passes (capture resid of the windows)": forward,
+        "batched torch PCA": batched,
+        "batched torch PCA + PC1 vocabulary readouts": batched_readout,
+        "loop of sklearn PCA fits": sklearn_loop,
+    }
     times = {name: [] for name in cases}
     for _ in range(args.repeats):
         for name, fn in cases.items():
@@ -73,13 +76,16 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     fwd = med["forward passes (capture resid of the windows)"]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"embedded model ({g.n_layer} x {g.d_model}), {args.n} predictions in {len(used)} windows of <=128 tokens, "
-          f"{args.repeats} interleaved repeats\n")
+    print(
+        f"embedded model ({g.n_layer} x {g.d_model}), {args.n} predictions in {len(used)} windows "
+        f"of <=128 tokens, {args.repeats} interleaved repeats\n"
+    )
     print("| case | median s | ratio to forward |")
     print("|---|---|---|")
     for name, m in med.items():
         print(f"| {name} | {m:.4f} | {m / fwd:.3f} |")
-    print(f"\nbatched PCA is {med['loop of sklearn PCA fits'] / med['batched torch PCA']:.1f}x faster than the sklearn loop")
+    speedup = med["loop of sklearn PCA fits"] / med["batched torch PCA"]
+    print(f"\nbatched PCA is {speedup:.1f}x faster than the sklearn loop")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The "one direction is the prediction" experiment on the embedded model, with its controls.
 
 Samples 200 prediction positions from a held-out book, runs PCA across layers of each
-position's residual stack, and prints how often PC1 read through ln_f and the unembedding
+position's residual stack, and prints how often PC1 read through the final norm and the unembedding
 is the model's final prediction, under each control condition.
 """
 

@@ -361,11 +361,11 @@ def _lens_stats(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
         (
             "top1_agreement",
             "input_token_top1",
-            "n_positions",
             "n_sequences",
             "exact_quantiles",
         ),
     )
+    out["lens_stats/n_positions"] = _tensor(stats.n_tokens)  # LensStats.n_positions is now n_tokens
     out["lens_stats/layers"] = _tensor(list(stats.layers))
     out["lens_stats/quantile_levels"] = _tensor(list(stats.quantile_levels))
     return out

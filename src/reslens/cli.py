@@ -25,10 +25,8 @@ def _save(figure, path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reslens", description="See how a GPT-2 builds its prediction.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_lens_parser(commands) -> None:
+    """The ``reslens lens`` subcommand's arguments."""
     lens = commands.add_parser("lens", help="logit lens of a text (or statistics over a file)",
                                description="Logit lens: each layer's residual read through the final norm "
                                "and the unembedding.")
@@ -50,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="--stats: use at most this many tokens of the file")
     lens.add_argument("--device", default=None, help="torch device (default: cpu)")
 
+
+def _add_pca_parser(commands) -> None:
+    """The ``reslens pca`` subcommand's arguments."""
     pca = commands.add_parser("pca", help="PCA across layers of sampled predictions, with controls",
                               description="The 'one direction is the prediction' experiment over a text "
                               "file.")
@@ -61,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     pca.add_argument("--max-length", type=int, default=128, help="tokens per window (default 128)")
     pca.add_argument("--out", type=Path, help="write the explained-variance figure to this PNG file")
     pca.add_argument("--device", default=None, help="torch device (default: cpu)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reslens", description="See how a GPT-2 builds its prediction.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_lens_parser(commands)
+    _add_pca_parser(commands)
 
     heads = commands.add_parser(
         "heads", help="top induction, previous-token and copying heads, with heatmaps",
@@ -208,7 +217,8 @@ def _lens(args: argparse.Namespace) -> int:
         windows = [ids[i : i + size] for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
         if not windows:
             raise ValueError("the text has fewer than 2 tokens")
-        batches = [pad_ids(windows[i : i + 8], pad_id=pad_token_id(tokenizer)) for i in range(0, len(windows), 8)]
+        pad = pad_token_id(tokenizer)
+        batches = [pad_ids(windows[i : i + 8], pad_id=pad) for i in range(0, len(windows), 8)]
         stats = lens_stats(arch, batches, tokenizer=tokenizer)
         print(stats.table())
         figure = stats.plot() if args.out else None

@@ -1,162 +1,59 @@
 """Principal components of the residual stream.
 
-- :class:`ResidualPCA`: variance directions over many residual vectors, with scikit-learn
-  estimator conventions (built on ``sklearn.decomposition.PCA`` / ``IncrementalPCA``).
-- :func:`trajectory_pca`: for each prediction, PCA across layers of that position's
-  residual stack ``[layers, d_model]``, batched as one torch SVD over all examples.
+- :class:`ResidualPCA`: variance directions over many residual vectors, a scikit-learn estimator
+  (built on ``sklearn.decomposition.PCA`` / ``IncrementalPCA``).
+- :func:`trajectory_pca_of` (pure, on captured :class:`~reslens.residuals.Residuals`) and
+  :func:`trajectory_pca` (captures, then calls it): for each prediction, PCA across layers of that
+  position's residual stack ``[layers, d_model]``, batched as one torch SVD over all examples.
 - :func:`pca_experiment`: the "one direction is the prediction" experiment with its controls
-  (norm growth, ``ln_f``, centring, the embedding row, a random direction).
+  (norm growth, the final norm, centring, the embedding row, a random direction).
 
-Sign convention (everywhere): each component's sign is chosen so that the stack's last row
-(minus the mean when centred) has a non-negative coordinate on it — PC1 points along where
-the residual ends up.
+Sign conventions: a :class:`ResidualPCA` component has its largest-magnitude loading positive (as
+scikit-learn's ``svd_flip``); a trajectory component is signed so that the stack's last row
+(minus the mean when centred) has a non-negative coordinate on it, so PC1 points along where the
+residual ends up.
 """
 
 from __future__ import annotations
 
+import html
 import random
 from dataclasses import dataclass, fields
 from typing import Any
 
-import numpy as np
 import torch
 
-from reslens._checks import check_layers
-from reslens._gpt2 import GPT2
-from reslens.hooks import Batch, as_batch, capture, pad_ids, pad_token_id
+from reslens._checks import check_bool, check_choice, check_int, check_layers, check_position
+from reslens._inputs import as_batch, encode, pad_ids, pad_token_id
+from reslens._records import RecordSaveable
+from reslens._residual_pca import ResidualPCA
+from reslens._saving import Saveable
+from reslens._text import pandas
+from reslens.arch import Arch, adapter
+from reslens.hooks import capture
+from reslens.residuals import Residuals
 
-__all__ = ["ResidualPCA", "TrajectoryPCAResult", "trajectory_pca", "PCAExperiment", "pca_experiment", "NORMALIZE"]
+__all__ = ["ResidualPCA", "TrajectoryPCAResult", "trajectory_pca", "trajectory_pca_of", "ConditionResult",
+           "PCAExperiment", "pca_experiment", "NORMALIZE", "CONDITIONS"]
 
-NORMALIZE = (None, "unit", "ln_f")
-
-
-# --- data-set-scale variance directions ----------------------------------------------------
-
-
-class ResidualPCA:
-    """PCA of residual vectors ``[n_samples, d_model]`` (scikit-learn conventions).
-
-    ``center=True`` uses ``sklearn.decomposition.PCA`` (or ``IncrementalPCA`` with
-    ``incremental=True`` / :meth:`partial_fit`, constant memory); ``center=False`` runs an SVD
-    of the raw vectors (``mean_`` is zero). Learned state: ``components_ [k, d_model]`` (rows
-    with deterministic signs: largest-magnitude loading positive), ``explained_variance_ [k]``,
-    ``explained_variance_ratio_ [k]``, ``mean_ [d_model]`` — torch float32 tensors.
-
-    >>> import torch
-    >>> x = torch.randn(200, 8) @ torch.diag(torch.tensor([5.0, 2, 1, 1, 1, 1, 1, 1]))
-    >>> pca = ResidualPCA(n_components=2).fit(x)
-    >>> tuple(pca.components_.shape), bool(pca.explained_variance_ratio_[0] > 0.5)
-    ((2, 8), True)
-    """
-
-    def __init__(self, n_components: int | None = None, *, center: bool = True, incremental: bool = False,
-                 batch_size: int | None = None):
-        self.n_components = n_components
-        self.center = center
-        self.incremental = incremental
-        self.batch_size = batch_size
-
-    # scikit-learn style parameter access
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {"n_components": self.n_components, "center": self.center, "incremental": self.incremental,
-                "batch_size": self.batch_size}
-
-    def _check_x(self, x: Any, name: str = "x") -> np.ndarray:
-        if isinstance(x, torch.Tensor):
-            x = x.detach().float().cpu().numpy()
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{name} must be a torch.Tensor or numpy array [n_samples, d_model]; got {type(x).__name__}")
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D [n_samples, d_model]; got shape {tuple(x.shape)}")
-        if x.shape[0] < 2:
-            raise ValueError(f"{name} needs at least 2 samples; got {x.shape[0]}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or inf (pad positions?); select real positions first")
-        return x.astype(np.float64)
-
-    def _sklearn(self):
-        from sklearn.decomposition import PCA, IncrementalPCA
-
-        if self.incremental:
-            return IncrementalPCA(n_components=self.n_components, batch_size=self.batch_size)
-        return PCA(n_components=self.n_components, svd_solver="full")
-
-    def fit(self, x: Any) -> ResidualPCA:
-        """Learn the components of ``x: [n_samples, d_model]``; returns ``self``."""
-        x = self._check_x(x)
-        if self.n_components is not None and not 1 <= self.n_components <= min(x.shape):
-            raise ValueError(f"n_components={self.n_components} must be in 1..{min(x.shape)} for x of shape {x.shape}")
-        if self.center:
-            self._model = self._sklearn().fit(x)
-            self._set(self._model.components_, self._model.explained_variance_, self._model.explained_variance_ratio_,
-                      self._model.mean_)
-        else:
-            _, s, vt = np.linalg.svd(x, full_matrices=False)
-            k = self.n_components or len(s)
-            var = s**2 / (x.shape[0] - 1)
-            self._set(vt[:k], var[:k], (s**2 / (s**2).sum())[:k], np.zeros(x.shape[1]))
-        return self
-
-    def partial_fit(self, x: Any) -> ResidualPCA:
-        """Update the fit with one batch ``[n_samples, d_model]`` (IncrementalPCA, centred only)."""
-        if not self.center:
-            raise ValueError("partial_fit needs center=True (it streams through IncrementalPCA)")
-        x = self._check_x(x)
-        if not hasattr(self, "_model"):
-            self.incremental = True
-            self._model = self._sklearn()
-        self._model.partial_fit(x)
-        self._set(self._model.components_, self._model.explained_variance_, self._model.explained_variance_ratio_,
-                  self._model.mean_)
-        return self
-
-    def _set(self, components, variance, ratio, mean) -> None:
-        components = np.array(components, dtype=np.float64)
-        flip = np.sign(components[np.arange(len(components)), np.abs(components).argmax(1)])
-        components *= np.where(flip == 0, 1, flip)[:, None]
-        self.components_ = torch.from_numpy(components).float()
-        self.explained_variance_ = torch.from_numpy(np.asarray(variance, dtype=np.float64)).float()
-        self.explained_variance_ratio_ = torch.from_numpy(np.asarray(ratio, dtype=np.float64)).float()
-        self.mean_ = torch.from_numpy(np.asarray(mean, dtype=np.float64)).float()
-        self.n_components_ = len(components)
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "components_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError("this ResidualPCA is not fitted yet; call fit(x) first")
-
-    def transform(self, x: Any) -> torch.Tensor:
-        """Coordinates ``[n_samples, k]`` of ``x: [n_samples, d_model]`` on the components."""
-        self._check_fitted()
-        x = torch.as_tensor(self._check_x(x, "x") if not isinstance(x, torch.Tensor) else x.detach().cpu()).float()
-        if x.ndim != 2 or x.shape[1] != self.mean_.shape[0]:
-            raise ValueError(f"x must be [n_samples, {self.mean_.shape[0]}]; got {tuple(x.shape)}")
-        return (x - self.mean_) @ self.components_.T
-
-    def inverse_transform(self, coords: Any) -> torch.Tensor:
-        """Residual vectors ``[n_samples, d_model]`` from coordinates ``[n_samples, k]``."""
-        self._check_fitted()
-        coords = torch.as_tensor(coords).float()
-        if coords.ndim != 2 or coords.shape[1] != self.n_components_:
-            raise ValueError(f"coords must be [n_samples, {self.n_components_}]; got {tuple(coords.shape)}")
-        return coords @ self.components_ + self.mean_
+#: ``normalize`` options: none, each layer's vector to norm 1, or through the final norm.
+NORMALIZE = (None, "unit", "final_norm")
 
 
 # --- PCA across layers of one prediction ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrajectoryPCAResult:
+@dataclass(frozen=True, repr=False)
+class TrajectoryPCAResult(Saveable):
     """PCA across layers of each example's residual stack. ``E`` = examples, ``K`` = components.
 
     - ``seq``, ``pos``: ``[E]`` where each example sits in the batch
     - ``explained_variance_ratio: [E, K]``; ``pc1: [E, d_model]`` (sign: along the last row)
     - ``final_prediction: [E]``: the model's own top-1 token at that position
-    - ``pc1_top_token``, ``pc1_final_rank: [E]``: PC1 read through ``ln_f`` and the unembedding
-      (top token; rank of the final prediction, 0 = top); ``pc1_top_token_raw``,
+    - ``pc1_top_token``, ``pc1_final_rank: [E]``: PC1 read through the final norm and the
+      unembedding (top token; rank of the final prediction, 0 = top); ``pc1_top_token_raw``,
       ``pc1_final_rank_raw``: PC1 through the unembedding alone; ``pc1_top_token_flipped``:
-      ``-PC1`` through ``ln_f`` and the unembedding (a component's sign is a convention)
+      ``-PC1`` through the final norm and the unembedding (a component's sign is a convention)
     - ``layers``: the residual layers stacked; ``center``, ``normalize``: how
     """
 
@@ -175,6 +72,7 @@ class TrajectoryPCAResult:
     normalize: str | None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
         n = self.seq.shape[0]
         for f in fields(self):
             value = getattr(self, f.name)
@@ -183,19 +81,17 @@ class TrajectoryPCAResult:
 
     @property
     def match(self) -> torch.Tensor:
-        """``[E]`` bool: PC1's top token (through ``ln_f``) is the model's final prediction."""
+        """``[E]`` bool: PC1's top token (through the final norm) is the model's final prediction."""
         return self.pc1_top_token == self.final_prediction
 
     @property
     def match_raw(self) -> torch.Tensor:
-        """``[E]`` bool: the same without ``ln_f``."""
+        """``[E]`` bool: the same without the final norm."""
         return self.pc1_top_token_raw == self.final_prediction
 
     def to_frame(self):
         """``pandas.DataFrame``: one row per example."""
-        import pandas as pd
-
-        frame = pd.DataFrame({
+        return pandas().DataFrame({
             "seq": self.seq.numpy(), "pos": self.pos.numpy(),
             "pc1_evr": self.explained_variance_ratio[:, 0].numpy(),
             "final_prediction": self.final_prediction.numpy(),
@@ -204,7 +100,20 @@ class TrajectoryPCAResult:
             "pc1_top_token_raw": self.pc1_top_token_raw.numpy(), "match_raw": self.match_raw.numpy(),
             "pc1_final_rank_raw": self.pc1_final_rank_raw.numpy(),
         })
-        return frame
+
+    def __repr__(self) -> str:
+        return (f"TrajectoryPCAResult(examples={self.seq.shape[0]}, "
+                f"layers={self.layers[0]}..{self.layers[-1]}, center={self.center}, "
+                f"normalize={self.normalize!r})")
+
+    def _repr_html_(self) -> str:
+        evr = self.explained_variance_ratio[:, 0].double()
+        rows = [("examples", self.seq.shape[0]),
+                ("PC1 explained variance (mean)", f"{float(evr.mean()):.3f}"),
+                ("PC1 top token = final prediction", f"{float(self.match.double().mean()):.3f}"),
+                ("(without the final norm)", f"{float(self.match_raw.double().mean()):.3f}")]
+        body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+        return f"<div><b>{html.escape(repr(self))}</b><table>{body}</table></div>"
 
 
 def _rank_of(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -212,14 +121,18 @@ def _rank_of(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return (logits > logits.gather(1, token[:, None])).sum(-1)
 
 
-def _batched_pca(g: GPT2, stacks: torch.Tensor, *, center: bool, normalize: str | None):
-    """PCA of each example's ``stacks: [E, L, d_model]`` -> explained variance ratios
-    ``[E, K]`` and components ``[E, K, d_model]`` (signed along the last row)."""
+def _batched_pca(arch: Arch, stacks: torch.Tensor, *, center: bool, normalize: str | None):
+    """PCA of each example's ``stacks: [E, L, d_model]``.
+
+    Returns explained variance ratios ``[E, K]`` and components ``[E, K, d_model]`` (signed along
+    the last row).
+    """
     x = stacks.float()
     if normalize == "unit":
         x = x / x.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
-    elif normalize == "ln_f":
-        x = g.apply_ln_f(x.to(g.dtype)).float()
+    elif normalize == "final_norm":
+        with torch.no_grad():
+            x = arch.norm("final")(x.to(arch.dtype)).float()
     if center:
         x = x - x.mean(dim=1, keepdim=True)
     # SVD through the small Gram matrix [E, L, L] in float64 (L = layers, a dozen or so):
@@ -235,14 +148,17 @@ def _batched_pca(g: GPT2, stacks: torch.Tensor, *, center: bool, normalize: str 
     return ratio, vh * torch.where(last < 0, -1.0, 1.0)[..., None]
 
 
-def _readout(g: GPT2, direction: torch.Tensor, final_prediction: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A direction per example ``[E, d_model]`` read in the vocabulary: through ``ln_f`` and
-    the unembedding, through the unembedding alone, and reversed."""
+def _readout(arch: Arch, direction: torch.Tensor, final_prediction: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A direction per example ``[E, d_model]`` read in the vocabulary.
+
+    Through the final norm and the unembedding, through the unembedding alone, and reversed.
+    """
+    norm = arch.norm("final")
     with torch.no_grad():
-        d = direction.to(g.dtype)
-        logits = g.unembed(g.apply_ln_f(d)).float()  # [E, vocab]
-        logits_raw = (d @ g.W_U.T).float()
-        flipped = g.unembed(g.apply_ln_f(-d)).float()
+        d = direction.to(arch.dtype)
+        logits = arch.unembed(norm(d)).float()  # [E, vocab]
+        logits_raw = (d @ arch.W_U.T).float()
+        flipped = arch.unembed(norm(-d)).float()
     return {
         "pc1": direction,
         "pc1_top_token": logits.argmax(-1),
@@ -253,37 +169,78 @@ def _readout(g: GPT2, direction: torch.Tensor, final_prediction: torch.Tensor) -
     }
 
 
-def _stack_pca(g: GPT2, stacks: torch.Tensor, final_prediction: torch.Tensor, *, center: bool,
+def _stack_pca(arch: Arch, stacks: torch.Tensor, final_prediction: torch.Tensor, *, center: bool,
                normalize: str | None) -> dict[str, torch.Tensor]:
     """Batched PCA of ``stacks: [E, L, d_model]`` and PC1 read in the vocabulary."""
-    ratio, components = _batched_pca(g, stacks, center=center, normalize=normalize)
-    return {"explained_variance_ratio": ratio, **_readout(g, components[:, 0], final_prediction)}
+    ratio, components = _batched_pca(arch, stacks, center=center, normalize=normalize)
+    return {"explained_variance_ratio": ratio, **_readout(arch, components[:, 0], final_prediction)}
 
 
-def _positions(positions: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(seq, pos)`` index pairs ``[E]`` of the chosen prediction positions."""
-    mask = batch.attention_mask.cpu()
-    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)  # last real position per sequence
+def _final_prediction(arch: Arch, residuals: Residuals, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The model's own top-1 ``[E]``: the final raw residual through the final norm and the unembedding."""
+    with torch.no_grad():
+        final = residuals.get("resid", arch.n_layer)[seq, pos].to(device=arch.device, dtype=arch.dtype)
+        return arch.unembed(arch.norm("final")(final)).float().argmax(-1)
+
+
+def _positions(positions: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seq, pos)`` index pairs ``[E]`` of the chosen prediction positions.
+
+    ``positions``: ``"last"`` or None (each sequence's last real token), ``"all"``, an int (see
+    :func:`reslens._checks.check_position`: an index of the padded ``pos`` axis, negatives from
+    its end), or a ``[batch]`` tensor of such indices.
+    """
+    mask = mask.cpu()
+    seq = torch.arange(mask.shape[0])
     if isinstance(positions, str):
-        if positions == "last":
-            return torch.arange(mask.shape[0]), last
+        check_choice(positions, ("last", "all"), "positions")
         if positions == "all":
             return mask.nonzero(as_tuple=True)
-        raise ValueError(f"positions must be 'last', 'all', an int or a [batch] tensor; got {positions!r}")
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        positions = torch.full((mask.shape[0],), positions)
-    positions = torch.as_tensor(positions)
-    if positions.ndim != 1 or positions.shape[0] != mask.shape[0] or positions.dtype.is_floating_point:
-        raise ValueError(f"positions must hold one int per sequence ({mask.shape[0]}); got shape {tuple(positions.shape)}")
-    positions = torch.where(positions < 0, positions + mask.shape[1], positions)
-    seq = torch.arange(mask.shape[0])
-    bad = (positions < 0) | (positions >= mask.shape[1])
-    bad[~bad] = ~mask[seq[~bad], positions[~bad]]
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"positions[{i}]={int(positions[i])} is not a real token of sequence {i} "
-                         f"(its real positions are {mask[i].nonzero().flatten().tolist()})")
-    return seq, positions
+        return seq, check_position(None, mask, name="positions")
+    if positions is None or isinstance(positions, int):
+        return seq, check_position(positions, mask, name="positions")
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 1 or positions.shape[0] != mask.shape[0] \
+            or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise ValueError("positions must be 'last', 'all', None, an int or one int per sequence "
+                         f"({mask.shape[0]}); got {positions!r}")
+    pos = torch.stack([check_position(int(p), mask[i : i + 1], name=f"positions[{i}]")[0]
+                       for i, p in enumerate(positions.tolist())])
+    return seq, pos
+
+
+def _check_trajectory_options(arch: Arch, layers: Any, center: Any, normalize: Any) -> tuple[int, ...]:
+    check_choice(normalize, NORMALIZE, "normalize")
+    check_bool(center, "center")
+    kept = check_layers(layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
+    if len(kept) < 2:
+        raise ValueError(f"layers={list(kept)}: a trajectory needs at least 2 layers")
+    return kept
+
+
+def trajectory_pca_of(residuals: Residuals, arch: Any, *, positions: Any = "last", layers: Any = None,
+                      center: bool = True, normalize: str | None = None) -> TrajectoryPCAResult:
+    """For each prediction, PCA across layers of that position's captured residual stack (no forward).
+
+    ``residuals`` must hold ``resid`` at ``layers`` and at the final layer (the model's own
+    prediction: the final raw residual through the final norm and the unembedding). ``arch``:
+    the adapter (:func:`reslens.arch.adapter`) or the model. ``layers`` defaults to every
+    residual layer captured. Other options: :func:`trajectory_pca`.
+    """
+    arch = adapter(arch)
+    if not isinstance(residuals, Residuals):
+        raise TypeError("residuals must be reslens Residuals (from reslens.capture); "
+                        f"got {type(residuals).__name__}")
+    residuals.require("resid", what="trajectory_pca")
+    kept = _check_trajectory_options(arch, residuals.layers if layers is None else layers, center, normalize)
+    seq, pos = _positions(positions, residuals.attention_mask)
+    stacks = torch.stack([residuals.get("resid", layer) for layer in kept], dim=2)  # [B, P, L, d_model]
+    stacks = stacks[seq.to(stacks.device), pos.to(stacks.device)].to(arch.device)  # [E, L, d_model]
+    final_prediction = _final_prediction(arch, residuals, seq.to(stacks.device), pos.to(stacks.device))
+    out = _stack_pca(arch, stacks, final_prediction, center=center, normalize=normalize)
+    return TrajectoryPCAResult(
+        seq=seq, pos=pos, final_prediction=final_prediction.cpu(), layers=kept, center=center,
+        normalize=normalize, **{k: v.detach().cpu() for k, v in out.items()},
+    )
 
 
 def trajectory_pca(
@@ -298,37 +255,27 @@ def trajectory_pca(
 ) -> TrajectoryPCAResult:
     """For each prediction, PCA across layers of that position's residual stack.
 
-    ``positions``: ``"last"`` (each sequence's last real token), ``"all"``, an int, or one int
-    per sequence. ``layers``: residual layers to stack (default all ``n_layer + 1``, embedding
-    included). ``normalize``: None, ``"unit"`` (each layer's vector scaled to norm 1, removing
-    norm growth) or ``"ln_f"`` (``ln_f`` applied to each). One batched torch SVD.
+    ``positions``: ``"last"`` or None (each sequence's last real token), ``"all"``, an int (an
+    index of the padded ``pos`` axis, negatives from its end; a real token in every sequence), or
+    one such int per sequence. ``layers``: residual layers to stack (default all ``n_layer + 1``,
+    embedding included). ``normalize``: None, ``"unit"`` (each layer's vector scaled to norm 1,
+    removing norm growth) or ``"final_norm"`` (the final norm applied to each; under RMSNorm this
+    differs from ``"unit"`` only by the norm's γ and eps). One batched torch SVD. Captures once,
+    then :func:`trajectory_pca_of`.
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50)).eval()
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=3, hidden_size=16, n_head=2, vocab_size=50)).eval()
     >>> r = trajectory_pca(model, torch.tensor([[1, 2, 3], [4, 5, 6]]))
     >>> tuple(r.explained_variance_ratio.shape), tuple(r.pc1.shape)
     ((2, 4), (2, 16))
     """
-    g = GPT2(model)
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
-    if not isinstance(center, bool):
-        raise TypeError(f"center must be True or False; got {center!r}")
-    kept = check_layers(layers, g.n_layer, what=f"a {g.n_layer}-layer model's residual stream")
-    if len(kept) < 2:
-        raise ValueError(f"layers={list(kept)}: a trajectory needs at least 2 layers")
-    batch = as_batch(inputs, g, tokenizer)
-    seq, pos = _positions(positions, batch)
-    res = capture(model, batch, sites=("resid", "final"), layers=sorted({*kept, g.n_layer}))
-    stacks = torch.stack([res.get("resid", layer) for layer in kept], dim=2)  # [B, P, L, d_model]
-    stacks = stacks[seq.to(stacks.device), pos.to(stacks.device)]  # [E, L, d_model]
-    final_prediction = g.unembed(res.final[seq, pos]).float().argmax(-1)
-    out = _stack_pca(g, stacks, final_prediction, center=center, normalize=normalize)
-    return TrajectoryPCAResult(
-        seq=seq, pos=pos, final_prediction=final_prediction.cpu(), layers=kept, center=center, normalize=normalize,
-        **{k: v.detach().cpu() for k, v in out.items()},
-    )
+    arch = adapter(model)
+    kept = _check_trajectory_options(arch, layers, center, normalize)
+    batch = as_batch(inputs, arch, tokenizer)
+    _positions(positions, batch.attention_mask)  # bad positions: refused before the forward
+    res = capture(arch, batch, sites=("resid",), layers=sorted({*kept, arch.n_layer}))
+    return trajectory_pca_of(res, arch, positions=positions, layers=kept, center=center, normalize=normalize)
 
 
 # --- the experiment -------------------------------------------------------------------------
@@ -340,69 +287,112 @@ CONDITIONS = (
     ("no_embedding", "centred raw residuals, block outputs only (layers 1..n)", dict(skip_embedding=True)),
     ("uncentred", "raw residuals without centring", dict(center=False)),
     ("unit_norm", "each layer's residual scaled to norm 1 (removes norm growth)", dict(normalize="unit")),
-    ("ln_f", "ln_f applied to each layer's residual", dict(normalize="ln_f")),
+    ("final_norm", "the final norm applied to each layer's residual (under RMSNorm: unit_norm up to γ, eps)",
+     dict(normalize="final_norm")),
     ("random", "a random unit direction instead of PC1 (chance baseline)", dict(random=True)),
 )
 
 
-@dataclass(frozen=True)
-class PCAExperiment:
+@dataclass(frozen=True, repr=False)
+class ConditionResult(Saveable):
+    """One condition of :class:`PCAExperiment`: per-prediction arrays over its ``n`` examples.
+
+    ``explained_variance_ratio: [n, K]`` (K = layers stacked; the random direction's share of the
+    variance, ``K = 1``, for ``"random"``); ``pc1_top_token``, ``pc1_final_rank``,
+    ``pc1_top_token_raw``, ``pc1_final_rank_raw``, ``pc1_top_token_flipped: [n]`` as in
+    :class:`TrajectoryPCAResult`; ``match``, ``match_raw``, ``match_flipped: [n]`` bool: that
+    readout's top token is the model's final prediction.
+    """
+
+    explained_variance_ratio: torch.Tensor
+    pc1_top_token: torch.Tensor
+    pc1_final_rank: torch.Tensor
+    pc1_top_token_raw: torch.Tensor
+    pc1_final_rank_raw: torch.Tensor
+    pc1_top_token_flipped: torch.Tensor
+    match: torch.Tensor
+    match_raw: torch.Tensor
+    match_flipped: torch.Tensor
+
+    def summary_row(self) -> tuple[float, float, float, float, float, float]:
+        """The summary numbers in the order of ``_SUMMARY`` (``pc1_evr_mean``, ..., ``median_final_rank``)."""
+        evr = self.explained_variance_ratio[:, 0].double()
+        return (float(evr.mean()), float(evr.std()), float(self.match.double().mean()),
+                float(self.match_raw.double().mean()), float(self.match_flipped.double().mean()),
+                float(self.pc1_final_rank.double().median()))
+
+    def __repr__(self) -> str:
+        evr, _, rate, *_ = self.summary_row()
+        return f"ConditionResult(n={self.match.shape[0]}, pc1_evr_mean={evr:.3f}, match_rate={rate:.3f})"
+
+    def _repr_html_(self) -> str:
+        rows = zip(_SUMMARY, self.summary_row())
+        cells = "".join(f"<tr><th>{k}</th><td>{v:.3f}</td></tr>" for k, v in rows)
+        return f"<div><b>{html.escape(repr(self))}</b><table>{cells}</table></div>"
+
+
+_SUMMARY = ("pc1_evr_mean", "pc1_evr_std", "match_rate", "match_rate_raw", "match_rate_flipped",
+            "median_final_rank")
+
+
+@dataclass(frozen=True, repr=False)
+class PCAExperiment(RecordSaveable):
     """The "one direction is the prediction" experiment over ``n`` sampled predictions.
 
-    ``results[condition]`` holds per-example arrays as a :class:`TrajectoryPCAResult`-like
-    dict (``explained_variance_ratio [n, K]``, ``match [n]``, ``match_raw [n]``,
-    ``pc1_final_rank [n]``); ``examples`` the (window, position) of each prediction.
+    One :class:`ConditionResult` field per condition of ``CONDITIONS`` (``baseline``,
+    ``no_embedding``, ``uncentred``, ``unit_norm``, ``final_norm``, ``random``; also
+    :meth:`condition` by name); ``examples: [n, 2]`` the (window, position) of each prediction
+    and ``final_prediction: [n]`` the model's own top-1 there.
     """
 
     n: int
     seed: int
     n_layer: int
-    results: dict[str, dict[str, torch.Tensor]]
-    examples: torch.Tensor  # [n, 2]
+    examples: torch.Tensor
+    final_prediction: torch.Tensor
+    baseline: ConditionResult
+    no_embedding: ConditionResult
+    uncentred: ConditionResult
+    unit_norm: ConditionResult
+    final_norm: ConditionResult
+    random: ConditionResult
+
+    def condition(self, name: str) -> ConditionResult:
+        """The result of condition ``name`` (one of ``CONDITIONS``)."""
+        return getattr(self, check_choice(name, [c for c, _, _ in CONDITIONS], "condition"))
 
     def summary(self):
-        """``pandas.DataFrame``: one row per condition (mean and std of PC1's explained
-        variance, match rates with and without ``ln_f``, median rank of the final prediction)."""
-        import pandas as pd
+        """``pandas.DataFrame``: one row per condition.
 
-        rows = []
-        for name, description, _ in CONDITIONS:
-            r = self.results[name]
-            evr = r["explained_variance_ratio"][:, 0].double()
-            rows.append({
-                "condition": name,
-                "pc1_evr_mean": float(evr.mean()), "pc1_evr_std": float(evr.std()),
-                "match_rate": float(r["match"].double().mean()),
-                "match_rate_raw": float(r["match_raw"].double().mean()),
-                "match_rate_flipped": float(r["match_flipped"].double().mean()),
-                "median_final_rank": float(r["pc1_final_rank"].double().median()),
-                "description": description,
-            })
-        return pd.DataFrame(rows)
+        Mean and std of PC1's explained variance, match rates with and without the final norm and
+        for ``-PC1``, median rank of the final prediction.
+        """
+        rows = [dict(condition=name, **dict(zip(_SUMMARY, self.condition(name).summary_row())),
+                     description=text) for name, text, _ in CONDITIONS]
+        return pandas().DataFrame(rows)
 
     def table(self) -> str:
         """The summary as text."""
-        head = (f"{'condition':<13} {'PC1 var (mean ± std)':>21} {'top-1 = final':>13} {'(no ln_f)':>10} "
+        head = (f"{'condition':<13} {'PC1 var (mean ± std)':>21} {'top-1 = final':>13} {'(no norm)':>10} "
                 f"{'(-PC1)':>7} {'med rank':>9}")
         lines = [f"{self.n} predictions, {self.n_layer}-layer model, seed {self.seed}", head, "-" * len(head)]
-        for row in self.summary().itertuples():
-            lines.append(f"{row.condition:<13} {row.pc1_evr_mean:>12.3f} ± {row.pc1_evr_std:<6.3f} "
-                         f"{row.match_rate:>13.3f} {row.match_rate_raw:>10.3f} {row.match_rate_flipped:>7.3f} "
-                         f"{row.median_final_rank:>9.0f}")
+        for name, _, _ in CONDITIONS:
+            evr, std, rate, raw, flipped, rank = self.condition(name).summary_row()
+            lines.append(f"{name:<13} {evr:>12.3f} ± {std:<6.3f} {rate:>13.3f} {raw:>10.3f} {flipped:>7.3f} "
+                         f"{rank:>9.0f}")
         return "\n".join(lines)
 
     def to_frame(self):
         """Long form: one row per (condition, example)."""
-        import pandas as pd
-
+        pd = pandas()
         frames = []
         for name, _, _ in CONDITIONS:
-            r = self.results[name]
+            r = self.condition(name)
             frames.append(pd.DataFrame({
                 "condition": name, "window": self.examples[:, 0].numpy(), "pos": self.examples[:, 1].numpy(),
-                "pc1_evr": r["explained_variance_ratio"][:, 0].numpy(), "match": r["match"].numpy(),
-                "match_raw": r["match_raw"].numpy(), "match_flipped": r["match_flipped"].numpy(),
-                "pc1_final_rank": r["pc1_final_rank"].numpy(),
+                "pc1_evr": r.explained_variance_ratio[:, 0].numpy(), "match": r.match.numpy(),
+                "match_raw": r.match_raw.numpy(), "match_flipped": r.match_flipped.numpy(),
+                "pc1_final_rank": r.pc1_final_rank.numpy(),
             }))
         return pd.concat(frames, ignore_index=True)
 
@@ -410,10 +400,19 @@ class PCAExperiment:
         """Explained-variance ratio per component (mean with 10-90% band), like the seed's figure."""
         from reslens.plot import plot_pca_experiment
 
+        for name in conditions:
+            self.condition(name)
         return plot_pca_experiment(self, ax=ax, conditions=conditions)
 
     def __repr__(self) -> str:
-        return f"PCAExperiment(n={self.n}, conditions={[c for c, _, _ in CONDITIONS]})"
+        return f"PCAExperiment(n={self.n}, seed={self.seed}, conditions={[c for c, _, _ in CONDITIONS]})"
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{h}</th>" for h in ("condition", *_SUMMARY))
+        cells = {name: "".join(f"<td>{v:.3f}</td>" for v in self.condition(name).summary_row())
+                 for name, _, _ in CONDITIONS}
+        body = "".join(f"<tr><th>{name}</th>{row}</tr>" for name, row in cells.items())
+        return f"<div><b>{html.escape(repr(self))}</b><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: int, min_context: int):
@@ -424,15 +423,38 @@ def _sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: i
         raise TypeError("texts must be a string or a list of strings")
     windows = []
     for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = encode(tokenizer, text)  # long texts: no "sequence length is longer than..." warning
         windows.extend(ids[i : i + max_length] for i in range(0, len(ids), max_length))
     candidates = [(w, p) for w, ids in enumerate(windows) for p in range(min_context, len(ids))]
     if not candidates:
-        raise ValueError(f"texts hold no position with at least {min_context} tokens of context; give longer texts")
+        raise ValueError(f"texts hold no position with at least {min_context} tokens of context; "
+                         "give longer texts")
     if n > len(candidates):
-        raise ValueError(f"n={n} is larger than the {len(candidates)} prediction positions available in texts")
+        raise ValueError(f"n={n} is larger than the {len(candidates)} prediction positions "
+                         "available in texts")
     chosen = sorted(random.Random(seed).sample(candidates, n))
     return windows, chosen
+
+
+def _experiment_stacks(arch: Arch, windows: list[list[int]], chosen: list[tuple[int, int]], pad_id: int,
+                       batch_size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual stacks ``[n, n_layer + 1, d_model]`` and final predictions ``[n]`` of the chosen positions."""
+    from tqdm.auto import tqdm
+
+    by_window: dict[int, list[int]] = {}
+    for w, p in chosen:
+        by_window.setdefault(w, []).append(p)
+    order = sorted(by_window)
+    stacks, finals = [], []
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="pca residuals", unit="batch", disable=not progress):
+        group = order[start : start + batch_size]
+        res = capture(arch, pad_ids([windows[w] for w in group], pad_id=pad_id), sites=("resid",))
+        seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
+        pos = torch.tensor([p for w in group for p in by_window[w]])
+        stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
+        finals.append(_final_prediction(arch, res, seq, pos))
+    return torch.cat(stacks), torch.cat(finals)
 
 
 def pca_experiment(
@@ -447,51 +469,46 @@ def pca_experiment(
     batch_size: int = 16,
     progress: bool = True,
 ) -> PCAExperiment:
-    """Sample ``n`` prediction positions from ``texts`` (windows of ``max_length`` tokens, at
-    least ``min_context`` tokens in), run PCA across layers of each one's residual stack, and
-    compare conditions (see ``CONDITIONS``). Residuals are captured once per window batch."""
-    from tqdm.auto import tqdm
+    """The "one direction is the prediction" experiment with its controls (see ``CONDITIONS``).
 
-    g = GPT2(model)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int; got {n!r}")
-    max_length = min(max_length, g.n_positions)
-    windows, chosen = _sample_windows(tokenizer, texts, n, seed, max_length, min_context)
-    by_window: dict[int, list[int]] = {}
-    for w, p in chosen:
-        by_window.setdefault(w, []).append(p)
-    order = sorted(by_window)
-    stacks, finals = [], []
-    pad_id = pad_token_id(tokenizer)
-    for start in tqdm(range(0, len(order), batch_size), desc="pca residuals", unit="batch", disable=not progress):
-        group = order[start : start + batch_size]
-        res = capture(model, pad_ids([windows[w] for w in group], pad_id=pad_id), sites=("resid", "final"))
-        seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
-        pos = torch.tensor([p for w in group for p in by_window[w]])
-        stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
-        finals.append(g.unembed(res.final[seq, pos]).float().argmax(-1))
-    stacks_all, final_prediction = torch.cat(stacks), torch.cat(finals)
-
+    Samples ``n`` prediction positions from ``texts`` (windows of ``max_length`` tokens, at most
+    the model's context; positions at least ``min_context`` tokens in), runs PCA across layers of
+    each one's residual stack, and compares the conditions. Residuals are captured once per batch
+    of ``batch_size`` windows.
+    """
+    arch = adapter(model)
+    for name, value, low in (("n", n, 1), ("seed", seed, None), ("max_length", max_length, 1),
+                             ("min_context", min_context, 0), ("batch_size", batch_size, 1)):
+        check_int(value, name, low=low)
+    check_bool(progress, "progress")
+    windows, chosen = _sample_windows(tokenizer, texts, n, seed, min(max_length, arch.n_ctx), min_context)
+    stacks_all, final_prediction = _experiment_stacks(arch, windows, chosen, pad_token_id(tokenizer),
+                                                      batch_size, progress)
     results = {}
     gen = torch.Generator().manual_seed(seed)
     for name, _, options in CONDITIONS:
         x = stacks_all[:, 1:] if options.get("skip_embedding") else stacks_all
-        out = _stack_pca(g, x, final_prediction, center=options.get("center", True), normalize=options.get("normalize"))
         if options.get("random"):
-            out = _random_direction(g, x, final_prediction, gen)
+            out = _random_direction(arch, x, final_prediction, gen)
+        else:
+            out = _stack_pca(arch, x, final_prediction, center=options.get("center", True),
+                             normalize=options.get("normalize"))
         out["match"] = out["pc1_top_token"] == final_prediction
         out["match_raw"] = out["pc1_top_token_raw"] == final_prediction
         out["match_flipped"] = out["pc1_top_token_flipped"] == final_prediction
-        results[name] = {k: v.detach().cpu() for k, v in out.items() if k != "pc1"}
-    return PCAExperiment(n=n, seed=seed, n_layer=g.n_layer, results=results, examples=torch.tensor(chosen))
+        results[name] = ConditionResult(**{k: v.detach().cpu() for k, v in out.items() if k != "pc1"})
+    return PCAExperiment(n=n, seed=seed, n_layer=arch.n_layer, examples=torch.tensor(chosen),
+                         final_prediction=final_prediction.cpu(), **results)
 
 
-def _random_direction(g: GPT2, stacks: torch.Tensor, final_prediction: torch.Tensor, gen: torch.Generator):
-    """Chance baseline: a random unit direction per example, sign-aligned like PC1; its
-    'explained variance' is the share of the centred stack's variance along it."""
+def _random_direction(arch: Arch, stacks: torch.Tensor, final_prediction: torch.Tensor, gen: torch.Generator):
+    """Chance baseline: a random unit direction per example, sign-aligned like PC1.
+
+    Its 'explained variance' is the share of the centred stack's variance along it.
+    """
     x = stacks.float() - stacks.float().mean(dim=1, keepdim=True)
     direction = torch.randn(x.shape[0], x.shape[2], generator=gen).to(x.device)
     direction = direction / direction.norm(dim=-1, keepdim=True)
     direction = direction * torch.where((direction * x[:, -1]).sum(-1) < 0, -1.0, 1.0)[:, None]
     share = (x @ direction[..., None]).squeeze(-1).pow(2).sum(-1) / x.pow(2).sum((1, 2)).clamp(min=1e-30)
-    return {"explained_variance_ratio": share[:, None], **_readout(g, direction, final_prediction)}
+    return {"explained_variance_ratio": share[:, None], **_readout(arch, direction, final_prediction)}

@@ -1,0 +1,313 @@
+"""Per-layer logit-lens statistics of a data set (Geva et al. 2021, Figs. 9-10), in bounded memory.
+
+:func:`lens_stats` streams batches through the same lens as :func:`reslens.lens.logit_lens` and
+keeps only running sums and a uniform sample of positions per metric (for the quantiles). Pad
+positions never enter a statistic, and neither do non-finite lens cells (NaN or inf in the
+residual stream): they are counted per layer in :attr:`LensStats.n_non_finite`, with one warning.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from reslens._checks import check_bool, check_int, check_layers
+from reslens._inputs import as_batch, encode, pad_ids, pad_token_id
+from reslens._lens_metrics import VS_FINAL
+from reslens._records import RecordSaveable
+from reslens._text import pandas
+from reslens.arch import adapter
+from reslens.hooks import capture
+from reslens.lens import METRICS, LensResult, _lens
+
+__all__ = ["LensStats", "MetricStats", "lens_stats", "QUANTILES"]
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+@dataclass(frozen=True)
+class MetricStats:
+    """One statistic of every lens metric, per layer: ``[R]`` (means) or ``[R, Q]`` (quantiles).
+
+    The metrics are :data:`reslens.lens.METRICS` (see :mod:`reslens.lens` for their definitions).
+    """
+
+    target_logprob: torch.Tensor
+    target_rank: torch.Tensor
+    entropy: torch.Tensor
+    kl_final_layer: torch.Tensor
+    kl_layer_final: torch.Tensor
+    js: torch.Tensor
+    max_prob: torch.Tensor
+    final_top1_prob: torch.Tensor
+
+    def __repr__(self) -> str:
+        return f"MetricStats({', '.join(f.name for f in fields(self))}: {tuple(self.entropy.shape)} each)"
+
+
+@dataclass(frozen=True, repr=False)
+class LensStats(RecordSaveable):
+    """Per-layer logit-lens statistics of a data set. ``R`` = number of residual layers in ``layers``.
+
+    - ``n_tokens``, ``n_sequences``: real tokens (positions) scored, sequences read
+    - ``mean``: :class:`MetricStats` of ``[R]`` means over every real, finite position (target
+      metrics: positions with a target); ``mean.final_top1_prob`` is the mean probability a
+      layer gives the final top-1 token
+    - ``quantiles``: :class:`MetricStats` of ``[R, len(quantile_levels)]`` quantiles, from a
+      uniform sample of at most ``max_samples`` positions (exact when ``exact_quantiles``)
+    - ``top1_agreement: [R]``: fraction of positions whose top-1 equals the final top-1
+    - ``input_token_top1: [R]``: fraction whose top-1 is the *input* token at that position
+    - ``n_non_finite: [R]`` (int64): positions left out of layer ``r``'s statistics because its
+      lens logits (or the final layer's) were NaN or inf
+    """
+
+    layers: tuple[int, ...]
+    n_tokens: int
+    n_sequences: int
+    mean: MetricStats
+    quantiles: MetricStats
+    quantile_levels: tuple[float, ...]
+    top1_agreement: torch.Tensor
+    input_token_top1: torch.Tensor
+    exact_quantiles: bool
+    n_non_finite: torch.Tensor
+
+    def to_frame(self):
+        """``pandas.DataFrame`` with one row per layer and a column per statistic."""
+        pd = pandas()
+        columns: dict[str, Any] = {"layer": list(self.layers)}
+        for name in METRICS:
+            columns[f"mean_{name}"] = getattr(self.mean, name).numpy()
+        for name in METRICS:
+            values = getattr(self.quantiles, name)
+            for j, level in enumerate(self.quantile_levels):
+                columns[f"q{round(level * 100):02d}_{name}"] = values[:, j].numpy()
+        columns["top1_agreement"] = self.top1_agreement.numpy()
+        columns["input_token_top1"] = self.input_token_top1.numpy()
+        columns["n_non_finite"] = self.n_non_finite.numpy()
+        return pd.DataFrame(columns)
+
+    def _rows(self) -> list[tuple[Any, ...]]:
+        median = len(self.quantile_levels) // 2
+        m = self.mean
+        return [(layer, float(self.top1_agreement[r]), float(m.final_top1_prob[r]),
+                 float(self.input_token_top1[r]), float(m.kl_final_layer[r]), float(m.entropy[r]),
+                 float(m.target_logprob[r]),
+                 float(self.quantiles.target_rank[r, median]))
+                for r, layer in enumerate(self.layers)]
+
+    def table(self) -> str:
+        """A per-layer text table of the headline statistics."""
+        head = (f"{'layer':>5} {'top1=final':>10} {'p(final)':>9} {'top1=input':>10} {'KL(f||l)':>9} "
+                f"{'entropy':>8} {'logp(next)':>10} {'med rank':>8}")
+        lines = [f"{self.n_tokens} tokens in {self.n_sequences} sequences", head, "-" * len(head)]
+        for layer, agree, p_final, is_input, kl, entropy, logp, rank in self._rows():
+            lines.append(f"{layer:>5} {agree:>10.3f} {p_final:>9.3f} {is_input:>10.3f} {kl:>9.3f} "
+                         f"{entropy:>8.3f} {logp:>10.3f} {rank:>8.0f}")
+        if int(self.n_non_finite.sum()):
+            lines.append(f"(non-finite positions left out, per layer: {self.n_non_finite.tolist()})")
+        return "\n".join(lines)
+
+    def plot(self, *, ax=None):
+        """Per-layer curves: agreement with the final top-1, p(final top-1), KL, entropy (a figure)."""
+        from reslens.plot import plot_lens_stats
+
+        return plot_lens_stats(self, ax=ax)
+
+    def _repr_html_(self) -> str:
+        header = ("layer", "top1=final", "p(final)", "top1=input", "KL(f||l)", "entropy", "logp(next)",
+                  "med rank")
+        head = "".join(f"<th>{h}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{v}</td>"
+                                        for v in row) + "</tr>" for row in self._rows())
+        return f"<div><b>{html.escape(repr(self))}</b><table><tr>{head}</tr>{body}</table></div>"
+
+    def __repr__(self) -> str:
+        return f"LensStats(layers={self.layers[0]}..{self.layers[-1]}, tokens={self.n_tokens})"
+
+
+def _windows(tokenizer: Any, data: Any, max_length: int) -> list[list[int]]:
+    """Token windows of at most ``max_length`` ids from a text or a list of texts."""
+    texts = [data] if isinstance(data, str) else list(data)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("data must be a string, a list of strings, or an iterable of Batch / id tensors")
+    if tokenizer is None:
+        raise TypeError("text data needs tokenizer= (e.g. from reslens.load_model())")
+    windows = []
+    for text in texts:
+        ids = encode(tokenizer, text)  # long texts: no "sequence length is longer than..." warning
+        windows.extend(ids[i : i + max_length] for i in range(0, len(ids), max_length))
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise ValueError("data holds no text of at least 2 tokens")
+    return windows
+
+
+def _batches(windows: list[list[int]], batch_size: int, pad_id: int):
+    for i in range(0, len(windows), batch_size):
+        yield pad_ids(windows[i : i + batch_size], pad_id=pad_id)
+
+
+class _Reservoir:
+    """A uniform sample of at most ``size`` columns of ``[R, n]`` value streams."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seen = size, 0
+        self.values: torch.Tensor | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def add(self, values: torch.Tensor) -> None:  # values: [R, n]
+        n = values.shape[1]
+        if self.values is None:
+            self.values = values[:, : self.size].clone()
+            taken = self.values.shape[1]
+        else:
+            room = self.size - self.values.shape[1]
+            taken = min(room, n)
+            self.values = torch.cat([self.values, values[:, :taken]], dim=1)
+        rest = values[:, taken:]
+        if rest.shape[1]:
+            t = torch.arange(self.seen + taken, self.seen + n) + 1
+            slot = (torch.rand(rest.shape[1], generator=self.gen) * t).long()
+            keep = slot < self.size
+            self.values[:, slot[keep]] = rest[:, keep]
+        self.seen += n
+
+    def quantiles(self, levels: torch.Tensor) -> torch.Tensor:
+        """``[R, Q]`` quantiles of the sample; NaN entries (non-finite cells) are left out."""
+        values = self.values.float()
+        if bool(values.isnan().any()):
+            return torch.nanquantile(values, levels, dim=1).T
+        return torch.quantile(values, levels, dim=1).T
+
+
+class _Sums:
+    """Running per-layer sums, counts and samples of every metric over real, finite cells."""
+
+    def __init__(self, n_rows: int, max_samples: int):
+        zeros = lambda: torch.zeros(n_rows, dtype=torch.float64)  # noqa: E731
+        self.sums = {name: zeros() for name in METRICS}
+        self.counts = {name: zeros() for name in METRICS}
+        self.reservoirs = {name: _Reservoir(max_samples, seed=i) for i, name in enumerate(METRICS)}
+        self.agree, self.agree_n, self.is_input, self.is_input_n = zeros(), zeros(), zeros(), zeros()
+        self.non_finite = torch.zeros(n_rows, dtype=torch.long)
+        self.n_tokens = self.n_sequences = 0
+
+    def add(self, lens: LensResult) -> None:
+        mask = lens.attention_mask.cpu()
+        has_target = (lens.targets.cpu() >= 0) & mask
+        top1_all = lens.top_ids[..., 0].cpu()  # [R, B, P]
+        cell_ok = top1_all >= 0  # real positions: False where the cell's logits were not finite
+        final_ok = lens.final_top1.cpu() >= 0
+        for name in METRICS:
+            use = has_target if name.startswith("target_") else mask
+            values = getattr(lens, name).cpu()[:, use].double()  # [R, n]
+            ok = (cell_ok & final_ok)[:, use] if name in VS_FINAL else cell_ok[:, use]
+            if bool(ok.all()):
+                self.sums[name] += values.sum(1)
+                self.counts[name] += values.shape[1]
+            else:
+                values = values.masked_fill(~ok, torch.nan)
+                self.sums[name] += values.nan_to_num(0.0).sum(1)
+                self.counts[name] += ok.sum(1)
+            self.reservoirs[name].add(values.float())
+        top1, final = top1_all[:, mask], lens.final_top1.cpu()[mask]
+        ok, ok_final = cell_ok[:, mask], final_ok[mask]
+        self.agree += ((top1 == final) & ok & ok_final).sum(1)
+        self.agree_n += (ok & ok_final).sum(1)
+        self.is_input += ((top1 == lens.input_ids.cpu()[mask]) & ok).sum(1)
+        self.is_input_n += ok.sum(1)
+        self.non_finite += (~(ok & ok_final)).sum(1)
+        self.n_tokens += int(mask.sum())
+        self.n_sequences += mask.shape[0]
+
+    def _mean(self, name: str) -> torch.Tensor:
+        """``[R]`` float32 means; NaN for a layer with no finite cell."""
+        counts = self.counts[name]
+        return torch.where(counts > 0, self.sums[name] / counts.clamp(min=1), torch.nan).float()
+
+    def result(self, kept: tuple[int, ...], quantiles: tuple[float, ...], max_samples: int) -> LensStats:
+        levels = torch.tensor(quantiles, dtype=torch.float32)
+        return LensStats(
+            layers=kept,
+            n_tokens=self.n_tokens,
+            n_sequences=self.n_sequences,
+            mean=MetricStats(**{name: self._mean(name) for name in METRICS}),
+            quantiles=MetricStats(**{name: self.reservoirs[name].quantiles(levels) for name in METRICS}),
+            quantile_levels=tuple(quantiles),
+            top1_agreement=(self.agree / self.agree_n).float(),
+            input_token_top1=(self.is_input / self.is_input_n).float(),
+            exact_quantiles=all(r.seen <= max_samples for r in self.reservoirs.values()),
+            n_non_finite=self.non_finite,
+        )
+
+
+def _check_quantiles(quantiles: Any) -> tuple[float, ...]:
+    levels = tuple(quantiles) if isinstance(quantiles, (tuple, list)) else None
+    def level(q: Any) -> bool:
+        return isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q < 1
+
+    if not levels or not all(level(q) for q in levels):
+        raise ValueError(f"quantiles must be levels strictly between 0 and 1; got {quantiles!r}")
+    return tuple(float(q) for q in levels)
+
+
+def lens_stats(
+    model: Any,
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    layers: Any = None,
+    max_length: int = 128,
+    batch_size: int = 8,
+    quantiles: tuple[float, ...] = QUANTILES,
+    max_samples: int = 100_000,
+    chunk_size: int = 384,
+    fused: bool = False,
+    progress: bool = True,
+) -> LensStats:
+    """Stream ``data`` through the logit lens and return per-layer statistics.
+
+    ``data``: a text, a list of texts (cut into windows of ``max_length`` tokens, at most the
+    model's context), or an iterable of :class:`~reslens.Batch` / ``[batch, pos]`` id tensors.
+    Memory stays bounded: only running sums and a sample of ``max_samples`` positions per metric
+    are kept. Shows a tqdm progress bar unless ``progress=False``. ``fused=True`` compiles the
+    per-row reduction (see :func:`~reslens.lens.logit_lens`), which pays off over a data set.
+    Non-finite lens cells are left out of every statistic, with one warning at the end.
+    """
+    from tqdm.auto import tqdm
+
+    arch = adapter(model)
+    kept = check_layers(layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
+    quantiles = _check_quantiles(quantiles)
+    for name, value in (("max_length", max_length), ("batch_size", batch_size), ("max_samples", max_samples),
+                        ("chunk_size", chunk_size)):
+        check_int(value, name, low=1)
+    check_bool(fused, "fused")
+    check_bool(progress, "progress")
+    texts = [data] if isinstance(data, str) else data
+    if isinstance(data, (str, list, tuple)) and all(isinstance(t, str) for t in texts):
+        windows = _windows(tokenizer, data, min(max_length, arch.n_ctx))
+        batches = _batches(windows, batch_size, pad_token_id(tokenizer))
+        total = -(-len(windows) // batch_size)
+    else:
+        batches, total = data, (len(data) if hasattr(data, "__len__") else None)
+
+    sums = _Sums(len(kept), max_samples)
+    for batch in tqdm(batches, total=total, desc="lens stats", unit="batch", disable=not progress):
+        batch = as_batch(batch, arch)
+        res = capture(arch, batch, sites=("resid",), layers=sorted({*kept, arch.n_layer}))
+        sums.add(_lens(res, arch, layers=kept, sites=("resid",), top_k=1, targets="next",
+                       chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False))
+    if sums.n_tokens == 0:
+        raise ValueError("data is empty: no position was scored")
+    stats = sums.result(kept, quantiles, max_samples)
+    if int(stats.n_non_finite.sum()):
+        warnings.warn(f"lens_stats: {int(stats.n_non_finite.sum())} lens cells (layer, position) had "
+                      "non-finite logits (NaN or inf) and are left out of the statistics; per layer: "
+                      f"{stats.n_non_finite.tolist()}", RuntimeWarning, stacklevel=2)
+    return stats
