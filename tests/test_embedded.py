@@ -151,8 +151,8 @@ def test_wheel_ships_the_embedded_model(tmp_path):
 def test_sdist_carries_what_its_tests_import_and_the_description_links_nothing_outside(tmp_path):
     import tarfile
 
-    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), str(REPO)],
-                   check=True, capture_output=True)
+    command = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), str(REPO)]
+    subprocess.run(command, check=True, capture_output=True)
     (sdist,) = tmp_path.glob("reslens-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     for needed in ("tests/conftest.py", "tests/helpers.py", "tests/real_model.py", "tests/frozen_results.py",

@@ -74,7 +74,7 @@ def test_weights_flags_and_requires_grad_unchanged(ids):
     [
         (torch.zeros(0, 4, dtype=torch.long), ValueError, "empty"),
         (torch.zeros(2, 0, dtype=torch.long), ValueError, "empty"),
-        (torch.zeros(1, N_POSITIONS + 1, dtype=torch.long), ValueError, "n_positions=40"),
+        (torch.zeros(1, N_POSITIONS + 1, dtype=torch.long), ValueError, "n_ctx=40"),
         (torch.tensor([[1, VOCAB]]), ValueError, f"token id {VOCAB}.*0..{VOCAB - 1}"),
         (torch.tensor([[1, -1]]), ValueError, "token id -1"),
         (torch.tensor([1, 2, 3]), ValueError, "2-D.*1-D.*ids\\[None\\]"),

@@ -120,7 +120,7 @@ def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def check_ids(input_ids: object, *, d_vocab: int, n_positions: int, name: str = "input_ids") -> torch.Tensor:
+def check_ids(input_ids: object, *, d_vocab: int, n_ctx: int, name: str = "input_ids") -> torch.Tensor:
     """A ``[batch, pos]`` integer tensor of in-vocabulary ids that fits the context."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(
@@ -137,9 +137,9 @@ def check_ids(input_ids: object, *, d_vocab: int, n_positions: int, name: str = 
     batch, n_pos = input_ids.shape
     if batch == 0 or n_pos == 0:
         raise ValueError(f"{name} is empty (shape {tuple(input_ids.shape)}); give at least one token")
-    if n_pos > n_positions:
+    if n_pos > n_ctx:
         raise ValueError(
-            f"{name} has {n_pos} positions, more than the model's n_positions={n_positions}; "
+            f"{name} has {n_pos} positions, more than the model's context n_ctx={n_ctx}; "
             "shorten or split the input"
         )
     low, high = int(input_ids.min()), int(input_ids.max())

@@ -69,8 +69,8 @@ class Batch:
             object.__setattr__(self, "position_ids", self.position_ids.long())
         if self.special_mask is None:
             object.__setattr__(self, "special_mask", torch.zeros_like(mask))
-        elif not isinstance(self.special_mask, torch.Tensor) or self.special_mask.shape != self.input_ids.shape:
-            raise ValueError(f"Batch.special_mask must be a bool tensor shaped like input_ids {tuple(mask.shape)}")
+        elif not isinstance(self.special_mask, torch.Tensor) or self.special_mask.shape != mask.shape:
+            raise ValueError(f"Batch.special_mask must be a bool tensor shaped {tuple(mask.shape)}")
         else:
             object.__setattr__(self, "special_mask", self.special_mask.bool() & mask)
 
@@ -193,13 +193,13 @@ def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
     if isinstance(inputs, Batch):
         batch = inputs
     elif isinstance(inputs, torch.Tensor):
-        batch = Batch.from_ids(check_ids(inputs, d_vocab=d_vocab, n_positions=n_ctx))
+        batch = Batch.from_ids(check_ids(inputs, d_vocab=d_vocab, n_ctx=n_ctx))
     elif isinstance(inputs, Mapping) and "input_ids" in inputs:
         ids = inputs["input_ids"]
         ids = torch.as_tensor(ids) if not isinstance(ids, torch.Tensor) else ids
         mask = inputs.get("attention_mask")
         batch = Batch.from_ids(
-            check_ids(ids, d_vocab=d_vocab, n_positions=n_ctx),
+            check_ids(ids, d_vocab=d_vocab, n_ctx=n_ctx),
             torch.as_tensor(mask) if mask is not None else None,
         )
     elif _is_texts(inputs):
@@ -213,7 +213,7 @@ def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
             "inputs must be a [batch, pos] tensor of token ids, a reslens Batch, a tokenizer output "
             f"with 'input_ids', or a list of strings with tokenizer=; got {type(inputs).__name__}"
         )
-    check_ids(batch.input_ids, d_vocab=d_vocab, n_positions=n_ctx)
+    check_ids(batch.input_ids, d_vocab=d_vocab, n_ctx=n_ctx)
     low, high = int(batch.position_ids.min()), int(batch.position_ids.max())
     if low < 0 or high >= n_ctx:
         raise ValueError(f"position_ids must lie in 0..{n_ctx - 1} (the model's context); got {low}..{high}")

@@ -1,13 +1,13 @@
 """The ``reslens`` command: readable tables in the terminal, figures on request.
 
-    reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--metric M] [--out FILE.png]
-    reslens lens --file corpus.txt --stats [--out FILE.png]
-    reslens pca --file corpus.txt [--n 200] [--model NAME_OR_PATH] [--out FILE.png]
-    reslens memories "TEXT" [--layer L] [--top 10] [--token " word"]
-    reslens memories --mine CORPUS --out INDEX.safetensors [--max-tokens N] [--figure FILE.png]
-    reslens memories --index INDEX.safetensors --show L.K [--n 10]
-    reslens heads [--model NAME_OR_PATH] [--file TEXT.txt] [--top K] [--out FILE.png]
-    reslens trace "PROMPT" --subject S [--answer " A"] [--kind resid|mlp|attn] [--out FILE.png]
+reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--metric M] [--out FILE.png]
+reslens lens --file corpus.txt --stats [--out FILE.png]
+reslens pca --file corpus.txt [--n 200] [--model NAME_OR_PATH] [--out FILE.png]
+reslens memories "TEXT" [--layer L] [--top 10] [--token " word"]
+reslens memories --mine CORPUS --out INDEX.safetensors [--max-tokens N] [--figure FILE.png]
+reslens memories --index INDEX.safetensors --show L.K [--n 10]
+reslens heads [--model NAME_OR_PATH] [--file TEXT.txt] [--top K] [--out FILE.png]
+reslens trace "PROMPT" --subject S [--answer " A"] [--kind resid|mlp|attn] [--out FILE.png]
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_trace_parser(commands)
     download = commands.add_parser(
         "download", help="fetch a named model into reslens's cache (smollm2)",
-        description="Fetch and convert a named model once (SmolLM2-135M-Instruct as a dequantised Q4_1 GGUF), "
-        "into $RESLENS_CACHE or ~/.cache/reslens.")
+        description="Fetch and convert a named model once (SmolLM2-135M-Instruct as a dequantised "
+        "Q4_1 GGUF), into $RESLENS_CACHE or ~/.cache/reslens.")
     download.add_argument("name", choices=("smollm2",), help="the model")
     download.add_argument("--force", action="store_true", help="fetch and convert again even when cached")
     return parser
@@ -403,7 +403,8 @@ def _check_text_file(path: Path, flag: str) -> None:
     try:
         if b"\0" in head:
             raise UnicodeDecodeError("utf-8", head, 0, 1, "NUL byte")
-        head.decode("utf-8", errors="strict") if len(head) < 8192 else head[:8000].decode("utf-8", errors="ignore")
+        # a multi-byte character may be cut at the end of the first 8 kB: judge what comes before it
+        (head if len(head) < 8192 else head[:8180]).decode("utf-8", errors="strict")
     except UnicodeDecodeError:
         raise _UsageError(f"--{flag} {path}: not a UTF-8 text file") from None
 
@@ -427,7 +428,7 @@ def _check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise _UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+        raise _UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise _UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -450,7 +451,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``reslens`` command; returns the exit code (2 for a bad argument or input, one line on stderr)."""
+    """Run the ``reslens`` command and return its exit code (2, with one line on stderr, for bad input)."""
     args = _parser().parse_args(argv)
     try:
         _check_args(args)

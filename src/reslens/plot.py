@@ -34,7 +34,7 @@ def _pyplot():
 
 
 def _figure(ax: Any, size: tuple[float, float]):
-    """``(fig, ax)``: a new figure of ``size`` inches, or ``ax`` and its figure (drawn the same way either way)."""
+    """``(fig, ax)``: a new figure of ``size`` inches, or ``ax`` and its figure (drawn the same way)."""
     if ax is None:
         return _pyplot().subplots(figsize=size)
     return ax.figure, ax

@@ -123,7 +123,7 @@ class Residuals(Saveable):
 
     @property
     def stat_mask(self) -> torch.Tensor:
-        """``[batch, pos]`` bool: the positions statistics count (real tokens, not special ones such as BOS)."""
+        """``[batch, pos]`` bool: the positions statistics count (real tokens, not special ones like BOS)."""
         if self.special_mask is None:
             return self.attention_mask
         return self.attention_mask & ~self.special_mask.to(self.attention_mask.device).bool()
