@@ -11,8 +11,13 @@ __all__ = ["cell_text", "pandas", "blue"]
 
 
 def cell_text(token: str, width: int) -> str:
-    """A token as it fits in a table cell: newlines escaped, leading space dropped, cut to ``width``."""
+    """A token as it fits in a table cell: newlines escaped, leading space dropped, cut to ``width``.
+
+    A token of spaces only shows as ``␣`` (one per space), so it never looks like an empty cell.
+    """
     text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    if text and not text.strip(" "):
+        text = "␣" * len(text)
     text = text[1:] if text.startswith(" ") and len(text) > 1 else text
     return text if len(text) <= width else text[: width - 1] + "…"
 
