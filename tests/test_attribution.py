@@ -9,7 +9,7 @@ import matplotlib
 import pytest
 import torch
 
-from helpers import VOCAB, make_model
+from helpers import FAMILIES, VOCAB, make_family, make_model
 from reslens import attribution, heads
 from reslens.arch import GPT2, Norm, adapter
 from reslens.attribution import SITES, LogitAttribution, logit_attribution, logit_attribution_of
@@ -123,6 +123,37 @@ def test_components_come_from_the_adapter_on_every_family(family_model, ids):
     assert ("attn_bias" in kinds) == (arch.b_O(0) is not None)
     assert ("norm_bias" in kinds) == (arch.norm("final").bias is not None)
     assert dla.heads().shape == (3, arch.n_layer, arch.n_head)
+    if arch.family != "gpt2":  # rotary: no position piece; RMSNorm: no norm bias; no o_proj bias
+        assert kinds == {"embed", "head", "mlp"} and len(dla.kind) == 1 + arch.n_layer * (arch.n_head + 1)
+    tied = arch.W_U.data_ptr() == arch.W_E.data_ptr()
+    assert tied == (family_model.config.model_type in ("gpt2", "qwen2"))  # Llama and Mistral: untied heads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logit_attribution_on_the_bare_body_of_every_family(family, ids):
+    """A body without an LM head unembeds with W_E; the pieces still sum to final-norm output @ W_E."""
+    body = make_family(family, bare=True)
+    dla = logit_attribution(body, ids, target=[3, 4, 5], against=8)
+    with torch.no_grad():
+        final = body(ids).last_hidden_state[:, -1]
+    w_e = adapter(body).W_E
+    torch.testing.assert_close(dla.sum(), (final * (w_e[[3, 4, 5]] - w_e[8])).sum(-1), atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(dla.logit, dla.sum(), atol=3e-5, rtol=1e-5)
+
+
+def test_logit_attribution_after_a_bos_and_padding_on_every_family(family_model):
+    """A Llama-family batch as tokenize builds it (BOS marked special, left padding): exact at the end."""
+    ids = torch.tensor([[1, 5, 9, 14, 20, 7], [0, 0, 1, 33, 40, 41]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    special = torch.zeros_like(mask)
+    special[0, 0], special[1, 2] = True, True
+    batch = Batch(ids, mask, special_mask=special)
+    dla = logit_attribution(family_model, batch, target=12, against=13)
+    expected = _model_logit(family_model, ids, 12, 13, attention_mask=mask.long(),
+                            position_ids=batch.position_ids)
+    torch.testing.assert_close(dla.sum(), expected, atol=3e-5, rtol=1e-5)
+    alone = logit_attribution(family_model, ids[1:, 2:], target=12, against=13)
+    torch.testing.assert_close(dla.contributions[1], alone.contributions[0], atol=2e-5, rtol=1e-5)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)

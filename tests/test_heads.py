@@ -11,10 +11,10 @@ import matplotlib
 import pytest
 import torch
 
-from helpers import VOCAB, assert_same_state, hook_counts, make_model, model_state
+from helpers import VOCAB, assert_same_state, hook_counts, make_family, make_model, model_state
 from reslens import heads
 from reslens.arch import adapter
-from reslens.heads.circuits import _random_baseline
+from reslens.heads.composition import _random_baseline
 from reslens.hooks import Batch, capture
 
 matplotlib.use("Agg")
@@ -517,3 +517,257 @@ def test_embedded_model_head_pipeline(embedded):
         assert strong == 0, f"the provisional model now has {strong} induction heads: rewrite its card"
     else:
         assert strong >= 2, f"the final embedded model has {strong} induction heads >= 0.3; expected >= 2"
+
+
+# --- every family: scores, circuits under GQA and rotary, RMSNorm folding ------------------------
+
+_ATOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def _family_ids(n_pos: int = 14, seed: int = 5) -> torch.Tensor:
+    """Ids with repeats (a short random stretch written twice) so duplicate-token scores exist."""
+    half = torch.randint(3, VOCAB, (2, n_pos // 2), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([half, half], dim=1)
+
+
+def _brute_scores(pattern: torch.Tensor, ids: torch.Tensor, real: torch.Tensor, stat: torch.Tensor):
+    """Previous / current / duplicate scores by loops over (sequence, query) pairs: [L, H] each.
+
+    A query (and, for previous and duplicate, the key it is scored on) counts only at ``stat`` positions;
+    current-token queries also need an earlier real key."""
+    prev, cur, dup = [], [], []
+    for b in range(ids.shape[0]):
+        for i in range(ids.shape[1]):
+            if not stat[b, i]:
+                continue
+            if i > 0 and stat[b, i - 1]:
+                prev.append(pattern[:, b, :, i, i - 1])
+            if real[b, :i].any():
+                cur.append(pattern[:, b, :, i, i])
+            copies = [j for j in range(i) if stat[b, j] and ids[b, j] == ids[b, i]]
+            if copies:
+                dup.append(pattern[:, b, :, i, copies].sum(-1))
+    return tuple(torch.stack(v).mean(0) for v in (prev, cur, dup))
+
+
+def test_pattern_scores_brute_force_on_every_family(family_model):
+    ids = _family_ids()
+    res = capture(family_model, ids, sites="attn_pattern", dtype=torch.float32)
+    real = torch.ones(ids.shape, dtype=torch.bool)
+    prev, cur, dup = _brute_scores(res.attn_pattern, ids, real, real)
+    torch.testing.assert_close(heads.previous_token_scores(family_model, ids).scores, prev)
+    torch.testing.assert_close(heads.current_token_scores_of(res).scores, cur)
+    torch.testing.assert_close(heads.duplicate_token_scores_of(res).scores, dup)
+    seq_len = 3  # within Mistral's window of 4, so the induction key is visible on every family
+    rep = heads.repeated_tokens(family_model, seq_len=seq_len, n=2, seed=1, bos_token_id=1)
+    pattern = heads.attention_patterns(family_model, rep)
+    query = torch.arange(1 + seq_len, 1 + 2 * seq_len)
+    expected = pattern[..., query, query - seq_len + 1].mean(dim=(1, 3))
+    induction = heads.induction_scores(family_model, seq_len=seq_len, n=2, seed=1, bos_token_id=1)
+    torch.testing.assert_close(induction.scores, expected)
+    assert (induction.scores > 0).all()
+
+
+def test_special_positions_are_left_out_like_pads_on_every_family(family_model):
+    """Issue 13 item 3: a BOS marked in Batch.special_mask is attended to, but no statistic counts it.
+
+    Row 0 starts with BOS (id 1), and id 1 recurs at position 4 as a plain token: the special position is no
+    earlier copy of it, and attention to it from the next token is no previous-token attention. Row 1 is
+    left-padded, then BOS."""
+    ids = torch.tensor([[1, 5, 6, 7, 1, 5, 6, 8, 9, 5], [0, 0, 0, 1, 11, 12, 11, 13, 12, 14]])
+    real = torch.ones(ids.shape, dtype=torch.bool)
+    real[1, :3] = False
+    special = torch.zeros(ids.shape, dtype=torch.bool)
+    special[0, 0], special[1, 3] = True, True
+    batch = Batch(ids, real, special_mask=special)
+    res = capture(family_model, batch, sites="attn_pattern", dtype=torch.float32)
+    assert torch.equal(res.stat_mask, real & ~special)
+    prev, cur, dup = _brute_scores(res.attn_pattern, ids, real, real & ~special)
+    torch.testing.assert_close(heads.previous_token_scores_of(res).scores, prev)
+    torch.testing.assert_close(heads.current_token_scores_of(res).scores, cur)
+    torch.testing.assert_close(heads.duplicate_token_scores_of(res).scores, dup)
+    assert "over 13 positions" in heads.previous_token_scores(family_model, batch).description
+    unmarked = heads.previous_token_scores(family_model, Batch(ids, real))
+    assert "over 15 positions" in unmarked.description  # 8 + 5, or 9 + 6 when the BOS are not marked
+    with pytest.raises(ValueError, match="non-special"):
+        heads.induction_scores_of(res, seq_len=2, start=0)
+
+
+def test_induction_beyond_a_sliding_window_scores_zero_and_warns(caplog):
+    model = make_family("mistral")  # window 4: a key 5 back is invisible
+    with caplog.at_level("WARNING", logger="reslens.heads.scores"):
+        scores = heads.induction_scores(model, seq_len=6, n=2)
+    assert torch.equal(scores.scores, torch.zeros(3, 4)) and "sliding window" in caplog.text
+
+
+def _actual_scores(family_model, res, layer: int) -> torch.Tensor:
+    """Pre-softmax scores [B, H, P, P] (scaled, unmasked) from the model's own q and k.
+
+    Rotary families: q_proj / k_proj outputs captured by hooks during a forward, rotated by the model's own
+    rotary_emb and apply_rotary_pos_emb. GPT-2: q and k from the per-head weights and biases."""
+    arch = adapter(family_model)
+    if arch.positional != "rotary":
+        h = arch.norm("attn", layer)(res.resid[layer])
+        q = torch.einsum("bpd,hde->bhpe", h, arch.W_Q(layer)) + arch.b_Q(layer)[None, :, None]
+        k = torch.einsum("bpd,hde->bhpe", h, arch.W_K(layer)) + arch.b_K(layer)[None, :, None]
+        return (q @ k.transpose(-1, -2)) * arch.attn_scale(layer)
+    got = {}
+    attn = arch.attn(layer)
+    handles = [proj.register_forward_hook(lambda m, i, o, name=name: got.__setitem__(name, o.detach()))
+               for name, proj in (("q", attn.q_proj), ("k", attn.k_proj))]
+    try:
+        with torch.no_grad():
+            family_model(res.input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch, n_pos = res.input_ids.shape
+    q = got["q"].view(batch, n_pos, arch.n_head, arch.d_head).transpose(1, 2)
+    k = got["k"].view(batch, n_pos, arch.n_kv_head, arch.d_head).transpose(1, 2)
+    cos, sin = arch.body.rotary_emb(q, position_ids=res.position_ids)
+    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q, k = apply(q, k, cos, sin)
+    k = k.repeat_interleave(arch.n_head // arch.n_kv_head, dim=1)
+    return (q @ k.transpose(-1, -2)) * arch.attn_scale(layer)
+
+
+def test_qk_circuit_at_each_offset_reproduces_the_models_scores(family_model):
+    """Issue 13 item 4: x̂_i W_Q R(i-j) W_K^T x̂_j^T (+ the bias terms) is the model's own pre-softmax score."""
+    arch = adapter(family_model)
+    ids = _family_ids()
+    res = capture(family_model, ids, sites=("resid", "attn_pattern"), dtype=torch.float32)
+    layer, n_pos = 1, ids.shape[1]
+    actual = _actual_scores(family_model, res, layer)
+    with torch.no_grad():
+        h = arch.norm("attn", layer)(res.resid[layer])  # [B, P, d]
+        b_q, b_k = arch.b_Q(layer), arch.b_K(layer)
+        for head in (0, arch.n_head - 1):
+            circuits = [heads.qk_circuit(family_model, layer, head, offset=t) for t in range(n_pos)]
+            for i in range(n_pos):
+                for j in range(i + 1):
+                    score = torch.einsum("bd,de,be->b", h[:, i], circuits[i - j], h[:, j])
+                    if b_q is not None:  # Qwen2: the bias terms, linear in x̂, beside the bilinear form
+                        rot = arch.rotation(layer, i - j)
+                        q_b, k_b = b_q[head] @ rot, rot @ b_k[head]
+                        score = (score + h[:, i] @ arch.W_Q(layer)[head] @ k_b
+                                 + h[:, j] @ arch.W_K(layer)[head] @ q_b + q_b @ b_k[head])
+                    torch.testing.assert_close(score * arch.attn_scale(layer), actual[:, head, i, j],
+                                               atol=2e-5, rtol=1e-4)
+    window = getattr(arch, "window", lambda _: None)(layer)
+    visible = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+    if window is not None:
+        visible &= ~torch.ones(n_pos, n_pos, dtype=torch.bool).tril(-window)
+    pattern = actual.masked_fill(~visible, float("-inf")).softmax(-1)
+    torch.testing.assert_close(pattern, res.attn_pattern[layer], atol=1e-5, rtol=1e-5)
+    at_5 = heads.qk_circuit(family_model, layer, 0, offset=5)
+    same = torch.equal(at_5, heads.qk_circuit(family_model, layer, 0))
+    assert same == (arch.positional == "learned")  # learned positions: the offset changes nothing
+
+
+def test_qk_and_ov_circuits_fold_the_norm_scale_free(family_model):
+    """fold_ln=True: the circuit on centre(x)/σ(x) equals the plain one on norm(x) - β (RMSNorm: β = 0)."""
+    arch = adapter(family_model)
+    x = torch.randn(5, arch.d_model, generator=torch.Generator().manual_seed(2)) * 3
+    norm = arch.norm("attn", 2)
+    with torch.no_grad():
+        normed = norm(x) - (0 if norm.bias is None else norm.bias)
+        bare = norm.centre(x) / norm.scale(x)[:, None]
+        for offset in (0, 3):
+            plain = heads.qk_circuit(family_model, 2, 1, offset=offset)
+            folded = heads.qk_circuit(family_model, 2, 1, offset=offset, fold_ln=True)
+            torch.testing.assert_close(bare @ folded @ bare.T, normed @ plain @ normed.T,
+                                       atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(bare @ heads.ov_circuit(family_model, 2, 1, fold_ln=True),
+                                   normed @ heads.ov_circuit(family_model, 2, 1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="offset=-1 is out of range"):
+        heads.qk_circuit(family_model, 0, 0, offset=-1)
+
+
+def test_ov_circuits_are_per_query_head_under_gqa(family_model):
+    """Each query head's OV circuit (its key/value head's W_V, its own W_O) rebuilds what it writes."""
+    arch = adapter(family_model)
+    ids = _family_ids()
+    res = capture(family_model, ids, sites=("resid", "attn_pattern", "attn_z"), dtype=torch.float32)
+    layer = 1
+    with torch.no_grad():
+        h = arch.norm("attn", layer)(res.resid[layer])  # [B, P, d]
+        z = arch.split_heads(res.attn_z[layer])  # [B, P, H, dh]
+        for head in range(arch.n_head):
+            kv = arch.kv_head(head)
+            if hasattr(arch, "W_V_kv"):
+                assert torch.equal(arch.W_V(layer)[head], arch.W_V_kv(layer)[kv])
+            pattern = res.attn_pattern[layer][:, head]  # [B, P, P]
+            b_v = 0 if arch.b_V(layer) is None else arch.b_V(layer)[head]
+            torch.testing.assert_close(pattern @ (h @ arch.W_V(layer)[head] + b_v), z[:, :, head], **_ATOL)
+            written = z[:, :, head] @ arch.W_O(layer)[head]
+            ov = heads.ov_circuit(family_model, layer, head)
+            bias = pattern.sum(-1, keepdim=True) * (b_v @ arch.W_O(layer)[head] if arch.b_V(layer) is not None
+                                                    else 0)
+            torch.testing.assert_close(pattern @ (h @ ov) + bias, written, **_ATOL)
+    if arch.n_kv_head < arch.n_head:  # two query heads on one key/value head still differ
+        assert arch.kv_head(0) == arch.kv_head(1)
+        first, second = (heads.ov_circuit(family_model, layer, head) for head in (0, 1))
+        assert not torch.allclose(first, second)
+    ov = heads.ov_eigen_summary(family_model)
+    assert ov.copying.shape == (arch.n_layer, arch.n_head)
+
+
+
+@pytest.mark.parametrize("fold_ln", [False, True])
+def test_ov_eigenvalues_equal_the_dense_matrix_on_every_family(family_model, fold_ln):
+    arch = adapter(family_model)
+    ov = heads.ov_eigen_summary(family_model, fold_ln=fold_ln)
+    with torch.no_grad():
+        for layer, head in [(0, 1), (2, 3)]:
+            dense = _dense_full_ov(arch, layer, head, arch.W_E, fold_ln)
+            assert _eigen_error(ov.eigenvalues[layer, head], dense) < 1e-4
+            lam = torch.linalg.eigvals(dense)
+            assert float(ov.copying[layer, head]) == pytest.approx(float(lam.sum().real / lam.abs().sum()),
+                                                                   abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["q", "k"])
+def test_composition_by_offset_equals_the_dense_formula(family_model, kind):
+    arch = adapter(family_model)
+    offsets = [0, 3, 7]
+    by_offset = heads.composition_by_offset(family_model, kind, offsets, n_baseline=20)
+    assert by_offset.scores.shape == (3, arch.n_layer, arch.n_head, arch.n_layer, arch.n_head)
+    plain = heads.composition_scores(family_model, kind, n_baseline=20)
+    assert plain.offset == (0 if arch.positional == "rotary" else None)
+    at_0 = by_offset.at(0)
+    assert torch.equal(at_0.raw.nan_to_num(-9), plain.raw.nan_to_num(-9)) and at_0.baseline == plain.baseline
+    with torch.no_grad():
+        for o, offset in enumerate(offsets):
+            for a, i, b, j in [(0, 0, 1, 0), (0, 3, 2, 2), (1, 2, 2, 1)]:
+                w_a = heads.ov_circuit(family_model, a, i)
+                w_b = heads.qk_circuit(family_model, b, j, offset=offset)
+                w_b = w_b if kind == "q" else w_b.T
+                expected = (w_a @ w_b).norm() / (w_a.norm() * w_b.norm())
+                assert float(by_offset.raw[o, a, i, b, j]) == pytest.approx(float(expected), rel=1e-4)
+    moved = not torch.allclose(by_offset.raw[1][by_offset.mask], by_offset.raw[0][by_offset.mask])
+    assert moved == (arch.positional == "rotary")  # learned positions: every offset is the same
+    torch.testing.assert_close(by_offset.pair("0.3", "2.2"), by_offset.scores[:, 0, 3, 2, 2])
+
+
+def test_composition_by_offset_outputs_and_errors(tmp_path):
+    model = make_family("llama")
+    by_offset = heads.composition_by_offset(model, "k", torch.tensor([0, 2]), n_baseline=5)
+    assert by_offset.offsets == (0, 2) and "offset     2" in by_offset.table()
+    assert "tensor(" not in repr(by_offset) and "<table" in by_offset._repr_html_()
+    assert by_offset.at(2).offset == 2 and "at query-key offset 2" in by_offset.at(2).table()
+    by_offset.save(tmp_path / "c.safetensors")
+    back = heads.CompositionByOffset.load(tmp_path / "c.safetensors")
+    assert back.offsets == (0, 2) and torch.equal(back.raw.nan_to_num(-9), by_offset.raw.nan_to_num(-9))
+    assert heads.composition_scores(model, "v", n_baseline=5).offset is None
+    for call, error, match in [
+        (lambda: heads.composition_by_offset(model, "v", [0]), ValueError, "V-composition does not depend"),
+        (lambda: heads.composition_by_offset(model, "k", []), TypeError, "non-empty sequence"),
+        (lambda: heads.composition_by_offset(model, "k", [0, 0]), ValueError, "distinct"),
+        (lambda: heads.composition_by_offset(model, "k", [0, 40]), ValueError, r"offsets\[1\]=40 is out of"),
+        (lambda: heads.composition_by_offset(model, "q", [1.0]), TypeError, r"offsets\[0\] must be an int"),
+        (lambda: by_offset.at(1), ValueError, r"offset must be one of \[0, 2\]"),
+        (lambda: by_offset.pair("2.0", "1.0"), ValueError, "not in an earlier layer"),
+        (lambda: by_offset.pair("x", "1.0"), ValueError, "writer must be a head label"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()

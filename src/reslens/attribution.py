@@ -9,6 +9,13 @@ linearised at ``x`` (its scale ``σ(x)`` held at its actual value), each piece `
 bias (LayerNorm) and the LM head's bias, where they exist, are pieces of their own. The pieces
 sum to the model's own logit exactly, to float rounding.
 
+By family: GPT-2 has ``pos_embed``, ``attn_bias`` and ``norm_bias`` pieces; the Llama family
+(Llama, Mistral, Qwen2) has none of them. Under rotary positions the residual stream carries no
+position vector (position acts inside attention, so its effect is part of the head pieces);
+RMSNorm has no bias and does not centre, so ``σ = sqrt(mean(x²) + eps)`` and the reader is
+``γ ⊙ u``; Qwen2's value bias is inside each head's ``z``. A tied head (``W_U = W_E``) or an
+untied one makes no difference to the method.
+
 :func:`logit_attribution_of` reads captured :class:`~reslens.residuals.Residuals` (sites
 ``resid``, ``attn_z``, ``mlp_out``, ``logits``); :func:`logit_attribution` captures them.
 """

@@ -2,7 +2,8 @@
 
 Head scores from attention patterns (:mod:`reslens.heads.scores`: induction, previous-token,
 duplicate-token, current-token), circuits from the weights (:mod:`reslens.heads.circuits`:
-OV and QK circuits, the OV eigenvalue summary, Q/K/V composition) and direct logit
+OV and QK circuits, the OV eigenvalue summary; :mod:`reslens.heads.composition`: Q/K/V
+composition, by query-key offset under rotary positions) and direct logit
 attribution (:mod:`reslens.attribution`, re-exported here), all on the unmodified
 HuggingFace model through its family adapter (:mod:`reslens.arch`). Heads are written
 ``layer.head``, 0-based (``"1.3"``).
@@ -14,15 +15,13 @@ import importlib
 from typing import Any
 
 from reslens.heads._format import head_label
-from reslens.heads.circuits import (
+from reslens.heads.circuits import EFFECTIVE_EMBEDDINGS, OVSummary, ov_circuit, ov_eigen_summary, qk_circuit
+from reslens.heads.composition import (
     COMPOSITION_KINDS,
-    EFFECTIVE_EMBEDDINGS,
+    CompositionByOffset,
     CompositionScores,
-    OVSummary,
+    composition_by_offset,
     composition_scores,
-    ov_circuit,
-    ov_eigen_summary,
-    qk_circuit,
 )
 from reslens.heads.scores import (
     HeadScores,
@@ -42,6 +41,7 @@ __all__ = [
     "HeadScores",
     "OVSummary",
     "CompositionScores",
+    "CompositionByOffset",
     "LogitAttribution",
     "COMPOSITION_KINDS",
     "EFFECTIVE_EMBEDDINGS",
@@ -60,6 +60,7 @@ __all__ = [
     "qk_circuit",
     "ov_eigen_summary",
     "composition_scores",
+    "composition_by_offset",
     "logit_attribution",
     "logit_attribution_of",
 ]

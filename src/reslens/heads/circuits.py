@@ -1,14 +1,21 @@
-"""Circuits from the weights alone: OV and QK circuits, OV eigenvalues (copying), Q/K/V composition.
+"""Circuits from the weights alone: OV and QK circuits and the OV eigenvalues (copying).
 
 Row-vector convention (``x @ W``), weights from the family adapter as stored (nothing folded
 unless ``fold_ln=True`` says so):
 
-- ``W_Q, W_K, W_V: [n_head, d_model, d_head]``, ``W_O: [n_head, d_head, d_model]`` per layer
-  (under grouped-query attention ``W_K``/``W_V`` are expanded to the query heads)
-- OV circuit of a head ``W_OV = W_V @ W_O``; QK circuit ``W_QK = W_Q @ W_K^T`` (both
-  ``[d_model, d_model]``); full OV circuit ``W_E @ W_OV @ W_U^T`` ``[d_vocab, d_vocab]``
+- ``W_Q, W_K, W_V: [n_head, d_model, d_head]``, ``W_O: [n_head, d_head, d_model]`` per layer.
+  Under grouped-query attention ``W_K``/``W_V`` are expanded to the query heads, so every
+  circuit here is per **query** head: heads that share a key/value head share ``W_V`` but not
+  ``W_O``, so their OV circuits and copying scores differ.
+- OV circuit of a head ``W_OV = W_V @ W_O``; QK circuit ``W_QK = W_Q @ R(offset) @ W_K^T`` (both
+  ``[d_model, d_model]``; ``R = I`` for learned positions); full OV circuit
+  ``W_E @ W_OV @ W_U^T`` ``[d_vocab, d_vocab]``.
+- ``fold_ln=True`` folds the norms' γ in: under RMSNorm that is all a norm does besides its
+  per-token scale (no centring, no bias), so the folded circuits act on ``x / σ(x)`` exactly; under
+  LayerNorm its centring and bias are left out.
 
-Weights are read one layer at a time, never all layers at once in float32.
+Q/K/V composition lives in :mod:`reslens.heads.composition` (re-exported here). Weights are
+read one layer at a time, never all layers at once in float32.
 """
 
 from __future__ import annotations
@@ -21,15 +28,21 @@ import torch
 from reslens._checks import check_bool, check_choice, check_int
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
-from reslens.heads._format import head_label, html_table, pandas
+from reslens.heads._format import head_label
+from reslens.heads.composition import (
+    COMPOSITION_KINDS,
+    CompositionByOffset,
+    CompositionScores,
+    composition_by_offset,
+    composition_scores,
+)
 from reslens.heads.scores import HeadScores
 
 __all__ = [
-    "OVSummary", "CompositionScores", "COMPOSITION_KINDS", "EFFECTIVE_EMBEDDINGS",
-    "ov_circuit", "qk_circuit", "ov_eigen_summary", "composition_scores",
+    "OVSummary", "CompositionScores", "CompositionByOffset", "COMPOSITION_KINDS", "EFFECTIVE_EMBEDDINGS",
+    "ov_circuit", "qk_circuit", "ov_eigen_summary", "composition_scores", "composition_by_offset",
 ]
 
-COMPOSITION_KINDS = ("q", "k", "v")
 #: ``"embed"``: token embeddings as stored; ``"embed+mlp0"``: heads after block 0 read
 #: ``W_E + mlp_0(norm(W_E))`` (block 0's MLP, after its norm, applied to each embedding alone).
 EFFECTIVE_EMBEDDINGS = ("embed", "embed+mlp0")
@@ -130,111 +143,25 @@ class OVSummary(Saveable):
         return self.copying_scores._repr_html_()
 
 
-@dataclass(frozen=True)
-class CompositionScores(Saveable):
-    """Q-, K- or V-composition between every earlier head (writer) and later head (reader).
-
-    ``raw[a, i, b, j]`` = ``‖W_A W_B‖_F / (‖W_A‖_F ‖W_B‖_F)`` with ``W_A`` = writer ``a.i``'s
-    OV circuit and ``W_B`` = reader ``b.j``'s QK circuit (``kind="q"``), its transpose
-    (``"k"``) or its OV circuit (``"v"``). ``baseline`` is the mean of the same formula on
-    random Gaussian factors of the same shapes (``baseline_std`` its spread); ``scores`` =
-    ``raw - baseline``. All ``[n_layer, n_head, n_layer, n_head]`` float32; ``mask`` is True
-    exactly where ``a < b`` (earlier -> later); other entries are NaN (as are pairs with an
-    all-zero matrix, whose score is undefined).
-    """
-
-    scores: torch.Tensor
-    raw: torch.Tensor
-    baseline: float
-    baseline_std: float
-    kind: str
-    mask: torch.Tensor
-    fold_ln: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice(self.kind, COMPOSITION_KINDS, "kind")
-        if self.scores.ndim != 4 or self.scores.shape[:2] != self.scores.shape[2:]:
-            raise ValueError(
-                f"scores must be [n_layer, n_head, n_layer, n_head]; got {tuple(self.scores.shape)}"
-            )
-        for name in ("raw", "mask"):
-            if getattr(self, name).shape != self.scores.shape:
-                got = tuple(getattr(self, name).shape)
-                raise ValueError(f"{name} has shape {got}; expected {tuple(self.scores.shape)}")
-
-    @property
-    def n_layer(self) -> int:
-        """Number of layers."""
-        return self.scores.shape[0]
-
-    @property
-    def n_head(self) -> int:
-        """Number of heads per layer."""
-        return self.scores.shape[1]
-
-    def top(self, k: int = 5) -> list[tuple[str, str, float]]:
-        """The ``k`` strongest pairs as ``(writer "layer.head", reader "layer.head", score)``."""
-        check_int(k, "k", low=1)
-        valid = self.mask & ~self.scores.isnan()
-        flat = torch.where(valid, self.scores, float("-inf")).flatten()
-        n_valid = int(valid.sum())
-        out = []
-        for i in flat.argsort(descending=True, stable=True)[: min(k, n_valid)].tolist():
-            a, rest = divmod(i, self.n_head * self.n_layer * self.n_head)
-            hi, rest = divmod(rest, self.n_layer * self.n_head)
-            b, hj = divmod(rest, self.n_head)
-            out.append((head_label(a, hi), head_label(b, hj), float(flat[i])))
-        return out
-
-    def reader(self, layer: int, head: int) -> HeadScores:
-        """How much each head composes into ``layer.head``: ``[n_layer, n_head]``, NaN if not earlier."""
-        check_int(layer, "layer", low=0, high=self.n_layer - 1)
-        check_int(head, "head", low=0, high=self.n_head - 1)
-        return HeadScores(self.scores[:, :, layer, head],
-                          f"{self.kind.upper()}-composition into {head_label(layer, head)}",
-                          f"minus baseline {self.baseline:.3f}")
-
-    def to_frame(self):
-        """``pandas.DataFrame``: one row per earlier -> later pair (``writer, reader, raw, score``)."""
-        pd = pandas()
-        a, i, b, j = self.mask.nonzero(as_tuple=True)
-        return pd.DataFrame({
-            "writer": [head_label(x, y) for x, y in zip(a.tolist(), i.tolist())],
-            "reader": [head_label(x, y) for x, y in zip(b.tolist(), j.tolist())],
-            "writer_layer": a.numpy(), "writer_head": i.numpy(),
-            "reader_layer": b.numpy(), "reader_head": j.numpy(),
-            "raw": self.raw[a, i, b, j].numpy(),
-            "score": self.scores[a, i, b, j].numpy(),
-        })
-
-    def _title(self) -> str:
-        return (f"{self.kind.upper()}-composition (raw minus random baseline {self.baseline:.4f} "
-                f"± {self.baseline_std:.4f})")
-
-    def table(self, k: int = 10) -> str:
-        """The ``k`` strongest earlier -> later pairs, one per line."""
-        return "\n".join([self._title()] + [f"  {w:>6} -> {r:<6} {s:+.4f}" for w, r, s in self.top(k)])
-
-    def plot(self, *, ax=None):
-        """``[n_layer * n_head]^2`` heatmap, writers as rows, readers as columns. Returns the figure."""
-        from reslens.plot import plot_composition
-
-        return plot_composition(self, ax=ax)
-
-    def __repr__(self) -> str:
-        top = ", ".join(f"{w}->{r}={s:.3f}" for w, r, s in self.top(3))
-        return (f"CompositionScores(kind={self.kind!r}, [{self.n_layer} x {self.n_head}]^2, "
-                f"baseline={self.baseline:.4f}, top: {top})")
-
-    def _repr_html_(self) -> str:
-        return html_table(self._title(), ["writer", "reader", "score"], self.top(10))
-
-
 # --- OV and QK circuits -----------------------------------------------------------------------
 
 
-def ov_circuit(model: Any, layer: int, head: int) -> torch.Tensor:
+def _gamma(arch: Arch, layer: int, fold_ln: bool) -> torch.Tensor | None:
+    """The attention norm's ``γ [d_model, 1]`` (float32) of ``layer`` when folding, else ``None``."""
+    if not check_bool(fold_ln, "fold_ln"):
+        return None
+    return arch.norm("attn", layer).weight.detach().float()[:, None]
+
+
+def ov_circuit(model: Any, layer: int, head: int, *, fold_ln: bool = False) -> torch.Tensor:
     """Head ``layer.head``'s OV circuit ``W_V @ W_O`` ``[d_model, d_model]`` (float32, rank ``d_head``).
+
+    A key position holding normed input ``x̂`` (after the attention norm) that the head attends to
+    with weight ``p`` adds ``p · (x̂ @ W_OV)`` to the residual (plus ``p · b_V @ W_O`` where the family
+    has a value bias). Per query head: under grouped-query attention ``W_V`` is that of the
+    key/value head the query head reads (``arch.kv_head(head)``). ``fold_ln=True``: ``γ ⊙`` the rows
+    (the attention norm's γ), so it acts on ``x / σ(x)`` (exact under RMSNorm; LayerNorm's centring
+    and bias left out).
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, hidden_size=16, n_head=2, vocab_size=50))
@@ -244,20 +171,37 @@ def ov_circuit(model: Any, layer: int, head: int) -> torch.Tensor:
     """
     arch = adapter(model)
     layer, head = _check_head(arch, layer, head)
-    return arch.W_V(layer)[head].detach().float() @ arch.W_O(layer)[head].detach().float()
+    gamma = _gamma(arch, layer, fold_ln)
+    w_v = arch.W_V(layer)[head].detach().float()
+    if gamma is not None:
+        w_v = gamma.to(w_v.device) * w_v
+    return w_v @ arch.W_O(layer)[head].detach().float()
 
 
-def qk_circuit(model: Any, layer: int, head: int) -> torch.Tensor:
-    """Head ``layer.head``'s QK circuit ``W_Q @ W_K^T`` ``[d_model, d_model]`` (float32).
+def qk_circuit(model: Any, layer: int, head: int, *, offset: int = 0, fold_ln: bool = False) -> torch.Tensor:
+    """Head ``layer.head``'s QK circuit at a query-key ``offset``: ``W_Q R W_K^T`` ``[d_model, d_model]``.
 
-    The attention score of query ``x_q`` on key ``x_k`` (after the attention norm, biases
-    aside) is ``x_q @ W_QK @ x_k^T`` times the layer's scale. With learned positions this does
-    not depend on the distance between query and key; under rotary positions it is the part
-    at offset 0.
+    The pre-softmax score of a query with normed input ``x̂_i`` (after the attention norm) on a key
+    ``offset`` positions earlier, ``x̂_j`` (``j = i - offset``), is ``x̂_i @ W_QK @ x̂_j^T`` times the
+    layer's scale (:meth:`~reslens.arch.Arch.attn_scale`), biases aside (Qwen2's q/k biases add
+    terms linear in ``x̂``). ``R = arch.rotation(layer, offset)``: under rotary positions the
+    model's own rotation by the offset, so ``offset=0`` (the default) is the content-only part
+    (``R(0) = I`` for plain rotary); with learned positions ``R = I`` and the offset changes
+    nothing (positions are already in ``x̂``). Float32. ``fold_ln=True`` folds the attention norm's
+    γ into both sides, so it acts on ``x / σ(x)`` (exact under RMSNorm).
     """
     arch = adapter(model)
     layer, head = _check_head(arch, layer, head)
-    return arch.W_Q(layer)[head].detach().float() @ arch.W_K(layer)[head].detach().float().T
+    check_int(offset, "offset", low=0, high=arch.n_ctx - 1)
+    gamma = _gamma(arch, layer, fold_ln)
+    w_q, w_k = arch.W_Q(layer)[head].detach().float(), arch.W_K(layer)[head].detach().float()
+    if gamma is not None:
+        w_q, w_k = gamma.to(w_q.device) * w_q, gamma.to(w_k.device) * w_k
+    if arch.positional != "rotary":
+        return w_q @ w_k.T
+    with torch.no_grad():
+        rotation = arch.rotation(layer, offset).float().to(w_q.device)
+    return (w_q @ rotation) @ w_k.T
 
 
 # --- OV eigenvalues ---------------------------------------------------------------------------
@@ -308,10 +252,12 @@ def ov_eigen_summary(model: Any, *, fold_ln: bool = False, effective_embedding: 
     The ``[d_vocab, d_vocab]`` matrix is never built: its nonzero eigenvalues are those of
     ``W_O (W_U^T W_E) W_V`` ``[d_head, d_head]``, formed and solved in float64 (``W_U^T W_E``
     once, summed over vocabulary chunks; then one layer's weights at a time). Copying score =
-    ``Σλ / Σ|λ|``. Options, off by default:
+    ``Σλ / Σ|λ|``. One per query head: under grouped-query attention the heads sharing a
+    key/value head share ``W_V`` but each has its own ``W_O``. Options, off by default:
 
     - ``fold_ln=True``: multiply ``W_V`` by the head's attention-norm γ and ``W_U`` by the
-      final norm's γ (centring and scale are ignored either way)
+      final norm's γ (the per-token scale is ignored either way; so are LayerNorm's centring and
+      bias, while RMSNorm has neither, so γ is all it folds)
     - ``effective_embedding="embed+mlp0"``: heads after block 0 read ``W_E + mlp_0(norm(W_E))``
       instead of ``W_E`` (block 0's attention and the position embeddings are ignored);
       layer-0 heads always read ``W_E``
@@ -343,110 +289,3 @@ def ov_eigen_summary(model: Any, *, fold_ln: bool = False, effective_embedding: 
         copying = eig.sum(-1).real / eig.abs().sum(-1).clamp(min=torch.finfo(torch.float64).tiny)
     return OVSummary(eig.to(torch.complex64), copying.float(), fold_ln, effective_embedding)
 
-
-# --- composition ------------------------------------------------------------------------------
-
-
-def _gram_root(x: torch.Tensor) -> torch.Tensor:
-    """``R [..., dh, dh]`` with ``R^T R = x^T x`` for ``x: [..., d, dh]``, so ``‖x M‖_F = ‖R M‖_F``.
-
-    The ``R`` of a QR decomposition up to rotation, for any ``M``: Cholesky of the Gram matrix
-    in float64 (much faster than QR or batched eigh on CPU), with a relative jitter of 1e-12 so
-    rank-deficient ``x`` works; any matrix it still fails on goes through ``eigh``.
-    """
-    gram = x.double().transpose(-1, -2) @ x.double()  # [..., dh, dh]
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    lower, info = torch.linalg.cholesky_ex(gram + (1e-12 * scale + 1e-300) * eye)
-    root = lower.transpose(-1, -2)
-    failed = info != 0
-    if failed.any():
-        values, vectors = torch.linalg.eigh(gram[failed])
-        root[failed] = values.clamp(min=0).sqrt()[..., :, None] * vectors.transpose(-1, -2)
-    return root.to(x.dtype)
-
-
-def _composition_norms(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, z: torch.Tensor):
-    """Frobenius norms for ``W_A = x @ y`` and ``W_B = u @ z`` from ``d_head``-sized products only.
-
-    ``x, u: [..., d, dh]``, ``y, z: [..., dh, d]``; ``‖x y u z‖ = ‖R_x (y u) R_z^T‖`` with
-    ``R_x^T R_x = x^T x`` and ``R_z^T R_z = z z^T``. Returns the left factors ``R_x y [..., dh, d]``,
-    right factors ``u R_z^T [..., d, dh]`` and their norms ``‖W_A‖``, ``‖W_B‖``.
-    """
-    r_x = _gram_root(x)  # [..., dh, dh]
-    r_z = _gram_root(z.transpose(-1, -2))
-    left = r_x @ y  # [..., dh, d]
-    right = u @ r_z.transpose(-1, -2)  # [..., d, dh]
-    return left, right, left.flatten(-2).norm(dim=-1), right.flatten(-2).norm(dim=-1)
-
-
-def _random_baseline(d_model: int, d_head: int, n: int, seed: int) -> tuple[float, float]:
-    """Mean and std of the composition score of ``n`` random Gaussian factor pairs."""
-    gen = torch.Generator().manual_seed(seed)
-    x, u = (torch.randn(n, d_model, d_head, generator=gen) for _ in range(2))
-    y, z = (torch.randn(n, d_head, d_model, generator=gen) for _ in range(2))
-    left, right, n_a, n_b = _composition_norms(x, y, u, z)
-    scores = (left @ right).flatten(-2).norm(dim=-1) / (n_a * n_b)
-    return float(scores.mean()), float(scores.std()) if n > 1 else 0.0
-
-
-def _layer_factors(arch: Arch, layer: int, kind: str, fold_ln: bool):
-    """One layer's writer and reader factors: ``(left [H, dh, d], right [H, d, dh], ‖W_A‖, ‖W_B‖ [H])``."""
-    gamma = arch.norm("attn", layer).weight.detach().float()[None, :, None] if fold_ln else None
-    # contiguous copies (the adapter's views are strided), as the layer-stacked weights were
-    views = (arch.W_Q(layer), arch.W_K(layer), arch.W_V(layer))
-    w_q, w_k, w_v = (w.detach().float().contiguous() for w in views)
-    if gamma is not None:
-        w_q, w_k, w_v = w_q * gamma, w_k * gamma, w_v * gamma
-    w_o = arch.W_O(layer).detach().float().contiguous()
-    u, z = {"q": (w_q, w_k.transpose(-1, -2)), "k": (w_k, w_q.transpose(-1, -2)), "v": (w_v, w_o)}[kind]
-    return _composition_norms(w_v, w_o, u, z)
-
-
-def composition_scores(
-    model: Any, kind: str = "k", *, fold_ln: bool = False, n_baseline: int = 200, seed: int = 0
-) -> CompositionScores:
-    """Q-, K- or V-composition of every earlier head into every later head (Elhage et al. 2021).
-
-    ``raw[a, i, b, j] = ‖W_A W_B‖_F / (‖W_A‖_F ‖W_B‖_F)`` with ``W_A = W_V W_O`` of writer
-    ``a.i`` and ``W_B`` of reader ``b.j`` = ``W_Q W_K^T`` (``kind="q"``: the writer's output
-    feeds the reader's queries), ``W_K W_Q^T`` (``"k"``: its keys) or ``W_V W_O`` (``"v"``:
-    its values), as in TransformerLens's ``all_composition_scores``. Only ``a < b`` pairs are
-    computed (``mask``). The random baseline (the same formula on ``n_baseline`` random
-    Gaussian factors of the same shapes, seeded) is subtracted to give ``scores``.
-    ``fold_ln=True`` folds the attention norm's γ into ``W_Q``, ``W_K``, ``W_V``. Weights as
-    stored; biases are left out. Only ``d_head``-sized products are formed, one layer's
-    weights at a time, so all of GPT-2 small takes seconds on a CPU.
-
-    >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=3, hidden_size=16, n_head=2, vocab_size=50))
-    >>> comp = composition_scores(model, "k")
-    >>> tuple(comp.scores.shape), int(comp.mask.sum())   # 2*2 + 2*4 + 2*2 earlier -> later pairs
-    ((3, 2, 3, 2), 12)
-    """
-    arch = adapter(model)
-    check_choice(kind, COMPOSITION_KINDS, "kind")
-    check_bool(fold_ln, "fold_ln")
-    check_int(n_baseline, "n_baseline", low=1)
-    check_int(seed, "seed", low=0)
-    n_layer, n_head, d_head = arch.n_layer, arch.n_head, arch.d_head
-    with torch.no_grad():
-        stacked: list[torch.Tensor] = []  # left [L, H, dh, d], right [L, H, d, dh], ‖W_A‖, ‖W_B‖ [L, H]
-        for layer in range(n_layer):  # one layer's weights at a time; only the d_head-sized factors are kept
-            for i, part in enumerate(_layer_factors(arch, layer, kind, fold_ln)):
-                if layer == 0:
-                    stacked.append(part.new_empty((n_layer, *part.shape)))
-                stacked[i][layer] = part
-        left, right, norm_a, norm_b = stacked
-        raw = torch.full((n_layer, n_head, n_layer, n_head), float("nan"))
-        for a in range(n_layer - 1):
-            writers = left[a].reshape(n_head * d_head, -1)  # [H*dh, d]
-            readers = right[a + 1 :].permute(2, 0, 1, 3).reshape(arch.d_model, -1)  # [d, (L-a-1)*H*dh]
-            product = (writers @ readers).reshape(n_head, d_head, n_layer - a - 1, n_head, d_head)
-            norms = product.square().sum(dim=(1, 4)).sqrt()  # [H, L-a-1, H]
-            raw[a, :, a + 1 :] = (norms / (norm_a[a][:, None, None] * norm_b[a + 1 :][None])).cpu()
-        baseline, spread = _random_baseline(arch.d_model, d_head, n_baseline, seed)
-    layer = torch.arange(n_layer)
-    mask = layer[:, None, None, None] < layer[None, None, :, None]
-    mask = mask.expand(n_layer, n_head, n_layer, n_head).clone()
-    return CompositionScores(raw - baseline, raw, baseline, spread, kind, mask, fold_ln)

@@ -4,19 +4,23 @@ Each score has a pure form (``*_of``) that reads the ``attn_pattern`` site of ca
 :class:`~reslens.residuals.Residuals` (and the mask / ids it needs), so one capture can feed
 every score, and a model-taking wrapper that captures the pattern and calls it. Patterns are
 ``[n_layer, batch, head, query, key]`` float32, recomputed from q and k by
-:mod:`reslens.hooks` (the model keeps its own attention implementation); pads are never
-attended to and never counted.
+:mod:`reslens.hooks` (the model keeps its own attention implementation, with its own rotary
+positions, grouped-query heads and sliding window), so the scores mean the same on every
+family. Pads are never attended to and never counted; special tokens the tokenizer's convention
+added (``Residuals.stat_mask``, e.g. a Llama-family BOS) are attended to as the model attends
+to them but, like pads, are never a position a score averages over.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from reslens._checks import check_int
-from reslens._inputs import as_batch
+from reslens._inputs import Batch, as_batch
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
 from reslens.heads._format import head_label, html_table, pandas
@@ -28,6 +32,8 @@ __all__ = [
     "induction_scores", "previous_token_scores", "duplicate_token_scores", "current_token_scores",
     "induction_scores_of", "previous_token_scores_of", "duplicate_token_scores_of", "current_token_scores_of",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,11 @@ def _capture_patterns(arch: Arch, inputs: Any, tokenizer: Any) -> Residuals:
     return capture(arch, batch, sites="attn_pattern", dtype=torch.float32)
 
 
-def _pattern(residuals: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(attn_pattern [L, B, H, P, P], attention_mask [B, P])`` of residuals holding blocks 0, 1, ..."""
+def _pattern(residuals: Any, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(attn_pattern [L, B, H, P, P], attention_mask [B, P], stat_mask [B, P])`` of blocks 0, 1, ...
+
+    ``stat_mask``: the positions statistics count (real and not special, e.g. not a BOS token).
+    """
     if not isinstance(residuals, Residuals):
         raise TypeError(f"residuals must be reslens Residuals (from capture); got {type(residuals).__name__}")
     residuals.require("attn_pattern", what=what)
@@ -124,7 +133,8 @@ def _pattern(residuals: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"Residuals hold blocks {list(residuals.blocks)} (capture with layers=None)"
         )
     pattern = residuals.attn_pattern.float()
-    return pattern, residuals.attention_mask.to(pattern.device).bool()
+    return (pattern, residuals.attention_mask.to(pattern.device).bool(),
+            residuals.stat_mask.to(pattern.device).bool())
 
 
 def attention_patterns(model: Any, inputs: Any, *, tokenizer: Any = None) -> torch.Tensor:
@@ -206,17 +216,21 @@ def induction_scores_of(residuals: Residuals, *, seq_len: int, start: int = 0) -
 
     Positions ``start .. start + seq_len - 1`` hold the first copy and the next ``seq_len``
     the second (``start=1`` after a BOS token); the score is the mean attention from each
-    position ``i`` of the second copy to ``i - seq_len + 1``, over every sequence. When the
-    residuals hold ``input_ids``, they must repeat that way.
+    position ``i`` of the second copy to ``i - seq_len + 1``, over every sequence. Every scored
+    position must be a real, non-special token (``Residuals.stat_mask``). When the residuals hold
+    ``input_ids``, they must repeat that way.
     """
-    pattern, mask = _pattern(residuals, "induction_scores_of")
+    pattern, _, stat = _pattern(residuals, "induction_scores_of")
     n_pos = pattern.shape[-1]
     check_int(start, "start", low=0)
     check_int(seq_len, "seq_len", low=2)
     if start + 2 * seq_len > n_pos:
         raise ValueError(f"start={start} + 2 * seq_len={seq_len} exceeds the {n_pos} captured positions")
-    if not bool(mask[:, start : start + 2 * seq_len].all()):
-        raise ValueError(f"positions {start}..{start + 2 * seq_len - 1} must be real tokens in each sequence")
+    if not bool(stat[:, start : start + 2 * seq_len].all()):
+        raise ValueError(
+            f"positions {start}..{start + 2 * seq_len - 1} must be real, non-special tokens in each sequence "
+            "(a BOS token goes before start)"
+        )
     ids, middle, end = residuals.input_ids, start + seq_len, start + 2 * seq_len
     if ids is not None and not torch.equal(ids[:, start:middle], ids[:, middle:end]):
         raise ValueError(
@@ -240,8 +254,13 @@ def induction_scores(
     the mean attention from each position ``i`` of the second repeat to ``i - seq_len + 1``
     (the token after the earlier copy of the current token). An induction head scores
     near 1; uniform attention scores about ``1 / i``. ``bos_token_id`` (e.g. the
-    tokenizer's end-of-text id, as TransformerLens prepends BOS) is written before the
-    repeats and never scored.
+    tokenizer's end-of-text id, as TransformerLens prepends BOS; a Llama-family BOS where the
+    tokenizer adds one) is written before the repeats, marked special and never scored.
+
+    The same on every family: the pattern is the model's own (rotary at the real positions,
+    grouped-query heads). Under a sliding window of ``w`` positions (Mistral) a key
+    ``seq_len - 1`` back is visible only when ``seq_len <= w``; beyond that every head scores 0
+    by construction, which is logged as a warning.
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()
@@ -252,7 +271,13 @@ def induction_scores(
     arch = adapter(model)
     ids = repeated_tokens(arch, seq_len=seq_len, n=n, seed=seed, token_pool=token_pool,
                           bos_token_id=bos_token_id)
-    residuals = _capture_patterns(arch, ids.to(arch.device), None)
+    windows = [w for w in map(getattr(arch, "window", lambda _: None), range(arch.n_layer)) if w is not None]
+    if windows and seq_len > min(windows):
+        logger.warning("induction_scores: seq_len=%d exceeds the sliding window (%d positions) of some "
+                       "layers; their heads cannot see the earlier copy and score 0", seq_len, min(windows))
+    special = torch.zeros(ids.shape, dtype=torch.bool)
+    special[:, 0] = bos_token_id is not None
+    residuals = _capture_patterns(arch, Batch(ids, torch.ones_like(special), special_mask=special), None)
     scores = induction_scores_of(residuals, seq_len=seq_len, start=0 if bos_token_id is None else 1)
     how = (f"mean attention from i to i-{seq_len}+1 over the second repeat; {n} x {seq_len} random tokens, "
            f"seed {seed}" + ("" if bos_token_id is None else f", BOS {bos_token_id} first"))
@@ -269,10 +294,11 @@ def _mean_over(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def previous_token_scores_of(residuals: Residuals) -> HeadScores:
     """Mean attention to the previous token of captured patterns (see :func:`previous_token_scores`)."""
-    pattern, mask = _pattern(residuals, "previous_token_scores_of")
-    valid = (mask[:, 1:] & mask[:, :-1]).float()  # [B, P-1]: query i has a real token i-1
+    pattern, _, stat = _pattern(residuals, "previous_token_scores_of")
+    valid = (stat[:, 1:] & stat[:, :-1]).float()  # [B, P-1]: query i and token i-1 are counted positions
     if valid.sum() == 0:
-        raise ValueError("previous-token scores need a sequence with at least 2 real tokens")
+        raise ValueError("previous-token scores need a sequence with at least 2 real tokens in a row "
+                         "that are not special (a BOS)")
     stripe = pattern.diagonal(offset=-1, dim1=-2, dim2=-1)  # [L, B, H, P-1]: attention i -> i-1
     return HeadScores(_mean_over(stripe, valid), "previous-token",
                       f"mean attention to i-1 over {int(valid.sum())} positions")
@@ -281,9 +307,11 @@ def previous_token_scores_of(residuals: Residuals) -> HeadScores:
 def previous_token_scores(model: Any, inputs: Any, *, tokenizer: Any = None) -> HeadScores:
     """Mean attention from each token to the token just before it ``[n_layer, n_head]``.
 
-    Averaged over every real query position that has a real previous token (pads never
-    count). ``inputs``: ids ``[batch, pos]``, a :class:`~reslens.hooks.Batch`, or text with
-    ``tokenizer=``.
+    Averaged over every real query position whose previous token is real too (pads never
+    count); special tokens (a BOS the tokenizer added, ``Batch.special_mask``) count like pads,
+    so the first text token's attention to a BOS (often an attention sink in Llama-family
+    models, not a previous-token mechanism) is left out. ``inputs``: ids ``[batch, pos]``, a
+    :class:`~reslens.hooks.Batch`, or text with ``tokenizer=``.
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()
@@ -296,10 +324,10 @@ def previous_token_scores(model: Any, inputs: Any, *, tokenizer: Any = None) -> 
 
 def current_token_scores_of(residuals: Residuals) -> HeadScores:
     """Mean attention to the token itself of captured patterns (see :func:`current_token_scores`)."""
-    pattern, mask = _pattern(residuals, "current_token_scores_of")
-    valid = (mask & (mask.long().cumsum(-1) >= 2)).float()  # [B, P]
+    pattern, mask, stat = _pattern(residuals, "current_token_scores_of")
+    valid = (stat & (mask.long().cumsum(-1) >= 2)).float()  # [B, P]: counted, with an earlier key to choose
     if valid.sum() == 0:
-        raise ValueError("current-token scores need a sequence with at least 2 real tokens")
+        raise ValueError("current-token scores need a non-special token after at least one other real token")
     diag = pattern.diagonal(dim1=-2, dim2=-1)  # [L, B, H, P]
     how = f"mean attention to i over {int(valid.sum())} positions"
     return HeadScores(_mean_over(diag, valid), "current-token", how)
@@ -309,7 +337,9 @@ def current_token_scores(model: Any, inputs: Any, *, tokenizer: Any = None) -> H
     """Mean attention from each token to itself ``[n_layer, n_head]``.
 
     Averaged over real query positions that have at least one earlier real token (the first
-    token can only attend to itself, so it is left out).
+    token can only attend to itself, so it is left out). A special token (a BOS the tokenizer
+    added) is never a query counted, but it is an earlier token: the first text token after a
+    BOS can attend to either, so it counts.
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()
@@ -324,13 +354,13 @@ def duplicate_token_scores_of(residuals: Residuals) -> HeadScores:
 
     Needs the residuals' ``input_ids`` (every capture records them).
     """
-    pattern, mask = _pattern(residuals, "duplicate_token_scores_of")
+    pattern, _, stat = _pattern(residuals, "duplicate_token_scores_of")
     if residuals.input_ids is None:
         raise ValueError("duplicate_token_scores_of needs the input_ids, which these Residuals lack")
     ids = residuals.input_ids.to(pattern.device)
     n_pos = ids.shape[1]
     earlier = torch.ones(n_pos, n_pos, dtype=torch.bool, device=ids.device).tril(-1)  # key < query
-    same = (ids[:, :, None] == ids[:, None, :]) & earlier & mask[:, :, None] & mask[:, None, :]  # [B, q, k]
+    same = (ids[:, :, None] == ids[:, None, :]) & earlier & stat[:, :, None] & stat[:, None, :]  # [B, q, k]
     has = same.any(-1).float()  # [B, q]
     if has.sum() == 0:
         raise ValueError(
@@ -347,7 +377,8 @@ def duplicate_token_scores(model: Any, inputs: Any, *, tokenizer: Any = None) ->
 
     reslens's definition: the attention a query puts on earlier positions holding its own
     token, averaged over the real query positions **that have such an earlier copy** (pooled
-    over the batch; pads never count). A perfect duplicate-token head scores 1.
+    over the batch; pads and special tokens such as a BOS never count, as queries or as copies).
+    A perfect duplicate-token head scores 1.
 
     TransformerLens's ``detect_head(..., "duplicate_token_head")`` (``error_measure="mul"``,
     no exclusions) sums the same attention mass but divides by **all** ``P`` query rows of a
