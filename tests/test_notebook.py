@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 
 import reslens
 from reslens import attribution, heads, lens, lens_stats, pca, tracing
@@ -21,14 +20,19 @@ TEXT = "When the old sailor came back to the inn, he asked for a glass of rum."
 def results():
     """One of every result type, on the embedded model (small sizes)."""
     model, tok = reslens.load_model()
-    res = reslens.capture(model, reslens.tokenize(tok, [TEXT]), sites=("resid", "mlp_act", "attn_z", "mlp_out",
-                                                                       "attn_pattern", "logits"))
+    res = reslens.capture(
+        model,
+        reslens.tokenize(tok, [TEXT]),
+        sites=("resid", "mlp_act", "attn_z", "mlp_out", "attn_pattern", "logits"),
+    )
     sentences = [TEXT, "Mr Holmes looked at the letter for a long time.", "It was a dark and stormy night."]
     index = kv.mine_triggers(model, tok, sentences, top_k=3, progress=False)
     out = {
         "Residuals": res,
         "LensResult": lens.lens_of(res, reslens.adapter(model), tokenizer=tok),
-        "LensStats": lens_stats.lens_stats(model, " ".join(sentences * 4), tokenizer=tok, max_length=16, progress=False),
+        "LensStats": lens_stats.lens_stats(
+            model, " ".join(sentences * 4), tokenizer=tok, max_length=16, progress=False
+        ),
         "TrajectoryPCAResult": pca.trajectory_pca(model, [TEXT], tokenizer=tok),
         "MemoryContributions": kv.contributions(model, res, 2),
         "ValueTokens": kv.value_tokens(model, 2, [1, 2], k=3, tokenizer=tok),
@@ -39,8 +43,9 @@ def results():
         "OVSummary": heads.ov_eigen_summary(model),
         "CompositionScores": heads.composition_scores(model, "k", n_baseline=4),
         "LogitAttribution": attribution.logit_attribution(model, [TEXT], " the", tokenizer=tok),
-        "TraceResult": tracing.causal_trace(model, tok, "“Yes,” said White", "White", kind="mlp", window=1,
-                                            noise=tracing.Noise(samples=2)),
+        "TraceResult": tracing.causal_trace(
+            model, tok, "“Yes,” said White", "White", kind="mlp", window=1, noise=tracing.Noise(samples=2)
+        ),
     }
     return out
 
@@ -72,11 +77,17 @@ def test_the_html_renders_in_a_browser(results, tmp_path):
         if os.environ.get("RESLENS_REQUIRE_BROWSER") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    sections = "".join(f'<section id="{name}"><h2>{name}</h2>{r._repr_html_()}</section>' for name, r in results.items())
+    sections = "".join(
+        f'<section id="{name}"><h2>{name}</h2>{r._repr_html_()}</section>' for name, r in results.items()
+    )
     page = tmp_path / "results.html"
-    page.write_text(f"<!doctype html><html><meta charset='utf-8'><body>{sections}</body></html>", encoding="utf-8")
+    page.write_text(
+        f"<!doctype html><html><meta charset='utf-8'><body>{sections}</body></html>", encoding="utf-8"
+    )
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
     for name in results:
         assert f'id="{name}"' in dom, name
     assert dom.count("<table") >= len(results)
@@ -84,8 +95,12 @@ def test_the_html_renders_in_a_browser(results, tmp_path):
     lens_html = results["LensResult"]._repr_html_()
     assert "background" in lens_html and "sailor" in dom
     shot = tmp_path / "shot.png"
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [*common, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     from PIL import Image
 
     image = Image.open(shot).convert("L")

@@ -21,7 +21,9 @@ def test_the_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     commands = _blocks("bash")
     assert len(commands) == 2, commands
     main, tests = (c.strip() for c in commands)
-    assert "reslens lens" in main and "--model smollm2" in main and main.startswith("pip install torch==2.13.0")
+    assert (
+        "reslens lens" in main and "--model smollm2" in main and main.startswith("pip install torch==2.13.0")
+    )
     assert tests.endswith("python -m pytest -q") and tests.startswith("pip install torch==2.13.0")
     ci = (README.parent / ".ci" / "run").read_text()
     assert tests in ci

@@ -318,7 +318,7 @@ def trace(
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)).eval()
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()
     >>> with trace(model, sites=("resid", "mlp_out")) as tr:
     ...     _ = model(torch.tensor([[1, 2, 3]]))
     >>> tuple(tr.residuals.resid.shape), tuple(tr.residuals.mlp_out.shape)
@@ -350,7 +350,7 @@ def capture(
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)).eval()
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()
     >>> res = capture(model, torch.tensor([[1, 2, 3, 4]]), sites=("resid", "mlp_act"))
     >>> tuple(res.resid.shape), tuple(res.mlp_act.shape), res.layers
     ((3, 1, 4, 16), (2, 1, 4, 64), (0, 1, 2))
@@ -470,7 +470,7 @@ def patch(model: Any, edits: Mapping[tuple[str, int], Any]) -> Patch:
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)).eval()
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()
     >>> ids = torch.tensor([[1, 2, 3]])
     >>> with patch(model, {("mlp_out", 1): torch.zeros_like}):
     ...     res = capture(model, ids, sites="mlp_out")
