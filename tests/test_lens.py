@@ -6,7 +6,7 @@ import torch
 
 from reslens import Batch, capture
 from reslens.lens import LensResult, lens_of, logit_lens
-from helpers import VOCAB, make_model
+from helpers import FAMILIES, VOCAB, make_family, make_model
 
 matplotlib.use("Agg")
 
@@ -416,3 +416,128 @@ def test_lens_of_residuals_stored_in_half_precision(model, ids):
     full = logit_lens(model, ids)
     assert half.entropy.dtype == torch.float32
     torch.testing.assert_close(half.entropy, full.entropy, atol=1e-2, rtol=1e-2)
+
+
+# --- every family: the lens applies the final norm to each layer's OWN residual ------------------
+
+
+def _hf_final_norm_and_head(model):
+    """The model's own final-norm module and unembedding (plain HuggingFace, no reslens adapter)."""
+    body = model.transformer if model.config.model_type == "gpt2" else model.model
+    return (body.ln_f if model.config.model_type == "gpt2" else body.norm), model.lm_head
+
+
+def _hf_lens_logits(model, ids, mask=None):
+    """``[n_layer + 1, B, P, vocab]`` float32: HF's ``hidden_states`` through the final norm and the head.
+
+    HuggingFace returns the last hidden state already normed, so the last row is ``model(ids).logits``.
+    """
+    norm, head = _hf_final_norm_and_head(model)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        rows = [head(norm(h)) for h in out.hidden_states[:-1]] + [out.logits]
+    return torch.stack(rows).float()
+
+
+def _family_ids(seed=3, shape=(2, 9)):
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_row_is_the_models_logits_on_every_family(family):
+    model, ids = make_family(family), _family_ids()
+    lens = logit_lens(model, ids, top_k=VOCAB)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert lens.layer_of_row[-1] == model.config.num_hidden_layers
+    assert torch.equal(lens.top_ids[-1], logits.topk(VOCAB, dim=-1).indices)
+    torch.testing.assert_close(lens.top_probs[-1], logits.softmax(-1).sort(-1, descending=True).values,
+                               atol=1e-6, rtol=1e-5)
+    assert torch.equal(lens.final_top1, logits.argmax(-1))
+    assert (lens.kl_final_layer[-1] == 0).all() and (lens.kl_layer_final[-1] == 0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_row_equals_huggingface_hidden_states_through_the_final_norm(family):
+    model, ids = make_family(family), _family_ids()
+    lens = logit_lens(model, ids, top_k=VOCAB)
+    z = _hf_lens_logits(model, ids)
+    logp = z.log_softmax(-1)
+    p, logq = logp.exp(), logp[-1]
+    q = logq.exp()
+    assert torch.equal(lens.top_ids, z.topk(VOCAB, dim=-1).indices)
+    torch.testing.assert_close(lens.top_probs, p.sort(-1, descending=True).values, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lens.entropy, -(p * logp).sum(-1), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lens.kl_final_layer, (q * (logq - logp)).sum(-1), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lens.kl_layer_final, (p * (logp - logq)).sum(-1), atol=2e-5, rtol=1e-4)
+    nxt = ids[:, 1:].expand(z.shape[0], *ids[:, 1:].shape)[..., None]
+    torch.testing.assert_close(lens.target_logprob[..., :-1], logp[..., :-1, :].gather(-1, nxt)[..., 0],
+                               atol=2e-5, rtol=1e-4)
+
+
+def _growing_rms_model(family):
+    """A tiny RMSNorm model whose residual RMS grows ~10x per block, with a sharp unembedding.
+
+    The head is scaled by 50, then block by block the attention and MLP output projections are scaled so
+    that the block adds ~10x the RMS of its input residual. A lens that normalised every layer with the
+    final layer's scale would flatten the early layers' distributions (TransformerLens #1076); top-1 ids
+    alone cannot tell (a positive rescale keeps them).
+    """
+    model = make_family(family)
+    ids = _family_ids()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)  # (tied to the token embedding for Qwen2: that grows too)
+        for i, block in enumerate(model.model.layers):
+            resid = capture(model, ids, sites=("resid",), layers=[i, i + 1]).resid.float()
+            added = (resid[1] - resid[0]).pow(2).mean().sqrt()
+            factor = 10 * float(resid[0].pow(2).mean().sqrt() / added)
+            block.self_attn.o_proj.weight.mul_(factor)  # a block's output is linear in these two
+            block.mlp.down_proj.weight.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_rmsnorm_lens_uses_each_layers_own_scale_not_the_final_one(family):
+    from reslens.arch import adapter
+
+    model, ids = _growing_rms_model(family), _family_ids()
+    arch = adapter(model)
+    n_layer = arch.n_layer
+    norm_module, head = _hf_final_norm_and_head(model)
+    gamma, eps = norm_module.weight.detach(), norm_module.variance_epsilon
+    res = capture(model, ids, sites=("resid",))
+    rms = res.resid.float().pow(2).mean(-1).sqrt()  # [n_layer + 1, B, P]
+    assert (rms[1:] / rms[:-1]).min() > 3 and rms[-1].min() / rms[0].max() > 100  # norms differ a lot
+    lens = logit_lens(model, ids, top_k=VOCAB)
+    final_scale = torch.rsqrt(res.resid[-1].pow(2).mean(-1, keepdim=True) + eps)  # the cached final scale
+    for layer in range(n_layer + 1):
+        x = res.resid[layer]
+        own = gamma * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))  # RMSNorm by hand
+        torch.testing.assert_close(arch.norm("final")(x), own, atol=1e-5, rtol=1e-5)
+        assert torch.equal(arch.norm("final")(x), norm_module(x))  # the adapter's norm is the module's
+        with torch.no_grad():
+            p_own = head(own).float().softmax(-1)
+            p_wrong = head(gamma * (x * final_scale)).float().softmax(-1)
+        entropy_own = -torch.xlogy(p_own, p_own).sum(-1)
+        entropy_wrong = -torch.xlogy(p_wrong, p_wrong).sum(-1)
+        torch.testing.assert_close(lens.top_probs[layer], p_own.sort(-1, descending=True).values,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lens.entropy[layer], entropy_own, atol=1e-4, rtol=1e-4)
+        assert torch.equal(lens.top_ids[layer, ..., 0], p_wrong.argmax(-1))  # top-1 cannot tell them apart
+        if layer < n_layer:  # ... but the distributions can: the wrong scale flattens them to near uniform
+            assert (entropy_wrong - lens.entropy[layer]).min() > 0.5, layer
+            assert (p_wrong.amax(-1) - lens.max_prob[layer]).abs().min() > 0.05, layer
+    assert float(lens.max_prob[:n_layer].median()) > 0.5  # the right lens is sharp at every layer
+
+
+def test_lens_of_reads_rmsnorm_residuals_captured_once():
+    model, ids = _growing_rms_model("llama"), _family_ids()
+    res = capture(model, ids, sites=("resid", "resid_mid"))
+    both = lens_of(res, model, sites=("resid", "resid_mid"), top_k=3)
+    norm, head = _hf_final_norm_and_head(model)
+    with torch.no_grad():
+        for r, (site, layer) in enumerate(zip(both.site_of_row, both.layer_of_row)):
+            z = head(norm(res.get(site, layer))).float()
+            assert torch.equal(both.top_ids[r], z.topk(3, dim=-1).indices), (site, layer)
+            torch.testing.assert_close(both.entropy[r], -(z.softmax(-1) * z.log_softmax(-1)).sum(-1),
+                                       atol=2e-5, rtol=1e-4)

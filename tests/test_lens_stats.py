@@ -156,3 +156,60 @@ def test_to_frame_names_the_extra_when_pandas_is_missing(model, monkeypatch):
     for result in (stats, lens):
         with pytest.raises(ImportError, match=r'pip install "reslens\[frame\]"'):
             result.to_frame()
+
+
+def _brute_force_stats(model, batches):
+    """Per-layer means from HuggingFace ``hidden_states`` through the final norm and the head, computed
+    over every real, non-special position of every batch (plain HF, no reslens lens)."""
+    norm, head = model.model.norm, model.lm_head
+    cells = {k: [] for k in ("entropy", "kl", "agree", "is_input", "logp", "rank")}
+    for batch in batches:
+        keep = batch.attention_mask & ~batch.special_mask  # [B, P]
+        with torch.no_grad():
+            out = model(batch.input_ids, attention_mask=batch.attention_mask.long(),
+                        output_hidden_states=True)
+            z = torch.stack([head(norm(h)) for h in out.hidden_states[:-1]] + [out.logits]).float()
+        logp = z.log_softmax(-1)
+        p, logq = logp.exp(), logp[-1]
+        final = z[-1].argmax(-1)
+        cells["entropy"].append((-(p * logp).sum(-1))[:, keep])
+        cells["kl"].append((logq.exp() * (logq - logp)).sum(-1)[:, keep])
+        cells["agree"].append((z.argmax(-1) == final)[:, keep].float())
+        cells["is_input"].append((z.argmax(-1) == batch.input_ids)[:, keep].float())
+        has_next = keep[:, :-1] & batch.attention_mask[:, 1:]
+        nxt = batch.input_ids[:, 1:].expand(z.shape[0], -1, -1)[..., None]
+        target_logit = z[:, :, :-1].gather(-1, nxt)
+        cells["logp"].append(logp[:, :, :-1].gather(-1, nxt)[..., 0][:, has_next])
+        cells["rank"].append((z[:, :, :-1] > target_logit).sum(-1)[:, has_next].float())
+    return {k: torch.cat(v, 1) for k, v in cells.items()}
+
+
+def test_lens_stats_equal_brute_force_on_a_llama_model_leaving_out_pads_and_bos():
+    from reslens import Batch
+    from helpers import make_family
+
+    model = make_family("llama")
+    gen = torch.Generator().manual_seed(7)
+    batches = []
+    for lengths in ((9, 6), (7, 9)):  # right padding; a BOS (id 1) first, marked special as tokenize does
+        ids = torch.zeros(2, 9, dtype=torch.long)
+        mask = torch.zeros(2, 9, dtype=torch.bool)
+        for row, n in enumerate(lengths):
+            ids[row, :n] = torch.cat([torch.tensor([1]), torch.randint(3, VOCAB, (n - 1,), generator=gen)])
+            mask[row, :n] = True
+        special = torch.zeros_like(mask)
+        special[:, 0] = True
+        batches.append(Batch(ids, mask, special_mask=special))
+    stats = lens_stats(model, batches, progress=False)
+    ref = _brute_force_stats(model, batches)
+    assert stats.n_tokens == 15 + 16 - 4 and ref["entropy"].shape == (4, 27)  # the 4 BOS are not scored
+    torch.testing.assert_close(stats.mean.entropy, ref["entropy"].mean(1), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(stats.mean.kl_final_layer, ref["kl"].mean(1), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(stats.top1_agreement, ref["agree"].mean(1))
+    torch.testing.assert_close(stats.input_token_top1, ref["is_input"].mean(1))
+    torch.testing.assert_close(stats.mean.target_logprob, ref["logp"].mean(1), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(stats.mean.target_rank, ref["rank"].mean(1))
+    torch.testing.assert_close(stats.quantiles.entropy[:, 2], ref["entropy"].quantile(0.5, dim=1))
+    assert stats.top1_agreement[-1] == 1 and float(stats.mean.kl_final_layer[-1]) == 0
+    with_bos = lens_stats(model, [Batch(b.input_ids, b.attention_mask) for b in batches], progress=False)
+    assert with_bos.n_tokens == 31  # unmarked, the BOS positions are scored like any token

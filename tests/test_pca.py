@@ -252,3 +252,41 @@ def test_residual_pca_checks_torch_input_and_parameters():
         ResidualPCA(n_components=0).fit(x)
     with pytest.raises(TypeError, match="incremental must be True or False"):
         ResidualPCA(incremental="yes").fit(x)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("normalize", [None, "unit", "final_norm"])
+def test_trajectory_pca_on_rmsnorm_families_equals_per_example_fits(family, normalize):
+    from helpers import make_family
+
+    model = make_family(family)
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+    result = trajectory_pca(model, ids, positions="all", normalize=normalize)
+    norm, head = model.model.norm, model.lm_head  # plain HF: the final RMSNorm and the head
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        assert torch.equal(result.final_prediction, out.logits.argmax(-1).flatten())
+        readout = head(norm(result.pc1))  # PC1 read through the final RMSNorm and the head
+    assert torch.equal(result.pc1_top_token, readout.argmax(-1))
+    assert torch.equal(result.pc1_top_token_raw, (result.pc1 @ head.weight.T).argmax(-1))
+    gamma, eps = norm.weight.detach(), norm.variance_epsilon
+    for e in range(0, len(result.seq), 3):
+        # HF's hidden_states are the raw residuals except the last (normed): rebuild it from capture
+        stack = capture(model, ids, sites=("resid",)).resid[:, result.seq[e], result.pos[e]]
+        assert torch.equal(stack[:-1], torch.stack(out.hidden_states[:-1])[:, result.seq[e], result.pos[e]])
+        unit = stack / stack.norm(dim=-1, keepdim=True)
+        if normalize == "unit":
+            stack = unit
+        elif normalize == "final_norm":  # RMSNorm: the unit vector times γ sqrt(d), shrunk only by eps
+            mean_square = stack.pow(2).mean(-1, keepdim=True)
+            shrink = (mean_square / (mean_square + eps)).sqrt()
+            with torch.no_grad():
+                stack = norm(stack)
+            expected = gamma * unit * stack.shape[-1] ** 0.5 * shrink
+            torch.testing.assert_close(stack, expected, atol=1e-5, rtol=1e-4)
+        ref = ResidualPCA(center=True).fit(stack)
+        k = ref.explained_variance_ratio_.shape[0]
+        torch.testing.assert_close(result.explained_variance_ratio[e, :k], ref.explained_variance_ratio_,
+                                   atol=1e-4, rtol=1e-4)
+        cos = torch.nn.functional.cosine_similarity(result.pc1[e], ref.components_[0], dim=0)
+        assert abs(float(cos)) > 0.999

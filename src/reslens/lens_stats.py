@@ -2,8 +2,10 @@
 
 :func:`lens_stats` streams batches through the same lens as :func:`reslens.lens.logit_lens` and
 keeps only running sums and a uniform sample of positions per metric (for the quantiles). Pad
-positions never enter a statistic, and neither do non-finite lens cells (NaN or inf in the
-residual stream): they are counted per layer in :attr:`LensStats.n_non_finite`, with one warning.
+positions never enter a statistic, nor do special tokens the tokenizer's convention added (a
+:class:`~reslens.Batch`'s ``special_mask``, e.g. a Llama-family BOS), nor non-finite lens cells (NaN
+or inf in the residual stream): those are counted per layer in :attr:`LensStats.n_non_finite`, with
+one warning.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class MetricStats:
 class LensStats(RecordSaveable):
     """Per-layer logit-lens statistics of a data set. ``R`` = number of residual layers in ``layers``.
 
-    - ``n_tokens``, ``n_sequences``: real tokens (positions) scored, sequences read
+    - ``n_tokens``, ``n_sequences``: real tokens (positions) scored, sequences read (special tokens
+      such as a BOS marked in ``Batch.special_mask`` are not scored, like pads)
     - ``mean``: :class:`MetricStats` of ``[R]`` means over every real, finite position (target
       metrics: positions with a target); ``mean.final_top1_prob`` is the mean probability a
       layer gives the final top-1 token
@@ -197,8 +200,9 @@ class _Sums:
         self.non_finite = torch.zeros(n_rows, dtype=torch.long)
         self.n_tokens = self.n_sequences = 0
 
-    def add(self, lens: LensResult) -> None:
-        mask = lens.attention_mask.cpu()
+    def add(self, lens: LensResult, stat_mask: torch.Tensor) -> None:
+        """Add a lens's cells at ``stat_mask [B, P]`` (real, non-special positions)."""
+        mask = stat_mask.cpu()
         has_target = (lens.targets.cpu() >= 0) & mask
         top1_all = lens.top_ids[..., 0].cpu()  # [R, B, P]
         cell_ok = top1_all >= 0  # real positions: False where the cell's logits were not finite
@@ -275,8 +279,9 @@ def lens_stats(
     ``data``: a text, a list of texts (cut into windows of ``max_length`` tokens, at most the
     model's context), or an iterable of :class:`~reslens.Batch` / ``[batch, pos]`` id tensors.
     Memory stays bounded: only running sums and a sample of ``max_samples`` positions per metric
-    are kept. Shows a tqdm progress bar unless ``progress=False``. ``fused=True`` compiles the
-    per-row reduction (see :func:`~reslens.lens.logit_lens`), which pays off over a data set.
+    are kept. Pads and special tokens (``Batch.special_mask``, e.g. a BOS) are never scored. Shows
+    a tqdm progress bar unless ``progress=False``. ``fused=True`` compiles the per-row reduction
+    (see :func:`~reslens.lens.logit_lens`), which pays off over a data set.
     Non-finite lens cells are left out of every statistic, with one warning at the end.
     """
     from tqdm.auto import tqdm
@@ -302,7 +307,7 @@ def lens_stats(
         batch = as_batch(batch, arch)
         res = capture(arch, batch, sites=("resid",), layers=sorted({*kept, arch.n_layer}))
         sums.add(_lens(res, arch, layers=kept, sites=("resid",), top_k=1, targets="next",
-                       chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False))
+                       chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False), res.stat_mask)
     if sums.n_tokens == 0:
         raise ValueError("data is empty: no position was scored")
     stats = sums.result(kept, quantiles, max_samples)
