@@ -5,9 +5,11 @@ Token text in a table cell, the optional pandas import, and HTML cell colours.
 
 from __future__ import annotations
 
+import html
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["cell_text", "pandas", "blue"]
+__all__ = ["cell_text", "pandas", "blue", "html_table"]
 
 
 def cell_text(token: str, width: int) -> str:
@@ -41,3 +43,16 @@ def blue(value: float) -> tuple[str, str]:
     v = min(max(float(value), 0.0), 1.0)
     r, g, b = (round(255 + (dark - 255) * v) for dark in (8, 48, 107))
     return f"#{r:02x}{g:02x}{b:02x}", ("white" if v > 0.55 else "black")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"  # NaN as an empty cell
+    return html.escape(str(value))
+
+
+def html_table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A small HTML table with a bold title above it (for ``_repr_html_``)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<div><b>{html.escape(title)}</b><table><tr>{head}</tr>{body}</table></div>"
