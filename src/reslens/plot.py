@@ -90,7 +90,11 @@ def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positi
             text = _cell_text(result.token(token), 8) if token >= 0 else "NaN"
             colour = _text_colour(image, values[r, c]) if np.isfinite(values[r, c]) else "black"
             ax.text(c, r, text, ha="center", va="center", fontsize=7, color=colour)
-    ax.set_yticks(range(n_rows), [f"{lab}" for lab in result.row_labels])
+    labels = list(result.row_labels)  # integer layers; the embedding and the output said in words
+    if result.site_of_row[0] == "resid" and result.layer_of_row[0] == 0:
+        labels[0] = "0 embedding"
+    labels[-1] = f"{labels[-1]} output"
+    ax.set_yticks(range(n_rows), labels)
     ax.set_ylabel("layer")
     inputs = [_cell_text(result.token(int(i)), 10) for i in result.input_ids[seq, real].tolist()]
     ax.set_xticks(range(n_pos), inputs, rotation=60, ha="right", fontsize=8)
