@@ -321,3 +321,32 @@ def test_the_edit_is_exact_and_reversible_in_every_family(family_model):
         res = capture(family_model, IDS[None], sites="mlp_out", layers=1)
         torch.testing.assert_close(res.mlp_out[0, 0, 7].float(), edit.value, rtol=1e-4, atol=1e-4)
     assert_same_state(before, model_state(family_model))
+
+
+def test_edit_contexts_follow_a_tokenizer_that_puts_a_bos_first(tokenizer):
+    """Llama-family convention: every context (and the KL prompt) starts with the BOS the tokenizer puts."""
+    from helpers import make_family
+    from test_tracing import bos_first
+
+    from reslens.rome.edit import _contexts
+
+    model = make_family("llama", vocab_size=50257)
+    bos_tok = bos_first(tokenizer)
+    prompt, subject = "The capital city of Dracula is", "Dracula"
+    templates = ["{}", "It is known. {}"]
+    contexts = _contexts(adapter(model), bos_tok, templates, prompt, subject, 1)
+    for (ids, at), template in zip(contexts, templates):
+        assert ids == bos_tok(template.format(prompt))["input_ids"] and ids[0] == 50256
+        assert bos_tok.decode([ids[at]]) == " Dracula"
+
+    plain = tokenizer(prompt)["input_ids"]
+    corpus = torch.randint(0, 50257, (8, 12), generator=torch.Generator().manual_seed(0))
+    stats = SecondMoment.compute(model, 1, corpus)
+    before = model_state(model)
+    edit = rank_one_edit(model, bos_tok, prompt, subject, " London", 1, second_moment=stats,
+                         context_templates=[], kl_factor=0.0, steps=5)
+    ref = rank_one_edit_ids(model, [50256] + plain, (5, 6), tokenizer(" London")["input_ids"], 1,
+                            second_moment=stats, kl_factor=0.0, steps=5)
+    torch.testing.assert_close(edit.u, ref.u)
+    torch.testing.assert_close(edit.v, ref.v, rtol=1e-4, atol=1e-5)
+    assert_same_state(before, model_state(model))

@@ -304,6 +304,12 @@ def test_trace_many_averages_in_rome_buckets(big_vocab, tokenizer):
     torch.testing.assert_close(summary.mean[5], last.mean(0))
     assert torch.all(summary.low[5] <= summary.mean[5]) and torch.all(summary.mean[5] <= summary.high[5])
     assert len(summary.to_frame()) == 6 * 3 and "last token" in summary.table()
+    lines = summary.interval_table().splitlines()  # one line per layer: mean±half-width in each bucket
+    half = float(summary.high[5, 1] - summary.low[5, 1]) / 2
+    assert lines[4].split()[0] == "1"  # layer 1, the last token's bucket last
+    assert lines[4].split()[-1] == f"{float(summary.mean[5, 1]):.3f}±{half:.3f}"
+    assert lines[-1].startswith("peak of last token: layer ")
+    assert len(summary.interval_table(layers=[2]).splitlines()) == 3 + 1 + int((summary.count > 0).sum())
     import matplotlib
 
     matplotlib.use("Agg")
@@ -510,3 +516,43 @@ def test_batched_trace_equals_a_per_cell_loop_in_every_family(family_model, prom
     assert result.corrupted_prob == pytest.approx(corrupted, abs=1e-6)
     assert hook_counts(family_model) == {}
     assert_same_state(before, model_state(family_model))
+
+
+def bos_first(tokenizer):
+    """The GPT-2 tokenizer made to put a BOS (``<|endoftext|>``) before every text, as Llama-2's does."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos = copy.deepcopy(tokenizer)
+    bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", 50256)]
+    )
+    return bos
+
+
+def test_a_tokenizer_that_puts_a_bos_first_gets_it_in_the_trace_outside_the_subject(tokenizer):
+    """Llama-family convention: the prompt is read as the tokenizer would give it to the model (BOS first)."""
+    from helpers import make_family
+
+    model = make_family("llama", vocab_size=50257)
+    bos_tok = bos_first(tokenizer)
+    prompt, subject = "The Hound of the Baskervilles lived on", "Hound of the"
+    plain = tokenizer(prompt)["input_ids"]
+    start, end = subject_span(tokenizer, prompt, subject)
+    assert subject_span(bos_tok, prompt, subject) == (start + 1, end + 1)
+    assert bos_tok(prompt)["input_ids"] == [50256] + plain
+
+    result = causal_trace(model, bos_tok, prompt, subject, kind="mlp", window=2, noise=Noise(samples=2))
+    assert result.input_ids.tolist() == [50256] + plain and result.subject_span == (start + 1, end + 1)
+    assert result.tokens[0] == "<|endoftext|>" and "".join(result.tokens[1:]) == prompt
+    ref = causal_trace_ids(model, torch.tensor([50256] + plain), (start + 1, end + 1), kind="mlp", window=2,
+                           noise=Noise(samples=2))
+    assert torch.equal(result.restored_prob, ref.restored_prob) and result.answer_id == ref.answer_id
+    # the BOS is never noised: the noise std is that of the subject's own embeddings
+    assert result.noise_std == pytest.approx(3 * embedding_std(model, plain[start:end]))
+
+    summary = trace_many(model, bos_tok, [(prompt, subject, None)], kind="mlp", window=2,
+                         noise=Noise(samples=2), progress=False)
+    assert torch.equal(summary.results[0].restored_prob, result.restored_prob)
+    torch.testing.assert_close(summary.mean[2], result.indirect_effect[:, end])  # last subject token, shifted

@@ -27,9 +27,9 @@ from reslens.tracing._prompts import (
     answer_ids,
     check_prompt_ids,
     check_span,
-    encode,
     prompt_ids,
     subject_span,
+    text_ids,
     token_span,
 )
 
@@ -412,7 +412,7 @@ def _contexts(arch: Arch, tokenizer: Any, templates: Sequence[str], prompt: str,
     contexts = []
     for template in templates:
         text = template.format(prompt)
-        ids = encode(tokenizer, text)
+        ids = text_ids(tokenizer, text)  # after the tokenizer's start tokens (e.g. a BOS), if it puts any
         at = text.find(subject, template.index("{}"))  # the subject inside the prompt part
         if at < 0:
             raise ValueError(f"subject={subject!r} does not occur in prompt={prompt!r}")
@@ -466,7 +466,7 @@ def rank_one_edit(model: Any, tokenizer: Any, prompt: str, subject: str, new_ans
     templates = _templates(arch, tokenizer, context_templates, template_shapes, check_int(seed, "seed"))
     contexts = _contexts(arch, tokenizer, templates, prompt, subject, len(answer))
     kl_text = f"{subject} is a"
-    kl = [(encode(tokenizer, kl_text), subject_span(tokenizer, kl_text, subject)[1] - 1)]
+    kl = [(text_ids(tokenizer, kl_text), subject_span(tokenizer, kl_text, subject)[1] - 1)]
     if second_moment is None:
         second_moment = SecondMoment.compute(arch, layer, stats_corpus, tokenizer=tokenizer,
                                              max_tokens=stats_tokens, cache_dir=cache_dir, progress=progress)

@@ -7,6 +7,10 @@ ROME's reference code (``experiments/causal_trace.py``) and says where it differ
 
 - **subject span**: the first occurrence of ``subject`` in ``prompt`` (ROME's
   ``find_token_range``), found through the tokenizer's offset mapping;
+- **start tokens**: a prompt string is read as its tokenizer gives it to the model, so with the
+  BOS a Llama-2-style tokenizer puts first (it is never part of the subject, never noised, and
+  in no bucket); GPT-2's and SmolLM2's tokenizers put none. The same holds for the edit's
+  contexts in :mod:`reslens.rome`;
 - **noise** (:class:`Noise`): ``nu = scale * std``, where ``std`` is the standard deviation of
   the token embeddings of the subject's tokens (ROME's ``collect_embedding_std``, which
   :func:`trace_many` computes over all the facts' subjects); ``embedding_std="vocab"`` uses the

@@ -1,7 +1,11 @@
 """Prompts, subjects and answers as token ids: the checked inputs of causal tracing and ROME's edit.
 
-The subject span is ROME's ``find_token_range``: the tokens overlapping the characters of the
-first occurrence of the subject in the prompt, found through the tokenizer's offset mapping.
+A prompt is read as the model reads a text by its tokenizer's convention (:func:`text_ids`): the
+special tokens the tokenizer puts before a text (a BOS for Llama-2-style tokenizers; none for
+GPT-2 or SmolLM2, whose tokenizers add nothing) and then the text's tokens. Answers never get
+them. The subject span is ROME's ``find_token_range``: the tokens overlapping the characters of
+the first occurrence of the subject in the prompt, found through the tokenizer's offset mapping,
+as indices into :func:`text_ids` (so a start token is never part of the subject).
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from typing import Any
 import torch
 
 from reslens._checks import check_int
+from reslens._corpus import start_ids
 from reslens._inputs import encode as _encode_text
+from reslens._tokens import decode_each, text_pieces
 from reslens.arch import Arch
 
-__all__ = ["encode", "subject_span", "token_span", "check_prompt_ids", "check_span", "prompt_ids",
-           "answer_id", "answer_ids"]
+__all__ = ["encode", "text_ids", "prompt_pieces", "subject_span", "token_span", "check_prompt_ids",
+           "check_span", "prompt_ids", "answer_id", "answer_ids"]
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -25,12 +31,25 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return _encode_text(tokenizer, text)
 
 
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """The ids of ``text`` as the model reads it: the tokenizer's start tokens (e.g. BOS), then the text's."""
+    plain = encode(tokenizer, text)
+    return list(start_ids(tokenizer)) + plain
+
+
+def prompt_pieces(tokenizer: Any, prompt: str, ids: list[int]) -> list[str]:
+    """The text of each of ``ids = text_ids(tokenizer, prompt)``: start tokens decoded, then the rest."""
+    n_start = len(start_ids(tokenizer))
+    return decode_each(tokenizer, ids[:n_start]) + text_pieces(tokenizer, prompt, ids[n_start:])
+
+
 def subject_span(tokenizer: Any, prompt: str, subject: str) -> tuple[int, int]:
     """Token span ``(start, end)`` of the first occurrence of ``subject`` in ``prompt``.
 
-    The tokens overlapping its characters, as ROME's ``find_token_range``. Uses the tokenizer's
-    offset mapping when it has one (fast tokenizers), else decodes token prefixes. Raises
-    ``ValueError`` when ``subject`` does not occur in ``prompt``.
+    The tokens overlapping its characters, as ROME's ``find_token_range``, counted in
+    :func:`text_ids` (as ``tokenizer(prompt)["input_ids"]``: after a BOS the tokenizer puts
+    first). Uses the tokenizer's offset mapping when it has one (fast tokenizers), else decodes
+    token prefixes. Raises ``ValueError`` when ``subject`` does not occur in ``prompt``.
     """
     if not isinstance(prompt, str) or not isinstance(subject, str):
         raise TypeError(f"prompt and subject must be strings; got {type(prompt).__name__} and "
@@ -44,7 +63,10 @@ def subject_span(tokenizer: Any, prompt: str, subject: str) -> tuple[int, int]:
 
 
 def token_span(tokenizer: Any, text: str, char_start: int, char_end: int) -> tuple[int, int]:
-    """The tokens ``(start, end)`` of ``text`` overlapping characters ``char_start:char_end``."""
+    """The tokens ``(start, end)`` of ``text`` overlapping characters ``char_start:char_end``.
+
+    Indices into :func:`text_ids` (after the tokenizer's start tokens, if it puts any).
+    """
     try:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = [tuple(o) for o in encoded["offset_mapping"]]
@@ -59,7 +81,8 @@ def token_span(tokenizer: Any, text: str, char_start: int, char_end: int) -> tup
     if not inside:
         raise ValueError(f"characters {char_start}:{char_end} ({text[char_start:char_end]!r}) cover no token "
                          f"of {text!r}")
-    return inside[0], inside[-1] + 1
+    shift = len(start_ids(tokenizer))
+    return inside[0] + shift, inside[-1] + 1 + shift
 
 
 def check_prompt_ids(arch: Arch, input_ids: Any) -> torch.Tensor:
@@ -104,12 +127,12 @@ def check_span(span: Any, n_tokens: int) -> tuple[int, int]:
 
 
 def prompt_ids(arch: Arch, tokenizer: Any, prompt: Any) -> list[int]:
-    """The ids of a non-empty prompt string that fits the model's context."""
+    """The ids (:func:`text_ids`) of a non-empty prompt string that fits the model's context."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string; got {type(prompt).__name__}")
     if not prompt:
         raise ValueError("prompt is empty")
-    ids = encode(tokenizer, prompt)
+    ids = text_ids(tokenizer, prompt)
     if len(ids) > arch.n_ctx:
         raise ValueError(
             f"prompt has {len(ids)} tokens, more than the model's context (n_ctx={arch.n_ctx}); shorten it"

@@ -13,10 +13,9 @@ import torch
 
 from reslens._checks import check_bool, check_choice, check_int
 from reslens._saving import read_safetensors, write_safetensors
-from reslens._tokens import text_pieces
 from reslens.arch import Arch, adapter
 from reslens.tracing._format import html_table, pandas
-from reslens.tracing._prompts import answer_ids, prompt_ids, subject_span
+from reslens.tracing._prompts import answer_ids, prompt_ids, prompt_pieces, subject_span
 from reslens.tracing.trace import KINDS, Noise, TraceResult, causal_trace_ids, embedding_std, noise_of
 
 __all__ = ["BUCKETS", "TraceSummary", "trace_many"]
@@ -31,6 +30,9 @@ BUCKETS = (
     "last token",
 )
 _FORMAT = "reslens.TraceSummary/1"
+#: Column headers of :meth:`TraceSummary.interval_table`.
+_SHORT = dict(zip(BUCKETS, ("first subj", "middle subj", "last subj", "first after", "further",
+                            "last token")))
 
 
 def _bucket_positions(span: tuple[int, int], n: int) -> list[list[int]]:
@@ -121,6 +123,35 @@ class TraceSummary:
         for b, bucket in enumerate(self.buckets):
             values = "".join(f"{float(self.mean[b, layer]):>{cell}.3f}" for layer in range(self.n_layer))
             lines.append(f"{bucket:<{width}}" + values + f"{int(self.count[b]):>7}")
+        return "\n".join(lines)
+
+    def interval_table(self, *, layers: Sequence[int] | None = None) -> str:
+        """Text table: one line per layer, ``mean±half-width`` of the 95% interval in each bucket.
+
+        ``layers``: the layers shown (default all). A bucket with one fact shows its mean alone,
+        an empty bucket ``-``. The last lines name each bucket's peak layer with its interval.
+        """
+        shown = range(self.n_layer) if layers is None else [check_int(x, "layers", low=0,
+                                                                    high=self.n_layer - 1) for x in layers]
+        names = [_SHORT.get(b, b) for b in self.buckets]
+        width = max([13] + [len(name) + 2 for name in names])
+
+        def cell(b: int, layer: int) -> str:
+            mean, low, high = (float(t[b, layer]) for t in (self.mean, self.low, self.high))
+            if mean != mean:
+                return "-"
+            return f"{mean:.3f}" if low != low else f"{mean:.3f}±{(high - low) / 2:.3f}"
+
+        lines = [f"mean indirect effect ({self.kind}) ± 95% interval (Student t over facts), "
+                 f"{self.n_facts} facts",
+                 "layer" + "".join(f"{name:>{width}}" for name in names),
+                 "n    " + "".join(f"{int(n):>{width}}" for n in self.count)]
+        for layer in shown:
+            lines.append(f"{layer:<5}" + "".join(f"{cell(b, layer):>{width}}" for b in range(len(names))))
+        for b, bucket in enumerate(self.buckets):
+            if int(self.count[b]) and not bool(torch.isnan(self.mean[b]).all()):
+                layer = int(torch.nan_to_num(self.mean[b], nan=-float("inf")).argmax())
+                lines.append(f"peak of {bucket}: layer {layer}, {cell(b, layer)}")
         return "\n".join(lines)
 
     def plot(self, *, ax=None):
@@ -217,6 +248,16 @@ def trace_many(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str, str |
                **legacy: Any) -> TraceSummary:
     """Trace every ``(prompt, subject, answer)`` of ``facts`` and average in ROME's buckets.
 
+    Each entry of ``facts`` is a ``(prompt, subject, answer)`` tuple (or list) of strings:
+
+    - ``prompt``: the text whose next token is the answer, e.g.
+      ``"The Eiffel Tower is located in the city of"`` (read as the tokenizer gives it to the
+      model, with its start token if it puts one; see :func:`reslens.tracing.subject_span`);
+    - ``subject``: the subject exactly as it appears in the prompt (its first occurrence is the
+      span corrupted), e.g. ``"The Eiffel Tower"``; the buckets are positions relative to it;
+    - ``answer``: the answer as it follows the prompt, leading space included (``" Paris"``); it
+      may be several tokens (``" San Francisco"``), or ``None`` for the model's own top-1.
+
     ``noise.embedding_std=None`` = std of the embeddings of all the facts' subject tokens (ROME's
     ``collect_embedding_std`` over the known facts), so every fact gets the same ``nu``. The
     probability traced is that of the answer's first token (an answer may have several).
@@ -245,7 +286,7 @@ def trace_many(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str, str |
         results.append(causal_trace_ids(
             arch, torch.tensor(ids), span, answer_id=None if answer is None else answer[0], kind=kind,
             window=window, noise=noise, batch_size=batch_size, tokenizer=tokenizer,
-            token_strings=text_pieces(tokenizer, prompt, ids),
+            token_strings=prompt_pieces(tokenizer, prompt, ids),
         ))
     if not results:
         raise ValueError(f"the model gives none of the {len(facts)} facts' answers; nothing to average "

@@ -17,12 +17,12 @@ import torch
 
 from reslens._checks import check_choice, check_float, check_int
 from reslens._saving import Saveable
-from reslens._tokens import decode_each, text_pieces
+from reslens._tokens import decode_each
 from reslens.arch import Arch, adapter
 from reslens.tracing._engine import Engine, draw_noise
 from reslens.tracing._format import html_table, pandas, show
 from reslens.tracing._prompts import answer_id as _answer_id
-from reslens.tracing._prompts import check_prompt_ids, check_span, prompt_ids, subject_span
+from reslens.tracing._prompts import check_prompt_ids, check_span, prompt_ids, prompt_pieces, subject_span
 
 __all__ = ["KINDS", "Noise", "TraceResult", "causal_trace", "causal_trace_ids", "restored_prob",
            "embedding_std", "window_layers"]
@@ -404,6 +404,6 @@ def causal_trace(model: Any, tokenizer: Any, prompt: str, subject: str, *, answe
     return causal_trace_ids(
         arch, torch.tensor(ids), span, answer_id=answer_id, kind=kind, window=window, noise=noise,
         batch_size=batch_size, progress=progress, tokenizer=tokenizer,
-        token_strings=text_pieces(tokenizer, prompt, ids),
+        token_strings=prompt_pieces(tokenizer, prompt, ids),
     )
 
