@@ -347,3 +347,155 @@ def test_memories_are_exact_in_every_family(family_model, ids):
     d = kv.deletion_neurons(arch)
     assert d.cos.shape == (arch.n_layer, arch.d_mlp)
     assert (d.cos_gate is not None) == arch.gated_mlp
+
+
+# --- gated MLPs (Llama, Mistral, Qwen2) ------------------------------------------------------------
+
+GATED = ["llama", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("family", GATED)
+def test_gated_coefficients_are_act_of_the_gate_times_the_up_reading(family, ids):
+    """m = act(g·x̂)(u·x̂): the mlp_act site equals the product of the mlp_gate and mlp_up sites and the
+    adapter's MLPWeights.coefficients of the normed input; m @ W_out == mlp_out; m takes both signs."""
+    from helpers import make_family
+    from reslens.arch import adapter
+
+    arch = adapter(make_family(family))
+    acts = capture(arch, ids, sites=("resid_mid", "mlp_act", "mlp_gate", "mlp_up", "mlp_out"))
+    for layer in range(arch.n_layer):
+        w = arch.mlp_weights(layer)
+        m = kv.coefficients(acts, layer)
+        torch.testing.assert_close(m, w.act(acts.mlp_gate[layer]) * acts.mlp_up[layer], rtol=0, atol=1e-6)
+        x_hat = arch.norm("mlp", layer)(acts.resid_mid[layer])
+        torch.testing.assert_close(m, w.coefficients(x_hat), rtol=0, atol=1e-5)
+        torch.testing.assert_close(m @ kv.values(arch, layer), acts.mlp_out[layer], rtol=0, atol=1e-5)
+        assert w.b_out is None and float((m < 0).float().mean()) > 0.3  # negative m: writes -v
+        c = kv.contributions(arch, acts, layer, position=3, seq=2)
+        assert torch.equal(c.bias, torch.zeros(arch.d_model))
+        torch.testing.assert_close(c.updates.sum(0), acts.mlp_out[layer, 2, 3], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", *GATED])
+def test_coefficient_edits_are_exact_in_every_family(family, ids):
+    """Setting m_i moves mlp_out by exactly (value - m_i) v_i, at the chosen positions only; nothing stays."""
+    from helpers import make_family
+    from reslens.arch import adapter
+
+    model = make_family(family)
+    arch = adapter(model)
+    clean = capture(arch, ids, sites=("mlp_act", "mlp_out"))
+    before = model_state(model)
+    with kv.edit_coefficients(arch, {1: {4: -3.0, 9: None}}, positions=[2, -1]):
+        edited = capture(arch, ids, sites=("mlp_act", "mlp_out"))
+    v, m = kv.values(arch, 1), clean.mlp_act[1]
+    delta = (-3.0 - m[..., 4])[..., None] * v[4] + (0.0 - m[..., 9])[..., None] * v[9]
+    for p in (2, 10):
+        torch.testing.assert_close(edited.mlp_out[1, :, p], clean.mlp_out[1, :, p] + delta[:, p],
+                                   rtol=0, atol=1e-5)
+    assert torch.equal(edited.mlp_out[1, :, :2], clean.mlp_out[1, :, :2])
+    assert torch.equal(edited.mlp_out[0], clean.mlp_out[0])
+    assert hook_counts(model) == {}
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("family", GATED)
+def test_gated_deletion_neurons_use_the_up_key_with_the_gate_beside_it(family):
+    from helpers import make_family
+    from reslens.arch import adapter
+
+    model = make_family(family)
+    arch = adapter(model)
+    w, gamma = arch.mlp_weights(2), arch.norm("mlp", 2).weight
+    with torch.no_grad():
+        w.W_out[9] = -3 * w.W_in[9] * gamma  # neuron 9 writes against what its up key reads
+    d = kv.deletion_neurons(arch)
+    cos = torch.nn.functional.cosine_similarity
+    assert float(d.cos[2, 9]) == pytest.approx(-1.0, abs=1e-5)
+    for layer, neuron in ((2, 9), (0, 5), (1, 17)):
+        w_l, g_l = arch.mlp_weights(layer), arch.norm("mlp", layer).weight
+        torch.testing.assert_close(d.cos[layer, neuron],
+                                   cos(w_l.W_in[neuron] * g_l, w_l.W_out[neuron], dim=0))
+        torch.testing.assert_close(d.cos_gate[layer, neuron],
+                                   cos(w_l.W_gate[neuron] * g_l, w_l.W_out[neuron], dim=0))
+    assert d.most_negative(1) == [(2, 9, pytest.approx(-1.0, abs=1e-5))]
+    assert torch.equal(d.deleting(), d.cos < -0.5) and torch.equal(d.counts(-0.9), (d.cos < -0.9).sum(-1))
+    assert int(d.counts(-0.99)[2]) >= 1
+    table = d.table(3)
+    assert "up key" in table and "L2N9 (-1.00, gate" in table and "their cos_gate" in table
+    assert "cos_gate" in d.to_frame().columns
+    with pytest.raises(ValueError, match="threshold"):
+        d.counts(-2.0)
+
+
+def test_a_gated_deletion_neuron_deletes_both_signs_and_a_gelu_one_only_the_positive():
+    """What the DeletionNeurons docstring says: with its gate open, a gated neuron whose value is -u writes
+    against the u component for either sign of u·x̂; GELU writes ~nothing for a negative reading."""
+    from helpers import make_family
+    from reslens.arch import adapter
+
+    arch = adapter(make_family("llama"))
+    w = arch.mlp_weights(0)
+    u, g = w.W_in[0].detach().clone(), w.W_gate[0].detach().clone()
+    g = g - (g @ u) / (u @ u) * u  # a gate key orthogonal to the up key: the gate reads the same for ±u
+    one = MLPWeights(W_in=u[None], b_in=None, W_gate=g[None], b_gate=None, W_out=-u[None], b_out=None,
+                     act=w.act)
+    gelu = MLPWeights(W_in=u[None], b_in=None, W_gate=None, b_gate=None, W_out=-u[None], b_out=None,
+                      act=torch.nn.functional.gelu)
+    reads_u, reads_g = u / (u @ u), g / (g @ g)  # x̂ = 3 reads_u gives u·x̂ = 3
+    for sign in (1.0, -1.0):
+        x_hat = 3 * reads_g + sign * 3 * reads_u  # gate open (g·x̂ = 3), up reading ±3
+        reading, write = float(x_hat @ u), float(one.forward(x_hat) @ u)
+        assert reading == pytest.approx(3 * sign, rel=1e-4)
+        assert reading * write < 0  # it pushes the u component back towards 0, both ways
+        gelu_write = float(gelu.forward(sign * 3 * reads_u) @ u)
+        if sign > 0:
+            assert gelu_write < 0 and abs(gelu_write) > 0.3 * abs(write)
+        else:
+            assert abs(gelu_write) < 0.01 * abs(write)  # GELU leaves the negative side nearly alone
+
+
+def test_deletion_plot_of_many_layers_is_a_heatmap_the_same_on_given_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cos = torch.rand(30, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    d = kv.DeletionNeurons(cos=cos, cos_gate=cos.flip(-1))
+    own = d.plot()
+    fig = plt.figure()
+    given = d.plot(ax=fig.subplots())
+    assert len(own.axes[0].images) == len(given.axes[0].images) == 1  # 30 layers: a heatmap, both ways
+    assert own.axes[0].get_xlabel() == given.axes[0].get_xlabel() == d.direction
+    few = kv.DeletionNeurons(cos=cos[:3]).plot()
+    assert not few.axes[0].images and len(few.axes[0].patches) == 3  # one histogram per layer
+    assert d.counts().tolist() == (cos < -0.5).sum(-1).tolist()
+    plt.close("all")
+
+
+# --- the real model (SmolLM2-135M-Instruct) -------------------------------------------------------
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_gated_memories_sum_to_the_mlp_output_and_trigger_with_both_signs(smollm2):
+    """On SmolLM2: Σ m_i v_i == mlp_out at a position of every layer; its mined top triggers are negative
+    for a large share of keys (a gated coefficient writes -v as often as +v); agreement reads them."""
+    from reslens import tokenize
+    from reslens.arch import adapter
+
+    model, tokenizer = smollm2
+    arch = adapter(model)
+    batch = tokenize(tokenizer, ["The Eiffel Tower is located in the city of", "Mr. Holmes sat by the fire."])
+    acts = capture(arch, batch, sites=("mlp_act", "mlp_out"))
+    for layer in range(arch.n_layer):
+        c = kv.contributions(arch, acts, layer, seq=1)
+        torch.testing.assert_close(c.total(), acts.mlp_out[layer, 1, c.position], rtol=1e-4, atol=1e-4)
+    text = ["It was a dark and stormy night; the rain fell in torrents.",
+            "The cat sat on the mat and purred.",
+            "Paris is the capital of France, and Rome is the capital of Italy."]
+    index = kv.mine_triggers(arch, tokenizer, text, layers=[0, 29], top_k=2, progress=False)
+    assert index.signed and 0.2 < float((index.scores[..., 0] < 0).float().mean()) < 0.8
+    result = kv.agreement(index, arch, n_shuffles=2)
+    assert torch.equal(result.negative, index.scores[..., 0] < 0)

@@ -491,17 +491,241 @@ def test_split_last_shows_whole_characters():
 
 
 def test_mining_and_resuming_in_every_family(family_model, tmp_path):
-    """The mined top-k equals running every unit alone, and an interrupted run resumes to it."""
+    """The mined top-k equals running every unit alone (signed by default for a gated MLP, as GPT-2's
+    max-m ranking otherwise), and an interrupted run resumes to it."""
     from reslens.arch import adapter
 
     arch = adapter(family_model)
     tok, path = CharTokenizer(), tmp_path / "idx.safetensors"
     full = kv.mine_triggers(arch, tok, TEXTS, **WINDOWS)
+    assert full.signed == arch.gated_mlp
     units = window_units(TEXTS, 7)
-    scores, example, _ = brute_force_index(family_model, units, 3)
-    torch.testing.assert_close(full.scores, scores, rtol=0, atol=1e-5)
-    assert torch.equal(full.example, example)
+    if arch.gated_mlp:
+        assert_signed_brute_force(full, family_model, units)
+    else:
+        scores, example, _ = brute_force_index(family_model, units, 3)
+        torch.testing.assert_close(full.scores, scores, rtol=0, atol=1e-5)
+        assert torch.equal(full.example, example)
     kv.mine_triggers(arch, tok, TEXTS, max_tokens=60, out=path, **WINDOWS)
     assert_same_index(kv.mine_triggers(arch, tok, TEXTS, resume=path, **WINDOWS), full)
     result = kv.agreement(full, arch)
     assert result.rank.shape == (arch.n_layer, arch.d_mlp)
+
+
+# --- gated MLPs: signed triggers, the bottom token, start tokens ------------------------------------
+
+
+def signed_brute_force_index(model, units, top_k, start=()):
+    """Every unit alone (after the ``start`` ids, left out); per example the coefficient of largest |m|
+    (the positive one on a tie) at its first position; per key the top_k by |m|, ties to the earlier
+    example. Returns ``(scores, example, position)`` of the top_k and every unit's ``[L, P, D]`` m."""
+    best, where, acts = [], [], []
+    for u in units:
+        act = capture(model, torch.tensor([[*start, *u]]), sites="mlp_act").mlp_act[:, 0, len(start):]
+        high, low = act.max(dim=1).values, act.min(dim=1).values
+        signed = torch.where(high >= -low, high, low)  # [L, D]
+        best.append(signed)
+        where.append((act == signed[:, None, :]).int().argmax(dim=1))
+        acts.append(act)
+    best, where = torch.stack(best, dim=-1), torch.stack(where, dim=-1)  # [L, D, E]
+    order = torch.sort(best.abs(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    return best.gather(-1, order), order, where.gather(-1, order), acts
+
+
+def assert_signed_brute_force(index, model, units, start=(), atol=1e-5):
+    """The index equals the signed brute force, up to exact ties that batching's rounding may order
+    otherwise: every slot's score is the brute-force one, and its example and position hold a
+    coefficient of that value, of largest |m| in that example."""
+    scores, example, position, acts = signed_brute_force_index(model, units, index.top_k, start)
+    torch.testing.assert_close(index.scores, scores, rtol=0, atol=atol)
+    differ = (index.example != example) | (index.position != position)
+    assert float(differ.float().mean()) < 0.02  # ties are rare
+    for layer, key, slot in differ.nonzero().tolist():
+        act = acts[int(index.example[layer, key, slot])][layer, :, key]
+        m = float(act[int(index.position[layer, key, slot])])
+        assert m == pytest.approx(float(scores[layer, key, slot]), abs=atol)
+        assert abs(m) == pytest.approx(float(act.abs().max()), abs=atol)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_signed_top_k_equals_a_brute_force_sort_of_abs_m(family, batch_size):
+    """Signed mining (the default for gated MLPs; an opt-in for GPT-2) equals sorting |m| over all units,
+    with the sign kept; a gated MLP's top triggers are negative about half the time."""
+    from helpers import make_family
+
+    model = make_family(family)
+    index = kv.mine_triggers(model, CharTokenizer(), TEXTS, unit="window", window=9, top_k=4,
+                             batch_size=batch_size, signed=True, progress=False)
+    assert_signed_brute_force(index, model, window_units(TEXTS, 9))
+    scores = signed_brute_force_index(model, window_units(TEXTS, 9), 4)[0]
+    assert index.signed and bool((index.scores.abs().diff(dim=-1) <= 0).all())
+    negative = float((index.scores[..., 0] < 0).float().mean())
+    if family != "gpt2":
+        assert 0.3 < negative < 0.7
+    t = index.triggers(1, 2)[0]
+    assert t.score == pytest.approx(float(scores[1, 2, 0]), abs=1e-5)
+
+
+def test_unsigned_mining_of_a_gated_mlp_is_an_explicit_opt_out():
+    from helpers import make_family
+
+    model = make_family("llama")
+    index = kv.mine_triggers(model, CharTokenizer(), TEXTS, unit="window", window=9, top_k=4, signed=False,
+                             progress=False)
+    scores, example, _ = brute_force_index(model, window_units(TEXTS, 9), 4)
+    assert not index.signed and torch.equal(index.example, example)
+    torch.testing.assert_close(index.scores, scores, rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="signed"):
+        kv.mine_triggers(model, CharTokenizer(), TEXTS, signed="yes", progress=False)
+
+
+def test_resume_refuses_another_sign_convention(tmp_path):
+    from helpers import make_family
+
+    model, path = make_family("llama"), tmp_path / "idx.safetensors"
+    kv.mine_triggers(model, CharTokenizer(), TEXTS, max_tokens=60, out=path, **WINDOWS)
+    with pytest.raises(ValueError, match="signed"):
+        kv.mine_triggers(model, CharTokenizer(), TEXTS, resume=path, signed=False, **WINDOWS)
+
+
+def test_a_signed_index_must_descend_in_magnitude():
+    from helpers import make_family
+
+    index = kv.mine_triggers(make_family("llama"), CharTokenizer(), TEXTS, **WINDOWS)
+    scores = index.scores.clone()
+    scores[0, 0] = torch.tensor([0.1, -0.5, 0.05])
+    with pytest.raises(ValueError, match=r"\|scores\| must descend"):
+        kv.TriggerIndex(**{**index.__dict__, "scores": scores})
+    scores[0, 0] = torch.tensor([-0.5, 0.4, -0.1])  # descending in |m|, not in m: fine when signed
+    kv.TriggerIndex(**{**index.__dict__, "scores": scores})
+    with pytest.raises(ValueError, match="scores must descend"):
+        kv.TriggerIndex(**{**index.__dict__, "scores": scores, "signed": False})
+
+
+def signed_hand_index(model, signed=True):
+    """A tiny Llama's layer 1, where the answer is known: keys 0-9 have a negative top trigger followed by
+    the value's bottom token, keys 10-19 a negative one followed by its top token, keys 20-29 a positive
+    one followed by its top token; the rest are empty."""
+    values = model.model.layers[1].mlp.down_proj.weight.T  # [d_mlp, d_model]: the values
+    scores_v = (values @ model.lm_head.weight.T).detach()  # [d_mlp, vocab] = W_U v
+    top, bottom = scores_v.argmax(-1), scores_v.argmin(-1)
+    d_mlp, top_k = values.shape[0], 2
+    example = torch.full((1, d_mlp, top_k), -1)
+    position = torch.full((1, d_mlp, top_k), -1)
+    scores = torch.full((1, d_mlp, top_k), float("-inf"))
+    tokens = []
+    for key in range(30):
+        nxt = int(bottom[key]) if key < 10 else int(top[key])
+        tokens.append([5, 6, nxt])  # the trigger is the token at position 1
+        example[0, key, 0], position[0, key, 0] = key, 1
+        scores[0, key, 0] = -2.0 if key < 20 else 2.0
+    lengths = torch.tensor([0] + [len(t) for t in tokens]).cumsum(0)
+    return kv.TriggerIndex(
+        layers=(1,), top_k=top_k, scores=scores, example=example, position=position,
+        example_ids=torch.arange(30), example_offsets=lengths,
+        example_tokens=torch.tensor([t for u in tokens for t in u]), n_examples=30, n_tokens=90,
+        unit="window", window=8, n_layer=3, d_model=32, d_vocab=VOCAB, signed=signed,
+    )
+
+
+def test_agreement_reads_the_bottom_token_where_the_top_trigger_is_negative(tmp_path):
+    from helpers import make_family
+
+    model = make_family("llama")
+    result = kv.agreement(signed_hand_index(model), model)
+    values = model.model.layers[1].mlp.down_proj.weight.T
+    scores_v = (values @ model.lm_head.weight.T).detach()
+    assert result.negative[0, :20].all() and not result.negative[0, 20:].any()
+    assert result.n_keys.tolist() == [30] and result.n_negative().tolist() == [20]
+    assert result.agreement.tolist() == [pytest.approx(20 / 30)]  # keys 0-9 and 20-29 agree
+    assert torch.equal(result.value_top[0, :20], scores_v[:20].argmin(-1))
+    assert torch.equal(result.value_top[0, 20:30], scores_v[20:30].argmax(-1))
+    assert result.rank[0, :10].tolist() == [0] * 10  # the bottom token, counted from the bottom
+    assert result.rank[0, 10:20].tolist() == [VOCAB - 1] * 10  # the top token is last from the bottom
+    assert result.rank[0, 20:30].tolist() == [0] * 10
+    assert "m < 0" in result.table() and list(result.to_frame()["negative_keys"]) == [20]
+    # the other side: keys 10-19 (m < 0, followed by the value's top token) push the next token down
+    assert torch.equal(result.value_other[0, :20], scores_v[:20].argmax(-1))
+    assert torch.equal(result.value_other[0, 20:30], scores_v[20:30].argmin(-1))
+    assert result.opposite().tolist() == [pytest.approx(10 / 30)]
+    path = tmp_path / "agreement.safetensors"
+    result.save(path)
+    assert torch.equal(kv.KeyValueAgreement.load(path).negative, result.negative)
+    signed_hand_index(model).save(tmp_path / "index.safetensors")
+    back = kv.TriggerIndex.load(tmp_path / "index.safetensors")
+    assert back.signed and back.start_ids == () and torch.equal(back.scores, signed_hand_index(model).scores)
+    # the same triggers in an unsigned index: every key reads its top token, as Geva et al. (and GPT-2)
+    unsigned = kv.agreement(signed_hand_index(model, signed=False), model)
+    assert not unsigned.negative.any() and unsigned.agreement.tolist() == [pytest.approx(20 / 30)]
+    assert unsigned.rank[0, :10].tolist() == [VOCAB - 1] * 10 and unsigned.rank[0, 10:30].eq(0).all()
+    assert unsigned.opposite().tolist() == [pytest.approx(10 / 30)]  # keys 0-9: the bottom token follows
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_agreement_on_a_signed_mined_index_equals_brute_force(family):
+    """value_top is each value's argmax of W_U v, or its argmin where the top trigger's m < 0 (raw, and
+    through the final RMSNorm, where final_norm(-v) = -final_norm(v))."""
+    from helpers import make_family
+    from reslens.arch import adapter
+
+    model = make_family(family)
+    arch = adapter(model)
+    index = kv.mine_triggers(model, CharTokenizer(), TEXTS, **WINDOWS)
+    units = window_units(TEXTS, 7)
+    for through in (False, True):
+        result = kv.agreement(index, model, through_final_norm=through)
+        for r, layer in enumerate(index.layers):
+            v = arch.mlp_weights(layer).W_out.float()
+            scores = (arch.norm("final")(v) if through else v) @ arch.W_U.float().T
+            neg = index.scores[r, :, 0] < 0
+            assert torch.equal(result.negative[r], neg)
+            expected = torch.where(neg, scores.argmin(-1), scores.argmax(-1))
+            assert torch.equal(result.value_top[r], expected)
+            tops = zip(index.example[r, :, 0].tolist(), index.position[r, :, 0].tolist())
+            nxt = torch.tensor([units[e][p + 1] if p + 1 < len(units[e]) else -1 for e, p in tops])
+            assert torch.equal(result.next_token[r], nxt)
+            assert float(result.agreement[r]) == pytest.approx(float(((expected == nxt) & (nxt >= 0)).sum())
+                                                               / int((nxt >= 0).sum()))
+
+
+class BosTokenizer(CharTokenizer):
+    """Adds a BOS (id 1) in front of a text when asked for special tokens, as Llama tokenizers do."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        out = super().__call__(texts)
+        if add_special_tokens:
+            ids = out["input_ids"]
+            out["input_ids"] = [1, *ids] if isinstance(texts, str) else [[1, *i] for i in ids]
+        return out
+
+
+def test_the_tokenizers_start_token_goes_first_and_is_left_out():
+    """A tokenizer that adds a BOS: every unit runs after it (as the model expects), and the BOS position
+    is never a trigger: the index equals running [BOS] + unit alone and dropping position 0."""
+    from helpers import make_family
+
+    model = make_family("llama")
+    index = kv.mine_triggers(model, BosTokenizer(), TEXTS, **WINDOWS)
+    assert index.start_ids == (1,)
+    units = window_units(TEXTS, 7)
+    assert_signed_brute_force(index, model, units, start=(1,))  # [BOS] + unit alone, BOS dropped
+    assert index.n_tokens == sum(map(len, units))  # the BOS is not counted
+    t = index.triggers(0, 0)[0]
+    assert list(t.prefix) == units[t.example][: t.position + 1]  # no BOS inside the stored examples
+    plain = kv.mine_triggers(model, CharTokenizer(), TEXTS, **WINDOWS)
+    assert plain.start_ids == () and not torch.equal(plain.scores, index.scores)
+    with pytest.raises(ValueError, match="start_ids"):  # a resume must use the same start tokens
+        kv.mine_triggers(model, CharTokenizer(), TEXTS, resume=index, **WINDOWS)
+
+
+def test_a_list_of_files_is_a_corpus(model, tmp_path):
+    a, b = tmp_path / "b.txt", tmp_path / "a.txt"
+    a.write_text(TEXTS[0], encoding="utf-8")
+    b.write_text(TEXTS[1], encoding="utf-8")
+    index = kv.mine_triggers(model, CharTokenizer(), [a, b], **WINDOWS)  # in the order given, not by name
+    strings = kv.mine_triggers(model, CharTokenizer(), TEXTS[:2], **WINDOWS)
+    assert_same_index(index, strings)
+    assert "2 file(s)" in index.corpus and "b.txt, a.txt" in index.corpus
+    with pytest.raises(FileNotFoundError, match=r"corpus\[1\]"):
+        kv.mine_triggers(model, CharTokenizer(), [a, tmp_path / "missing.txt"], **WINDOWS)

@@ -1,7 +1,7 @@
 """Reading a text corpus for the dataset-scale analyses (trigger mining, ROME's key statistics).
 
-A corpus is a text file, a folder of ``.txt`` files (read in name order), or an iterable of
-strings; texts are streamed, one at a time, and turned into token-id units: sentences, or
+A corpus is a text file, a folder of ``.txt`` files (read in name order), a list of files, or an
+iterable of strings; texts are streamed, one at a time, and turned into token-id units: sentences, or
 windows of the token stream that never cross from one text into the next.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from reslens._checks import check_choice, check_int
 
-__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "token_units"]
+__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "start_ids", "token_units"]
 
 UNITS = ("sentence", "window")
 _ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Mme.", "Messrs.", "Mlle.", "Capt.", "Col.", "Prof.")
@@ -46,11 +46,25 @@ def corpus_files(path: str | os.PathLike, *, name: str = "corpus") -> list[Path]
 
 
 def corpus_texts(corpus: Any, *, name: str = "corpus") -> tuple[Iterator[str], str]:
-    """The texts of ``corpus``, streamed, and a description of where they come from."""
+    """The texts of ``corpus``, streamed, and a description of where they come from.
+
+    ``corpus``: a path (a file or a folder of ``.txt`` files), a list or tuple of file paths
+    (``pathlib.Path`` or other ``os.PathLike``, read in the order given; plain strings in an
+    iterable are texts, not paths), or an iterable of strings.
+    """
     if isinstance(corpus, (str, os.PathLike)):
         files = corpus_files(corpus, name=name)
         texts = (f.read_text(encoding="utf-8") for f in files)
         return texts, f"{len(files)} file(s) under {os.fspath(corpus)}"
+    if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(f, os.PathLike) for f in corpus):
+        files = [Path(f).expanduser() for f in corpus]
+        for i, f in enumerate(files):
+            if not f.is_file():
+                raise FileNotFoundError(f"{name}[{i}]={os.fspath(f)!r} is not a file")
+        folders = sorted({os.fspath(f.parent) for f in files})
+        where = folders[0] if len(folders) == 1 else f"{len(folders)} folders"
+        return (f.read_text(encoding="utf-8") for f in files), f"{len(files)} file(s) under {where}: " + \
+            ", ".join(f.name for f in files)
     if isinstance(corpus, (bytes, Mapping)) or not isinstance(corpus, Iterable):
         raise TypeError(
             f"{name} must be a path, a folder of .txt files, or an iterable of strings; "
@@ -96,6 +110,20 @@ def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
         raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
     quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, **quiet)["input_ids"]]
+
+
+def start_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids the tokenizer puts before a text by its own convention (e.g. a BOS), or ``()``.
+
+    Found by tokenizing one word with and without special tokens; tokens it adds at the end
+    (an EOS) are not start tokens.
+    """
+    plain = encode(tokenizer, ["a"])[0]
+    full = list(tokenizer(["a"], add_special_tokens=True)["input_ids"][0])
+    for n in range(len(full) - len(plain) + 1):
+        if full[n : n + len(plain)] == plain:
+            return tuple(int(i) for i in full[:n])
+    return ()
 
 
 def token_units(tokenizer: Any, texts: Iterable[str], unit: str, window: int) -> Iterator[list[int]]:

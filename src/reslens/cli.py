@@ -373,9 +373,9 @@ def _memories_text(args: argparse.Namespace) -> int:
         names = kv.value_tokens(arch, layer, [m.neuron for m in top], k=5, tokenizer=tokenizer)
         score = "|m|·‖v‖" if token is None else f"Δlogit {args.token!r} (final norm linearised)"
         print(f"block {c.layer}, last token {last!r}: top {len(top)} memories by {score}")
-        print(f"  {'neuron':>8} {'m':>7} {'score':>8}  value's top tokens (W_U v)")
+        print(f"  {'neuron':>8} {'m':>7} {'score':>8}  tokens it promotes (W_U v: top; bottom where m < 0)")
         for m in top:
-            words = " ".join(repr(w) for w in names.tokens(m.neuron))
+            words = " ".join(repr(w) for w in names.tokens(m.neuron, bottom=m.coefficient < 0))
             print(f"  {'L%dN%d' % (c.layer, m.neuron):>8} {m.coefficient:>+7.3f} {m.score:>+8.3f}  {words}")
         print()
     return 0

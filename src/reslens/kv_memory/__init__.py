@@ -1,5 +1,9 @@
 """The MLP as key-value memories (Geva et al. 2021): ``FF(x) = Σ_i m_i v_i + b``.
 
+Exact on every supported family. For a gated MLP ``m_i = act(g_i·x̂)(u_i·x̂)`` takes both signs,
+so triggers are mined by ``|m|`` with the sign kept, the agreement reads a value's bottom token
+where its top trigger wrote ``-v``, and deletion neurons are classified by the up key.
+
 - :mod:`~reslens.kv_memory.memories`: keys, values, coefficients, a position's MLP output split
   into its memories (:func:`contributions`), coefficient edits (:func:`edit_coefficients`)
 - :mod:`~reslens.kv_memory.neurons`: readings of the weights alone: values in vocabulary

@@ -7,6 +7,12 @@ In Geva et al.'s reading ``FF(x) = Σ_i m_i v_i + b``; through the adapter
 - value ``v_i``: row ``i`` of ``W_out`` -> :func:`values`
 - coefficient ``m_i``: the input of the MLP output projection (the ``mlp_act`` site) ->
   :func:`coefficients` ``[batch, pos, d_mlp]``, so ``mlp_out = m @ values + b_out`` exactly
+
+GPT-2: ``m_i = gelu(k_i·x̂ + b_i)``, almost never below -0.17, so a memory writes ``+v_i``.
+A gated MLP (Llama, Mistral, Qwen2): ``m_i = act(g_i·x̂)(u_i·x̂)``; the gate key ``g_i`` decides
+whether the neuron fires, the up key ``u_i`` gives a signed, linear amplitude, so ``m_i`` is
+often large and negative, writing ``-v_i``. The sums, contributions and edits here are exact
+either way (no bias on a gated MLP's output projection).
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ def values(model: Any, layer: int) -> torch.Tensor:
 def coefficients(residuals: Residuals, layer: int) -> torch.Tensor:
     """Memory coefficients ``m`` of block ``layer``: ``[batch, pos, d_mlp]`` from captured ``mlp_act``.
 
-    Capture them with ``capture(model, ids, sites="mlp_act")``.
+    Capture them with ``capture(model, ids, sites="mlp_act")``. For a gated MLP this is the
+    gated product ``act(mlp_gate) * mlp_up`` (both sites can be captured too).
     """
     if not isinstance(residuals, Residuals):
         raise TypeError(f"residuals must be reslens Residuals (from capture); got {type(residuals).__name__}")

@@ -4,6 +4,16 @@ The running state is bounded (``[layers, d_mlp, top_k]`` plus the token ids of t
 some top-k list). A run can save snapshots and be resumed: each snapshot is one file written
 atomically, carrying a fingerprint of the corpus read so far and of the weights that shape the
 keys, and a resume refuses another corpus, other reading options or another model.
+
+Signs. A GELU coefficient (GPT-2) is never below about -0.17, so a key's strong uses are its
+positive ones, and an example scores by its largest coefficient, as in Geva et al. A gated
+coefficient ``act(g·x̂)(u·x̂)`` is linear in the up key's reading, so it is as often large and
+negative (writing ``-v``) as positive. Gated MLPs are therefore mined *signed*: an example scores
+by its coefficient of largest ``|m|``, ranked by ``|m|``, with the sign kept. One list ranked by
+``|m|`` rather than a top-k of each sign: it keeps a key's strongest writes whichever side they
+are on, in the same ``[layers, d_mlp, top_k]`` memory, without ranking a key's weak side next to
+its strong one; each trigger's sign says which side of the value it wrote (the agreement reads
+the value's bottom token for a negative one), and one sign alone is a filter of that list.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_choice, check_int, check_layers
-from reslens._corpus import UNITS, corpus_texts, token_units
+from reslens._corpus import UNITS, corpus_texts, start_ids, token_units
 from reslens._inputs import pad_ids, pad_token_id
 from reslens.arch import Arch, adapter
 from reslens.hooks import capture
@@ -39,9 +49,14 @@ def _order_key(scores: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
 
 
 class _Miner:
-    """Running top-k state of :func:`mine_triggers`; memory bounded by layers x d_mlp x top_k."""
+    """Running top-k state of :func:`mine_triggers`; memory bounded by layers x d_mlp x top_k.
 
-    def __init__(self, n_layers: int, d_mlp: int, top_k: int, start: TriggerIndex | None):
+    ``signed=False`` ranks an example by its largest coefficient; ``signed=True`` by the
+    largest ``|m|``, keeping the coefficient's sign in ``scores``.
+    """
+
+    def __init__(self, n_layers: int, d_mlp: int, top_k: int, start: TriggerIndex | None, signed: bool):
+        self.signed = signed
         if start is None:
             self.scores = torch.full((n_layers, d_mlp, top_k), float("-inf"))
             self.example = torch.full((n_layers, d_mlp, top_k), -1, dtype=torch.long)
@@ -52,31 +67,59 @@ class _Miner:
             self.position = start.position.clone()
             self.stored = {int(e): start.tokens(int(e)) for e in start.example_ids.tolist()}
 
+    def _rank(self, scores: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+        """What the slots are ordered by: the score, or (signed) ``|score|`` with ``-inf`` for empty slots."""
+        if not self.signed:
+            return scores
+        return torch.where(example >= 0, scores.abs(), float("-inf"))
+
+    def _best(self, act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[L, d_mlp, B]`` float32: each example's score; pads become ``-inf`` in ``act`` (in place).
+
+        Unsigned: the largest coefficient. Signed: the coefficient of largest magnitude (the
+        positive one when a positive and a negative one have the same magnitude).
+        """
+        penalty = torch.zeros(mask.shape, dtype=act.dtype, device=act.device)
+        penalty.masked_fill_(~mask, float("-inf"))
+        penalty = penalty[None, :, :, None]
+        # -min over the real positions (pads -inf); before act itself is changed
+        low = torch.neg(act).add_(penalty).amax(dim=2) if self.signed else None
+        act.add_(penalty)  # pads -> -inf (an add: far cheaper than a broadcast masked_fill)
+        best = act.amax(dim=2)
+        if low is not None:
+            best = torch.where(best >= low, best, -low)
+        return best.float().transpose(1, 2).cpu()  # [L, d_mlp, B]; positions for winners only
+
     def add(self, units: list[list[int]], numbered: torch.Tensor, act: torch.Tensor,
             mask: torch.Tensor) -> None:
         """Merge one batch: ``act: [L, B, P, d_mlp]`` (overwritten), ``mask: [B, P]``, ``numbered: [B]``.
 
-        Order: score descending, ties to the earlier example, so batching never changes the result.
-        Only keys where some new example beats the current k-th score are re-sorted.
+        Order: rank descending, ties to the earlier example, so batching never changes the result.
+        Only keys where some new example beats the current k-th rank are re-sorted.
         """
-        penalty = torch.zeros(mask.shape, dtype=act.dtype, device=act.device)
-        penalty.masked_fill_(~mask, float("-inf"))
-        act.add_(penalty[None, :, :, None])  # pads -> -inf (an add: far cheaper than a broadcast masked_fill)
-        best = act.amax(dim=2).float().transpose(1, 2).cpu()  # [L, d_mlp, B]; positions for winners only
-        kth, kth_example = self.scores[..., -1:], self.example[..., -1:]  # [L, d_mlp, 1]
-        beats = (best > kth) | ((best == kth) & (numbered < kth_example))
+        best = self._best(act, mask)
+        rank_new, rank_old = (best.abs(), self._rank(self.scores, self.example)) if self.signed else (
+            best, self.scores)
+        kth, kth_example = rank_old[..., -1:], self.example[..., -1:]  # [L, d_mlp, 1]
+        beats = (rank_new > kth) | ((rank_new == kth) & (numbered < kth_example))
         layer, key = beats.any(-1).nonzero(as_tuple=True)  # the keys whose top-k changes
         if not len(layer):
             return
         top_k, batch = self.scores.shape[-1], best.shape[-1]
         scores = torch.cat([self.scores[layer, key], best[layer, key]], dim=-1)  # [R, top_k + B]
+        rank = torch.cat([rank_old[layer, key], rank_new[layer, key]], dim=-1) if self.signed else scores
         example = torch.cat([self.example[layer, key], numbered.expand(len(layer), batch)], dim=-1)
-        keep = _order_key(scores, example).topk(top_k, dim=-1).indices  # one top-k instead of two sorts
+        keep = _order_key(rank, example).topk(top_k, dim=-1).indices  # one top-k instead of two sorts
         position = self.position[layer, key].gather(-1, keep.clamp(max=top_k - 1))  # [R, top_k]
         row, slot = (keep >= top_k).nonzero(as_tuple=True)  # slots filled from this batch
         at = act.device
-        where = act[layer[row].to(at), (keep[row, slot] - top_k).to(at), :, key[row].to(at)].argmax(-1)
-        position[row, slot] = where.cpu()  # the first position of the maximum, as max(dim) gives
+        seen = act[layer[row].to(at), (keep[row, slot] - top_k).to(at), :, key[row].to(at)]  # [n, P]
+        if self.signed:  # the first position holding the winning coefficient
+            target = scores[row, keep[row, slot]].to(at)
+            where = (seen.float() == target[:, None]).int().argmax(-1)
+        else:
+            where = seen.argmax(-1)  # the first position of the maximum, as max(dim) gives
+        position[row, slot] = where.cpu()
         self.scores[layer, key] = scores.gather(-1, keep)
         self.example[layer, key] = example.gather(-1, keep)
         self.position[layer, key] = position
@@ -182,21 +225,24 @@ def _unit_groups(units: Iterable[list[int]], *, n_tokens: int, max_tokens: int |
 
 
 def _check_options(arch: Arch, tokenizer: Any, layers: Any, top_k: Any, unit: Any, window: Any,
-                   batch_size: Any, max_tokens: Any, save_every: Any,
-                   progress: Any) -> tuple[tuple[int, ...], int]:
-    """``(blocks, window)`` after checking every mining option."""
+                   batch_size: Any, max_tokens: Any, save_every: Any, progress: Any,
+                   signed: Any) -> tuple[tuple[int, ...], int, bool, tuple[int, ...]]:
+    """``(blocks, window, signed, start ids)`` after checking every mining option."""
     blocks = check_layers(layers, arch.n_layer - 1, what=f"a {arch.n_layer}-layer model's blocks")
     check_int(top_k, "top_k", low=1)
     check_int(batch_size, "batch_size", low=1)
     check_int(save_every, "save_every", low=1)
     check_choice(unit, UNITS, "unit")
-    window = min(arch.n_ctx, 128) if window is None else check_int(window, "window", low=2, high=arch.n_ctx)
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    start = start_ids(tokenizer)
+    room = arch.n_ctx - len(start)  # the tokenizer's start tokens go before every unit
+    window = min(room, 128) if window is None else check_int(window, "window", low=2, high=room)
     if max_tokens is not None:
         check_int(max_tokens, "max_tokens", low=1)
     check_bool(progress, "progress")
-    if tokenizer is None or not callable(tokenizer):
-        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
-    return blocks, window
+    signed = arch.gated_mlp if signed is None else check_bool(signed, "signed (True, False or None)")
+    return blocks, window, signed, start
 
 
 def _check_out(out: Any) -> None:
@@ -207,14 +253,14 @@ def _check_out(out: Any) -> None:
                          f"{os.path.join(os.fspath(out), 'index.safetensors')!r})")
 
 
-def _check_resume(index: TriggerIndex, blocks: tuple[int, ...], top_k: int, unit: str, window: int,
-                  arch: Arch, fingerprint: str) -> None:
-    theirs = (tuple(index.layers), index.top_k, index.unit, index.window)
-    ours = (blocks, top_k, unit, window)
-    if theirs != ours:
+def _check_resume(index: TriggerIndex, options: tuple[Any, ...], arch: Arch, fingerprint: str) -> None:
+    """Refuse to resume ``index`` with other ``(layers, top_k, unit, window, signed, start_ids)`` or model."""
+    theirs = (tuple(index.layers), index.top_k, index.unit, index.window, index.signed,
+              tuple(index.start_ids))
+    if theirs != options:
         raise ValueError(
-            f"cannot resume: the index was mined with layers, top_k, unit, window = {theirs}; this call asks "
-            f"for {ours}"
+            f"cannot resume: the index was mined with layers, top_k, unit, window, signed, start_ids = "
+            f"{theirs}; this call asks for {options}"
         )
     names = ("n_layer", "d_model", "d_mlp", "d_vocab")
     sizes = {name: getattr(arch, name) for name in names}
@@ -233,46 +279,64 @@ def _check_resume(index: TriggerIndex, blocks: tuple[int, ...], top_k: int, unit
         )
 
 
+def _resumed(resume: Any, options: tuple[Any, ...], arch: Arch, fingerprint: str,
+             units: Iterator[list[int]], digest: Any) -> TriggerIndex | None:
+    """The index to resume (loaded and checked, its units read again into ``digest``), or ``None``."""
+    if resume is None:
+        return None
+    index = TriggerIndex.load(resume) if not isinstance(resume, TriggerIndex) else resume
+    _check_resume(index, options, arch, fingerprint)
+    _skip_read(units, index, digest)
+    return index
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 
 def _merge_group(arch: Arch, miner: _Miner, group: list[list[int]], first: int, blocks: tuple[int, ...],
-                 batch_size: int, pad_id: int, bar: Any) -> None:
-    """Run one group in length-sorted batches and merge them; examples are numbered from ``first``."""
+                 batch_size: int, pad_id: int, bar: Any, prefix: tuple[int, ...] = ()) -> None:
+    """Run one group in length-sorted batches and merge them; examples are numbered from ``first``.
+
+    ``prefix`` (the tokenizer's start tokens, e.g. BOS) goes before every unit and is left out
+    of the statistics, as pads are; positions count from the unit's first token.
+    """
     order = sorted(range(len(group)), key=lambda i: len(group[i]))
+    n_start = len(prefix)
     for start in range(0, len(group), batch_size):
         rows = order[start : start + batch_size]
-        batch = pad_ids([group[i] for i in rows], pad_id=pad_id)
+        batch = pad_ids([[*prefix, *group[i]] for i in rows], pad_id=pad_id)
         act = capture(arch, batch, sites="mlp_act", layers=blocks).mlp_act  # [L, B, P, d_mlp]
+        mask = batch.attention_mask.to(act.device)
+        if n_start:  # right padding: the start tokens are the first positions of every row
+            act, mask = act[:, :, n_start:], mask[:, n_start:]
         numbered = torch.tensor([first + i for i in rows])  # examples are numbered in corpus order
-        miner.add([group[i] for i in rows], numbered, act, batch.attention_mask.to(act.device))
-        bar.update(int(batch.attention_mask.sum()))
+        miner.add([group[i] for i in rows], numbered, act, mask)
+        bar.update(int(mask.sum()))
 
 
 def mine_triggers(
-    model: Any,
-    tokenizer: Any,
-    corpus: Any,
-    *,
-    layers: Any = None,
-    top_k: int = 50,
-    unit: str = "sentence",
-    window: int | None = None,
-    batch_size: int = 32,
-    max_tokens: int | None = None,
-    resume: TriggerIndex | str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    save_every: int = 500_000,
-    progress: bool = True,
+    model: Any, tokenizer: Any, corpus: Any, *, layers: Any = None, top_k: int = 50, unit: str = "sentence",
+    window: int | None = None, batch_size: int = 32, max_tokens: int | None = None,
+    signed: bool | None = None, resume: TriggerIndex | str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None, save_every: int = 500_000, progress: bool = True,
 ) -> TriggerIndex:
     """Stream a corpus once and keep, for every (layer, key), its ``top_k`` trigger examples.
 
-    ``corpus``: a text file, a folder of ``.txt`` files (sorted by name), or an iterable of
-    strings. ``unit="sentence"`` splits paragraphs into sentences (Geva et al. used
-    sentences); ``"window"`` cuts the token stream of each text into windows of ``window``
-    tokens (default: the model's context, at most 128). Units are cut to ``window`` tokens;
-    units shorter than 2 tokens are skipped. ``layers`` are blocks (default all).
-    Examples are numbered in corpus order (0, 1, ...).
+    ``corpus``: a text file, a folder of ``.txt`` files (sorted by name), a list of files, or
+    an iterable of strings. ``unit="sentence"`` splits paragraphs into sentences (Geva et al.
+    used sentences); ``"window"`` cuts the token stream of each text into windows of
+    ``window`` tokens (default: the model's context, at most 128). Units are cut to
+    ``window`` tokens; units shorter than 2 tokens are skipped. ``layers`` are blocks
+    (default all). Examples are numbered in corpus order (0, 1, ...). The start tokens the
+    tokenizer adds by its convention (e.g. a BOS; none for GPT-2 or SmolLM2) go before every
+    unit and are left out of the statistics, as pads are.
+
+    ``signed`` says how an example scores for a key. ``False`` (the default for an ungated
+    MLP such as GPT-2's GELU): its largest coefficient ``max m_i``, ranked descending, as Geva
+    et al. did. ``True`` (the default for a gated MLP, whose ``m_i = act(g_i·x̂)(u_i·x̂)`` is
+    often large and negative, writing ``-v_i``): the coefficient of largest magnitude (the
+    positive one on a tie, at its first position), ranked by ``|m_i|``, its sign kept in
+    ``scores``. Why one list by ``|m|`` and not a top-k of each sign: see the module docstring.
 
     Memory does not grow with the corpus: the state is ``[layers, d_mlp, top_k]`` plus the
     token ids of examples that are in some top-k list. Batches are formed from length-sorted
@@ -282,31 +346,28 @@ def mine_triggers(
     ``out`` (a file, e.g. ``"index.safetensors"``) receives a snapshot every ``save_every``
     tokens and at the end, each written atomically as a whole, so an interrupted run leaves
     the last good snapshot. ``resume`` (an index or its file) continues from it: it must come
-    from the same model weights (checked by fingerprint), layers, ``top_k``, ``unit`` and
-    ``window``, and the corpus must begin with the units it read (checked by re-reading and
-    hashing them); anything else is a ``ValueError``. A resumed run ends with the index one
-    uninterrupted run gives.
+    from the same model weights (checked by fingerprint), layers, ``top_k``, ``unit``,
+    ``window``, ``signed`` and start tokens, and the corpus must begin with the units it read
+    (checked by re-reading and hashing them); anything else is a ``ValueError``. A resumed
+    run ends with the index one uninterrupted run gives.
     """
     from tqdm.auto import tqdm
 
     arch = adapter(model)
-    blocks, window = _check_options(arch, tokenizer, layers, top_k, unit, window, batch_size, max_tokens,
-                                    save_every, progress)
+    blocks, window, signed, start = _check_options(arch, tokenizer, layers, top_k, unit, window, batch_size,
+                                                   max_tokens, save_every, progress, signed)
     if out is not None:
         _check_out(out)
     texts, description = corpus_texts(corpus)
     fingerprint = model_fingerprint(arch, blocks)
     units = token_units(tokenizer, texts, unit, window)
     digest = hashlib.sha256()
-    if resume is not None:
-        resume = TriggerIndex.load(resume) if not isinstance(resume, TriggerIndex) else resume
-        _check_resume(resume, blocks, top_k, unit, window, arch, fingerprint)
-        _skip_read(units, resume, digest)
-    miner = _Miner(len(blocks), arch.d_mlp, top_k, resume)
+    resume = _resumed(resume, (blocks, top_k, unit, window, signed, start), arch, fingerprint, units, digest)
+    miner = _Miner(len(blocks), arch.d_mlp, top_k, resume, signed)
     n_examples, n_tokens = (resume.n_examples, resume.n_tokens) if resume is not None else (0, 0)
     meta = dict(layers=blocks, top_k=top_k, unit=unit, window=window, n_layer=arch.n_layer,
                 d_model=arch.d_model, d_vocab=arch.d_vocab, model_name=model_name(arch),
-                model_fingerprint=fingerprint, corpus=description)
+                model_fingerprint=fingerprint, corpus=description, signed=signed, start_ids=start)
 
     def snapshot() -> TriggerIndex:
         return miner.index(n_examples=n_examples, n_tokens=n_tokens, corpus_fingerprint=digest.hexdigest(),
@@ -318,9 +379,8 @@ def mine_triggers(
     with tqdm(total=max_tokens, initial=n_tokens, unit="tok", unit_scale=True, disable=not progress,
               desc="mining triggers") as bar:
         for group in groups:
-            _merge_group(arch, miner, group, n_examples, blocks, batch_size, pad_id, bar)
-            n_examples += len(group)
-            n_tokens += sum(map(len, group))
+            _merge_group(arch, miner, group, n_examples, blocks, batch_size, pad_id, bar, start)
+            n_examples, n_tokens = n_examples + len(group), n_tokens + sum(map(len, group))
             miner.prune()
             if out is not None and n_tokens - last_save >= save_every:
                 snapshot().save(out)

@@ -2,7 +2,7 @@
 
 Each value's top and bottom tokens in vocabulary space (:func:`value_tokens`), and each
 neuron's key-value cosine (:func:`deletion_neurons`: strongly negative neurons write against
-what they read).
+what they read; a gated MLP's are classified by the up key, with the gate key's cosine beside it).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_block, check_bool, check_int
+from reslens._checks import check_block, check_bool, check_float, check_int
 from reslens._saving import Saveable
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
@@ -158,8 +158,18 @@ class DeletionNeurons(Saveable):
     ``γ`` is the weight of the norm before the MLP, so ``k_i ⊙ γ`` is the direction of the
     residual the key reads (up to the norm's centring; with ``centred=True`` the direction is
     :meth:`reslens.arch.Norm.read_direction`, ``centre(k_i ⊙ γ)``, which LayerNorm actually
-    reads). Strongly negative neurons write against what they read: they delete it.
-    ``cos_gate`` (gated MLPs only, else ``None``) is the same cosine for the gate keys.
+    reads). Strongly negative neurons write against what they read: they delete it
+    (:meth:`deleting`, :meth:`counts`).
+
+    For a gated MLP, ``m_i = act(g_i·x̂)(u_i·x̂)``, so ``k_i`` is the up key ``u_i`` (it sets
+    the signed amplitude; the classification uses it) and ``cos_gate`` (``None`` for an
+    ungated MLP) is the gate key's ``cos(g_i ⊙ γ, v_i)``, reported beside it: the gate says
+    *when* the neuron is open. The meaning of deleting differs between the two kinds. While
+    the gate is open (``act(g·x̂) > 0``) a gated neuron writes ``(u_i·x̂) v_i`` times a positive
+    factor, linear in ``u_i·x̂``: with ``cos ≪ 0`` it removes the ``±u_i`` component
+    *symmetrically*, pushing a positive reading down and a negative one up. GPT-2's GELU
+    neuron writes ``gelu(k_i·x̂) v_i``, near zero for negative readings, so it deletes only the
+    positive side of ``k_i``.
     """
 
     cos: torch.Tensor
@@ -190,20 +200,45 @@ class DeletionNeurons(Saveable):
         first = 0 if layer is None else layer
         return [(first + i // d_mlp, i % d_mlp, float(v)) for i, v in zip(flat.indices.tolist(), flat.values)]
 
+    def deleting(self, threshold: float = -0.5) -> torch.Tensor:
+        """``[n_layer, d_mlp]`` bool: the deletion neurons, ``cos < threshold`` (the up key's when gated)."""
+        check_float(threshold, "threshold", low=-1.0, high=1.0)
+        return self.cos < threshold
+
+    def counts(self, threshold: float = -0.5) -> torch.Tensor:
+        """``[n_layer]`` int: deletion neurons per layer (``cos < threshold``)."""
+        return self.deleting(threshold).sum(-1)
+
     def summary(self) -> torch.Tensor:
         """``[n_layer, 4]``: per layer the mean, minimum, 1st percentile and fraction below -0.5."""
         return torch.stack([self.cos.mean(-1), self.cos.min(-1).values,
                             self.cos.quantile(0.01, dim=-1), (self.cos < -0.5).float().mean(-1)], dim=-1)
 
     def table(self, k: int = 10) -> str:
-        """Per-layer summary lines, then the ``k`` most negative neurons."""
-        s = self.summary()
-        lines = [f"{self.direction} per neuron",
-                 f"{'layer':>5} {'mean cos':>9} {'min':>7} {'1st pct':>8} {'< -0.5':>7}"]
-        lines += [f"{la:>5} {s[la, 0]:>9.3f} {s[la, 1]:>7.3f} {s[la, 2]:>8.3f} {s[la, 3]:>7.3f}"
-                  for la in range(len(s))]
-        worst = ", ".join(f"L{la}N{n} ({c:.2f})" for la, n, c in self.most_negative(k))
-        lines.append("most negative: " + worst)
+        """Per-layer summary lines (with the deletion count), then the ``k`` most negative neurons.
+
+        For a gated MLP each line also gives the mean gate-key cosine of that layer's deletion
+        neurons, and each listed neuron its gate-key cosine.
+        """
+        s, deleting = self.summary(), self.deleting()
+        counts = deleting.sum(-1).tolist()
+        gated = self.cos_gate is not None
+        head = f"{'layer':>5} {'mean cos':>9} {'min':>7} {'1st pct':>8} {'< -0.5':>7} {'count':>6}"
+        lines = [f"{self.direction} per neuron" + (" (up key; gate key's cos beside it)" if gated else ""),
+                 head + (f" {'their cos_gate':>15}" if gated else "")]
+        for la in range(len(s)):
+            line = (f"{la:>5} {s[la, 0]:>9.3f} {s[la, 1]:>7.3f} {s[la, 2]:>8.3f} {s[la, 3]:>7.3f} "
+                    f"{counts[la]:>6}")
+            if self.cos_gate is not None:
+                theirs = self.cos_gate[la][deleting[la]]
+                line += f" {float(theirs.mean()):>15.3f}" if len(theirs) else f" {'-':>15}"
+            lines.append(line)
+        lines.append(f"deletion neurons (cos < -0.5): {sum(counts)} of {self.cos.numel()}")
+        worst = []
+        for la, n, c in self.most_negative(k):
+            gate = f", gate {float(self.cos_gate[la, n]):.2f}" if self.cos_gate is not None else ""
+            worst.append(f"L{la}N{n} ({c:.2f}{gate})")
+        lines.append("most negative: " + ", ".join(worst))
         return "\n".join(lines)
 
     def to_frame(self):
@@ -247,7 +282,9 @@ def deletion_neurons(model: Any, *, centred: bool = False) -> DeletionNeurons:
     ``γ`` is the weight of the norm before the MLP. ``centred=True`` compares
     ``centre(k_i ⊙ γ)`` instead (:meth:`reslens.arch.Norm.read_direction`: the direction a
     LayerNorm's reader actually reads; the same as ``False`` for RMSNorm). For a gated MLP,
-    ``cos`` uses the up keys (``W_in``) and ``cos_gate`` the gate keys.
+    ``cos`` uses the up keys (``W_in``), which classify the neuron, and ``cos_gate`` the gate
+    keys. A gated deletion neuron removes the ``±u`` component symmetrically while its gate is
+    open; a GELU one removes only the positive side of its key (see :class:`DeletionNeurons`).
     """
     arch = adapter(model)
     check_bool(centred, "centred")

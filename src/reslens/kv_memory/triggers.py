@@ -27,10 +27,11 @@ __all__ = ["Trigger", "TriggerIndex"]
 class Trigger:
     """One of a key's top examples.
 
-    ``rank`` in the key's list (0 = best), the key's ``score`` (its largest coefficient over the
-    example), the ``example`` number, the activating ``position``, the ``prefix`` ids (ending at
-    the activating token) and the id of the token after it (``next_token``; ``None`` at the end
-    of the example).
+    ``rank`` in the key's list (0 = best), the key's ``score`` over the example (its largest
+    coefficient; in a signed index the coefficient of largest magnitude, with its sign: a
+    negative score wrote ``-v``), the ``example`` number, the activating ``position``, the
+    ``prefix`` ids (ending at the activating token) and the id of the token after it
+    (``next_token``; ``None`` at the end of the example).
     """
 
     rank: int
@@ -46,16 +47,20 @@ class TriggerIndex(Saveable):
     """For every (layer, key), the ``top_k`` corpus examples on which that key fires most.
 
     An example is one unit of the corpus (a sentence, or a window of tokens); its score for a
-    key is the key's largest coefficient ``m_i`` over the example's positions, and the
-    trigger is the prefix up to that position (Geva et al. 2021). ``L = len(layers)``.
+    key is the key's largest coefficient ``m_i`` over the example's positions (``signed=True``:
+    the coefficient of largest ``|m_i|``, sign kept; see :func:`~reslens.kv_memory.mine_triggers`),
+    and the trigger is the prefix up to that position (Geva et al. 2021). ``L = len(layers)``.
 
-    - ``scores: [L, d_mlp, top_k]`` float32, descending (``-inf`` = empty slot)
+    - ``scores: [L, d_mlp, top_k]`` float32, descending (signed: ``|scores|`` descending; ``-inf``
+      = empty slot)
     - ``example: [L, d_mlp, top_k]`` example number in corpus order (``-1`` = empty)
     - ``position: [L, d_mlp, top_k]`` the activating position in that example (``-1`` = empty)
     - ``example_ids: [E]`` (ascending), ``example_offsets: [E + 1]``, ``example_tokens: [N]``:
       the token ids of the ``E`` examples some slot refers to (nothing else is kept)
     - ``n_examples``, ``n_tokens``: how much of the corpus has been read (for resuming)
-    - ``unit``, ``window``: how the corpus was cut into examples
+    - ``unit``, ``window``: how the corpus was cut into examples; ``start_ids``: the tokenizer's
+      start tokens put before every example (not stored in it, not counted; ``()`` for none)
+    - ``signed``: examples ranked by ``|m|`` with the sign kept (the default for gated MLPs)
     - ``n_layer``, ``d_model``, ``d_vocab``, ``model_name``: the model mined
     - ``model_fingerprint``: SHA-256 of every weight that shapes the mined keys
     - ``corpus``: where the texts came from (in words); ``corpus_fingerprint``: SHA-256 of the
@@ -81,6 +86,8 @@ class TriggerIndex(Saveable):
     model_fingerprint: str = ""
     corpus: str = ""
     corpus_fingerprint: str = ""
+    signed: bool = False
+    start_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -128,7 +135,8 @@ class TriggerIndex(Saveable):
         Without a ``tokenizer`` the token ids are shown as numbers.
         """
         check_int(width, "width", low=20)
-        lines = [f"L{layer}N{key}: top {n} of {self.n_examples} {self.unit}s ({self.n_tokens} tokens)"]
+        by = ", by |m|, signed" if self.signed else ""
+        lines = [f"L{layer}N{key}: top {n} of {self.n_examples} {self.unit}s ({self.n_tokens} tokens{by})"]
         for t in self.triggers(layer, key, n):
             lines.append(_format_trigger(t, tokenizer, width))
         return "\n".join(lines)
@@ -164,7 +172,8 @@ class TriggerIndex(Saveable):
 
     def describe(self) -> str:
         """One line: what was mined, how much corpus was read, and from where."""
-        return (f"layers {list(self.layers)}, top {self.top_k} per key, {self.n_examples} {self.unit}s "
+        by = " by |m| (signed)" if self.signed else ""
+        return (f"layers {list(self.layers)}, top {self.top_k} per key{by}, {self.n_examples} {self.unit}s "
                 f"({self.n_tokens} tokens) of {self.corpus or 'an unnamed corpus'}")
 
     def __repr__(self) -> str:
@@ -174,7 +183,8 @@ class TriggerIndex(Saveable):
     def _repr_html_(self) -> str:
         rows = [("layers", list(self.layers)), ("keys per layer", self.d_mlp), ("top_k", self.top_k),
                 ("examples read", f"{self.n_examples} {self.unit}s"), ("tokens read", self.n_tokens),
-                ("examples stored", len(self.example_ids)), ("corpus", self.corpus),
+                ("examples stored", len(self.example_ids)),
+                ("ranked by", "|m|, signed" if self.signed else "m"), ("corpus", self.corpus),
                 ("model", self.model_name)]
         return html_table("TriggerIndex", ("", ""), rows)
 
@@ -220,6 +230,11 @@ def _validate(index: TriggerIndex) -> None:
     for name, low in lows.items():
         check_int(getattr(index, name), name, low=low)
     check_choice(index.unit, UNITS, "unit")
+    if not isinstance(index.signed, bool):
+        raise TypeError(f"signed must be True or False; got {index.signed!r}")
+    start = index.start_ids
+    if not isinstance(start, tuple) or not all(isinstance(i, int) and 0 <= i < index.d_vocab for i in start):
+        raise ValueError(f"start_ids={start!r} must be a tuple of token ids in 0..d_vocab - 1")
     layers = list(index.layers)
     in_range = bool(layers) and all(isinstance(la, int) and 0 <= la < index.n_layer for la in layers)
     if not in_range or layers != sorted(set(layers)):
@@ -265,7 +280,11 @@ def _validate_slots(index: TriggerIndex) -> None:
         raise ValueError("empty slots (example -1) must have position -1 and score -inf")
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores hold NaN (the model's coefficients were not finite)")
-    if bool((scores[..., 1:] > scores[..., :-1]).any()):
+    if index.signed:
+        rank = torch.where(filled, scores.abs(), float("-inf"))
+        if bool((rank[..., 1:] > rank[..., :-1]).any()):
+            raise ValueError("a signed index's |scores| must descend along each key's top_k slots")
+    elif bool((scores[..., 1:] > scores[..., :-1]).any()):
         raise ValueError("scores must descend along each key's top_k slots")
     used = example[filled]
     slot = torch.searchsorted(index.example_ids, used)
