@@ -65,7 +65,9 @@ def _add_pca_parser(commands) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reslens", description="See how a GPT-2 builds its prediction.")
+    parser = argparse.ArgumentParser(
+        prog="reslens", description="See how a GPT-2 or Llama-family model builds its prediction."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_lens_parser(commands)
