@@ -34,6 +34,10 @@ ARGS = {
     "pca_experiment.py": ["--file", "{text}", "--n", "10", "--max-length", "32", "--out-dir", "{out}"],
     "induction_heads.py": ["--n", "2", "--seq-len", "10", "--batch", "2", "--out-dir", "{out}"],
     "kv_memories.py": ["--corpus", "{corpus}", "--max-tokens", "3000", "--top-k", "5", "--out-dir", "{out}"],
+    "learned_lenses.py": [
+        "--corpus", "{corpus}", "--held-out", "{text}", "--shortcut-tokens", "2000", "--tuned-tokens", "1024",
+        "--tokens-per-step", "256", "--eval-tokens", "500", "--out-dir", "{out}",
+    ],
     "causal_trace.py": ["--samples", "2", "--window", "1", "--out", "{out}"],
     "rank_one_edit.py": ["--corpus", "{corpus}", "--stats-tokens", "2000"],
 }

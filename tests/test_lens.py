@@ -197,7 +197,8 @@ def test_result_round_trip_frame_table_and_plot(model, ids, tmp_path):
     table = lens.table(seq=1, width=60)
     lines = table.splitlines()
     assert all(len(line) <= 60 for line in lines)
-    assert lines[1].startswith("next") and any(line.startswith("input") for line in lines)
+    assert lines[0] == "logit lens: top-1 token per layer"
+    assert lines[3].startswith("next") and any(line.startswith("input") for line in lines)
     assert "[0]" not in table  # position 0 is padding
     with pytest.raises(ValueError, match="seq=5"):
         lens.table(seq=5)

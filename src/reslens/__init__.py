@@ -34,6 +34,7 @@ _SUBMODULES = (
     "kv_memory",
     "lens",
     "lens_stats",
+    "lenses",
     "models",
     "pca",
     "plot",

@@ -15,7 +15,8 @@ from typing import Any
 
 from reslens._checks import check_choice, check_int
 
-__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "start_ids", "token_units"]
+__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "start_ids", "token_units",
+           "text_windows"]
 
 UNITS = ("sentence", "window")
 _ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Mme.", "Messrs.", "Mlle.", "Capt.", "Col.", "Prof.")
@@ -153,3 +154,20 @@ def token_units(tokenizer: Any, texts: Iterable[str], unit: str, window: int) ->
                     stream = stream[window:]
             if len(stream) >= 2:
                 yield stream
+
+
+def text_windows(tokenizer: Any, texts: Iterable[str], max_tokens: int, max_length: int, *,
+                 name: str = "corpus") -> list[list[int]]:
+    """Windows of at most ``max_length`` tokens, ``max_tokens`` in all (texts read only as far as needed)."""
+    if tokenizer is None:
+        raise TypeError(f"{name} holds text, so tokenizer= is required (e.g. from reslens.load_model())")
+    windows: list[list[int]] = []
+    total = 0
+    for window in token_units(tokenizer, texts, "window", max_length):
+        windows.append(window[: max_tokens - total])
+        total += len(windows[-1])
+        if total >= max_tokens:
+            break
+    if not windows or total < 2:
+        raise ValueError(f"{name} tokenizes to no window of at least 2 tokens")
+    return windows

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Reference", "BLOCK_OUTPUTS", "FLOAT_ROWS", "SUB_ROWS", "reducer", "reference", "reduce_rows",
+__all__ = ["resolve_targets",
+           "Reference", "BLOCK_OUTPUTS", "FLOAT_ROWS", "SUB_ROWS", "reducer", "reference", "reduce_rows",
            "mark_non_finite", "spread", "convergence"]
 
 SUB_ROWS = 32  # rows reduced together after each unembedding block: keeps [rows, vocab] temporaries in cache
@@ -227,3 +228,31 @@ def convergence(top1: torch.Tensor, final_top1: torch.Tensor, rows: list[tuple[s
     first = torch.where(stays.any(0), stays.int().argmax(0), -1)
     out = torch.where(first >= 0, layer_of[first.clamp(min=0)], -1)
     return torch.where(final_top1 >= 0, out, -1)
+
+
+def resolve_targets(targets: Any, input_ids: torch.Tensor, mask: torch.Tensor,
+                     d_vocab: int) -> torch.Tensor | None:
+    """``[B, P]`` target ids (-1 = none) from ``"next"``, an integer id tensor, or None."""
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        if targets != "next":
+            raise ValueError(f"targets must be 'next', a [batch, pos] id tensor or None; got {targets!r}")
+        nxt = torch.full_like(input_ids, -1)
+        nxt[:, :-1] = torch.where(mask[:, 1:] & mask[:, :-1], input_ids[:, 1:], -1)
+        return nxt
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError("targets must be 'next', a [batch, pos] id tensor or None; "
+                        f"got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer token ids (-1 = none); got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(input_ids.shape):
+        raise ValueError(f"targets has shape {tuple(targets.shape)}; "
+                         f"expected the inputs' {tuple(input_ids.shape)}")
+    targets = torch.where(mask, targets.to(input_ids.device).long(), -1)
+    low, high = int(targets.min()), int(targets.max())
+    if high >= d_vocab or low < -1:
+        bad = high if high >= d_vocab else low
+        raise ValueError(f"targets contains id {bad}, outside the vocabulary 0..{d_vocab - 1} "
+                         "(or -1 for none)")
+    return targets

@@ -36,12 +36,13 @@ from reslens._checks import check_bool, check_int, check_layers, check_sites
 from reslens._inputs import as_batch
 from reslens._lens_metrics import FLOAT_ROWS as _FLOAT_ROWS
 from reslens._lens_metrics import (SUB_ROWS, convergence, mark_non_finite, reduce_rows, reducer, reference,
-                                   spread)
+                                   resolve_targets, spread)
 from reslens._saving import Saveable
 from reslens._text import blue, cell_text, pandas
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
 from reslens.hooks import capture
+from reslens.lenses._base import Lens, as_lens
 from reslens.residuals import Residuals
 
 __all__ = ["LensResult", "logit_lens", "lens_of", "lens_table", "LENS_SITES", "METRICS"]
@@ -77,6 +78,8 @@ class LensResult(Saveable):
     - ``convergence_layer: [B, P]``: first ``resid`` layer from which the top-1 stays equal
       to the final top-1 (-1 if the last lens row disagrees, or at pads)
     - ``token_strings``: id -> decoded string for every id above (None without a tokenizer)
+    - ``lens``: the lens's name (``"logit lens"``, ``"tuned lens"``, ``"linear shortcut"``; see
+      :mod:`reslens.lenses`)
     """
 
     site_of_row: tuple[str, ...]
@@ -97,6 +100,7 @@ class LensResult(Saveable):
     final_top1: torch.Tensor
     convergence_layer: torch.Tensor
     token_strings: dict[int, str] | None = field(default=None, compare=False)
+    lens: str = "logit lens"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site_of_row", tuple(self.site_of_row))
@@ -251,6 +255,7 @@ def lens_table(result: LensResult, seq: int = 0, *, width: int = 100, cell: int 
     check_int(seq, "seq", low=0, high=result.input_ids.shape[0] - 1)
     check_int(cell, "cell", low=3)
     real = result.attention_mask[seq].nonzero().flatten().tolist()
+    title = f"{result.lens}: top-1 token per layer"[:width]
     labels = ["next"] + [f"L{label}" if label.isdigit() else label.replace("resid_mid ", "mid ")
                          for label in result.row_labels][::-1] + ["input"]
     label_w = max(len(label) for label in labels) + 1
@@ -275,38 +280,10 @@ def lens_table(result: LensResult, seq: int = 0, *, width: int = 100, cell: int 
         ins = [result.token(int(result.input_ids[seq, p])) for p in cols]
         lines.append(f"{'input':<{label_w}}" + cells(ins))
         blocks.append("\n".join(line.rstrip() for line in lines))
-    return "\n\n".join(blocks)
+    return title + "\n\n" + "\n\n".join(blocks)
 
 
 # --- the computation ----------------------------------------------------------------------
-
-
-def _resolve_targets(targets: Any, input_ids: torch.Tensor, mask: torch.Tensor,
-                     d_vocab: int) -> torch.Tensor | None:
-    """``[B, P]`` target ids (-1 = none) from ``"next"``, an integer id tensor, or None."""
-    if targets is None:
-        return None
-    if isinstance(targets, str):
-        if targets != "next":
-            raise ValueError(f"targets must be 'next', a [batch, pos] id tensor or None; got {targets!r}")
-        nxt = torch.full_like(input_ids, -1)
-        nxt[:, :-1] = torch.where(mask[:, 1:] & mask[:, :-1], input_ids[:, 1:], -1)
-        return nxt
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError("targets must be 'next', a [batch, pos] id tensor or None; "
-                        f"got {type(targets).__name__}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must hold integer token ids (-1 = none); got dtype {targets.dtype}")
-    if tuple(targets.shape) != tuple(input_ids.shape):
-        raise ValueError(f"targets has shape {tuple(targets.shape)}; "
-                         f"expected the inputs' {tuple(input_ids.shape)}")
-    targets = torch.where(mask, targets.to(input_ids.device).long(), -1)
-    low, high = int(targets.min()), int(targets.max())
-    if high >= d_vocab or low < -1:
-        bad = high if high >= d_vocab else low
-        raise ValueError(f"targets contains id {bad}, outside the vocabulary 0..{d_vocab - 1} "
-                         "(or -1 for none)")
-    return targets
 
 
 def _lens_rows(kept: tuple[int, ...], sites: tuple[str, ...], n_layer: int) -> list[tuple[str, int]]:
@@ -320,7 +297,7 @@ def _lens_rows(kept: tuple[int, ...], sites: tuple[str, ...], n_layer: int) -> l
 
 def _reduce_positions(
     arch: Arch, residuals: Residuals, rows: list[tuple[str, int]], real: tuple[torch.Tensor, ...],
-    flat_targets: torch.Tensor | None, top_k: int, chunk_size: int, fused: bool,
+    flat_targets: torch.Tensor | None, top_k: int, chunk_size: int, fused: bool, lens: Lens,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Every metric of every lens row at the real positions ``real = (b, p)``, each ``[R, N, ...]``.
 
@@ -336,8 +313,9 @@ def _reduce_positions(
     final_finite = torch.empty(n_real, dtype=torch.bool, device=dev)
     reduce, norm, last = reducer(fused), arch.norm("final"), ("resid", arch.n_layer)
 
-    def source(site: str, layer: int) -> torch.Tensor:
-        return residuals.get(site, layer)[real_b, real_p].to(device=dev, dtype=arch.dtype)  # [N, d_model]
+    def source(site: str, layer: int) -> torch.Tensor:  # [N, d_model], as the lens reads it
+        h = residuals.get(site, layer)[real_b, real_p].to(device=dev, dtype=arch.dtype)
+        return lens.translate(layer, h)
 
     final_resid = source(*last)
     sources = {row: source(*row) for row in rows if row != last}
@@ -370,7 +348,7 @@ def _reduce_positions(
 
 
 def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: int, targets: Any,
-          chunk_size: int, fused: bool, tokenizer: Any, warn: bool) -> LensResult:
+          chunk_size: int, fused: bool, tokenizer: Any, warn: bool, lens: Any = None) -> LensResult:
     """:func:`lens_of`; ``warn=False`` leaves the non-finite warning to the caller (lens_stats)."""
     if not isinstance(residuals, Residuals):
         raise TypeError("residuals must be reslens Residuals (from reslens.capture); "
@@ -385,18 +363,19 @@ def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: i
         raise ValueError(f"residuals have d_model={residuals.resid.shape[-1]}; the model has {arch.d_model} "
                          "(were they captured from another model?)")
     sites = check_sites(sites, LENS_SITES)
+    lens = _check_lens(lens, arch, sites)
     kept = residuals.layers if layers is None else check_layers(
         layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
     check_int(top_k, "top_k", low=1, high=arch.d_vocab)
     check_int(chunk_size, "chunk_size", low=1)
     check_bool(fused, "fused")
     input_ids, mask = residuals.input_ids.to(arch.device), residuals.attention_mask.to(arch.device)
-    target_ids = _resolve_targets(targets, input_ids, mask, arch.d_vocab)
+    target_ids = resolve_targets(targets, input_ids, mask, arch.d_vocab)
     rows = _lens_rows(kept, sites, arch.n_layer)
     real = mask.nonzero(as_tuple=True)  # [N] real positions
     flat_targets = None if target_ids is None else target_ids[real]
     out, final_top1, final_finite = _reduce_positions(arch, residuals, rows, real, flat_targets, top_k,
-                                                      chunk_size, fused)
+                                                      chunk_size, fused, lens)
     n_bad = mark_non_finite(out, final_top1, final_finite)
     if n_bad and warn:
         warnings.warn(_non_finite_message(n_bad, len(rows) * real[0].numel()), RuntimeWarning, stacklevel=3)
@@ -410,13 +389,23 @@ def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: i
         top_probs=spread(out["top_probs"], shape, real, torch.nan),
         target_rank=None if target_ids is None else spread(out["target_rank"], shape, real, -1),
         final_top1=top1_final, convergence_layer=convergence(top_ids[..., 0], top1_final, rows),
-        token_strings=token_strings(tokenizer, top_ids, input_ids, target_ids),
+        token_strings=token_strings(tokenizer, top_ids, input_ids, target_ids), lens=lens.name,
     )
     for name in _FLOAT_ROWS:
         result[name] = spread(out[name], shape, real, torch.nan)
     if target_ids is None:
         result["target_logprob"] = None
     return LensResult(**result)
+
+
+def _check_lens(lens: Any, arch: Arch, sites: tuple[str, ...]) -> Lens:
+    """The lens as a :class:`~reslens.lenses.Lens`, checked against the model and the sites it reads."""
+    lens = as_lens(lens)
+    lens.check(arch)
+    if lens.kind != "logit" and "resid_mid" in sites:
+        raise ValueError(f"a {lens.name} translates resid layers only; read resid_mid with the logit lens "
+                         "(sites=('resid',) with this lens)")
+    return lens
 
 
 def _non_finite_message(n_bad: int, n_cells: int) -> str:
@@ -436,8 +425,9 @@ def lens_of(
     chunk_size: int = 384,
     fused: bool = False,
     tokenizer: Any = None,
+    lens: Any = None,
 ) -> LensResult:
-    """The logit lens of captured residuals (no forward, no hooks).
+    """The logit lens (or ``lens=``, a learned lens) of captured residuals (no forward, no hooks).
 
     ``residuals`` must hold ``resid`` at every layer read and at the final layer ``n_layer``
     (the reference distribution: the final raw residual through the final norm and the
@@ -454,7 +444,7 @@ def lens_of(
     ['0', 'resid_mid 0', '1', 'resid_mid 1', '2']
     """
     return _lens(residuals, adapter(arch), layers=layers, sites=sites, top_k=top_k, targets=targets,
-                 chunk_size=chunk_size, fused=fused, tokenizer=tokenizer, warn=True)
+                 chunk_size=chunk_size, fused=fused, tokenizer=tokenizer, warn=True, lens=lens)
 
 
 def logit_lens(
@@ -468,8 +458,9 @@ def logit_lens(
     targets: Any = "next",
     chunk_size: int = 384,
     fused: bool = False,
+    lens: Any = None,
 ) -> LensResult:
-    """The logit lens of ``inputs`` at every requested layer and position.
+    """The logit lens of ``inputs`` at every requested layer and position (or another lens: ``lens=``).
 
     ``inputs``: ids ``[batch, pos]``, a :class:`~reslens.Batch`, or text with
     ``tokenizer=``. ``layers`` (0..n_layer, default all) and ``sites`` (``"resid"``,
@@ -481,7 +472,10 @@ def logit_lens(
     ``fused=True`` compiles the per-row reduction with ``torch.compile`` (one-off compile
     of ~12-20 s on CPU, then about half the reduction time: worth it for long inputs and
     :func:`lens_stats`; on GPU it becomes a fused Triton kernel); it accumulates in float64,
-    so it is at least as exact as the eager path. Captures once, then :func:`lens_of`.
+    so it is at least as exact as the eager path. ``lens``: None (the logit lens) or a learned
+    lens from :mod:`reslens.lenses` (:class:`~reslens.lenses.TunedLens`,
+    :class:`~reslens.lenses.LinearShortcut`), each layer's residual translated before the final
+    norm; every metric is the same. Captures once, then :func:`lens_of`.
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -496,14 +490,15 @@ def logit_lens(
     check_int(top_k, "top_k", low=1, high=arch.d_vocab)
     check_int(chunk_size, "chunk_size", low=1)
     check_bool(fused, "fused")
+    _check_lens(lens, arch, sites)
     batch = as_batch(inputs, arch, tokenizer)
     # bad targets are refused before the forward
-    _resolve_targets(targets, batch.input_ids, batch.attention_mask, arch.d_vocab)
+    resolve_targets(targets, batch.input_ids, batch.attention_mask, arch.d_vocab)
     _lens_rows(kept, sites, arch.n_layer)
     res = capture(arch, batch, sites=("resid", *(s for s in sites if s != "resid")),
                   layers=sorted({*kept, arch.n_layer}))
     return _lens(res, arch, layers=kept, sites=sites, top_k=top_k, targets=targets, chunk_size=chunk_size,
-                 fused=fused, tokenizer=tokenizer, warn=True)
+                 fused=fused, tokenizer=tokenizer, warn=True, lens=lens)
 
 
 def __getattr__(name: str) -> Any:

@@ -24,7 +24,8 @@ from reslens._records import RecordSaveable
 from reslens._text import pandas
 from reslens.arch import adapter
 from reslens.hooks import capture
-from reslens.lens import METRICS, LensResult, _lens
+from reslens.lens import METRICS, LensResult, _check_lens, _lens
+from reslens.lenses._base import as_lens
 
 __all__ = ["LensStats", "MetricStats", "lens_stats", "QUANTILES"]
 
@@ -66,6 +67,7 @@ class LensStats(RecordSaveable):
     - ``input_token_top1: [R]``: fraction whose top-1 is the *input* token at that position
     - ``n_non_finite: [R]`` (int64): positions left out of layer ``r``'s statistics because its
       lens logits (or the final layer's) were NaN or inf
+    - ``lens``: the lens's name (``"logit lens"`` unless ``lens_stats(..., lens=...)`` read another)
     """
 
     layers: tuple[int, ...]
@@ -78,6 +80,7 @@ class LensStats(RecordSaveable):
     input_token_top1: torch.Tensor
     exact_quantiles: bool
     n_non_finite: torch.Tensor
+    lens: str = "logit lens"
 
     def to_frame(self):
         """``pandas.DataFrame`` with one row per layer and a column per statistic."""
@@ -107,7 +110,8 @@ class LensStats(RecordSaveable):
         """A per-layer text table of the headline statistics."""
         head = (f"{'layer':>5} {'top1=final':>10} {'p(final)':>9} {'top1=input':>10} {'KL(f||l)':>9} "
                 f"{'entropy':>8} {'logp(next)':>10} {'med rank':>8}")
-        lines = [f"{self.n_tokens} tokens in {self.n_sequences} sequences", head, "-" * len(head)]
+        lines = [f"{self.lens}: {self.n_tokens} tokens in {self.n_sequences} sequences", head,
+                 "-" * len(head)]
         for layer, agree, p_final, is_input, kl, entropy, logp, rank in self._rows():
             lines.append(f"{layer:>5} {agree:>10.3f} {p_final:>9.3f} {is_input:>10.3f} {kl:>9.3f} "
                          f"{entropy:>8.3f} {logp:>10.3f} {rank:>8.0f}")
@@ -130,7 +134,8 @@ class LensStats(RecordSaveable):
         return f"<div><b>{html.escape(repr(self))}</b><table><tr>{head}</tr>{body}</table></div>"
 
     def __repr__(self) -> str:
-        return f"LensStats(layers={self.layers[0]}..{self.layers[-1]}, tokens={self.n_tokens})"
+        lens = "" if self.lens == "logit lens" else f", lens={self.lens!r}"
+        return f"LensStats(layers={self.layers[0]}..{self.layers[-1]}, tokens={self.n_tokens}{lens})"
 
 
 def _windows(tokenizer: Any, data: Any, max_length: int) -> list[list[int]]:
@@ -234,7 +239,8 @@ class _Sums:
         counts = self.counts[name]
         return torch.where(counts > 0, self.sums[name] / counts.clamp(min=1), torch.nan).float()
 
-    def result(self, kept: tuple[int, ...], quantiles: tuple[float, ...], max_samples: int) -> LensStats:
+    def result(self, kept: tuple[int, ...], quantiles: tuple[float, ...], max_samples: int,
+               lens: str) -> LensStats:
         levels = torch.tensor(quantiles, dtype=torch.float32)
         return LensStats(
             layers=kept,
@@ -247,6 +253,7 @@ class _Sums:
             input_token_top1=(self.is_input / self.is_input_n).float(),
             exact_quantiles=all(r.seen <= max_samples for r in self.reservoirs.values()),
             n_non_finite=self.non_finite,
+            lens=lens,
         )
 
 
@@ -273,6 +280,7 @@ def lens_stats(
     chunk_size: int = 384,
     fused: bool = False,
     progress: bool = True,
+    lens: Any = None,
 ) -> LensStats:
     """Stream ``data`` through the logit lens and return per-layer statistics.
 
@@ -281,7 +289,8 @@ def lens_stats(
     Memory stays bounded: only running sums and a sample of ``max_samples`` positions per metric
     are kept. Pads and special tokens (``Batch.special_mask``, e.g. a BOS) are never scored. Shows
     a tqdm progress bar unless ``progress=False``. ``fused=True`` compiles the per-row reduction
-    (see :func:`~reslens.lens.logit_lens`), which pays off over a data set.
+    (see :func:`~reslens.lens.logit_lens`), which pays off over a data set. ``lens``: None (the
+    logit lens) or a learned lens from :mod:`reslens.lenses`.
     Non-finite lens cells are left out of every statistic, with one warning at the end.
     """
     from tqdm.auto import tqdm
@@ -294,6 +303,7 @@ def lens_stats(
         check_int(value, name, low=1)
     check_bool(fused, "fused")
     check_bool(progress, "progress")
+    _check_lens(lens, arch, ("resid",))
     texts = [data] if isinstance(data, str) else data
     if isinstance(data, (str, list, tuple)) and all(isinstance(t, str) for t in texts):
         windows = _windows(tokenizer, data, min(max_length, arch.n_ctx))
@@ -307,10 +317,11 @@ def lens_stats(
         batch = as_batch(batch, arch)
         res = capture(arch, batch, sites=("resid",), layers=sorted({*kept, arch.n_layer}))
         sums.add(_lens(res, arch, layers=kept, sites=("resid",), top_k=1, targets="next",
-                       chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False), res.stat_mask)
+                       chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False, lens=lens),
+                 res.stat_mask)
     if sums.n_tokens == 0:
         raise ValueError("data is empty: no position was scored")
-    stats = sums.result(kept, quantiles, max_samples)
+    stats = sums.result(kept, quantiles, max_samples, as_lens(lens).name)
     if int(stats.n_non_finite.sum()):
         warnings.warn(f"lens_stats: {int(stats.n_non_finite.sum())} lens cells (layer, position) had "
                       "non-finite logits (NaN or inf) and are left out of the statistics; per layer: "

@@ -105,7 +105,7 @@ def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positi
         top.set_xticks(range(n_pos), targets, rotation=60, ha="left", fontsize=8)
         top.set_xlabel("actual next token")
     fig.colorbar(image, ax=ax, label=label, fraction=0.03, pad=0.02)
-    ax.set_title(f"logit lens: {label} (text = top-1 token)", fontsize=10)
+    ax.set_title(f"{result.lens}: {label} (text = top-1 token)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -130,7 +130,7 @@ def plot_lens_stats(stats, *, ax=None):
     right.set_ylabel("nats (dashed)")
     lines = left.get_lines() + right.get_lines()
     left.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
-    left.set_title(f"logit lens over {stats.n_tokens} tokens", fontsize=10)
+    left.set_title(f"{stats.lens} over {stats.n_tokens} tokens", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -435,5 +435,31 @@ def plot_trace_summary(summary, *, ax=None):
     ax.set_xlabel("layer")
     ax.set_title(f"Average indirect effect ({summary.kind}) over {summary.n_facts} facts", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lens_comparison(comparison, *, ax=None):
+    """KL(final || lens) (solid) and cross-entropy with the next token (dashed) per layer, a colour per lens.
+
+    ``comparison``: a :class:`~reslens.lenses.LensComparison`. Log scale for the KL. Returns the figure.
+    """
+    fig, left = _figure(ax, (8, 4))
+    right = left.twinx()
+    layers = list(comparison.layers)
+    for k, name in enumerate(comparison.lenses):
+        colour = f"C{k}"
+        kl = comparison.kl_final_layer[k].clamp(min=1e-4).numpy()
+        left.plot(layers[:-1], kl[:-1], "o-", color=colour, label=f"{name}: KL(final ‖ lens)")
+        right.plot(layers, comparison.cross_entropy[k].numpy(), "s--", color=colour, alpha=0.7,
+                   label=f"{name}: cross-entropy")
+    left.set_yscale("log")
+    left.set_xlabel("layer (0 = embedding; the last = the output)")
+    left.set_ylabel("KL(final ‖ lens), nats (solid)")
+    right.set_ylabel("cross-entropy with the next token, nats (dashed)")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    lines = left.get_lines() + right.get_lines()
+    left.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper right")
+    left.set_title(f"lenses on {comparison.n_tokens} held-out tokens", fontsize=10)
     fig.tight_layout()
     return fig

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_block, check_finite, check_int
-from reslens._corpus import corpus_files, corpus_texts, token_units
+from reslens._corpus import corpus_files, corpus_texts, text_windows
 from reslens._inputs import pad_ids
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
@@ -106,19 +106,9 @@ def _corpus_key(corpus: Any) -> tuple[Any, torch.Tensor | None, str]:
 def _windows(texts: Any, ids: torch.Tensor | None, tokenizer: Any, max_tokens: int,
              max_length: int) -> list[list[int]]:
     """Windows of at most ``max_length`` tokens, ``max_tokens`` in all (texts read only as far as needed)."""
-    windows: list[list[int]] = []
     if texts is not None:
-        if tokenizer is None:
-            raise TypeError("stats_corpus holds text, so tokenizer= is required")
-        total = 0
-        for window in token_units(tokenizer, texts, "window", max_length):
-            windows.append(window[: max_tokens - total])
-            total += len(windows[-1])
-            if total >= max_tokens:
-                break
-        if not windows:
-            raise ValueError("stats_corpus tokenizes to no window of at least 2 tokens")
-        return windows
+        return text_windows(tokenizer, texts, max_tokens, max_length, name="stats_corpus")
+    windows: list[list[int]] = []
     left = max_tokens
     for row in ids[:, :max_length].tolist():
         if left <= 0:

@@ -1,0 +1,202 @@
+"""A lens is a value: how a layer's residual is translated before the model's own final norm and unembedding.
+
+- :class:`LogitLens` (nostalgebraist 2020): no translation, ``W_U norm(h_l)``.
+- :class:`TunedLens` (Belrose et al. 2023): one affine translator per layer in the residual form
+  of the ``tuned-lens`` package, ``W_U norm(h_l + A_l h_l + b_l)`` (``A_l = 0``, ``b_l = 0`` is the
+  logit lens, the initialisation).
+- :class:`LinearShortcut` (Din et al. 2023): a least-squares map to the last residual,
+  ``W_U norm(A_l h_l + b_l)``.
+
+Every lens reads ``resid`` layers ``0..n_layer``; at the last layer, ``n_layer``, each one is the
+identity (the residual is returned as it is), so its last row is exactly the model's logits.
+Learned lenses save to one safetensors file (their config as JSON in its metadata) and
+:func:`load_lens` also reads the ``tuned-lens`` package's own format (a folder with ``config.json``
+and ``params.pt``) without unpickling anything but tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from reslens._saving import read_safetensors, write_safetensors
+
+__all__ = ["Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "load_lens", "as_lens"]
+
+
+class Lens:
+    """What every lens has: a ``kind``, a readable ``name`` and ``translate(layer, h)``."""
+
+    kind: ClassVar[str] = "logit"
+    name: ClassVar[str] = "logit lens"
+
+    def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The residual ``h: [..., d_model]`` at ``resid`` layer ``layer`` as the final norm reads it."""
+        return h
+
+    def check(self, arch: Any) -> None:
+        """Refuse a model this lens was not made for (a ``ValueError`` saying what differs)."""
+
+
+@dataclass(frozen=True)
+class LogitLens(Lens):
+    """The logit lens: each layer's residual read as if it were the last one."""
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class AffineLens(Lens):
+    """One affine map per ``resid`` layer ``0..n_layer-1``; ``resid n_layer`` is read as it is.
+
+    - ``weight: [n_layer, d_model, d_model]`` (``[out, in]``, as ``nn.Linear``), ``bias: [n_layer, d_model]``
+    - ``config``: JSON-able facts about how it was made (model, tokens, recipe), kept when saved
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: whether the map is added to the residual (h + A h + b, the tuned lens) or replaces it (A h + b)
+    residual: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "bias"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point tensor; got {type(t).__name__}")
+        w, b = self.weight, self.bias
+        if w.ndim != 3 or w.shape[1] != w.shape[2] or tuple(b.shape) != (w.shape[0], w.shape[1]):
+            raise ValueError(
+                f"weight must be [n_layer, d_model, d_model] and bias [n_layer, d_model]; got "
+                f"{tuple(w.shape)} and {tuple(b.shape)}"
+            )
+        if w.shape[0] < 1:
+            raise ValueError("weight holds no layer; a learned lens needs at least one translator")
+
+    @property
+    def n_layer(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.shape[1]
+
+    def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        if layer == self.n_layer:
+            return h  # the last layer: exactly the model's own logits
+        if not 0 <= layer < self.n_layer:
+            raise ValueError(f"layer={layer} is outside this {self.name}'s resid layers 0..{self.n_layer}")
+        w = self.weight[layer].to(device=h.device, dtype=h.dtype)
+        b = self.bias[layer].to(device=h.device, dtype=h.dtype)
+        mapped = torch.nn.functional.linear(h, w, b)
+        return h + mapped if self.residual else mapped
+
+    def check(self, arch: Any) -> None:
+        if (self.n_layer, self.d_model) != (arch.n_layer, arch.d_model):
+            raise ValueError(
+                f"this {self.name} was made for {self.n_layer} layers of d_model {self.d_model}; "
+                f"the model has {arch.n_layer} layers of d_model {arch.d_model}"
+            )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file (atomically): ``weight``, ``bias`` and the config as JSON metadata."""
+        meta = {"format": f"reslens.{type(self).__name__}/1", "config": json.dumps(self.config)}
+        write_safetensors(path, {"weight": self.weight, "bias": self.bias}, meta)
+
+    def __repr__(self) -> str:
+        made = ", ".join(f"{k}={v}" for k, v in self.config.items() if k in ("model", "n_tokens", "steps"))
+        return (
+            f"{type(self).__name__}(n_layer={self.n_layer}, d_model={self.d_model}"
+            + (f", {made}" if made else "")
+            + ")"
+        )
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class TunedLens(AffineLens):
+    """The tuned lens (Belrose et al. 2023): ``W_U norm(h + A_l h + b_l)``, as the ``tuned-lens`` package."""
+
+    kind: ClassVar[str] = "tuned"
+    name: ClassVar[str] = "tuned lens"
+    residual: ClassVar[bool] = True
+
+    @classmethod
+    def identity(cls, n_layer: int, d_model: int, config: dict[str, Any] | None = None) -> TunedLens:
+        """The initialisation: every translator zero, i.e. the logit lens."""
+        return cls(torch.zeros(n_layer, d_model, d_model), torch.zeros(n_layer, d_model), dict(config or {}))
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class LinearShortcut(AffineLens):
+    """The linear shortcut (Din et al. 2023): ``W_U norm(A_l h + b_l)``, fitted to the last residual."""
+
+    kind: ClassVar[str] = "shortcut"
+    name: ClassVar[str] = "linear shortcut"
+
+
+_CLASSES = {cls.__name__: cls for cls in (TunedLens, LinearShortcut)}
+KINDS = ("logit", "tuned", "shortcut")
+
+
+def as_lens(lens: Any) -> Lens:
+    """``None`` or ``"logit"`` -> :class:`LogitLens`; a :class:`Lens` as it is; anything else refused."""
+    if lens is None or lens == "logit":
+        return LogitLens()
+    if isinstance(lens, Lens):
+        return lens
+    raise TypeError(
+        "lens must be None (the logit lens), 'logit', or a reslens lens (TunedLens, LinearShortcut; "
+        f"see reslens.lenses.load_lens); got {type(lens).__name__}"
+    )
+
+
+def load_lens(path: str | os.PathLike, *, model: Any = None) -> AffineLens:
+    """Read a learned lens: a reslens file (:meth:`AffineLens.save`) or a ``tuned-lens`` package folder.
+
+    The ``tuned-lens`` format is a folder with ``config.json`` and ``params.pt`` (a state dict
+    ``{i}.weight``, ``{i}.bias``), read with ``torch.load(weights_only=True)``: only tensors are
+    unpickled, never code (:mod:`reslens.lenses._tuned_lens_format`). With ``model=``, the
+    lens is checked against it (layers, width; for a ``tuned-lens`` folder also the package's hash
+    of the unembedding, a warning if it differs).
+    """
+    shown = os.fspath(path)
+    p = Path(shown).expanduser()
+    if p.is_dir():
+        from reslens.lenses._tuned_lens_format import read_folder
+
+        lens = read_folder(p, TunedLens)
+    else:
+        tensors, meta = read_safetensors(p, None, what="reslens lens")
+        fmt = meta.get("format", "")
+        cls = _CLASSES.get(fmt.removeprefix("reslens.").removesuffix("/1"))
+        if cls is None or not fmt.endswith("/1"):
+            raise ValueError(
+                f"{shown!r} is not a reslens lens file (its format is {fmt!r}; expected one of "
+                f"{', '.join(f'reslens.{n}/1' for n in _CLASSES)})"
+            )
+        if set(tensors) != {"weight", "bias"}:
+            raise ValueError(f"{shown!r} holds {sorted(tensors)}; a lens file holds 'weight' and 'bias'")
+        try:
+            lens = cls(tensors["weight"], tensors["bias"], json.loads(meta.get("config", "{}")))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{shown!r} holds an inconsistent {cls.__name__}: {error}") from None
+    if model is not None:
+        from reslens.arch import adapter
+
+        arch = adapter(model)
+        lens.check(arch)
+        expected = lens.config.get("unembed_hash")
+        from reslens.lenses._tuned_lens_format import unembed_hash
+
+        if expected and unembed_hash(arch) != expected:
+            warnings.warn(
+                f"{shown}: the unembedding's hash differs from the one this lens was trained with "
+                "(another model or revision?)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return lens

@@ -1,0 +1,166 @@
+"""Lenses side by side on held-out text (Belrose et al. 2023, Fig. 3): KL to the final layer, cross-entropy.
+
+:func:`compare_lenses` reads the same token windows through every lens with
+:func:`reslens.lens_stats.lens_stats` (bounded memory, pads and special tokens left out) and keeps,
+per lens and layer, the mean ``KL(p_final || p_lens)``, the cross-entropy against the actual next
+token (``-mean log p(next)``, nats) and the top-1 agreement with the final layer.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reslens._checks import check_bool, check_int
+from reslens._inputs import pad_ids
+from reslens._saving import Saveable
+from reslens._text import pandas
+from reslens.arch import adapter
+from reslens.lenses._base import as_lens
+from reslens.lenses._data import corpus_windows
+
+__all__ = ["LensComparison", "compare_lenses"]
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class LensComparison(Saveable):
+    """Per-layer scores of ``K`` lenses on the same tokens. ``R`` = number of ``resid`` layers.
+
+    - ``lenses``: the lenses' names, ``layers``: the ``resid`` layers (the last one is the output)
+    - ``kl_final_layer: [K, R]``: mean KL(p_final || p_lens) (nats)
+    - ``cross_entropy: [K, R]``: mean -log p_lens(actual next token) (nats)
+    - ``top1_agreement: [K, R]``: fraction of positions whose top-1 is the final top-1
+    - ``n_tokens``: positions scored
+    """
+
+    lenses: tuple[str, ...]
+    layers: tuple[int, ...]
+    kl_final_layer: torch.Tensor
+    cross_entropy: torch.Tensor
+    top1_agreement: torch.Tensor
+    n_tokens: int
+
+    def __post_init__(self) -> None:
+        shape = (len(self.lenses), len(self.layers))
+        for name in ("kl_final_layer", "cross_entropy", "top1_agreement"):
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}; expected {shape}")
+
+    def to_frame(self):
+        """Long-form ``pandas.DataFrame``: one row per (lens, layer)."""
+        pd = pandas()
+        rows = [
+            (
+                name,
+                layer,
+                float(self.kl_final_layer[k, r]),
+                float(self.cross_entropy[k, r]),
+                float(self.top1_agreement[k, r]),
+            )
+            for k, name in enumerate(self.lenses)
+            for r, layer in enumerate(self.layers)
+        ]
+        return pd.DataFrame(
+            rows, columns=["lens", "layer", "kl_final_layer", "cross_entropy", "top1_agreement"]
+        )
+
+    def table(self) -> str:
+        """Per layer: each lens's KL(final || lens) and cross-entropy, in nats."""
+        width = max(12, *(len(n) for n in self.lenses))
+        head = f"{'layer':>5} " + " ".join(f"{n:>{width}}" for n in self.lenses)
+        lines = [
+            f"{self.n_tokens} tokens; KL(final ‖ lens) / cross-entropy with the next token (nats)",
+            head,
+            "-" * len(head),
+        ]
+        for r, layer in enumerate(self.layers):
+            cells = [
+                f"{float(self.kl_final_layer[k, r]):.3f} / {float(self.cross_entropy[k, r]):.3f}"
+                for k in range(len(self.lenses))
+            ]
+            lines.append(f"{layer:>5} " + " ".join(f"{c:>{width}}" for c in cells))
+        return "\n".join(lines)
+
+    def plot(self, *, ax=None):
+        """KL(final || lens) and cross-entropy per layer, one line per lens (a figure)."""
+        from reslens.plot import plot_lens_comparison
+
+        return plot_lens_comparison(self, ax=ax)
+
+    def _repr_html_(self) -> str:
+        head = (
+            "<tr><th>layer</th>"
+            + "".join(f"<th>{html.escape(n)} KL</th><th>{html.escape(n)} CE</th>" for n in self.lenses)
+            + "</tr>"
+        )
+        body = "".join(
+            f"<tr><td>{layer}</td>"
+            + "".join(
+                f"<td>{float(self.kl_final_layer[k, r]):.3f}</td>"
+                f"<td>{float(self.cross_entropy[k, r]):.3f}</td>"
+                for k in range(len(self.lenses))
+            )
+            + "</tr>"
+            for r, layer in enumerate(self.layers)
+        )
+        return (
+            f"<div><b>{html.escape(repr(self))}</b> (nats; KL = KL(final ‖ lens), CE = cross-entropy "
+            f"with the next token)<table>{head}{body}</table></div>"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LensComparison(lenses={list(self.lenses)}, layers={self.layers[0]}..{self.layers[-1]}, "
+            f"tokens={self.n_tokens})"
+        )
+
+
+def compare_lenses(
+    model: Any,
+    corpus: Any,
+    lenses: Any,
+    *,
+    tokenizer: Any = None,
+    max_tokens: int = 20_000,
+    max_length: int = 128,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> LensComparison:
+    """Score every lens in ``lenses`` on the first ``max_tokens`` tokens of ``corpus``.
+
+    ``lenses``: a list of lenses (``None`` or ``"logit"`` for the logit lens, a
+    :class:`~reslens.lenses.TunedLens`, a :class:`~reslens.lenses.LinearShortcut`, ...), each read
+    at every ``resid`` layer. ``corpus``: a ``.txt`` file, a folder, a list of files or an iterable
+    of strings (hold out what the lenses were trained on).
+    """
+    from reslens.lens_stats import lens_stats
+
+    arch = adapter(model)
+    if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):
+        raise TypeError(
+            f"lenses must be a list of lenses (None for the logit lens); got {type(lenses).__name__}"
+        )
+    chosen = [as_lens(lens) for lens in lenses]
+    if not chosen:
+        raise ValueError("lenses is empty; give at least one lens (None for the logit lens)")
+    names = [lens.name for lens in chosen]
+    if len(set(names)) != len(names):
+        raise ValueError(f"lenses has two of the same kind ({names}); compare different kinds, or call twice")
+    for lens in chosen:
+        lens.check(arch)
+    check_int(batch_size, "batch_size", low=1)
+    check_bool(progress, "progress")
+    windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
+    batches = [pad_ids(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
+    scores = [lens_stats(arch, batches, lens=lens, progress=progress, max_samples=1) for lens in chosen]
+    return LensComparison(
+        lenses=tuple(names),
+        layers=scores[0].layers,
+        kl_final_layer=torch.stack([s.mean.kl_final_layer for s in scores]),
+        cross_entropy=torch.stack([-s.mean.target_logprob for s in scores]),
+        top1_agreement=torch.stack([s.top1_agreement for s in scores]),
+        n_tokens=scores[0].n_tokens,
+    )

@@ -1,0 +1,213 @@
+"""Training the tuned lens (Belrose et al. 2023) over a streamed corpus, in bounded memory.
+
+The recipe is the ``tuned-lens`` package's (``scripts/train_loop.py``, ``ingredients.Optimizer``):
+translators initialised at zero (the identity, i.e. the logit lens), the loss per layer
+``KL(p_final || p_layer)`` at the same position averaged over the step's tokens and summed over
+layers, gradients clipped to norm 1 over all translators, SGD with Nesterov momentum 0.9, learning
+rate ``lr * (1 - momentum)`` decayed linearly to zero, weight decay 1e-3 (towards the identity,
+since the translator is added to the residual). ``optimizer="adam"`` is the package's other choice
+(lr 1e-3 scale, warm-up over the first fifth of the steps). One difference: the package autocasts
+to bfloat16 on its GPUs; here the lens is trained in float32.
+
+Memory: one step's residuals (``[n_layer + 1, tokens, d_model]``) plus, for one chunk of
+``chunk_size`` positions, the final distribution and one layer's logits and their gradient
+(``chunk_size x d_vocab`` floats each): the layers are trained one after the other, never all
+``[tokens, vocab]`` at once. ``checkpoint=`` saves the translators, the optimizer's state and the
+loss history every ``save_every`` steps (atomically) and a run given the same checkpoint, corpus and
+options continues from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reslens._checks import check_bool, check_choice, check_float, check_int
+from reslens._saving import read_safetensors, write_safetensors
+from reslens.arch import Arch, adapter
+from reslens.lenses._base import TunedLens
+from reslens.lenses._data import corpus_windows, residual_batches
+
+__all__ = ["train_tuned_lens"]
+
+_FORMAT = "reslens.TunedLensCheckpoint/1"
+
+
+def _step_loss(
+    arch: Arch, translators: list[torch.nn.Linear], resid: torch.Tensor, chunk_size: int
+) -> list[float]:
+    """Backpropagate one step's loss into ``translators``; ``[L]``: mean KL(final || layer) (nats)."""
+    norm, n = arch.norm("final"), resid.shape[1]
+    w_u = arch.W_U.detach()  # the model's weights get no gradient (nor a .grad)
+    b_u = None if arch.b_U is None else arch.b_U.detach()
+
+    def unembed(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, w_u, b_u).float()
+
+    losses = [0.0] * len(translators)
+    for start in range(0, n, chunk_size):
+        h = resid[:, start : start + chunk_size].float()  # [L + 1, c, d]
+        with torch.no_grad():
+            log_q = torch.log_softmax(unembed(norm(h[-1])), dim=-1)  # [c, vocab]
+            q = log_q.exp()
+        for layer, translator in enumerate(translators):
+            log_p = torch.log_softmax(unembed(norm(h[layer] + translator(h[layer]))), dim=-1)
+            kl = (q * (log_q - log_p)).sum()  # summed over the chunk; / n makes the step's mean
+            (kl / n).backward()
+            losses[layer] += float(kl.detach()) / n
+            del log_p, kl
+    return losses
+
+
+def _zero_translators(arch: Arch) -> list[torch.nn.Linear]:
+    """One ``nn.Linear(d_model, d_model)`` per layer, all zero: the identity in the residual form."""
+    translators = [
+        torch.nn.Linear(arch.d_model, arch.d_model, device=arch.device) for _ in range(arch.n_layer)
+    ]
+    for t in translators:
+        torch.nn.init.zeros_(t.weight)
+        torch.nn.init.zeros_(t.bias)
+    return translators
+
+
+def _optimizer(params: list[torch.nn.Parameter], name: str, lr: float, momentum: float, weight_decay: float):
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr * (1 - momentum), momentum=momentum, nesterov=True, weight_decay=weight_decay
+        )
+    return torch.optim.Adam(params, lr=lr * 1e-3, betas=(momentum, 0.999), weight_decay=weight_decay)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """The package's linear schedule: warm-up over ``warmup`` steps, then linear decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def _fingerprint(windows: list[list[int]], options: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for w in windows:
+        digest.update(torch.tensor(w, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(
+    path: Path, translators, opt, step: int, fingerprint: str, history: list[list[float]]
+) -> None:
+    tensors = {
+        "weight": torch.stack([t.weight.detach() for t in translators]),
+        "bias": torch.stack([t.bias.detach() for t in translators]),
+    }
+    for i, p in enumerate(p for t in translators for p in (t.weight, t.bias)):
+        for key, value in opt.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{i}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
+    meta = {"format": _FORMAT, "step": str(step), "fingerprint": fingerprint, "history": json.dumps(history)}
+    write_safetensors(path, tensors, meta)
+
+
+def _load_checkpoint(path: Path, translators, opt, fingerprint: str) -> tuple[int, list[list[float]]]:
+    tensors, meta = read_safetensors(path, _FORMAT, what="reslens tuned-lens checkpoint")
+    if meta.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} was made with another corpus, model shape or options; "
+            "give the same ones to resume, or another checkpoint path to start afresh"
+        )
+    with torch.no_grad():
+        for i, t in enumerate(translators):
+            t.weight.copy_(tensors["weight"][i])
+            t.bias.copy_(tensors["bias"][i])
+    for i, p in enumerate(p for t in translators for p in (t.weight, t.bias)):
+        state = {key.split(".", 2)[2]: v for key, v in tensors.items() if key.startswith(f"opt.{i}.")}
+        if "step" in state:
+            state["step"] = state["step"].reshape(())
+        if state:
+            opt.state[p] = state
+    return int(meta["step"]), json.loads(meta["history"])
+
+
+def train_tuned_lens(
+    model: Any,
+    corpus: Any,
+    *,
+    tokenizer: Any = None,
+    max_tokens: int = 100_000,
+    tokens_per_step: int = 2048,
+    max_length: int = 128,
+    batch_size: int = 8,
+    optimizer: str = "sgd",
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-3,
+    chunk_size: int = 256,
+    checkpoint: str | os.PathLike | None = None,
+    save_every: int = 10,
+    progress: bool = True,
+) -> TunedLens:
+    """Train a tuned lens on ``max_tokens`` corpus tokens, ``tokens_per_step`` per optimizer step.
+
+    ``corpus``: a ``.txt`` file, a folder of them, a list of files or an iterable of strings, read
+    as windows of ``max_length`` tokens (whole windows make a step: a step holds
+    ``tokens_per_step // max_length`` windows, at least one). ``optimizer``: ``"sgd"`` (the paper's
+    code default: Nesterov momentum, ``lr`` 1.0 scaled by ``1 - momentum``) or ``"adam"``
+    (``lr`` scaled by 1e-3); see the module docstring for the rest of the recipe. ``chunk_size``
+    positions are unembedded at a time. ``checkpoint``: a file to save to every ``save_every`` steps
+    and at the end, and to resume from when it exists. Returns the lens; its ``config`` holds the
+    recipe, the tokens and steps trained and the per-step, per-layer loss (``loss``, nats).
+    """
+    from tqdm.auto import tqdm
+
+    arch = adapter(model)
+    check_int(tokens_per_step, "tokens_per_step", low=1)
+    check_choice(optimizer, ("sgd", "adam"), "optimizer")
+    check_float(lr, "lr", low=0.0, low_open=True)
+    check_float(momentum, "momentum", low=0.0, high=0.999)
+    check_float(weight_decay, "weight_decay", low=0.0)
+    check_int(chunk_size, "chunk_size", low=1)
+    check_int(save_every, "save_every", low=1)
+    check_bool(progress, "progress")
+    windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
+    per_step = max(1, tokens_per_step // min(max_length, arch.n_ctx))
+    options = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+               "tokens_per_step": tokens_per_step, "max_length": max_length, "n_layer": arch.n_layer,
+               "d_model": arch.d_model}  # fmt: skip
+    translators = _zero_translators(arch)
+    params = [p for t in translators for p in t.parameters()]
+    opt = _optimizer(params, optimizer, lr, momentum, weight_decay)
+    fingerprint = _fingerprint(windows, options)
+    path = None if checkpoint is None else Path(os.fspath(checkpoint)).expanduser()
+    start, history = (
+        (0, [])
+        if path is None or not path.exists()
+        else _load_checkpoint(path, translators, opt, fingerprint)
+    )
+    steps = -(-len(windows) // per_step)
+    warmup = min(1000, steps // 5) if optimizer == "adam" else 0
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    with tqdm(total=steps, initial=start, desc="tuned lens", unit="step", disable=not progress) as bar:
+        for step in range(start, steps):
+            step_windows = windows[step * per_step : (step + 1) * per_step]
+            resid = torch.cat(list(residual_batches(arch, step_windows, batch_size)), dim=1)  # [L + 1, n, d]
+            losses = _step_loss(arch, translators, resid, chunk_size)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * _lr_factor(step, steps, warmup)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            history.append([round(x, 5) for x in losses])
+            bar.set_postfix(kl=f"{sum(losses) / len(losses):.3f}")
+            bar.update(1)
+            if path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+                _save_checkpoint(path, translators, opt, step + 1, fingerprint, history)
+    weight = torch.stack([t.weight.detach().cpu() for t in translators])
+    bias = torch.stack([t.bias.detach().cpu() for t in translators])
+    model_name = getattr(arch.model.config, "name_or_path", "") or type(arch.model).__name__
+    config = {"model": model_name, "n_tokens": sum(map(len, windows)), "steps": steps, **options,
+              "loss": history, "recipe": "Belrose et al. 2023 / tuned-lens train_loop (float32)"}  # fmt: skip
+    return TunedLens(weight, bias, config)
