@@ -214,6 +214,25 @@ def test_result_round_trip_frame_table_and_plot(model, ids, tmp_path):
     assert page.count("<tr>") == len(lens.site_of_row) + 2  # next, every row, input
 
 
+def test_a_long_input_is_wrapped_into_stacked_panels_that_share_one_scale(model):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ids = torch.randint(0, model.config.vocab_size, (1, 38), generator=torch.Generator().manual_seed(0))
+    lens = logit_lens(model, ids)
+    fig = lens.plot(per_row=16)  # 38 positions: panels of 16, 16 and 6, one colour bar
+    panels = [ax for ax in fig.axes if ax.get_ylabel() == "layer"]
+    assert len(panels) == 3 and len(fig.axes) == 4
+    assert [len(ax.get_xticklabels()) for ax in panels] == [16, 16, 6]
+    assert all(ax.get_xlim() == panels[0].get_xlim() for ax in panels)  # same cell width in every panel
+    width, height = fig.get_size_inches()
+    assert width < 17 and height > width / 2  # page proportions, not a 35-inch strip
+    assert len([ax for ax in lens.plot(per_row=40).axes if ax.get_ylabel() == "layer"]) == 1
+    assert "logit lens" in panels[0].get_title()
+    with pytest.raises(ValueError, match="per_row"):
+        lens.plot(per_row=0)
+
+
 def test_fused_reduction_equals_eager(model, ids):
     eager = logit_lens(model, ids, sites=("resid", "resid_mid"))
     fused = logit_lens(model, ids, sites=("resid", "resid_mid"), fused=True)

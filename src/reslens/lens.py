@@ -203,15 +203,17 @@ class LensResult(Saveable):
         """
         return lens_table(self, seq=seq, width=width, cell=cell)
 
-    def plot(self, metric: str = "prob", seq: int = 0, *, ax=None, max_positions: int = 40):
+    def plot(self, metric: str = "prob", seq: int = 0, *, ax=None, max_positions: int = 40,
+             per_row: int = 16):
         """Heatmap (layers x positions) of ``metric`` with the top-1 token written in each cell.
 
         ``metric``: ``"prob"`` (top-1 probability), ``"rank"`` (rank of the actual next token),
-        ``"entropy"``, ``"kl"`` (KL(final || layer)). Needs matplotlib. Returns the figure.
+        ``"entropy"``, ``"kl"`` (KL(final || layer)). Longer inputs are wrapped into stacked panels
+        of ``per_row`` positions. Needs matplotlib. Returns the figure.
         """
         from reslens.plot import plot_lens
 
-        return plot_lens(self, metric=metric, seq=seq, ax=ax, max_positions=max_positions)
+        return plot_lens(self, metric=metric, seq=seq, ax=ax, max_positions=max_positions, per_row=per_row)
 
     def _repr_html_(self) -> str:
         """A coloured grid of sequence 0 (at most 40 positions), deepest layer on top.

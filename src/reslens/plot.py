@@ -2,137 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
 
-from reslens._text import cell_text as _cell_text
+from reslens._figures import _check_seq, _figure, _pyplot, _text_colour  # noqa: F401 (old imports)
+from reslens._plot_lens import LENS_PLOT_METRICS, plot_lens, plot_lens_comparison, plot_lens_stats
 
 __all__ = ["lens_table", "plot_lens", "plot_lens_stats", "plot_pca_experiment", "LENS_PLOT_METRICS",
            "plot_head_scores", "plot_head_score_panels", "plot_composition", "plot_logit_attribution",
            "plot_logit_attribution_bars",
-           "plot_agreement", "plot_deletion_neurons", "plot_trace", "plot_trace_summary"]
-
-LENS_PLOT_METRICS = ("prob", "rank", "entropy", "kl")
-
-
-def _check_seq(result: Any, seq: int) -> None:
-    n = result.input_ids.shape[0]
-    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < n:
-        raise ValueError(f"seq={seq!r} is out of range for a batch of {n} (0..{n - 1})")
+           "plot_agreement", "plot_deletion_neurons", "plot_trace", "plot_trace_summary",
+           "plot_lens_comparison"]
 
 
 def lens_table(result, seq: int = 0, *, width: int = 100, cell: int = 9) -> str:
     """The classic logit-lens table: :meth:`reslens.lens.LensResult.table` (kept here for old imports)."""
     return result.table(seq=seq, width=width, cell=cell)
-
-
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - the plot extra is optional
-        raise ImportError("plotting needs matplotlib: pip install 'reslens[plot]'") from error
-    return plt
-
-
-def _figure(ax: Any, size: tuple[float, float]):
-    """``(fig, ax)``: a new figure of ``size`` inches, or ``ax`` and its figure (drawn the same way)."""
-    if ax is None:
-        return _pyplot().subplots(figsize=size)
-    return ax.figure, ax
-
-
-def _text_colour(image: Any, value: float) -> str:
-    """White on dark cells of ``image`` (a matplotlib ``AxesImage``), black on light ones."""
-    rgba = image.cmap(image.norm(value))
-    return "white" if (0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]) < 0.5 else "black"
-
-
-def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positions: int = 40):
-    """Layers x positions heatmap of a :class:`~reslens.lens.LensResult` with each cell's top-1 token.
-
-    ``prob``: the layer's top-1 probability; ``rank``: rank of the actual next token (log
-    colour scale); ``entropy``: nats; ``kl``: KL(final || layer) in nats. The last
-    ``max_positions`` real positions are shown; non-finite cells are blank and say ``NaN``.
-    Returns the matplotlib figure.
-    """
-    import numpy as np
-
-    if metric not in LENS_PLOT_METRICS:
-        raise ValueError(f"metric must be one of {', '.join(LENS_PLOT_METRICS)}; got {metric!r}")
-    _check_seq(result, seq)
-    if metric == "rank" and result.target_rank is None:
-        raise ValueError("metric='rank' needs targets; this lens ran with targets=None")
-    from matplotlib.colors import LogNorm
-
-    real = result.attention_mask[seq].nonzero().flatten()[-max_positions:]
-    values = {
-        "prob": result.top_probs[..., 0],
-        "rank": result.target_rank.float() + 1 if result.target_rank is not None else None,
-        "entropy": result.entropy,
-        "kl": result.kl_final_layer,
-    }[metric][:, seq, real].cpu().numpy()  # [R, P']
-    label = {
-        "prob": "top-1 probability",
-        "rank": "rank of the actual next token + 1",
-        "entropy": "entropy (nats)",
-        "kl": "KL(final ‖ layer) (nats)",
-    }[metric]
-    top1 = result.top_ids[:, seq, real, 0].cpu()
-    n_rows, n_pos = values.shape
-    fig, ax = _figure(ax, (max(6, 0.85 * n_pos + 1.5), max(3, 0.42 * n_rows + 1.6)))
-    cmap = "Blues" if metric == "prob" else "Blues_r" if metric == "rank" else "viridis_r"
-    vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 2.0
-    norm = LogNorm(vmin=1, vmax=max(2.0, vmax)) if metric == "rank" else None
-    scale = {"rank": dict(norm=norm), "prob": dict(vmin=0, vmax=1)}.get(metric, dict(vmin=0))
-    image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, **scale)
-    for r in range(n_rows):
-        for c in range(n_pos):
-            token = int(top1[r, c])
-            text = _cell_text(result.token(token), 8) if token >= 0 else "NaN"
-            colour = _text_colour(image, values[r, c]) if np.isfinite(values[r, c]) else "black"
-            ax.text(c, r, text, ha="center", va="center", fontsize=7, color=colour)
-    labels = list(result.row_labels)  # integer layers; the embedding and the output said in words
-    if result.site_of_row[0] == "resid" and result.layer_of_row[0] == 0:
-        labels[0] = "0 embedding"
-    labels[-1] = f"{labels[-1]} output"
-    ax.set_yticks(range(n_rows), labels)
-    ax.set_ylabel("layer")
-    inputs = [_cell_text(result.token(int(i)), 10) for i in result.input_ids[seq, real].tolist()]
-    ax.set_xticks(range(n_pos), inputs, rotation=60, ha="right", fontsize=8)
-    ax.set_xlabel("input token")
-    if result.targets is not None:
-        top = ax.secondary_xaxis("top")
-        targets = [_cell_text(result.token(int(i)), 10) for i in result.targets[seq, real].tolist()]
-        top.set_xticks(range(n_pos), targets, rotation=60, ha="left", fontsize=8)
-        top.set_xlabel("actual next token")
-    fig.colorbar(image, ax=ax, label=label, fraction=0.03, pad=0.02)
-    ax.set_title(f"{result.lens}: {label} (text = top-1 token)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_lens_stats(stats, *, ax=None):
-    """Per-layer curves of a :class:`~reslens.lens_stats.LensStats` on one axes (``ax`` or a new one).
-
-    Fractions on the left axis (agreement with the final top-1, p(final top-1 token), input-token
-    top-1), nats on a twin right axis (mean KL(final || layer), mean entropy). Returns the figure.
-    """
-    fig, left = _figure(ax, (8, 4))
-    right = left.twinx()
-    layers = list(stats.layers)
-    left.plot(layers, stats.top1_agreement.numpy(), "o-", label="top-1 = final top-1")
-    left.plot(layers, stats.mean.final_top1_prob.numpy(), "s-", label="p(final top-1 token)")
-    left.plot(layers, stats.input_token_top1.numpy(), "^-", label="top-1 = input token")
-    right.plot(layers, stats.mean.kl_final_layer.numpy(), "o--", color="tab:red", label="KL(final ‖ layer)")
-    right.plot(layers, stats.mean.entropy.numpy(), "s--", color="tab:purple", label="entropy")
-    left.set_xlabel("layer")
-    left.set_ylabel("fraction / probability")
-    left.set_ylim(0, 1)
-    right.set_ylabel("nats (dashed)")
-    lines = left.get_lines() + right.get_lines()
-    left.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
-    left.set_title(f"{stats.lens} over {stats.n_tokens} tokens", fontsize=10)
-    fig.tight_layout()
-    return fig
 
 
 def plot_pca_experiment(experiment, *, ax=None, conditions=("baseline", "no_embedding", "unit_norm")):
@@ -435,31 +318,5 @@ def plot_trace_summary(summary, *, ax=None):
     ax.set_xlabel("layer")
     ax.set_title(f"Average indirect effect ({summary.kind}) over {summary.n_facts} facts", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
-    fig.tight_layout()
-    return fig
-
-
-def plot_lens_comparison(comparison, *, ax=None):
-    """KL(final || lens) (solid) and cross-entropy with the next token (dashed) per layer, a colour per lens.
-
-    ``comparison``: a :class:`~reslens.lenses.LensComparison`. Log scale for the KL. Returns the figure.
-    """
-    fig, left = _figure(ax, (8, 4))
-    right = left.twinx()
-    layers = list(comparison.layers)
-    for k, name in enumerate(comparison.lenses):
-        colour = f"C{k}"
-        kl = comparison.kl_final_layer[k].clamp(min=1e-4).numpy()
-        left.plot(layers[:-1], kl[:-1], "o-", color=colour, label=f"{name}: KL(final ‖ lens)")
-        right.plot(layers, comparison.cross_entropy[k].numpy(), "s--", color=colour, alpha=0.7,
-                   label=f"{name}: cross-entropy")
-    left.set_yscale("log")
-    left.set_xlabel("layer (0 = embedding; the last = the output)")
-    left.set_ylabel("KL(final ‖ lens), nats (solid)")
-    right.set_ylabel("cross-entropy with the next token, nats (dashed)")
-    left.xaxis.get_major_locator().set_params(integer=True)
-    lines = left.get_lines() + right.get_lines()
-    left.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper right")
-    left.set_title(f"lenses on {comparison.n_tokens} held-out tokens", fontsize=10)
     fig.tight_layout()
     return fig

@@ -1,0 +1,144 @@
+"""Data-parallel data-set work on ``torch.distributed``: which units a rank reads, and the merges.
+
+Every data-set pass (lens statistics, trigger mining, key statistics, learned lenses, the PCA
+experiment, tracing many facts) reads a corpus as numbered *units* (windows, sentences, prompts).
+Under a process group, rank ``r`` of ``W`` reads the units whose number ``i`` has ``i % W == r``
+(a deterministic shard: no unit is split or read twice), computes locally, and the results are
+merged with collectives, in float64 for sums, so the merged result equals a one-process run up to
+the order of float64 additions. Without a process group everything is today's one-process run.
+
+``group=None`` (every public function's default) means: the default group when
+``torch.distributed`` is initialised (e.g. under ``torchrun``), else one process; a
+``ProcessGroup`` means that group; ``group=False`` forces one process even under ``torchrun``.
+Collectives run on the CPU for gloo and on the current CUDA device for NCCL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["Shard", "shard_of", "merge_top_k", "units_of"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in a data-parallel run: ``rank`` of ``world`` in ``group`` (None: one process)."""
+
+    group: Any
+    rank: int
+    world: int
+
+    @property
+    def primary(self) -> bool:
+        """Rank 0: the one that shows progress bars and writes files."""
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world > 1
+
+    def owns(self, index: int) -> bool:
+        """Whether unit number ``index`` (0-based, in corpus order) is this rank's to read."""
+        return index % self.world == self.rank
+
+    def take(self, units: Iterable[T]) -> Iterator[tuple[int, T]]:
+        """``(index, unit)`` for this rank's units of ``units``, each with its corpus-order number."""
+        for index, unit in enumerate(units):
+            if index % self.world == self.rank:
+                yield index, unit
+
+    def _device(self) -> torch.device:
+        import torch.distributed as dist
+
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the ranks (a new tensor of the same dtype and device; as is alone)."""
+        if not self.parallel:
+            return tensor
+        import torch.distributed as dist
+
+        buffer = tensor.detach().to(self._device(), copy=True)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        return buffer.to(tensor.device)
+
+    def cat(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along ``dim`` in rank order (sizes along ``dim`` may vary)."""
+        if not self.parallel:
+            return tensor
+        import torch.distributed as dist
+
+        device = self._device()
+        moved = tensor.detach().to(device).movedim(dim, 0).contiguous()
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([moved.shape[0]], device=device), group=self.group)
+        longest = int(max(int(s) for s in sizes))
+        padded = torch.zeros((longest, *moved.shape[1:]), dtype=moved.dtype, device=device)
+        padded[: moved.shape[0]] = moved
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        out = torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
+        return out.movedim(0, dim).to(tensor.device)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (``[obj]`` alone)."""
+        if not self.parallel:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def same(self, value: Any, name: str) -> None:
+        """Refuse (on every rank) a run whose ranks disagree on ``value`` (options, corpus length...)."""
+        values = self.gather_objects(value)
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the ranks disagree on {name}: {values}; every rank must be given the same")
+
+    def barrier(self) -> None:
+        if self.parallel:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
+
+def shard_of(group: Any = None) -> Shard:
+    """The :class:`Shard` of this process for ``group`` (see the module docstring for ``None``/``False``)."""
+    if group is False:
+        return Shard(None, 0, 1)
+    import torch.distributed as dist
+
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return Shard(None, 0, 1)
+        group = dist.group.WORLD
+    elif group is True or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be None, False or a torch.distributed ProcessGroup; got {group!r}")
+    return Shard(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def merge_top_k(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``values`` along the last dim, ties broken by the smaller id (as one process would).
+
+    ``values``, ``ids``: ``[..., n]`` (ids ``-1`` = empty slot, never chosen over a real one).
+    """
+    # Sort by id first, then stably by value: equal values keep ascending id order.
+    order = torch.argsort(torch.where(ids < 0, torch.iinfo(ids.dtype).max, ids), dim=-1, stable=True)
+    values, ids = values.gather(-1, order), ids.gather(-1, order)
+    keyed = torch.where(ids < 0, torch.full_like(values, -torch.inf), values)
+    top = torch.argsort(keyed, dim=-1, descending=True, stable=True)[..., :k]
+    return values.gather(-1, top), ids.gather(-1, top)
+
+
+def units_of(shard: Shard, units: Sequence[T]) -> list[T]:
+    """This rank's units of a sequence, in corpus order."""
+    return [unit for _, unit in shard.take(units)]

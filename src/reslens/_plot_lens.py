@@ -1,0 +1,161 @@
+"""The lens figures: the layers x positions grid of one sequence (wrapped into rows), per-layer curves.
+
+A long input is split into stacked panels of ``per_row`` positions that share one colour scale, so
+the figure keeps a page's proportions and its cell text stays legible when the figure is shrunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reslens._figures import _check_seq, _figure, _pyplot, _text_colour
+from reslens._text import cell_text as _cell_text
+
+__all__ = ["LENS_PLOT_METRICS", "plot_lens", "plot_lens_stats", "plot_lens_comparison"]
+
+LENS_PLOT_METRICS = ("prob", "rank", "entropy", "kl")
+_LABELS = {
+    "prob": "top-1 probability",
+    "rank": "rank of the actual next token + 1",
+    "entropy": "entropy (nats)",
+    "kl": "KL(final ‖ layer) (nats)",
+}
+
+
+def _values(result: Any, metric: str, seq: int, real: Any):
+    """``[R, P']`` numpy values of ``metric`` at the positions ``real`` of sequence ``seq``."""
+    chosen = {
+        "prob": lambda: result.top_probs[..., 0],
+        "rank": lambda: result.target_rank.float() + 1,
+        "entropy": lambda: result.entropy,
+        "kl": lambda: result.kl_final_layer,
+    }[metric]()
+    return chosen[:, seq, real].cpu().numpy()
+
+
+def _panel(ax: Any, result: Any, values: Any, seq: int, cols: Any, scale: dict, cmap: str) -> Any:
+    """One panel: the cells of positions ``cols`` (indices into ``values``' columns), ticks both sides."""
+    import numpy as np
+
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, **scale)
+    top1 = result.top_ids[:, seq, cols, 0].cpu()
+    n_rows, n_pos = values.shape
+    for r in range(n_rows):
+        for c in range(n_pos):
+            token = int(top1[r, c])
+            text = _cell_text(result.token(token), 8) if token >= 0 else "NaN"
+            colour = _text_colour(image, values[r, c]) if np.isfinite(values[r, c]) else "black"
+            ax.text(c, r, text, ha="center", va="center", fontsize=7, color=colour)
+    labels = list(result.row_labels)  # integer layers; the embedding and the output said in words
+    if result.site_of_row[0] == "resid" and result.layer_of_row[0] == 0:
+        labels[0] = "0 embedding"
+    labels[-1] = f"{labels[-1]} output"
+    ax.set_yticks(range(n_rows), labels)
+    ax.set_ylabel("layer")
+    inputs = [_cell_text(result.token(int(i)), 10) for i in result.input_ids[seq, cols].tolist()]
+    ax.set_xticks(range(n_pos), inputs, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("input token")
+    if result.targets is not None:
+        top = ax.secondary_xaxis("top")
+        targets = [_cell_text(result.token(int(i)), 10) for i in result.targets[seq, cols].tolist()]
+        top.set_xticks(range(n_pos), targets, rotation=60, ha="left", fontsize=8)
+        top.set_xlabel("actual next token")
+    return image
+
+
+def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positions: int = 40,
+              per_row: int = 16):
+    """Layers x positions heatmap of a :class:`~reslens.lens.LensResult` with each cell's top-1 token.
+
+    ``prob``: the layer's top-1 probability; ``rank``: rank of the actual next token (log
+    colour scale); ``entropy``: nats; ``kl``: KL(final || layer) in nats. The last
+    ``max_positions`` real positions are shown, ``per_row`` per panel: a longer input is wrapped
+    into stacked panels sharing one colour scale (with ``ax=``, everything goes on that one axes).
+    Non-finite cells are blank and say ``NaN``. Returns the matplotlib figure.
+    """
+    import numpy as np
+
+    if metric not in LENS_PLOT_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(LENS_PLOT_METRICS)}; got {metric!r}")
+    _check_seq(result, seq)
+    for name, value in (("max_positions", max_positions), ("per_row", per_row)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    if metric == "rank" and result.target_rank is None:
+        raise ValueError("metric='rank' needs targets; this lens ran with targets=None")
+    from matplotlib.colors import LogNorm
+
+    real = result.attention_mask[seq].nonzero().flatten()[-max_positions:]
+    values = _values(result, metric, seq, real)  # [R, P']
+    n_rows, n_pos = values.shape
+    vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 2.0
+    scale = {"rank": dict(norm=LogNorm(vmin=1, vmax=max(2.0, vmax))), "prob": dict(vmin=0, vmax=1)}.get(
+        metric, dict(vmin=0, vmax=max(vmax, 1e-6)))
+    cmap = "Blues" if metric == "prob" else "Blues_r" if metric == "rank" else "viridis_r"
+    starts = [0] if ax is not None else list(range(0, n_pos, per_row))
+    width = n_pos if ax is not None else min(n_pos, per_row)
+    if ax is None:
+        size = (max(6, 0.85 * width + 2.5), len(starts) * max(3, 0.42 * n_rows + 2.2))
+        fig, axes = _pyplot().subplots(len(starts), 1, squeeze=False, figsize=size, layout="constrained")
+        axes = list(axes[:, 0])
+    else:
+        fig, axes = ax.figure, [ax]
+    for panel, start in zip(axes, starts):
+        stop = n_pos if ax is not None else min(start + per_row, n_pos)
+        image = _panel(panel, result, values[:, start:stop], seq, real[start:stop], scale, cmap)
+        panel.set_xlim(-0.5, width - 0.5)
+    fig.colorbar(image, ax=axes, label=_LABELS[metric], fraction=0.03, pad=0.02)
+    shown = f"positions {int(real[0])}..{int(real[-1])}" if len(starts) > 1 else "text = top-1 token"
+    axes[0].set_title(f"{result.lens}: {_LABELS[metric]} ({shown}; text = top-1 token)"
+                      if len(starts) > 1 else f"{result.lens}: {_LABELS[metric]} ({shown})", fontsize=10)
+    return fig
+
+
+def plot_lens_stats(stats, *, ax=None):
+    """Per-layer curves of a :class:`~reslens.lens_stats.LensStats` on one axes (``ax`` or a new one).
+
+    Fractions on the left axis (agreement with the final top-1, p(final top-1 token), input-token
+    top-1), nats on a twin right axis (mean KL(final || layer), mean entropy). Returns the figure.
+    """
+    fig, left = _figure(ax, (8, 4))
+    right = left.twinx()
+    layers = list(stats.layers)
+    left.plot(layers, stats.top1_agreement.numpy(), "o-", label="top-1 = final top-1")
+    left.plot(layers, stats.mean.final_top1_prob.numpy(), "s-", label="p(final top-1 token)")
+    left.plot(layers, stats.input_token_top1.numpy(), "^-", label="top-1 = input token")
+    right.plot(layers, stats.mean.kl_final_layer.numpy(), "o--", color="tab:red", label="KL(final ‖ layer)")
+    right.plot(layers, stats.mean.entropy.numpy(), "s--", color="tab:purple", label="entropy")
+    left.set_xlabel("layer")
+    left.set_ylabel("fraction / probability")
+    left.set_ylim(0, 1)
+    right.set_ylabel("nats (dashed)")
+    lines = left.get_lines() + right.get_lines()
+    left.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
+    left.set_title(f"{stats.lens} over {stats.n_tokens} tokens", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+def plot_lens_comparison(comparison, *, ax=None):
+    """KL(final || lens) (solid) and cross-entropy with the next token (dashed) per layer, a colour per lens.
+
+    ``comparison``: a :class:`~reslens.lenses.LensComparison`. Log scale for the KL. Returns the figure.
+    """
+    fig, left = _figure(ax, (8, 4))
+    right = left.twinx()
+    layers = list(comparison.layers)
+    for k, name in enumerate(comparison.lenses):
+        colour = f"C{k}"
+        kl = comparison.kl_final_layer[k].clamp(min=1e-4).numpy()
+        left.plot(layers[:-1], kl[:-1], "o-", color=colour, label=f"{name}: KL(final ‖ lens)")
+        right.plot(layers, comparison.cross_entropy[k].numpy(), "s--", color=colour, alpha=0.7,
+                   label=f"{name}: cross-entropy")
+    left.set_yscale("log")
+    left.set_xlabel("layer (0 = embedding; the last = the output)")
+    left.set_ylabel("KL(final ‖ lens), nats (solid)")
+    right.set_ylabel("cross-entropy with the next token, nats (dashed)")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    lines = left.get_lines() + right.get_lines()
+    left.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper right")
+    left.set_title(f"lenses on {comparison.n_tokens} held-out tokens", fontsize=10)
+    fig.tight_layout()
+    return fig
