@@ -35,10 +35,29 @@ def test_lens_prints_the_table_and_writes_the_figure(local_dir, tmp_path, capsys
     )
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    assert lines[1].startswith("next") and any(line.startswith("input") for line in lines)
+    assert lines[0] == "logit lens: top-1 token per layer"
+    assert lines[3].startswith("next") and any(line.startswith("input") for line in lines)
     assert "Holmes" in printed and "L3" in printed and "L0" in printed
     assert all(len(line) <= 100 for line in lines)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lens_reads_through_a_learned_lens(local_dir, tmp_path, capsys):
+    import torch
+
+    from reslens.lenses import TunedLens
+
+    weight = 0.01 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    lens = TunedLens(weight, torch.zeros(3, 32))
+    lens.save(tmp_path / "tuned.safetensors")
+    argv = ["lens", "Mr Holmes looked at the letter.", "--model", str(local_dir), "--lens"]
+    assert main([*argv, str(tmp_path / "tuned.safetensors")]) == 0
+    assert capsys.readouterr().out.startswith("tuned lens: top-1 token per layer")
+    assert main([*argv, str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--lens" in err and "no such file" in err
+    assert main([*argv, str(tmp_path / "tuned.safetensors"), "--mid"]) == 2
+    assert "resid layers only" in capsys.readouterr().err
 
 
 def test_long_text_is_cut_to_the_context(local_dir, capsys):

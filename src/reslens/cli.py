@@ -1,6 +1,6 @@
 """The ``reslens`` command: readable tables in the terminal, figures on request.
 
-reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--metric M] [--out FILE.png]
+reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--metric M] [--lens F] [--out FILE.png]
 reslens lens --file corpus.txt --stats [--out FILE.png]
 reslens pca --file corpus.txt [--n 200] [--model NAME_OR_PATH] [--out FILE.png]
 reslens memories "TEXT" [--layer L] [--top 10] [--token " word"]
@@ -46,6 +46,9 @@ def _add_lens_parser(commands) -> None:
     lens.add_argument("--max-length", type=int, default=128, help="--stats: tokens per window (default 128)")
     lens.add_argument("--max-tokens", type=int, default=None,
                       help="--stats: use at most this many tokens of the file")
+    lens.add_argument("--lens", type=Path, default=None,
+                      help="read through a learned lens: a reslens lens file (reslens.lenses) or a "
+                      "tuned-lens package folder (default: the logit lens)")
     lens.add_argument("--device", default=None, help="torch device (default: cpu)")
 
 
@@ -204,14 +207,18 @@ def _lens(args: argparse.Namespace) -> int:
     from reslens._inputs import encode, pad_ids, pad_token_id
     from reslens.arch import adapter
     from reslens.lens import lens_stats, logit_lens
+    from reslens.lenses import load_lens
 
     if (args.text is None) == (args.file is None):
         raise _UsageError("give either TEXT or --file FILE (one of them)")
     text = args.text if args.file is None else args.file.read_text(encoding="utf-8")
     if not text.strip():
         raise _UsageError("the text is empty")
+    if args.lens is not None and not args.lens.exists():
+        raise _UsageError(f"--lens {args.lens}: no such file or folder")
     model, tokenizer = reslens.load_model(args.model, device=args.device)
     arch = adapter(model)
+    learned = None if args.lens is None else load_lens(args.lens, model=model)
     ids = encode(tokenizer, text)  # no "longer than the maximum" warning: long texts are cut below
     if args.stats:
         ids = ids if args.max_tokens is None else ids[: args.max_tokens]
@@ -221,7 +228,7 @@ def _lens(args: argparse.Namespace) -> int:
             raise ValueError("the text has fewer than 2 tokens")
         pad = pad_token_id(tokenizer)
         batches = [pad_ids(windows[i : i + 8], pad_id=pad) for i in range(0, len(windows), 8)]
-        stats = lens_stats(arch, batches, tokenizer=tokenizer)
+        stats = lens_stats(arch, batches, tokenizer=tokenizer, lens=learned)
         print(stats.table())
         figure = stats.plot() if args.out else None
     else:
@@ -230,7 +237,8 @@ def _lens(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             ids = ids[: arch.n_ctx]
         sites = ("resid", "resid_mid") if args.mid else ("resid",)
-        result = logit_lens(arch, torch.tensor([ids]), tokenizer=tokenizer, top_k=args.top_k, sites=sites)
+        result = logit_lens(arch, torch.tensor([ids]), tokenizer=tokenizer, top_k=args.top_k, sites=sites,
+                            lens=learned)
         print(result.table(width=args.width))
         figure = result.plot(metric=args.metric) if args.out else None
     if figure is not None:
