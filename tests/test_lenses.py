@@ -114,6 +114,23 @@ def test_the_shortcut_equals_a_brute_force_least_squares_solve():
         torch.testing.assert_close(shortcut.bias[layer].double(), solution[-1], atol=2e-4, rtol=1e-3)
 
 
+def test_the_solve_survives_smollm2_sized_moments_on_two_threads():
+    from reslens.lenses import ShortcutMoments
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the oneMKL batched-solve failure needed 2 threads and 30 x 576 x 576
+    try:
+        moments = ShortcutMoments(30, 576)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            moments.add(torch.randn(31, 700, 576, generator=g))
+        weight, bias = moments.solve(1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert weight.shape == (30, 576, 576)
+    assert bool(torch.isfinite(weight).all() and torch.isfinite(bias).all())
+
+
 def test_training_the_tuned_lens_lowers_its_kl_and_leaves_the_model_alone():
     model = make_family("gpt2")
     before = {k: v.clone() for k, v in model.state_dict().items()}

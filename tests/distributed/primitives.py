@@ -27,4 +27,5 @@ out = {"rank": shard.rank, "world": shard.world, "mine": mine, "sum": total.item
        "objects": objects, "top_v": top_v.tolist(), "top_i": top_i.tolist(), "refused": refused}
 with open(f"{sys.argv[1]}.{shard.rank}.json", "w") as f:
     json.dump(out, f)
+dist.barrier()  # leave together: a rank closing while the other still talks can abort it (SIGABRT)
 dist.destroy_process_group()

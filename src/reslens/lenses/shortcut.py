@@ -9,6 +9,10 @@ is the closed-form ridge solution on the centred moments,
 
 so ``ridge`` is relative to the residual's mean variance (``ridge=0`` is ordinary least squares
 with an intercept, the paper's fit).
+
+Under a process group (``group=``, see :mod:`reslens._distributed`) rank ``r`` reads the batches
+numbered ``i`` with ``i % world == r`` and the ranks' moments are merged exactly (the many-way form
+of the same update, :meth:`ShortcutMoments.merge`), so every rank fits the one-process map.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_float, check_int
+from reslens._distributed import Shard, shard_of, units_of
 from reslens.arch import adapter
 from reslens.lenses._base import LinearShortcut
 from reslens.lenses._data import corpus_windows, residual_batches
@@ -59,13 +64,41 @@ class ShortcutMoments:
         self.mean_y += dy * (n_b / n)
         self.n = n
 
+    def merge(self, shard: Shard) -> None:
+        """Make these the moments of every rank's tokens (the same on every rank; nothing alone).
+
+        The many-way Chan update with float64 all-reduces: ``n = sum n_r``, ``mean = sum n_r mean_r / n``
+        and ``m2 = sum_r [m2_r + n_r (mean_r - mean)(mean_r - mean)^T]`` (``h y^T`` alike), each rank
+        adding its own term about the merged mean: no cancellation, whatever the ranks' means.
+        """
+        if not shard.parallel:
+            return
+        n_layer, d = self.mean_x.shape
+        n_r = float(self.n)
+        first = torch.cat([torch.tensor([n_r], dtype=torch.float64, device=self.mean_x.device),
+                           (n_r * self.mean_x).flatten(), n_r * self.mean_y])
+        first = shard.sum(first)
+        n = first[0]
+        if float(n) == 0:
+            return
+        mean_x, mean_y = (first[1 : 1 + n_layer * d] / n).view(n_layer, d), first[1 + n_layer * d :] / n
+        dx, dy = self.mean_x - mean_x, self.mean_y - mean_y  # [L, d], [d]
+        m2_xx = self.m2_xx + n_r * dx[:, :, None] * dx[:, None, :]
+        m2_xy = self.m2_xy + n_r * dx[:, :, None] * dy[None, None, :]
+        both = shard.sum(torch.stack([m2_xx, m2_xy]))
+        self.m2_xx, self.m2_xy = both[0], both[1]
+        self.mean_x, self.mean_y, self.n = mean_x, mean_y, int(round(float(n)))
+
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weight [L, d_out, d_in], bias [L, d])`` in float32 from the centred moments."""
         c_xx, c_xy = self.m2_xx / self.n, self.m2_xy / self.n
         d = c_xx.shape[-1]
         scale = torch.diagonal(c_xx, dim1=1, dim2=2).sum(-1) / d  # [L]: the mean variance
         eye = torch.eye(d, dtype=c_xx.dtype, device=c_xx.device)
-        a_t = torch.linalg.solve(c_xx + ridge * scale[:, None, None] * eye, c_xy)  # [L, d_in, d_out] = A^T
+        # One solve per layer: torch 2.13's CPU build fails batched float64 solves of this size on 2 threads
+        # (oneMKL "Parameter 6 was incorrect on entry to DLASWP"); single ones are fine.
+        regular = c_xx + ridge * scale[:, None, None] * eye
+        a_t = torch.stack([torch.linalg.solve(regular[i], c_xy[i]) for i in range(len(c_xx))])  # A^T
         weight = a_t.transpose(1, 2)
         bias = self.mean_y[None] - (weight @ self.mean_x[:, :, None])[..., 0]
         return weight.float().cpu(), bias.float().cpu()
@@ -81,6 +114,7 @@ def fit_shortcut(
     batch_size: int = 8,
     ridge: float = 1e-6,
     progress: bool = True,
+    group: Any = None,
 ) -> LinearShortcut:
     """Fit the linear shortcut of every layer ``0..n_layer-1`` to the last residual over ``corpus``.
 
@@ -89,6 +123,9 @@ def fit_shortcut(
     tokens never count). ``ridge``: relative ridge term (see the module docstring; default 1e-6,
     enough to keep a degenerate direction solvable). Shows a tqdm bar unless ``progress=False``.
     One forward per batch; the solve is one ``d_model x d_model`` system per layer.
+    ``group``: a torch.distributed process group; None = the default group under torchrun, else
+    one process; see :mod:`reslens._distributed`. Each rank reads every ``world``-th batch and
+    every rank returns the merged fit (the one-process fit up to float64 rounding).
 
     >>> import torch, reslens
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -109,18 +146,24 @@ def fit_shortcut(
     check_int(max_tokens, "max_tokens", low=2)
     check_float(ridge, "ridge", low=0.0)
     check_bool(progress, "progress")
+    check_int(batch_size, "batch_size", low=1)
+    shard = shard_of(group)
     windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
+    shard.same((len(windows), batch_size, ridge), "the number of windows, batch_size and ridge")
+    chunks = units_of(shard, [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)])
     moments = ShortcutMoments(arch.n_layer, arch.d_model, arch.device)
     with tqdm(
-        total=sum(map(len, windows)),
+        total=sum(len(w) for chunk in chunks for w in chunk),
         desc="linear shortcut",
         unit="tok",
         unit_scale=True,
-        disable=not progress,
+        disable=not progress or not shard.primary,
     ) as bar:
-        for resid in residual_batches(arch, windows, batch_size):
-            moments.add(resid)
-            bar.update(resid.shape[1])
+        for chunk in chunks:
+            for resid in residual_batches(arch, chunk, batch_size):
+                moments.add(resid)
+                bar.update(resid.shape[1])
+    moments.merge(shard)
     if moments.n <= arch.d_model:
         raise ValueError(
             f"the corpus gave {moments.n} tokens; fitting a {arch.d_model}-wide map needs more than "

@@ -15,6 +15,13 @@ Memory: one step's residuals (``[n_layer + 1, tokens, d_model]``) plus, for one 
 ``[tokens, vocab]`` at once. ``checkpoint=`` saves the translators, the optimizer's state and the
 loss history every ``save_every`` steps (atomically) and a run given the same checkpoint, corpus and
 options continues from it.
+
+Under a process group (``group=``, see :mod:`reslens._distributed`) training is data-parallel like
+DDP: each step's windows are split over the ranks by number (``i % world == r``), each rank
+backpropagates its part of the step's loss (normalised by the step's token count over all ranks),
+and the translators' gradients are summed over the ranks before clipping and the optimizer step, so
+every rank holds the same translators, the one-process ones up to float32 rounding. Rank 0 alone
+writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_choice, check_float, check_int
+from reslens._distributed import Shard, shard_of, units_of
 from reslens._saving import read_safetensors, write_safetensors
 from reslens.arch import Arch, adapter
 from reslens.lenses._base import TunedLens
@@ -39,10 +47,13 @@ _FORMAT = "reslens.TunedLensCheckpoint/1"
 
 
 def _step_loss(
-    arch: Arch, translators: list[torch.nn.Linear], resid: torch.Tensor, chunk_size: int
+    arch: Arch, translators: list[torch.nn.Linear], resid: torch.Tensor, chunk_size: int, n: int
 ) -> list[float]:
-    """Backpropagate one step's loss into ``translators``; ``[L]``: mean KL(final || layer) (nats)."""
-    norm, n = arch.norm("final"), resid.shape[1]
+    """Backpropagate one step's loss into ``translators``; ``[L]``: summed KL(final || layer) / ``n`` (nats).
+
+    ``n``: the step's token count (over every rank), so the losses of all ranks sum to the step's mean.
+    """
+    norm = arch.norm("final")
     w_u = arch.W_U.detach()  # the model's weights get no gradient (nor a .grad)
     b_u = None if arch.b_U is None else arch.b_U.detach()
 
@@ -50,7 +61,7 @@ def _step_loss(
         return torch.nn.functional.linear(x, w_u, b_u).float()
 
     losses = [0.0] * len(translators)
-    for start in range(0, n, chunk_size):
+    for start in range(0, resid.shape[1], chunk_size):
         h = resid[:, start : start + chunk_size].float()  # [L + 1, c, d]
         with torch.no_grad():
             log_q = torch.log_softmax(unembed(norm(h[-1])), dim=-1)  # [c, vocab]
@@ -132,6 +143,42 @@ def _load_checkpoint(path: Path, translators, opt, fingerprint: str) -> tuple[in
     return int(meta["step"]), json.loads(meta["history"])
 
 
+def _step_resid(arch: Arch, windows: list[list[int]], batch_size: int) -> torch.Tensor:
+    """``resid: [L + 1, n, d]`` of ``windows``' real tokens (``n = 0`` for no window)."""
+    if not windows:
+        return torch.zeros(arch.n_layer + 1, 0, arch.d_model, device=arch.device)
+    return torch.cat(list(residual_batches(arch, windows, batch_size)), dim=1)
+
+
+def _train_step(arch: Arch, translators: list[torch.nn.Linear], windows: list[list[int]], batch_size: int,
+                chunk_size: int, shard: Shard) -> list[float]:
+    """This rank's part of one step's gradients, summed over the ranks; ``[L]``: the step's mean losses."""
+    resid = _step_resid(arch, units_of(shard, windows), batch_size)  # [L + 1, n, d]
+    if not shard.parallel:
+        return _step_loss(arch, translators, resid, chunk_size, resid.shape[1])
+    n = int(shard.sum(torch.tensor([resid.shape[1]], dtype=torch.float64)).item())
+    losses = _step_loss(arch, translators, resid, chunk_size, n)
+    params = [p for t in translators for p in (t.weight, t.bias)]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    summed = shard.sum(torch.cat([g.reshape(-1) for g in grads]))
+    for p, g in zip(params, summed.split([q.numel() for q in params])):
+        p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))
+    return shard.sum(torch.tensor(losses, dtype=torch.float64)).tolist()
+
+
+def _check_options(tokens_per_step: Any, optimizer: Any, lr: Any, momentum: Any, weight_decay: Any,
+                   chunk_size: Any, save_every: Any, progress: Any, batch_size: Any) -> None:
+    check_int(tokens_per_step, "tokens_per_step", low=1)
+    check_choice(optimizer, ("sgd", "adam"), "optimizer")
+    check_float(lr, "lr", low=0.0, low_open=True)
+    check_float(momentum, "momentum", low=0.0, high=0.999)
+    check_float(weight_decay, "weight_decay", low=0.0)
+    check_int(chunk_size, "chunk_size", low=1)
+    check_int(save_every, "save_every", low=1)
+    check_bool(progress, "progress")
+    check_int(batch_size, "batch_size", low=1)
+
+
 def train_tuned_lens(
     model: Any,
     corpus: Any,
@@ -149,6 +196,7 @@ def train_tuned_lens(
     checkpoint: str | os.PathLike | None = None,
     save_every: int = 10,
     progress: bool = True,
+    group: Any = None,
 ) -> TunedLens:
     """Train a tuned lens on ``max_tokens`` corpus tokens, ``tokens_per_step`` per optimizer step.
 
@@ -160,18 +208,19 @@ def train_tuned_lens(
     positions are unembedded at a time. ``checkpoint``: a file to save to every ``save_every`` steps
     and at the end, and to resume from when it exists. Returns the lens; its ``config`` holds the
     recipe, the tokens and steps trained and the per-step, per-layer loss (``loss``, nats).
+
+    ``group``: a torch.distributed process group; None = the default group under torchrun, else
+    one process; see :mod:`reslens._distributed`. Each step's windows are split over the ranks,
+    the gradients summed (see the module docstring); every rank returns the same lens, and the
+    loss history is the mean over all the step's tokens. Rank 0 alone writes ``checkpoint``
+    (every rank resumes from it, so it must be on a file system all ranks see).
     """
     from tqdm.auto import tqdm
 
     arch = adapter(model)
-    check_int(tokens_per_step, "tokens_per_step", low=1)
-    check_choice(optimizer, ("sgd", "adam"), "optimizer")
-    check_float(lr, "lr", low=0.0, low_open=True)
-    check_float(momentum, "momentum", low=0.0, high=0.999)
-    check_float(weight_decay, "weight_decay", low=0.0)
-    check_int(chunk_size, "chunk_size", low=1)
-    check_int(save_every, "save_every", low=1)
-    check_bool(progress, "progress")
+    _check_options(tokens_per_step, optimizer, lr, momentum, weight_decay, chunk_size, save_every, progress,
+                   batch_size)
+    shard = shard_of(group)
     windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
     per_step = max(1, tokens_per_step // min(max_length, arch.n_ctx))
     options = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
@@ -181,6 +230,7 @@ def train_tuned_lens(
     params = [p for t in translators for p in t.parameters()]
     opt = _optimizer(params, optimizer, lr, momentum, weight_decay)
     fingerprint = _fingerprint(windows, options)
+    shard.same(fingerprint, "the corpus, model shape and options")
     path = None if checkpoint is None else Path(os.fspath(checkpoint)).expanduser()
     start, history = (
         (0, [])
@@ -189,22 +239,24 @@ def train_tuned_lens(
     )
     steps = -(-len(windows) // per_step)
     warmup = min(1000, steps // 5) if optimizer == "adam" else 0
-    base_lrs = [group["lr"] for group in opt.param_groups]
-    with tqdm(total=steps, initial=start, desc="tuned lens", unit="step", disable=not progress) as bar:
+    base_lrs = [param_group["lr"] for param_group in opt.param_groups]
+    with tqdm(total=steps, initial=start, desc="tuned lens", unit="step",
+              disable=not progress or not shard.primary) as bar:
         for step in range(start, steps):
             step_windows = windows[step * per_step : (step + 1) * per_step]
-            resid = torch.cat(list(residual_batches(arch, step_windows, batch_size)), dim=1)  # [L + 1, n, d]
-            losses = _step_loss(arch, translators, resid, chunk_size)
+            losses = _train_step(arch, translators, step_windows, batch_size, chunk_size, shard)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for group, base in zip(opt.param_groups, base_lrs):
-                group["lr"] = base * _lr_factor(step, steps, warmup)
+            for param_group, base in zip(opt.param_groups, base_lrs):
+                param_group["lr"] = base * _lr_factor(step, steps, warmup)
             opt.step()
             opt.zero_grad(set_to_none=False)
             history.append([round(x, 5) for x in losses])
             bar.set_postfix(kl=f"{sum(losses) / len(losses):.3f}")
             bar.update(1)
             if path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                _save_checkpoint(path, translators, opt, step + 1, fingerprint, history)
+                if shard.primary:
+                    _save_checkpoint(path, translators, opt, step + 1, fingerprint, history)
+                shard.barrier()
     weight = torch.stack([t.weight.detach().cpu() for t in translators])
     bias = torch.stack([t.bias.detach().cpu() for t in translators])
     model_name = getattr(arch.model.config, "name_or_path", "") or type(arch.model).__name__

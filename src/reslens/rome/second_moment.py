@@ -4,6 +4,11 @@ ROME's ``layer_stats(..., "mom2")``, as an object the caller computes once, save
 passes to :func:`reslens.rome.rank_one_edit`. No statistics are cached in memory; with
 ``cache_dir`` they are kept on disk under a key of the weights' content (hashed once per
 weights version), the layer, the corpus and the limits.
+
+Under a process group (``group=``, see :mod:`reslens._distributed`) rank ``r`` reads the batches
+numbered ``i`` with ``i % world == r``; the float64 sums of ``k k^T`` and the token counts are
+summed over the ranks, so every rank holds the one-process matrix (up to the order of float64
+additions), and only rank 0 writes the cache file.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from reslens._checks import check_block, check_finite, check_int
 from reslens._corpus import corpus_files, corpus_texts, text_windows
+from reslens._distributed import Shard, shard_of
 from reslens._inputs import pad_ids
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
@@ -153,7 +159,8 @@ class SecondMoment(Saveable):
     @classmethod
     def compute(cls, model: Any, layer: int, corpus: Any, *, tokenizer: Any = None,
                 max_tokens: int = 100_000, max_length: int | None = None, batch_size: int = 16,
-                cache_dir: str | os.PathLike | None = None, progress: bool = False) -> SecondMoment:
+                cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                group: Any = None) -> SecondMoment:
         """``E[k k^T]`` of block ``layer``'s MLP keys over the tokens of ``corpus`` (ROME's ``layer_stats``).
 
         ``corpus``: a text file, a folder of ``.txt`` files, an iterable of strings (these need
@@ -163,6 +170,11 @@ class SecondMoment(Saveable):
         With ``cache_dir`` the statistics are kept there as ``mom2-<key>.safetensors`` (key: the
         weights' content hash, the layer, the corpus and the limits) and read back by later
         calls; an unreadable or inconsistent file there is rebuilt.
+
+        ``group``: a torch.distributed process group; None = the default group under torchrun,
+        else one process; see :mod:`reslens._distributed`. Each rank reads every ``world``-th
+        batch of ``batch_size`` windows; every rank returns the merged statistics, which rank 0
+        alone writes to ``cache_dir`` (the others wait for it).
         """
         arch = adapter(model)
         layer = check_block(layer, arch.n_layer)
@@ -171,6 +183,7 @@ class SecondMoment(Saveable):
             max_length = min(check_int(max_length, "max_length", low=1), arch.n_ctx)
         max_length = arch.n_ctx if max_length is None else max_length
         batch_size = check_int(batch_size, "batch_size", low=1)
+        shard = shard_of(group)
         texts, ids, corpus_id = _corpus_key(corpus)
         weights = _weights_hash(arch, layer)
         corpus_hash = hashlib.sha1(f"{corpus_id}|{max_tokens}|{max_length}".encode()).hexdigest()
@@ -179,11 +192,13 @@ class SecondMoment(Saveable):
             name = hashlib.sha1(f"{weights}|{layer}|{corpus_hash}".encode()).hexdigest()[:20]
             file = Path(cache_dir).expanduser() / f"mom2-{name}.safetensors"
             cached = _read_cached(file, arch, layer, weights, corpus_hash)
+            shard.same(cached is not None, f"whether {os.fspath(file)!r} holds these statistics")
             if cached is not None:
                 object.__setattr__(cached, "key", WeightsKey(arch, layer))
                 return cached
         windows = _windows(texts, ids, tokenizer, max_tokens, max_length)
-        mom2, count = _accumulate(arch, layer, windows, batch_size, progress)
+        shard.same((weights, corpus_hash, batch_size, len(windows)), "the weights, corpus and batch size")
+        mom2, count = _accumulate(arch, layer, windows, batch_size, progress, shard)
         if not bool(torch.isfinite(mom2).all()):
             raise ValueError(f"the keys of layer {layer} over this corpus have a non-finite second moment "
                              "(NaN or inf: an overflow in the model's dtype?); compute it with the model in "
@@ -191,7 +206,9 @@ class SecondMoment(Saveable):
         stats = cls(mom2=mom2, n_tokens=count, layer=layer, weights=weights, corpus=corpus_hash)
         object.__setattr__(stats, "key", WeightsKey(arch, layer))
         if file is not None:
-            stats.save(file)
+            if shard.primary:
+                stats.save(file)
+            shard.barrier()
         return stats
 
     def matches(self, model: Any) -> bool:
@@ -228,31 +245,41 @@ def _read_cached(file: Path, arch: Arch, layer: int, weights: str, corpus: str) 
 
 
 def _accumulate(arch: Arch, layer: int, windows: list[list[int]], batch_size: int,
-                progress: bool) -> tuple[torch.Tensor, int]:
-    """``(sum k k^T / n, n)`` over the real tokens of ``windows`` (float64 sums; float32 CPU result)."""
+                progress: bool, shard: Shard) -> tuple[torch.Tensor, int]:
+    """``(sum k k^T / n, n)`` over the real tokens of ``windows`` (float64 sums; float32 CPU result).
+
+    This rank reads its share of the batches; the sums and counts are summed over the ranks.
+    """
     from tqdm.auto import tqdm
 
     total = torch.zeros(arch.d_mlp, arch.d_mlp, dtype=torch.float64, device=arch.device)
     count = 0
-    for start in tqdm(range(0, len(windows), batch_size), desc=f"MLP key second moment (layer {layer})",
-                      unit="batch", disable=not progress):
+    starts = range(0, len(windows), batch_size)
+    for _, start in tqdm(shard.take(starts), total=len(starts[shard.rank :: shard.world]),
+                         desc=f"MLP key second moment (layer {layer})", unit="batch",
+                         disable=not progress or not shard.primary):
         batch = pad_ids(windows[start : start + batch_size])
         k = capture(arch, batch, sites="mlp_act", layers=layer).mlp_act[0]  # [b, pos, d_mlp]
         k = k[batch.attention_mask.to(k.device)].double()  # [tokens, d_mlp]
         total += k.T @ k
         count += k.shape[0]
+    if shard.parallel:
+        total = shard.sum(total)
+        count = int(shard.sum(torch.tensor([count], dtype=torch.float64)).item())
     return (total / count).float().cpu(), count
 
 
 def mlp_key_second_moment(model: Any, layer: int, corpus: Any, *, tokenizer: Any = None,
                           max_tokens: int = 100_000, max_length: int | None = None, batch_size: int = 16,
-                          cache_dir: str | os.PathLike | None = None, progress: bool = False) -> torch.Tensor:
+                          cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                          group: Any = None) -> torch.Tensor:
     """``C = E[k k^T]`` ``[d_mlp, d_mlp]`` (float32, model's device): ``SecondMoment.compute(...).mom2``.
 
     A fresh tensor on every call; prefer :class:`SecondMoment`, which also says which layer,
-    weights and corpus the matrix comes from.
+    weights and corpus the matrix comes from. ``group``: a torch.distributed process group;
+    None = the default group under torchrun, else one process; see :mod:`reslens._distributed`.
     """
     stats = SecondMoment.compute(model, layer, corpus, tokenizer=tokenizer, max_tokens=max_tokens,
                                  max_length=max_length, batch_size=batch_size, cache_dir=cache_dir,
-                                 progress=progress)
+                                 progress=progress, group=group)
     return stats.mom2.to(adapter(model).device, copy=True)

@@ -1,0 +1,108 @@
+"""The data-set passes the distributed tests run: each under torchrun (2 gloo ranks) and in one process.
+
+Every case builds its model and data the same way wherever it runs and returns plain tensors, so a
+worker's output and the test process's can be compared key by key.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
+
+SENTENCES = (
+    "The river ran past the old mill, and the miller's daughter counted the boats going down to the sea. ",
+    "Seven ravens sat on the roof of the barn and argued about the weather until the farmer came out. ",
+    "In the morning the baker opened his shop, lit the oven and sang a song his grandmother had taught him. ",
+    "Nobody in the village knew where the stranger came from, but everyone agreed that his coat was blue. ",
+)
+TEXT = "".join(SENTENCES[i % len(SENTENCES)] for i in range(18))  # ~390 GPT-2 tokens
+
+
+class Chars:
+    """A toy tokenizer for the tiny models: one id per character."""
+
+    def __call__(self, texts, add_special_tokens=False, **_):
+        if isinstance(texts, str):
+            return {"input_ids": [ord(c) % 97 for c in texts]}
+        return {"input_ids": [[ord(c) % 97 for c in t] for t in texts]}
+
+
+def _stats_tensors(stats, prefix: str) -> dict[str, torch.Tensor]:
+    from reslens.lens import METRICS
+
+    out = {"n_tokens": torch.tensor(stats.n_tokens), "n_sequences": torch.tensor(stats.n_sequences),
+           "exact": torch.tensor(stats.exact_quantiles), "n_non_finite": stats.n_non_finite,
+           "top1_agreement": stats.top1_agreement, "input_token_top1": stats.input_token_top1}
+    for name in METRICS:
+        out[f"mean.{name}"] = getattr(stats.mean, name)
+        out[f"quantiles.{name}"] = getattr(stats.quantiles, name)
+    return {f"{prefix}.{key}": value for key, value in out.items()}
+
+
+def lens_stats_case(group=None) -> dict[str, torch.Tensor]:
+    """Lens statistics of text (5 batches: 3 + 2) and of 3 id batches; exact and sampled quantiles."""
+    import reslens
+    from reslens._inputs import encode
+    from reslens.lens_stats import lens_stats
+
+    model, tokenizer = reslens.load_model()
+    kwargs = dict(tokenizer=tokenizer, max_length=24, batch_size=4, progress=False, group=group)
+    out = _stats_tensors(lens_stats(model, TEXT, **kwargs), "text")
+    out |= _stats_tensors(lens_stats(model, TEXT, max_samples=120, **kwargs), "sampled")
+    ids = torch.tensor(encode(tokenizer, TEXT)[:120]).view(3, 2, 20)  # 3 batches [2, 20]
+    out |= _stats_tensors(lens_stats(model, list(ids), progress=False, group=group), "ids")
+    return out
+
+
+def second_moment_case(group=None, cache_dir=None) -> dict[str, torch.Tensor]:
+    """ROME's key statistics of layer 1 (5 batches: 3 + 2), also through ``cache_dir``."""
+    import reslens
+    from reslens.rome import SecondMoment
+
+    model, tokenizer = reslens.load_model()
+    kwargs = dict(tokenizer=tokenizer, max_tokens=300, max_length=20, batch_size=3, group=group)
+    stats = SecondMoment.compute(model, 1, [TEXT], **kwargs)
+    out = {"mom2": stats.mom2, "n_tokens": torch.tensor(stats.n_tokens)}
+    if cache_dir is not None:
+        first = SecondMoment.compute(model, 1, [TEXT], cache_dir=cache_dir, **kwargs)  # rank 0 writes
+        again = SecondMoment.compute(model, 1, [TEXT], cache_dir=cache_dir, **kwargs)  # every rank reads
+        out |= {"cached.mom2": first.mom2, "again.mom2": again.mom2}
+    return out
+
+
+def shortcut_case(group=None) -> dict[str, torch.Tensor]:
+    """The linear shortcut of a tiny Llama over 5 batches (3 + 2)."""
+    from helpers import make_family
+
+    from reslens.lenses import fit_shortcut
+
+    model = make_family("llama")
+    lens = fit_shortcut(model, [TEXT], tokenizer=Chars(), max_tokens=600, max_length=40, batch_size=3,
+                        progress=False, group=group)
+    return {"weight": lens.weight, "bias": lens.bias, "n_tokens": torch.tensor(lens.config["n_tokens"])}
+
+
+def tuned_lens_case(group=None, checkpoint=None) -> dict[str, torch.Tensor]:
+    """A tuned lens of a tiny GPT-2: 13 windows, 3 a step (2 + 1 on two ranks; the last step 1 + 0)."""
+    from helpers import make_family
+
+    from reslens.lenses import train_tuned_lens
+
+    model = make_family("gpt2")
+    lens = train_tuned_lens(model, [TEXT], tokenizer=Chars(), max_tokens=520, tokens_per_step=120,
+                            max_length=40, batch_size=2, chunk_size=32, checkpoint=checkpoint, save_every=2,
+                            progress=False, group=group)
+    loss = torch.tensor(lens.config["loss"], dtype=torch.float64)  # [steps, n_layer]
+    steps = torch.tensor(lens.config["steps"])
+    return {"weight": lens.weight, "bias": lens.bias, "loss": loss, "steps": steps}
+
+
+def save(tensors: dict[str, torch.Tensor], prefix: str, rank: int) -> None:
+    """Write a rank's results to ``<prefix>.<rank>.safetensors``."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, f"{prefix}.{rank}.safetensors")

@@ -1,0 +1,162 @@
+"""Data-parallel data-set passes: under torchrun (2 gloo processes) every rank gets the one-process result.
+
+Each test launches a worker of tests/distributed/ with ``torch.distributed.run``, reads what each rank
+returned, and compares it with the same case (tests/distributed/cases.py) run here with no group.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reslens._distributed import Shard, shard_of
+
+WORKERS = Path(__file__).resolve().parent / "distributed"
+
+
+def _gloo() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+needs_gloo = pytest.mark.skipif(not _gloo(), reason="torch.distributed with gloo is not available")
+
+
+def _cases():
+    spec = importlib.util.spec_from_file_location("reslens_distributed_cases", WORKERS / "cases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cases = _cases()
+
+
+def _torchrun(worker: str, tmp_path: Path) -> Path:
+    """Run ``tests/distributed/<worker>.py OUT`` on 2 gloo processes; ``OUT`` (a path prefix)."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(WORKERS / f"{worker}.py"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.fail(f"torchrun {worker}.py exited with {done.returncode}:\n{done.stdout[-3000:]}\n"
+                    f"{done.stderr[-6000:]}")
+    return out
+
+
+def _ranks(out: Path) -> list[dict[str, torch.Tensor]]:
+    return [load_file(f"{out}.{rank}.safetensors") for rank in range(2)]
+
+
+@pytest.fixture
+def one_thread():
+    """The reference on one thread, as the workers run (OMP_NUM_THREADS=1): the same kernels' blocking."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shard_of_alone_is_one_process():
+    assert shard_of() == Shard(None, 0, 1) and shard_of(False) == Shard(None, 0, 1)
+    with pytest.raises(TypeError, match="group must be None, False or a torch.distributed ProcessGroup"):
+        shard_of(True)
+    alone = shard_of()
+    assert [i for i, _ in alone.take("abc")] == [0, 1, 2] and alone.primary and not alone.parallel
+    t = torch.ones(3, dtype=torch.float64)
+    assert alone.sum(t) is t and alone.cat(t) is t and alone.gather_objects(5) == [5]
+
+
+@needs_gloo
+def test_primitives_under_torchrun(tmp_path):
+    out = _torchrun("primitives", tmp_path)
+    seen = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
+    assert [s["mine"] for s in seen] == [[0, 2, 4, 6], [1, 3, 5]]
+    for rank, s in enumerate(seen):
+        assert (s["rank"], s["world"], s["sum"]) == (rank, 2, 3.0)
+        assert s["cat"] == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+        assert s["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert s["top_i"] == [[1, 2, 6]] and s["top_v"] == [[3.0, 3.0, 3.0]]  # ties: the smaller id
+        assert s["refused"]  # same() refuses ranks that disagree
+
+
+def _assert_stats_equal(got: dict, want: dict, prefix: str) -> None:
+    for key in (k for k in got if k.startswith(prefix + ".")):
+        if ".mean." in key:  # float64 sums in another order, then float32: at most an ulp apart
+            torch.testing.assert_close(got[key], want[key], rtol=2.4e-7, atol=0, msg=key)
+        else:  # counts, agreements, and the quantiles of the very same values
+            assert torch.equal(got[key], want[key]), key
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_lens_stats_under_torchrun_equal_one_process(tmp_path, one_thread):
+    ranks = _ranks(_torchrun("lens_stats", tmp_path))
+    want = cases.lens_stats_case()
+    assert bool(want["text.exact"]) and bool(want["ids.exact"]) and not bool(want["sampled.exact"])
+    for got in ranks:
+        assert got.keys() == want.keys()
+        _assert_stats_equal(got, want, "text")  # windows of text, 5 batches over 2 ranks
+        _assert_stats_equal(got, want, "ids")  # the caller's 3 id batches
+        sampled = {k: v for k, v in got.items() if k.startswith("sampled.") and ".quantiles." not in k}
+        _assert_stats_equal(sampled, want, "sampled")  # more than max_samples: the sums still exact
+        for key in (k for k in got if k.startswith("sampled.quantiles.")):
+            exact = want[key.replace("sampled.", "text.")]
+            median = got[key][:, 2]  # a uniform sample of 120 of ~390 positions: within q25..q75
+            assert bool(((exact[:, 1] <= median) & (median <= exact[:, 3])).all()), key
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in want)  # every rank returns the same
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_second_moment_under_torchrun_equal_one_process_and_rank_0_writes_the_cache(tmp_path, one_thread):
+    ranks = _ranks(_torchrun("second_moment", tmp_path))
+    want = cases.second_moment_case()
+    scale = float(want["mom2"].abs().max())
+    files = list((tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("mom2-"), files
+    for got in ranks:
+        assert torch.equal(got["n_tokens"], want["n_tokens"])
+        torch.testing.assert_close(got["mom2"], want["mom2"], rtol=2.4e-7, atol=1e-12 * scale)
+        assert torch.equal(got["cached.mom2"], got["mom2"]) and torch.equal(got["again.mom2"], got["mom2"])
+    assert torch.equal(ranks[0]["mom2"], ranks[1]["mom2"])
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_shortcut_under_torchrun_equal_one_process(tmp_path, one_thread):
+    ranks = _ranks(_torchrun("shortcut", tmp_path))
+    want = cases.shortcut_case()
+    for got in ranks:
+        assert torch.equal(got["n_tokens"], want["n_tokens"])
+        for key in ("weight", "bias"):
+            scale = float(want[key].abs().max())
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6 * scale, msg=key)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ("weight", "bias"))  # every rank the same
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_tuned_lens_under_torchrun_equal_one_process_and_its_checkpoint_resumes_alone(tmp_path, one_thread):
+    ranks = _ranks(_torchrun("tuned_lens", tmp_path))
+    want = cases.tuned_lens_case()
+    for got in ranks:
+        assert torch.equal(got["steps"], want["steps"]) and int(want["steps"]) == 5
+        torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["bias"], want["bias"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=0, atol=2e-5)  # global means, 5 decimals
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ("weight", "bias"))  # every rank the same
+    checkpoint = tmp_path / "tuned.ckpt.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == [checkpoint.name]  # no temp file
+    resumed = cases.tuned_lens_case(checkpoint=checkpoint)  # one process, all steps done: the ranks' lens
+    assert all(torch.equal(resumed[k], ranks[0][k]) for k in ("weight", "bias", "loss"))
