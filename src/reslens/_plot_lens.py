@@ -136,26 +136,31 @@ def plot_lens_stats(stats, *, ax=None):
     return fig
 
 def plot_lens_comparison(comparison, *, ax=None):
-    """KL(final || lens) (solid) and cross-entropy with the next token (dashed) per layer, a colour per lens.
+    """Per layer, a line per lens: KL(final || lens) (log scale) beside the cross-entropy with the next token.
 
-    ``comparison``: a :class:`~reslens.lenses.LensComparison`. Log scale for the KL. Returns the figure.
+    ``comparison``: a :class:`~reslens.lenses.LensComparison`. Two panels; with ``ax=``, the KL
+    panel alone is drawn on that axes. Returns the figure.
     """
-    fig, left = _figure(ax, (8, 4))
-    right = left.twinx()
+    if ax is None:
+        fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
+    else:
+        fig, left, right = ax.figure, ax, None
     layers = list(comparison.layers)
     for k, name in enumerate(comparison.lenses):
-        colour = f"C{k}"
         kl = comparison.kl_final_layer[k].clamp(min=1e-4).numpy()
-        left.plot(layers[:-1], kl[:-1], "o-", color=colour, label=f"{name}: KL(final ‖ lens)")
-        right.plot(layers, comparison.cross_entropy[k].numpy(), "s--", color=colour, alpha=0.7,
-                   label=f"{name}: cross-entropy")
+        left.plot(layers[:-1], kl[:-1], "o-", color=f"C{k}", label=name)
+        if right is not None:
+            right.plot(layers, comparison.cross_entropy[k].numpy(), "o-", color=f"C{k}", label=name)
     left.set_yscale("log")
-    left.set_xlabel("layer (0 = embedding; the last = the output)")
-    left.set_ylabel("KL(final ‖ lens), nats (solid)")
-    right.set_ylabel("cross-entropy with the next token, nats (dashed)")
-    left.xaxis.get_major_locator().set_params(integer=True)
-    lines = left.get_lines() + right.get_lines()
-    left.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper right")
-    left.set_title(f"lenses on {comparison.n_tokens} held-out tokens", fontsize=10)
-    fig.tight_layout()
+    left.set_ylabel("KL(final ‖ lens), nats")
+    left.set_title(f"KL to the output on {comparison.n_tokens} held-out tokens", fontsize=10)
+    for panel in (left, right):
+        if panel is not None:
+            panel.set_xlabel("layer (0 = embedding; the last = the output)")
+            panel.xaxis.get_major_locator().set_params(integer=True)
+            panel.legend(fontsize=8)
+    if right is not None:
+        right.set_yscale("log")
+        right.set_ylabel("cross-entropy with the next token, nats")
+        right.set_title("cross-entropy (the output's is the model's loss)", fontsize=10)
     return fig

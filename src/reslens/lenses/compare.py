@@ -69,19 +69,14 @@ class LensComparison(Saveable):
 
     def table(self) -> str:
         """Per layer: each lens's KL(final || lens) and cross-entropy, in nats."""
-        width = max(12, *(len(n) for n in self.lenses))
+        cells = [[f"{float(self.kl_final_layer[k, r]):.3f} / {float(self.cross_entropy[k, r]):.3f}"
+                  for k in range(len(self.lenses))] for r in range(len(self.layers))]
+        width = max(len(c) for row in cells for c in row + list(self.lenses))
         head = f"{'layer':>5} " + " ".join(f"{n:>{width}}" for n in self.lenses)
-        lines = [
-            f"{self.n_tokens} tokens; KL(final ‖ lens) / cross-entropy with the next token (nats)",
-            head,
-            "-" * len(head),
-        ]
-        for r, layer in enumerate(self.layers):
-            cells = [
-                f"{float(self.kl_final_layer[k, r]):.3f} / {float(self.cross_entropy[k, r]):.3f}"
-                for k in range(len(self.lenses))
-            ]
-            lines.append(f"{layer:>5} " + " ".join(f"{c:>{width}}" for c in cells))
+        lines = [f"{self.n_tokens} tokens; KL(final ‖ lens) / cross-entropy with the next token (nats)",
+                 head, "-" * len(head)]
+        for layer, row in zip(self.layers, cells):
+            lines.append(f"{layer:>5} " + " ".join(f"{c:>{width}}" for c in row))
         return "\n".join(lines)
 
     def plot(self, *, ax=None):
