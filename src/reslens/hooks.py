@@ -13,6 +13,12 @@ serve forwards from several threads while one of them traces or patches (each th
 stopped). Weight edits (:mod:`reslens.rome`) are not thread-local: they change the model for
 every thread.
 
+Dispatched models (accelerate's ``device_map``, layers on several devices, in CPU memory or on
+disk): the hooks are plain PyTorch hooks beside accelerate's own (which wrap ``forward``), so they
+see each module's inputs and outputs where accelerate runs it; captured tensors are gathered on
+``arch.device`` (where the embedding runs) unless ``device=`` says otherwise, and patch functions
+receive their tensors there too.
+
 Order: a :func:`patch` entered inside a :func:`trace` (or the other way round) is always
 recorded as patched: entering a patch moves the active traces' hooks of that model behind
 its own, so a recorded run never contradicts itself (``resid[l+1] = resid[l] + attn_out[l] +
@@ -94,6 +100,7 @@ class Trace(_ThreadHooks):
             )
         self.dtype = check_dtype(dtype)
         self.device = check_device(device)
+        self._gather = self.device or self.arch.device  # one device, however the model is dispatched
         self.detach = check_bool(detach, "detach")
         self._stop_when_done = _stop_when_done
         self._result: Residuals | None = None
@@ -112,7 +119,7 @@ class Trace(_ThreadHooks):
             site: _SiteBuffer(
                 self._n_entries(site),
                 self.dtype if site != "attn_pattern" else (self.dtype or torch.float32),
-                self.device,
+                self._gather,
                 self.detach,
             )
             for site in self.sites
@@ -137,7 +144,7 @@ class Trace(_ThreadHooks):
         if attention_mask is None:
             shape = tuple(input_ids.shape) if input_ids is not None else self._batch_pos(tensors)
             attention_mask = torch.ones(shape, dtype=torch.bool)
-        on = self.device or attention_mask.device
+        on = self._gather
         self._result = Residuals(
             attention_mask=attention_mask.bool().to(on),
             layers=self.layers,
@@ -346,7 +353,8 @@ def capture(
     alone. ``layers`` (0..n_layer, negatives from the end) limits the residual layers and
     blocks kept; the forward stops as soon as everything asked for is recorded (the LM head
     only runs when ``logits`` are asked for). ``dtype``/``device`` say how captured tensors
-    are stored; ``detach=False`` keeps them in the autograd graph.
+    are stored (``device=None``: the model's :attr:`~reslens.arch.Arch.device`, which gathers a
+    model dispatched over several devices); ``detach=False`` keeps them in the autograd graph.
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -370,7 +378,7 @@ def capture(
                 use_cache=False,
             )
         except _StopForward:
-            pass
+            arch.release_offloaded()  # accelerate offloads a whole module only when its forward returns
     res = recorder.residuals
     if bool(batch.special_mask.any()):
         res = replace(res, special_mask=batch.special_mask.to(res.attention_mask.device))
@@ -383,6 +391,7 @@ class Patch(_ThreadHooks):
     def __init__(self, model: Any, edits: Any) -> None:
         super().__init__()
         self.arch = adapter(model)
+        self._device = self.arch.device
         n_layer = self.arch.n_layer
         if not isinstance(edits, Mapping):
             raise TypeError(
@@ -412,15 +421,16 @@ class Patch(_ThreadHooks):
             self.edits[(site, layer)] = fn
 
     def _apply(self, site: str, layer: int, t: torch.Tensor) -> torch.Tensor:
-        out = self.edits[(site, layer)](t)
+        x = t.to(self._device)  # a dispatched model's layer may run elsewhere: the function sees arch.device
+        out = self.edits[(site, layer)](x)
         if out is None:  # edited in place
-            return t
+            return t if x is t else x.to(t.device)
         if not isinstance(out, torch.Tensor) or out.shape != t.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"the edit of ({site!r}, {layer}) returned {got}; expected a tensor {tuple(t.shape)}"
             )
-        return out.to(t.dtype)
+        return out.to(device=t.device, dtype=t.dtype)
 
     def _register(self, site: str, layer: int) -> None:
         a = self.arch

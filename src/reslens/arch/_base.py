@@ -4,6 +4,11 @@ Analyses ask an :class:`Arch` for modules by role (blocks, final norm, the atten
 projection, the MLP output projection), norms as data (:class:`~reslens.arch.Norm`), weights in
 one orientation (row-vector convention ``x @ W``, every MLP matrix ``[d_mlp, d_model]``) and the
 partial forwards causal tracing needs. Only ``arch/`` names HuggingFace modules.
+
+Models dispatched by accelerate (``device_map=``, with layers on several devices, in CPU memory or
+on disk) are read the same way: :attr:`Arch.device` is where analyses run (where the embedding
+runs); weights come back there with their values (offloaded ones read from accelerate's weights
+map, :mod:`reslens.arch._offload`) and the partial forwards return their results there.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from reslens.arch import _offload
 from reslens.arch._norm import Norm
+from reslens.arch._offload import StoredParam
 
 __all__ = ["Arch", "MLPWeights", "ForwardInputs", "PatternHook"]
 
@@ -105,11 +112,12 @@ class Arch:
 
     @property
     def d_model(self) -> int:
-        return self.W_E.shape[1]
+        return self.embed_module.weight.shape[1]
 
     @property
     def d_vocab(self) -> int:
-        return self.W_U.shape[0]
+        head = self.lm_head
+        return (head if head is not None else self.embed_module).weight.shape[0]
 
     @property
     def d_mlp(self) -> int:
@@ -117,11 +125,12 @@ class Arch:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.W_E.dtype
+        return self.embed_module.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.W_E.device
+        """Where analyses run: the token embedding's device (accelerate's execution device for it)."""
+        return _offload.execution_device(self.model, self.embed_module, "weight")
 
     n_head: int
     n_kv_head: int
@@ -137,6 +146,7 @@ class Arch:
     body: nn.Module
     blocks: nn.ModuleList
     final_norm_module: nn.Module
+    embed_module: nn.Module  # the token embedding (an nn.Embedding)
 
     @property
     def lm_head(self) -> nn.Module | None:
@@ -204,15 +214,16 @@ class Arch:
     @property
     def b_U(self) -> torch.Tensor | None:  # [d_vocab]
         head = self.lm_head
-        return None if head is None else getattr(head, "bias", None)
+        return None if head is None or not hasattr(head, "bias") else self._real(head, "bias")
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., d_vocab]`` of final-norm outputs ``[..., d_model]``, as the LM head does."""
-        return torch.nn.functional.linear(x, self.W_U, self.b_U)
+        """Logits ``[..., d_vocab]`` (on :attr:`device`) of final-norm outputs ``[..., d_model]``."""
+        w_u = self.W_U
+        return torch.nn.functional.linear(x.to(w_u.device), w_u, self.b_U)
 
     def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The final norm's output ``[batch, pos, d_model]`` of unpadded ids (no cache, no LM head)."""
-        return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
+        """The final norm's output ``[batch, pos, d_model]`` (on :attr:`device`) of unpadded ids, no cache."""
+        return self.body(input_ids=input_ids, use_cache=False).last_hidden_state.to(self.device)
 
     def embedding_components(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor
@@ -280,6 +291,15 @@ class Arch:
     def mlp_out_param(self, layer: int) -> nn.Parameter:
         raise NotImplementedError
 
+    def mlp_out_store(self, layer: int) -> StoredParam:
+        """:meth:`mlp_out_param` as a weight edit reads and writes it, offloaded by accelerate or not.
+
+        On a layer accelerate offloads (CPU memory or disk), the parameter is a meta placeholder and
+        the values live in accelerate's weights map; :class:`~reslens.arch._offload.StoredParam` writes
+        an edit there, in memory (never into a file), and puts the original entry back.
+        """
+        return StoredParam(self.model, self.mlp_out_proj(layer), "weight")
+
     def rank_one_delta(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The delta of :meth:`mlp_out_param` in its stored orientation.
 
@@ -294,6 +314,50 @@ class Arch:
     def start_token(self, tokenizer: Any) -> int | None:
         """The id a document starts after (GPT-2: end-of-text; Llama: BOS), or ``None``."""
         raise NotImplementedError
+
+    # --- reading weights of a dispatched model -----------------------------------------------
+
+    def _real(self, module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+        """``module``'s tensor ``name`` with its values, on :attr:`device` (``None`` if it has none).
+
+        The module's own tensor (what HuggingFace stores, so views stay views) unless accelerate
+        dispatched the model: an offloaded tensor is read from accelerate's weights map, one on
+        another device is copied to :attr:`device`.
+        """
+        t = _offload.real(self.model, module, name)
+        if t is None:
+            return None
+        device = self.device
+        return t if t.device == device else t.to(device)
+
+    def _real_parameters(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of every parameter under ``module`` (``named_parameters``), with values."""
+        out = []
+        for prefix, sub in module.named_modules():
+            for name, _ in sub.named_parameters(recurse=False):
+                out.append((f"{prefix}.{name}" if prefix else name, self._real(sub, name)))
+        return out
+
+    def _device_of(self, module: nn.Module, name: str = "weight") -> torch.device:
+        """The device ``module`` computes on (its execution device when accelerate offloads it)."""
+        return _offload.execution_device(self.model, module, name)
+
+    def loaded(self, module: nn.Module) -> Any:
+        """A context in which ``module``'s submodules can be called directly on a dispatched model.
+
+        Needed only where accelerate loads a whole module's weights for its own forward
+        (``place_submodules``); elsewhere (and without accelerate) it does nothing.
+        """
+        return _offload.loaded(self.model, module)
+
+    def release_offloaded(self) -> None:
+        """Offload again whatever a forward stopped midway (``capture``'s early stop) left loaded."""
+        _offload.release(self.model)
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether accelerate keeps some of the model's weights off device (on the meta device)."""
+        return any(p.device.type == "meta" for p in self.model.parameters())
 
     def __repr__(self) -> str:
         return (

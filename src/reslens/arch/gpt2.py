@@ -70,6 +70,10 @@ class GPT2(Arch):
     def final_norm_module(self) -> nn.Module:
         return self.body.ln_f
 
+    @property
+    def embed_module(self) -> nn.Module:
+        return self.body.wte
+
     def attn(self, layer: int) -> nn.Module:
         return self.blocks[layer].attn
 
@@ -146,23 +150,23 @@ class GPT2(Arch):
             ln = self.blocks[layer].ln_1 if which == "attn" else self.blocks[layer].ln_2
         else:
             raise ValueError(f"which must be 'attn', 'mlp' or 'final'; got {which!r}")
-        return Norm(ln.weight.detach(), ln.bias.detach(), ln.eps, centred=True)
+        return Norm(self._real(ln).detach(), self._real(ln, "bias").detach(), ln.eps, centred=True)
 
     @property
     def W_E(self) -> torch.Tensor:
         """Token embeddings ``[d_vocab, d_model]`` (``wte.weight``)."""
-        return self.body.wte.weight
+        return self._real(self.body.wte)
 
     @property
     def W_pos(self) -> torch.Tensor:
         """Learned position embeddings ``[n_ctx, d_model]`` (``wpe.weight``)."""
-        return self.body.wpe.weight
+        return self._real(self.body.wpe)
 
     @property
     def W_U(self) -> torch.Tensor:
         """Unembedding ``[d_vocab, d_model]``: ``lm_head.weight`` (tied to ``wte``), else ``wte``."""
         head = self.lm_head
-        return head.weight if head is not None else self.body.wte.weight
+        return self._real(head) if head is not None else self.W_E
 
     def embedding_components(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor
@@ -179,12 +183,12 @@ class GPT2(Arch):
         """Keys ``W_in = c_fc.weight.T``, values ``W_out = c_proj.weight`` (views), GELU."""
         mlp = self.blocks[layer].mlp
         return MLPWeights(
-            W_in=mlp.c_fc.weight.T,
-            b_in=mlp.c_fc.bias,
+            W_in=self._real(mlp.c_fc).T,
+            b_in=self._real(mlp.c_fc, "bias"),
             W_gate=None,
             b_gate=None,
-            W_out=mlp.c_proj.weight,
-            b_out=mlp.c_proj.bias,
+            W_out=self._real(mlp.c_proj),
+            b_out=self._real(mlp.c_proj, "bias"),
             act=mlp.act,
         )
 
@@ -223,12 +227,12 @@ class GPT2(Arch):
         return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
     def _qkv_weight(self, layer: int, which: int) -> torch.Tensor:
-        w = self.blocks[layer].attn.c_attn.weight[:, which * self.d_model : (which + 1) * self.d_model]
+        w = self._real(self.blocks[layer].attn.c_attn)[:, which * self.d_model : (which + 1) * self.d_model]
         return w.reshape(self.d_model, self.n_head, self.d_head).permute(1, 0, 2)  # [head, d_model, d_head]
 
     def _qkv_bias(self, layer: int, which: int) -> torch.Tensor:
-        b = self.blocks[layer].attn.c_attn.bias[which * self.d_model : (which + 1) * self.d_model]
-        return b.reshape(self.n_head, self.d_head)
+        b = self._real(self.blocks[layer].attn.c_attn, "bias")
+        return b[which * self.d_model : (which + 1) * self.d_model].reshape(self.n_head, self.d_head)
 
     def W_Q(self, layer: int) -> torch.Tensor:
         """Query weights ``[n_head, d_model, d_head]`` (views of ``c_attn.weight``)."""
@@ -256,11 +260,11 @@ class GPT2(Arch):
 
     def W_O(self, layer: int) -> torch.Tensor:
         """Output weights ``[n_head, d_head, d_model]``: head ``h`` writes ``z_h @ W_O[h]``."""
-        return self.blocks[layer].attn.c_proj.weight.reshape(self.n_head, self.d_head, self.d_model)
+        return self._real(self.blocks[layer].attn.c_proj).reshape(self.n_head, self.d_head, self.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor:
         """Attention output bias ``[d_model]`` (``attn.c_proj.bias``), added once per layer."""
-        return self.blocks[layer].attn.c_proj.bias
+        return self._real(self.blocks[layer].attn.c_proj, "bias")
 
     # --- running blocks on suffix positions, with the prefix's keys/values given -----------
 
@@ -271,11 +275,12 @@ class GPT2(Arch):
 
         Computed from its input ``hidden [batch, pos, d_model]`` (positions ``start ..``; learned positions
         are already in ``hidden``, so ``start`` changes nothing here). Calls ``ln_1`` and ``c_attn``, so hooks
-        on them fire (:func:`reslens.hooks.patch` puts none there).
+        on them fire (:func:`reslens.hooks.patch` puts none there). Returned on :attr:`device`.
         """
         block = self.blocks[layer]
-        _, k, v = self._split_qkv(block.attn.c_attn(block.ln_1(hidden)))
-        return k, v
+        with self.loaded(block):
+            _, k, v = self._split_qkv(block.attn.c_attn(block.ln_1(hidden)))
+        return k.to(self.device), v.to(self.device)
 
     def run_block_suffix(
         self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor
@@ -291,7 +296,8 @@ class GPT2(Arch):
         float mask ``[1, 1, q, start + q]`` (key ``j`` visible to query ``i`` iff ``j <= start + i``),
         which both ``eager`` and ``sdpa`` attention take (``sdpa`` would otherwise crop the
         keys to ``q`` when it runs causal without a mask). Module hooks (``hooks.patch``) fire
-        as in a full forward, on the ``q`` positions. Returns ``[batch, q, d_model]``.
+        as in a full forward, on the ``q`` positions. Returns ``[batch, q, d_model]`` on :attr:`device`
+        (on a dispatched model the prefix goes to the block's device, where accelerate runs it).
         """
         impl = self.config._attn_implementation
         if impl not in ("eager", "sdpa"):
@@ -303,14 +309,17 @@ class GPT2(Arch):
         visible = torch.arange(start + q, device=hidden.device)[None, :] <= query_pos  # [q, start + q]
         mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
         mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
-        cache = PrefixCache(prefix_k.to(hidden.dtype), prefix_v.to(hidden.dtype))
-        return self.blocks[layer](
-            hidden_states=hidden,
-            cache=cache,
-            attention_mask=mask,
-            encoder_attention_mask=None,
-            use_cache=False,
-        )
+        on = self._device_of(self.blocks[layer].attn.c_attn)
+        cache = PrefixCache(prefix_k.to(on, hidden.dtype), prefix_v.to(on, hidden.dtype))
+        with self.loaded(self.blocks[layer]):
+            out = self.blocks[layer](
+                hidden_states=hidden,
+                cache=cache,
+                attention_mask=mask,
+                encoder_attention_mask=None,
+                use_cache=False,
+            )
+        return out.to(self.device)
 
     # --- weight edits and cache keys -------------------------------------------------------
 
@@ -323,10 +332,13 @@ class GPT2(Arch):
         return torch.outer(u, v)
 
     def key_parameters(self, layer: int) -> list[torch.Tensor]:
-        """``wte``, ``wpe``, every parameter of blocks ``< layer``, and block ``layer`` but ``mlp.c_proj``."""
-        params = [self.body.wte.weight, self.body.wpe.weight]
+        """``wte``, ``wpe``, every parameter of blocks ``< layer``, and block ``layer`` but ``mlp.c_proj``.
+
+        The parameters themselves; values read from accelerate's weights map where it offloads them.
+        """
+        params = [self.W_E, self.W_pos]
         for block in range(layer + 1):
-            for name, p in self.blocks[block].named_parameters():
+            for name, p in self._real_parameters(self.blocks[block]):
                 if block < layer or not name.startswith("mlp.c_proj"):
                     params.append(p)
         return params

@@ -82,6 +82,10 @@ class Llama(Arch):
     def final_norm_module(self) -> nn.Module:
         return self.body.norm
 
+    @property
+    def embed_module(self) -> nn.Module:
+        return self.body.embed_tokens
+
     def attn(self, layer: int) -> nn.Module:
         return self.blocks[layer].self_attn
 
@@ -170,18 +174,18 @@ class Llama(Arch):
             module = self.attn_norm(layer) if which == "attn" else self.mlp_norm(layer)
         else:
             raise ValueError(f"which must be 'attn', 'mlp' or 'final'; got {which!r}")
-        return Norm(module.weight.detach(), None, float(module.variance_epsilon), centred=False)
+        return Norm(self._real(module).detach(), None, float(module.variance_epsilon), centred=False)
 
     @property
     def W_E(self) -> torch.Tensor:
         """Token embeddings ``[d_vocab, d_model]`` (``embed_tokens.weight``)."""
-        return self.body.embed_tokens.weight
+        return self._real(self.body.embed_tokens)
 
     @property
     def W_U(self) -> torch.Tensor:
         """Unembedding ``[d_vocab, d_model]``: ``lm_head.weight`` (tied or not), else the embedding."""
         head = self.lm_head
-        return head.weight if head is not None else self.W_E
+        return self._real(head) if head is not None else self.W_E
 
     def embedding_components(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor
@@ -199,12 +203,12 @@ class Llama(Arch):
         """
         mlp = self.blocks[layer].mlp
         return MLPWeights(
-            W_in=mlp.up_proj.weight,
-            b_in=mlp.up_proj.bias,
-            W_gate=mlp.gate_proj.weight,
-            b_gate=mlp.gate_proj.bias,
-            W_out=mlp.down_proj.weight.T,
-            b_out=mlp.down_proj.bias,
+            W_in=self._real(mlp.up_proj),
+            b_in=self._real(mlp.up_proj, "bias"),
+            W_gate=self._real(mlp.gate_proj),
+            b_gate=self._real(mlp.gate_proj, "bias"),
+            W_out=self._real(mlp.down_proj).T,
+            b_out=self._real(mlp.down_proj, "bias"),
             act=mlp.act_fn,
         )
 
@@ -213,12 +217,13 @@ class Llama(Arch):
     def attn_scale(self, layer: int) -> float:
         return float(self.attn(layer).scaling)
 
-    def _heads(self, weight: torch.Tensor, n: int) -> torch.Tensor:
-        """``[n * d_head, d_model]`` (``nn.Linear``) -> ``[n, d_model, d_head]`` (a view)."""
-        return weight.view(n, self.d_head, self.d_model).transpose(1, 2)
+    def _heads(self, proj: nn.Linear, n: int) -> torch.Tensor:
+        """``proj.weight [n * d_head, d_model]`` (``nn.Linear``) -> ``[n, d_model, d_head]`` (a view)."""
+        return self._real(proj).view(n, self.d_head, self.d_model).transpose(1, 2)
 
     def _bias(self, proj: nn.Linear, n: int) -> torch.Tensor | None:
-        return None if proj.bias is None else proj.bias.view(n, self.d_head)
+        bias = self._real(proj, "bias")
+        return None if bias is None else bias.view(n, self.d_head)
 
     def _expand(self, t: torch.Tensor | None) -> torch.Tensor | None:
         rep = self.n_head // self.n_kv_head
@@ -226,15 +231,15 @@ class Llama(Arch):
 
     def W_Q(self, layer: int) -> torch.Tensor:
         """Query weights ``[n_head, d_model, d_head]`` (a view of ``q_proj.weight``)."""
-        return self._heads(self.attn(layer).q_proj.weight, self.n_head)
+        return self._heads(self.attn(layer).q_proj, self.n_head)
 
     def W_K_kv(self, layer: int) -> torch.Tensor:
         """Key weights per key/value head ``[n_kv_head, d_model, d_head]`` (a view)."""
-        return self._heads(self.attn(layer).k_proj.weight, self.n_kv_head)
+        return self._heads(self.attn(layer).k_proj, self.n_kv_head)
 
     def W_V_kv(self, layer: int) -> torch.Tensor:
         """Value weights per key/value head ``[n_kv_head, d_model, d_head]`` (a view)."""
-        return self._heads(self.attn(layer).v_proj.weight, self.n_kv_head)
+        return self._heads(self.attn(layer).v_proj, self.n_kv_head)
 
     def W_K(self, layer: int) -> torch.Tensor:
         """Key weights expanded to query heads ``[n_head, d_model, d_head]`` (a copy under GQA)."""
@@ -246,7 +251,8 @@ class Llama(Arch):
 
     def W_O(self, layer: int) -> torch.Tensor:
         """Output weights ``[n_head, d_head, d_model]`` (a view of ``o_proj.weight``)."""
-        return self.attn(layer).o_proj.weight.view(self.d_model, self.n_head, self.d_head).permute(1, 2, 0)
+        w_o = self._real(self.attn(layer).o_proj)  # [d_model, n_head * d_head]
+        return w_o.view(self.d_model, self.n_head, self.d_head).permute(1, 2, 0)
 
     def b_Q(self, layer: int) -> torch.Tensor | None:
         return self._bias(self.attn(layer).q_proj, self.n_head)
@@ -258,7 +264,7 @@ class Llama(Arch):
         return self._expand(self._bias(self.attn(layer).v_proj, self.n_kv_head))
 
     def b_O(self, layer: int) -> torch.Tensor | None:
-        return self.attn(layer).o_proj.bias
+        return self._real(self.attn(layer).o_proj, "bias")
 
     def _rotate(self, layer: int, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """The model's own ``apply_rotary_pos_emb`` (from the attention module's modeling file)."""
@@ -268,8 +274,9 @@ class Llama(Arch):
     def position_embeddings(
         self, hidden: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[batch, pos, d_head]`` from the model's own ``rotary_emb``."""
-        return self.body.rotary_emb(hidden, position_ids=position_ids)
+        """``(cos, sin)`` ``[batch, pos, d_head]`` on ``hidden``'s device, from the model's ``rotary_emb``."""
+        cos, sin = self.body.rotary_emb(hidden, position_ids=position_ids)
+        return cos.to(hidden.device), sin.to(hidden.device)
 
     def rotation(self, layer: int, offset: int) -> torch.Tensor:
         """``R [d_head, d_head]`` (float32): score ``q · R · k`` for a key ``offset`` positions back.
@@ -330,17 +337,18 @@ class Llama(Arch):
         """Keys (rotated at positions ``start ..``) and values ``[batch, n_kv_head, pos, d_head]``.
 
         What block ``layer`` computes from its input ``hidden [batch, pos, d_model]``: what its cache would
-        hold.
+        hold. Returned on :attr:`device`.
         """
         attn = self.attn(layer)
         batch, n_pos, _ = hidden.shape
-        h = self.attn_norm(layer)(hidden)
-        k = attn.k_proj(h).view(batch, n_pos, self.n_kv_head, self.d_head).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, n_pos, self.n_kv_head, self.d_head).transpose(1, 2)
+        with self.loaded(self.blocks[layer]):
+            h = self.attn_norm(layer)(hidden)
+            k = attn.k_proj(h).view(batch, n_pos, self.n_kv_head, self.d_head).transpose(1, 2)
+            v = attn.v_proj(h).view(batch, n_pos, self.n_kv_head, self.d_head).transpose(1, 2)
         positions = torch.arange(start, start + n_pos, device=hidden.device)[None]
         cos, sin = self.position_embeddings(hidden, positions)
-        _, k = self._rotate(layer, k, k, cos, sin)
-        return k, v
+        _, k = self._rotate(layer, k, k, cos.to(k.device), sin.to(k.device))
+        return k.to(self.device), v.to(self.device)
 
     def run_block_suffix(
         self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor
@@ -349,7 +357,8 @@ class Llama(Arch):
 
         Given its input there ``hidden [batch, q, d_model]`` and the prefix's cached keys/values
         ``[batch, n_kv_head, start, d_head]`` (from :meth:`attention_kv`): rotary at the absolute positions,
-        an additive causal + window mask. Exact by causality. Returns ``[batch, q, d_model]``.
+        an additive causal + window mask. Exact by causality. Returns ``[batch, q, d_model]`` on
+        :attr:`device` (on a dispatched model the prefix goes to the block's device, where it runs).
         """
         impl = self.config._attn_implementation
         if impl not in ("eager", "sdpa"):
@@ -362,15 +371,18 @@ class Llama(Arch):
         mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
         positions = torch.arange(start, start + n_query, device=hidden.device)[None]
         cos_sin = self.position_embeddings(hidden, positions)
-        cache = PrefixCache(prefix_k.to(hidden.dtype), prefix_v.to(hidden.dtype))
-        return self.blocks[layer](
-            hidden_states=hidden,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=False,
-            position_embeddings=cos_sin,
-        )
+        on = self._device_of(self.attn(layer).k_proj)
+        cache = PrefixCache(prefix_k.to(on, hidden.dtype), prefix_v.to(on, hidden.dtype))
+        with self.loaded(self.blocks[layer]):
+            out = self.blocks[layer](
+                hidden_states=hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=False,
+                position_embeddings=cos_sin,
+            )
+        return out.to(self.device)
 
     # --- weight edits and cache keys -------------------------------------------------------
 
@@ -383,10 +395,13 @@ class Llama(Arch):
         return torch.outer(v, u)
 
     def key_parameters(self, layer: int) -> list[torch.Tensor]:
-        """The token embedding, every parameter of blocks ``< layer``, block ``layer`` but ``down_proj``."""
+        """The token embedding, every parameter of blocks ``< layer``, block ``layer`` but ``down_proj``.
+
+        The parameters themselves; values read from accelerate's weights map where it offloads them.
+        """
         params = [self.W_E]
         for block in range(layer + 1):
-            for name, p in self.blocks[block].named_parameters():
+            for name, p in self._real_parameters(self.blocks[block]):
                 if block < layer or not name.startswith("mlp.down_proj"):
                     params.append(p)
         return params

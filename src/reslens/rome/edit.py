@@ -40,30 +40,33 @@ Context = tuple[list[int], int]
 
 # --- the edit -------------------------------------------------------------------------------
 
-#: ``id(weight) -> (weak reference to the weight, weak references to the edits applied to it, oldest first)``;
-#: only weights with an edit applied have an entry, and nothing here keeps a weight or an edit alive.
-_APPLIED: dict[int, tuple[weakref.ref, list[weakref.ref]]] = {}
+#: ``(id(anchor), name) -> (weak reference to the anchor, weak references to the edits applied, oldest
+#: first)``, where ``(anchor, name)`` is the weight's :attr:`~reslens.arch._offload.StoredParam.anchor` (the
+#: weight itself, or the module accelerate offloads it from); only weights with an edit applied have an
+#: entry, and nothing here keeps a weight or an edit alive.
+_APPLIED: dict[tuple[int, str], tuple[weakref.ref, list[weakref.ref]]] = {}
 
 
-def _applied_to(weight: torch.Tensor) -> list[RankOneEdit]:
-    """The live edits applied to ``weight``, oldest first."""
-    entry = _APPLIED.get(id(weight))
-    if entry is None or entry[0]() is not weight:
+def _applied_to(anchor: tuple[Any, str]) -> list[RankOneEdit]:
+    """The live edits applied to the weight of ``anchor``, oldest first."""
+    entry = _APPLIED.get((id(anchor[0]), anchor[1]))
+    if entry is None or entry[0]() is not anchor[0]:
         return []
     return [e for e in (ref() for ref in entry[1]) if e is not None and e.applied]
 
 
-def _register(weight: torch.Tensor, edit: RankOneEdit, applied: bool) -> None:
-    """Record that ``edit`` was applied to (``applied``) or restored from ``weight``."""
-    entry = _APPLIED.get(id(weight))
-    if entry is None or entry[0]() is not weight:
-        entry = _APPLIED[id(weight)] = (weakref.ref(weight), [])
+def _register(anchor: tuple[Any, str], edit: RankOneEdit, applied: bool) -> None:
+    """Record that ``edit`` was applied to (``applied``) or restored from the weight of ``anchor``."""
+    slot = (id(anchor[0]), anchor[1])
+    entry = _APPLIED.get(slot)
+    if entry is None or entry[0]() is not anchor[0]:
+        entry = _APPLIED[slot] = (weakref.ref(anchor[0]), [])
     refs = [ref for ref in entry[1] if ref() is not None and ref() is not edit and ref().applied]
     if applied:
         refs.append(weakref.ref(edit))
     entry[1][:] = refs
     if not refs:
-        del _APPLIED[id(weight)]
+        del _APPLIED[slot]
 
 
 class RankOneEdit:
@@ -78,6 +81,16 @@ class RankOneEdit:
       change of the MLP output at the edited prompt's key ``k``)
     - ``key: [d_mlp]`` k* (mean key over the context templates), ``value: [d_model]`` v*
     - ``nll``: the new answer's mean negative log-likelihood at each optimisation step
+
+    On a model dispatched by accelerate, a layer that stays on a device is edited in place as
+    above. A layer accelerate offloads (``"disk"`` entries of the ``device_map``, ``"cpu"`` ones under
+    a GPU main device, ``cpu_offload``) has a meta-device placeholder as :attr:`weight` and its
+    values in accelerate's weights map: the edited tensor goes into that map's in-memory entries
+    (which accelerate reads before its files, so the next forward loads it; the offload folder and
+    the checkpoint are never written, and the edit costs one copy of the weight in CPU memory while
+    applied), and :meth:`restore` puts back the entry that was there (for a layer on disk: none, so
+    the untouched file is read again), bit-exactly.
+    A weights map reslens cannot write raises ``ValueError`` naming the weight.
     """
 
     def __init__(self, model: Any, layer: int, u: torch.Tensor, v: torch.Tensor, *, key: torch.Tensor,
@@ -91,6 +104,7 @@ class RankOneEdit:
         self.prompt, self.subject, self.new_answer, self.templates = prompt, subject, new_answer, templates
         self._original: torch.Tensor | None = None
         self._written: torch.Tensor | None = None
+        self._undo: Any = None
 
     @property
     def steps(self) -> int:
@@ -110,7 +124,7 @@ class RankOneEdit:
 
     @property
     def weight(self) -> torch.nn.Parameter:
-        """The weight this edit changes: ``arch.mlp_out_param(layer)``."""
+        """The weight this edit changes: ``arch.mlp_out_param(layer)`` (a meta placeholder if offloaded)."""
         return self.arch.mlp_out_param(self.layer)
 
     @property
@@ -127,12 +141,13 @@ class RankOneEdit:
         """Write the edit into the model (keeps a clone of the original weight and of what it wrote)."""
         if self.applied:
             raise RuntimeError("this edit is already applied; call restore() first")
-        w = self.weight
+        stored = self.arch.mlp_out_store(self.layer)
         with torch.no_grad():
-            original = w.detach().clone()
-            w.copy_((original.float() + self.delta.to(w.device).float()).to(w.dtype))
-        self._original, self._written = original, w.detach().clone()
-        _register(w, self, applied=True)
+            original = stored.values().clone()
+            written = (original.float() + self.delta.to(original.device).float()).to(original.dtype)
+            self._undo = stored.replace(written)
+        self._original, self._written = original, written
+        _register(stored.anchor, self, applied=True)
         return self
 
     def restore(self, *, force: bool = False) -> None:
@@ -144,9 +159,9 @@ class RankOneEdit:
         """
         if not self.applied:
             raise RuntimeError("this edit is not applied; nothing to restore")
-        w = self.weight
-        if not force and not torch.equal(w.detach(), self._written):
-            stack = _applied_to(w)
+        stored = self.arch.mlp_out_store(self.layer)
+        if not force and not torch.equal(stored.values(), self._written):
+            stack = _applied_to(stored.anchor)
             later = stack[stack.index(self) + 1 :] if self in stack else []
             if later:
                 raise RuntimeError(f"cannot restore {self!r}: {later[-1]!r} was applied to the same weight "
@@ -154,10 +169,9 @@ class RankOneEdit:
                                    "the reverse order of apply)")
             raise RuntimeError(f"cannot restore {self!r}: the weight changed since this edit was applied, so "
                                "restoring would discard that change; restore(force=True) does it anyway")
-        with torch.no_grad():
-            w.copy_(self._original)
-        self._original = self._written = None
-        _register(w, self, applied=False)
+        stored.put_back(self._undo, self._original)
+        self._original = self._written = self._undo = None
+        _register(stored.anchor, self, applied=False)
 
     def __enter__(self) -> RankOneEdit:
         return self.apply()
@@ -323,7 +337,9 @@ def _second_moment(arch: Arch, layer: int, second_moment: Any) -> torch.Tensor:
         if second_moment.layer != layer:
             raise ValueError(f"second_moment holds the keys of layer {second_moment.layer}; "
                              f"the edit is at layer {layer}")
-        if second_moment.key is not None and not second_moment.key.same(arch, layer):
+        # offloaded weights are new tensors at every read, so there the content hash decides
+        if (second_moment.key is not None and not second_moment.key.same(arch, layer)
+                and not (arch.offloaded and second_moment.matches(arch))):
             warnings.warn(f"second_moment was computed from other weights than the ones that shape layer "
                           f"{layer}'s keys now (another model, or an edit applied since); ROME reuses such "
                           "statistics across sequential edits, but recompute them for another model",
