@@ -15,6 +15,7 @@ held-out text its ``105-persuasion.txt``; ``--corpus`` and ``--held-out`` take a
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,8 @@ def fitted(path: Path, refit: bool, make):
 
 def main() -> None:
     args = parse_args()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 alone prints (every rank computes)
+        sys.stdout = open(os.devnull, "w")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     files = training_files(args.corpus)

@@ -90,6 +90,14 @@ def test_primitives_under_torchrun(tmp_path):
         assert s["refused"]  # same() refuses ranks that disagree
 
 
+@needs_gloo
+def test_under_torchrun_reslens_starts_the_default_group_itself(tmp_path):
+    out = _torchrun("autostart", tmp_path)
+    seen = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
+    assert [(s["rank"], s["world"], s["backend"]) for s in seen] == [(0, 2, "gloo"), (1, 2, "gloo")]
+    assert all(s["alone"] == [0, 1] for s in seen)  # group=False: one process even under torchrun
+
+
 def _assert_stats_equal(got: dict, want: dict, prefix: str) -> None:
     for key in (k for k in got if k.startswith(prefix + ".")):
         if ".mean." in key:  # float64 sums in another order, then float32: at most an ulp apart

@@ -8,13 +8,16 @@ merged with collectives, in float64 for sums, so the merged result equals a one-
 the order of float64 additions. Without a process group everything is today's one-process run.
 
 ``group=None`` (every public function's default) means: the default group when
-``torch.distributed`` is initialised (e.g. under ``torchrun``), else one process; a
+``torch.distributed`` is initialised, else one process; under ``torchrun`` (its environment
+variables set, no group started yet) reslens starts the default group itself — gloo on CPUs,
+NCCL with one GPU per local rank — so a script runs data-parallel without a code change. A
 ``ProcessGroup`` means that group; ``group=False`` forces one process even under ``torchrun``.
 Collectives run on the CPU for gloo and on the current CUDA device for NCCL.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -118,12 +121,31 @@ def shard_of(group: Any = None) -> Shard:
     import torch.distributed as dist
 
     if group is None:
+        if dist.is_available() and not dist.is_initialized() and _under_torchrun():
+            _start_default_group()
         if not (dist.is_available() and dist.is_initialized()):
             return Shard(None, 0, 1)
         group = dist.group.WORLD
     elif group is True or not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be None, False or a torch.distributed ProcessGroup; got {group!r}")
     return Shard(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def _under_torchrun() -> bool:
+    """Whether ``torchrun`` (or ``torch.distributed.run``) launched this process as one of several."""
+    env = os.environ
+    return "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in env
+
+
+def _start_default_group() -> None:
+    """The default process group from ``torchrun``'s environment: NCCL when CUDA is there, else gloo."""
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
 
 
 def merge_top_k(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
