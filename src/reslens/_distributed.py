@@ -46,10 +46,6 @@ class Shard:
     def parallel(self) -> bool:
         return self.world > 1
 
-    def owns(self, index: int) -> bool:
-        """Whether unit number ``index`` (0-based, in corpus order) is this rank's to read."""
-        return index % self.world == self.rank
-
     def take(self, units: Iterable[T]) -> Iterator[tuple[int, T]]:
         """``(index, unit)`` for this rank's units of ``units``, each with its corpus-order number."""
         for index, unit in enumerate(units):

@@ -13,7 +13,7 @@ from reslens._inputs import pad_ids
 from reslens.arch import Arch
 from reslens.hooks import capture
 
-__all__ = ["corpus_windows", "residual_batches"]
+__all__ = ["corpus_windows", "residual_batches", "model_name"]
 
 
 def corpus_windows(
@@ -37,3 +37,8 @@ def residual_batches(arch: Arch, windows: list[list[int]], batch_size: int) -> I
         batch = pad_ids(windows[start : start + batch_size]).to(arch.device)
         res = capture(arch, batch, sites=("resid",))
         yield res.resid[:, res.stat_mask.to(res.resid.device)]  # [L + 1, tokens, d_model]
+
+
+def model_name(arch: Arch) -> str:
+    """What a learned lens's config records as its model: the checkpoint's name or path, else the class."""
+    return getattr(arch.model.config, "name_or_path", "") or type(arch.model).__name__

@@ -25,7 +25,7 @@ from reslens._checks import check_bool, check_float, check_int
 from reslens._distributed import Shard, shard_of, units_of
 from reslens.arch import adapter
 from reslens.lenses._base import LinearShortcut
-from reslens.lenses._data import corpus_windows, residual_batches
+from reslens.lenses._data import corpus_windows, model_name, residual_batches
 
 __all__ = ["fit_shortcut", "ShortcutMoments"]
 
@@ -171,7 +171,7 @@ def fit_shortcut(
         )
     weight, bias = moments.solve(ridge)
     config = {
-        "model": getattr(arch.model.config, "name_or_path", "") or type(arch.model).__name__,
+        "model": model_name(arch),
         "n_tokens": moments.n,
         "ridge": ridge,
         "max_length": max_length,

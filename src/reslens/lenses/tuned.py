@@ -39,7 +39,7 @@ from reslens._distributed import Shard, shard_of, units_of
 from reslens._saving import read_safetensors, write_safetensors
 from reslens.arch import Arch, adapter
 from reslens.lenses._base import TunedLens
-from reslens.lenses._data import corpus_windows, residual_batches
+from reslens.lenses._data import corpus_windows, model_name, residual_batches
 
 __all__ = ["train_tuned_lens"]
 
@@ -259,7 +259,6 @@ def train_tuned_lens(
                 shard.barrier()
     weight = torch.stack([t.weight.detach().cpu() for t in translators])
     bias = torch.stack([t.bias.detach().cpu() for t in translators])
-    model_name = getattr(arch.model.config, "name_or_path", "") or type(arch.model).__name__
-    config = {"model": model_name, "n_tokens": sum(map(len, windows)), "steps": steps, **options,
+    config = {"model": model_name(arch), "n_tokens": sum(map(len, windows)), "steps": steps, **options,
               "loss": history, "recipe": "Belrose et al. 2023 / tuned-lens train_loop (float32)"}  # fmt: skip
     return TunedLens(weight, bias, config)
