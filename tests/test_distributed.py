@@ -168,3 +168,34 @@ def test_tuned_lens_under_torchrun_equal_one_process_and_its_checkpoint_resumes_
     assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == [checkpoint.name]  # no temp file
     resumed = cases.tuned_lens_case(checkpoint=checkpoint)  # one process, all steps done: the ranks' lens
     assert all(torch.equal(resumed[k], ranks[0][k]) for k in ("weight", "bias", "loss"))
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_mining_under_torchrun_equals_one_process_and_an_interrupted_run_resumes_to_it(tmp_path, one_thread):
+    out = _torchrun("mining", tmp_path)
+    ranks = _ranks(out)
+    want = cases.mining_case()
+    assert int(want["gpt2.counts"][0]) == 42 and int(want["llama.counts"][0]) > 100
+    ties = want["gpt2.scores"][..., 1:] == want["gpt2.scores"][..., :-1]  # repeated sentences tie exactly
+    assert bool(ties.any())
+    names = ("scores", "example", "position", "example_ids", "example_offsets", "example_tokens", "counts",
+             "corpus_fingerprint")
+    for got in ranks:
+        for family in ("gpt2", "llama"):  # ungated (max m) and signed (max |m|) mining
+            for name in names:
+                assert torch.equal(got[f"{family}.{name}"], want[f"{family}.{name}"]), (family, name)
+        assert got["snapshot.counts"].tolist() == [32, 597]  # the interrupted run's last good snapshot
+        for name in names:  # resumed by 2 ranks: the uninterrupted index
+            assert torch.equal(got[f"resumed.{name}"], want[f"gpt2.{name}"]), name
+    from reslens import kv_memory as kv
+
+    written = kv.TriggerIndex.load(f"{out}.index.safetensors")  # rank 0 wrote it: the same index
+    assert torch.equal(written.example, want["gpt2.example"]) and written.n_examples == 42
+    import reslens
+
+    model, tokenizer = reslens.load_model()  # the 2-rank run's interrupted snapshot resumes in one process
+    alone = kv.mine_triggers(model, tokenizer, cases.MINING_TEXTS, top_k=5, batch_size=2, progress=False,
+                             resume=f"{out}.index.safetensors.interrupted")
+    for name in ("scores", "example", "position", "example_tokens"):
+        assert torch.equal(getattr(alone, name), want[f"gpt2.{name}"]), name

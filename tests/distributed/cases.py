@@ -106,3 +106,67 @@ def save(tensors: dict[str, torch.Tensor], prefix: str, rank: int) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, f"{prefix}.{rank}.safetensors")
+
+
+MINING_TEXTS = [f"Chapter {n}. " + "".join(SENTENCES[(n + i) % len(SENTENCES)] for i in range(6))
+                for n in range(6)]
+
+
+class Interrupted(Exception):
+    """What the interrupted corpus raises: a run stopped part-way, after its last snapshot."""
+
+
+def _interrupted(texts, after: int):
+    yield from texts[:after]
+    raise Interrupted(f"stopped after {after} texts")
+
+
+def _index_tensors(index, prefix: str) -> dict[str, torch.Tensor]:
+    import hashlib
+
+    out = {name: getattr(index, name) for name in ("scores", "example", "position", "example_ids",
+                                                      "example_offsets", "example_tokens")}
+    out["counts"] = torch.tensor([index.n_examples, index.n_tokens])
+    out["corpus_fingerprint"] = torch.tensor(list(hashlib.sha256(index.corpus_fingerprint.encode()).digest()))
+    return {f"{prefix}.{key}": value for key, value in out.items()}
+
+
+def _keep_a_copy(path, to) -> None:
+    """Copy ``path`` to ``to`` (rank 0 alone under a process group; the others wait for it)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.copyfile(path, to)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mining_case(group=None, out=None) -> dict[str, torch.Tensor]:
+    """Trigger mining: the embedded GPT-2 on sentences (repeated ones: ties across ranks), also interrupted
+    after its first snapshot and resumed into ``out``; a tiny Llama mined signed, on windows."""
+    from helpers import make_family
+
+    import reslens
+    from reslens import kv_memory as kv
+
+    model, tokenizer = reslens.load_model()
+    kwargs = dict(top_k=5, batch_size=2, progress=False, group=group)  # groups of 32 sentences: 32 + 10
+    saving = dict(out=out, save_every=200)
+    result = _index_tensors(kv.mine_triggers(model, tokenizer, MINING_TEXTS, **kwargs), "gpt2")
+    if out is not None:
+        try:
+            kv.mine_triggers(model, tokenizer, _interrupted(MINING_TEXTS, 5), **saving, **kwargs)
+        except Interrupted:
+            pass
+        else:
+            raise AssertionError("the interrupted corpus did not interrupt the run")
+        result |= _index_tensors(kv.TriggerIndex.load(out), "snapshot")  # the last good snapshot: 32 units
+        _keep_a_copy(out, f"{out}.interrupted")
+        resumed = kv.mine_triggers(model, tokenizer, MINING_TEXTS, resume=out, **saving, **kwargs)
+        result |= _index_tensors(resumed, "resumed")
+    llama = make_family("llama")
+    result |= _index_tensors(kv.mine_triggers(llama, Chars(), MINING_TEXTS, unit="window", window=12, top_k=4,
+                                              batch_size=3, progress=False, group=group), "llama")
+    return result

@@ -14,6 +14,14 @@ by its coefficient of largest ``|m|``, ranked by ``|m|``, with the sign kept. On
 are on, in the same ``[layers, d_mlp, top_k]`` memory, without ranking a key's weak side next to
 its strong one; each trigger's sign says which side of the value it wrote (the agreement reads
 the value's bottom token for a negative one), and one sign alone is a filter of that list.
+
+Data parallel (``group=``, see :mod:`reslens._distributed`). Every rank reads the whole token
+stream (tokenising is cheap next to the forward passes; it keeps the examples' numbers, the
+groups and the corpus fingerprint the same everywhere) and runs the batches ``b`` of the run with
+``b % world == rank``, each padded exactly as one process pads it. The merge is exact: a key's
+one-process top-k is the top-k, by the same order (rank descending, then the earlier example),
+of the union of the ranks' top-k lists, since every member of it is in its own rank's list. Merges
+happen only at a snapshot and at the end, one layer at a time (memory ``world x d_mlp x top_k``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 
 from reslens._checks import check_bool, check_choice, check_int, check_layers
 from reslens._corpus import UNITS, corpus_texts, start_ids, token_units
+from reslens._distributed import Shard, shard_of
 from reslens._inputs import pad_ids, pad_token_id
 from reslens.arch import Arch, adapter
 from reslens.hooks import capture
@@ -126,6 +135,31 @@ class _Miner:
         row_of = {int(e): r for r, e in enumerate(numbered.tolist())}
         for e in self.example[layer, key][keep >= top_k].unique().tolist():
             self.stored[e] = units[row_of[e]]
+
+    @classmethod
+    def merged(cls, miner: _Miner, shard: Shard) -> _Miner:
+        """The state one process would hold, from every rank's ``miner`` (collective; ``miner`` alone)."""
+        if not shard.parallel:
+            return miner
+        top_k = miner.scores.shape[-1]
+        out = cls.__new__(cls)
+        out.signed = miner.signed
+        out.scores, out.example = torch.empty_like(miner.scores), torch.empty_like(miner.example)
+        out.position = torch.empty_like(miner.position)
+        for layer in range(miner.scores.shape[0]):  # one layer at a time: world x d_mlp x top_k in memory
+            scores, example, position = (shard.cat(t[layer], dim=-1)
+                                         for t in (miner.scores, miner.example, miner.position))
+            keep = _order_key(miner._rank(scores, example), example).topk(top_k, dim=-1).indices
+            out.scores[layer], out.example[layer] = scores.gather(-1, keep), example.gather(-1, keep)
+            out.position[layer] = position.gather(-1, keep)
+        # the token ids of the examples kept: each is stored by the one rank that read it
+        kept = set(out.example[out.example >= 0].unique().tolist())
+        mine = [e for e in sorted(miner.stored) if e in kept]
+        ids = shard.cat(torch.tensor(mine, dtype=torch.long))
+        lengths = shard.cat(torch.tensor([len(miner.stored[e]) for e in mine], dtype=torch.long))
+        tokens = shard.cat(torch.tensor([t for e in mine for t in miner.stored[e]], dtype=torch.long))
+        out.stored = {e: part.tolist() for e, part in zip(ids.tolist(), tokens.split(lengths.tolist()))}
+        return out
 
     def prune(self) -> None:
         referenced = set(self.example[self.example >= 0].unique().tolist())
@@ -294,16 +328,22 @@ def _resumed(resume: Any, options: tuple[Any, ...], arch: Arch, fingerprint: str
 
 
 def _merge_group(arch: Arch, miner: _Miner, group: list[list[int]], first: int, blocks: tuple[int, ...],
-                 batch_size: int, pad_id: int, bar: Any, prefix: tuple[int, ...] = ()) -> None:
+                 batch_size: int, pad_id: int, bar: Any, prefix: tuple[int, ...] = (),
+                 shard: Shard = Shard(None, 0, 1), batch_number: int = 0) -> int:
     """Run one group in length-sorted batches and merge them; examples are numbered from ``first``.
 
     ``prefix`` (the tokenizer's start tokens, e.g. BOS) goes before every unit and is left out
-    of the statistics, as pads are; positions count from the unit's first token.
+    of the statistics, as pads are; positions count from the unit's first token. The run's
+    batches are numbered from ``batch_number``; this rank runs those ``shard`` owns. Returns
+    the number after this group's.
     """
     order = sorted(range(len(group)), key=lambda i: len(group[i]))
     n_start = len(prefix)
-    for start in range(0, len(group), batch_size):
+    for number, start in enumerate(range(0, len(group), batch_size), start=batch_number):
         rows = order[start : start + batch_size]
+        if number % shard.world != shard.rank:
+            bar.update(sum(len(group[i]) for i in rows))  # another rank's: the bar shows the whole run
+            continue
         batch = pad_ids([[*prefix, *group[i]] for i in rows], pad_id=pad_id)
         act = capture(arch, batch, sites="mlp_act", layers=blocks).mlp_act  # [L, B, P, d_mlp]
         mask = batch.attention_mask.to(act.device)
@@ -312,6 +352,7 @@ def _merge_group(arch: Arch, miner: _Miner, group: list[list[int]], first: int, 
         numbered = torch.tensor([first + i for i in rows])  # examples are numbered in corpus order
         miner.add([group[i] for i in rows], numbered, act, mask)
         bar.update(int(mask.sum()))
+    return batch_number + -(-len(group) // batch_size)
 
 
 def mine_triggers(
@@ -319,6 +360,7 @@ def mine_triggers(
     window: int | None = None, batch_size: int = 32, max_tokens: int | None = None,
     signed: bool | None = None, resume: TriggerIndex | str | os.PathLike | None = None,
     out: str | os.PathLike | None = None, save_every: int = 500_000, progress: bool = True,
+    group: Any = None,
 ) -> TriggerIndex:
     """Stream a corpus once and keep, for every (layer, key), its ``top_k`` trigger examples.
 
@@ -350,6 +392,11 @@ def mine_triggers(
     ``window``, ``signed`` and start tokens, and the corpus must begin with the units it read
     (checked by re-reading and hashing them); anything else is a ``ValueError``. A resumed
     run ends with the index one uninterrupted run gives.
+
+    ``group``: a torch.distributed process group; None = the default group under ``torchrun``,
+    else one process; False = one process. Every rank must get the same arguments (checked) and
+    returns the one-process index; rank 0 alone shows the bar and writes ``out``. An index
+    written by a data-parallel run resumes with any number of processes, to the same result.
     """
     from tqdm.auto import tqdm
 
@@ -360,34 +407,46 @@ def mine_triggers(
         _check_out(out)
     texts, description = corpus_texts(corpus)
     fingerprint = model_fingerprint(arch, blocks)
+    shard = shard_of(group)
+    shard.same((blocks, top_k, unit, window, signed, start, batch_size, max_tokens, save_every, fingerprint,
+                description, out is None), "the mining options, model and corpus")
     units = token_units(tokenizer, texts, unit, window)
     digest = hashlib.sha256()
     resume = _resumed(resume, (blocks, top_k, unit, window, signed, start), arch, fingerprint, units, digest)
-    miner = _Miner(len(blocks), arch.d_mlp, top_k, resume, signed)
+    # a resumed index's examples go to rank 0 alone, so the merge counts each once
+    miner = _Miner(len(blocks), arch.d_mlp, top_k, resume if shard.primary else None, signed)
     n_examples, n_tokens = (resume.n_examples, resume.n_tokens) if resume is not None else (0, 0)
     meta = dict(layers=blocks, top_k=top_k, unit=unit, window=window, n_layer=arch.n_layer,
                 d_model=arch.d_model, d_vocab=arch.d_vocab, model_name=model_name(arch),
                 model_fingerprint=fingerprint, corpus=description, signed=signed, start_ids=start)
 
     def snapshot() -> TriggerIndex:
-        return miner.index(n_examples=n_examples, n_tokens=n_tokens, corpus_fingerprint=digest.hexdigest(),
-                           **meta)
+        """The one-process index of what has been read (collective under a group)."""
+        shard.same(digest.hexdigest(), "the corpus read (its fingerprint)")
+        return _Miner.merged(miner, shard).index(n_examples=n_examples, n_tokens=n_tokens,
+                                                 corpus_fingerprint=digest.hexdigest(), **meta)
 
-    last_save, pad_id = n_tokens, pad_token_id(tokenizer)
+    def save(index: TriggerIndex) -> None:
+        if shard.primary:
+            index.save(out)
+        shard.barrier()  # the file is there when any rank goes on
+
+    last_save, pad_id, batch_number = n_tokens, pad_token_id(tokenizer), 0
     groups = _unit_groups(units, n_tokens=n_tokens, max_tokens=max_tokens, size=16 * batch_size,
                           digest=digest)
-    with tqdm(total=max_tokens, initial=n_tokens, unit="tok", unit_scale=True, disable=not progress,
-              desc="mining triggers") as bar:
-        for group in groups:
-            _merge_group(arch, miner, group, n_examples, blocks, batch_size, pad_id, bar, start)
-            n_examples, n_tokens = n_examples + len(group), n_tokens + sum(map(len, group))
+    with tqdm(total=max_tokens, initial=n_tokens, unit="tok", unit_scale=True,
+              disable=not (progress and shard.primary), desc="mining triggers") as bar:
+        for units_read in groups:
+            batch_number = _merge_group(arch, miner, units_read, n_examples, blocks, batch_size, pad_id, bar,
+                                        start, shard, batch_number)
+            n_examples, n_tokens = n_examples + len(units_read), n_tokens + sum(map(len, units_read))
             miner.prune()
             if out is not None and n_tokens - last_save >= save_every:
-                snapshot().save(out)
+                save(snapshot())
                 last_save = n_tokens
     if n_examples == 0:
         raise ValueError(f"corpus ({description}) holds no unit of at least 2 tokens")
     index = snapshot()
     if out is not None:
-        index.save(out)
+        save(index)
     return index
