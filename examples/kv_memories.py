@@ -18,12 +18,17 @@ interrupted run continues where it stopped.
 
     python examples/kv_memories.py                                  # the embedded GPT-2
     python examples/kv_memories.py --model smollm2 --max-tokens 1000000 --index /tmp/kv_smollm2.safetensors
+    torchrun --standalone --nproc-per-node 2 examples/kv_memories.py --model smollm2 --threads 1
+
+Under ``torchrun`` the ranks mine alternate batches and merge exactly (the one-process index);
+rank 0 writes the index and alone goes on to the agreement, the memories and the figures.
 
 The default corpus is ../shared/corpus without its three held-out books (see its README);
 ``--corpus`` takes any .txt file or folder of .txt files.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -148,6 +153,8 @@ def main() -> None:
         resume=resume,
         save_every=100_000,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank mines; rank 0 alone goes on
+        return
     seconds = time.perf_counter() - start
     print(index, f"({seconds:.0f} s this run)")
     print(

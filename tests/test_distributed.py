@@ -199,3 +199,15 @@ def test_mining_under_torchrun_equals_one_process_and_an_interrupted_run_resumes
                              resume=f"{out}.index.safetensors.interrupted")
     for name in ("scores", "example", "position", "example_tokens"):
         assert torch.equal(getattr(alone, name), want[f"gpt2.{name}"]), name
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_trace_many_under_torchrun_equals_one_process(tmp_path, one_thread):
+    ranks = _ranks(_torchrun("trace_many", tmp_path))
+    want = cases.trace_many_case()
+    assert want["resid.skipped"].tolist() == [3] and want["resid.probs"].shape[0] == 4  # 4 traced, 1 skipped
+    for got in ranks:
+        assert got.keys() == want.keys()
+        for key in want:  # every fact traced where it ran, with its own noise: the very same numbers
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True, msg=key)

@@ -170,3 +170,32 @@ def mining_case(group=None, out=None) -> dict[str, torch.Tensor]:
     result |= _index_tensors(kv.mine_triggers(llama, Chars(), MINING_TEXTS, unit="window", window=12, top_k=4,
                                               batch_size=3, progress=False, group=group), "llama")
     return result
+
+
+FACTS = (
+    ("The river ran past the old mill, and the miller's daughter", "the old mill", None),
+    ("Seven ravens sat on the roof of the barn", "Seven ravens", None),
+    ("In the morning the baker opened his", "the baker", None),
+    ("Nobody in the village knew where the stranger", "the village", " elephant"),  # not its answer: skipped
+    ("The miller's daughter counted the boats going down to the", "The miller's daughter", None),
+)
+
+
+def trace_many_case(group=None) -> dict[str, torch.Tensor]:
+    """Causal traces of 5 facts (3 + 2 on two ranks, one skipped) in ROME's buckets; resid and mlp."""
+    import reslens
+    from reslens.tracing import Noise, trace_many
+
+    model, tokenizer = reslens.load_model()
+    out = {}
+    for kind in ("resid", "mlp"):
+        summary = trace_many(model, tokenizer, FACTS, kind=kind, window=2, noise=Noise(samples=3),
+                             progress=False, group=group)
+        out |= {f"{kind}.{name}": getattr(summary, name) for name in ("mean", "low", "high", "count")}
+        out[f"{kind}.skipped"] = torch.tensor(summary.skipped)
+        out[f"{kind}.probs"] = torch.tensor([[r.clean_prob, r.corrupted_prob] for r in summary.results],
+                                            dtype=torch.float64)
+        for i, r in enumerate(summary.results):
+            out[f"{kind}.restored.{i}"] = r.restored_prob
+            out[f"{kind}.ids.{i}"] = r.input_ids
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_choice, check_int
+from reslens._distributed import shard_of
 from reslens._saving import read_safetensors, write_safetensors
 from reslens.arch import Arch, adapter
 from reslens.tracing._format import html_table, pandas
@@ -245,7 +246,7 @@ def _gives(arch: Arch, ids: list[int], answer: list[int]) -> bool:
 def trace_many(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str, str | None]], *,
                kind: str = "resid", window: int = 10, noise: Noise | float = Noise(),
                require_correct: bool = True, batch_size: int = 256, progress: bool = True,
-               **legacy: Any) -> TraceSummary:
+               group: Any = None, **legacy: Any) -> TraceSummary:
     """Trace every ``(prompt, subject, answer)`` of ``facts`` and average in ROME's buckets.
 
     Each entry of ``facts`` is a ``(prompt, subject, answer)`` tuple (or list) of strings:
@@ -264,6 +265,12 @@ def trace_many(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str, str |
     With ``require_correct`` (ROME), a fact is traced only when the model's greedy continuation
     of the prompt is the whole answer; the others are listed in ``skipped``. ``answer=None``
     traces the model's own top-1.
+
+    ``group``: a torch.distributed process group (None = the default group under ``torchrun``,
+    else one process; False = one process). Rank ``r`` of ``W`` traces the facts ``i`` with
+    ``i % W == r`` (each fact's noise is drawn from ``noise.seed`` alone, so where it runs does
+    not change it); the traces are gathered in fact order and every rank returns the
+    one-process summary. Every rank must be given the same facts and options (checked).
     """
     from tqdm.auto import tqdm
 
@@ -277,17 +284,25 @@ def trace_many(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str, str |
         subjects = [i for ids, (s, e), _, _ in prepared for i in ids[s:e]]
         noise = replace(noise, embedding_std=embedding_std(arch, subjects))
 
-    results, skipped = [], []
-    facts_bar = tqdm(prepared, desc=f"causal traces ({kind})", unit="fact", disable=not progress)
-    for i, (ids, span, answer, prompt) in enumerate(facts_bar):
+    shard = shard_of(group)
+    facts_read = [(ids, span, answer) for ids, span, answer, _ in prepared]
+    shard.same((facts_read, kind, window, noise, require_correct), "the facts and tracing options")
+    traced: list[tuple[int, TraceResult | None]] = []  # (fact, its trace or None = skipped)
+    facts_bar = tqdm(list(shard.take(prepared)), desc=f"causal traces ({kind})", unit="fact",
+                     disable=not (progress and shard.primary))
+    for i, (ids, span, answer, prompt) in facts_bar:
         if answer is not None and require_correct and not _gives(arch, ids, answer):
-            skipped.append(i)
+            traced.append((i, None))
             continue
-        results.append(causal_trace_ids(
+        traced.append((i, causal_trace_ids(
             arch, torch.tensor(ids), span, answer_id=None if answer is None else answer[0], kind=kind,
             window=window, noise=noise, batch_size=batch_size, tokenizer=tokenizer,
             token_strings=prompt_pieces(tokenizer, prompt, ids),
-        ))
+        )))
+    if shard.parallel:  # every rank's traces, in fact order
+        traced = sorted((pair for part in shard.gather_objects(traced) for pair in part), key=lambda p: p[0])
+    results = [r for _, r in traced if r is not None]
+    skipped = [i for i, r in traced if r is None]
     if not results:
         raise ValueError(f"the model gives none of the {len(facts)} facts' answers; nothing to average "
                          "(pass require_correct=False to trace them anyway)")
