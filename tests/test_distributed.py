@@ -211,3 +211,15 @@ def test_trace_many_under_torchrun_equals_one_process(tmp_path, one_thread):
         assert got.keys() == want.keys()
         for key in want:  # every fact traced where it ran, with its own noise: the very same numbers
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_pca_experiment_under_torchrun_equals_one_process(tmp_path, one_thread):
+    ranks = _ranks(_torchrun("pca", tmp_path))
+    want = cases.pca_case()
+    assert want["examples"].shape == (40, 2) and len(set(want["examples"][:, 0].tolist())) > 9  # > 3 batches
+    for got in ranks:
+        assert got.keys() == want.keys()
+        for key in want:  # every batch captured as one process captures it, every PCA run on all of them
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True, msg=key)

@@ -16,6 +16,7 @@ residual ends up.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import random
 from dataclasses import dataclass, fields
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from reslens._distributed import Shard, shard_of
 from reslens._checks import check_bool, check_choice, check_int, check_layers, check_position
 from reslens._inputs import as_batch, encode, pad_ids, pad_token_id
 from reslens._records import RecordSaveable
@@ -437,24 +439,40 @@ def _sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: i
 
 
 def _experiment_stacks(arch: Arch, windows: list[list[int]], chosen: list[tuple[int, int]], pad_id: int,
-                       batch_size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual stacks ``[n, n_layer + 1, d_model]`` and final predictions ``[n]`` of the chosen positions."""
+                       batch_size: int, progress: bool, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual stacks ``[n, n_layer + 1, d_model]`` and final predictions ``[n]`` of the chosen positions.
+
+    Under a process group this rank captures the batches ``b`` with ``b % world == rank``, and
+    every rank gets all ``n``, in the order of ``chosen``.
+    """
     from tqdm.auto import tqdm
 
     by_window: dict[int, list[int]] = {}
     for w, p in chosen:
         by_window.setdefault(w, []).append(p)
     order = sorted(by_window)
-    stacks, finals = [], []
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="pca residuals", unit="batch", disable=not progress):
+    firsts = [0]  # the number of the first example of each window, in the order of chosen (sorted)
+    for w in order:
+        firsts.append(firsts[-1] + len(by_window[w]))
+    stacks, finals, numbers = [], [], []
+    batches = [start for _, start in shard.take(range(0, len(order), batch_size))]
+    for start in tqdm(batches, desc="pca residuals", unit="batch", disable=not (progress and shard.primary)):
         group = order[start : start + batch_size]
         res = capture(arch, pad_ids([windows[w] for w in group], pad_id=pad_id), sites=("resid",))
         seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
         pos = torch.tensor([p for w in group for p in by_window[w]])
         stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
         finals.append(_final_prediction(arch, res, seq, pos))
-    return torch.cat(stacks), torch.cat(finals)
+        numbers.append(torch.arange(firsts[start], firsts[start + len(group)]))
+    if not batches:  # a rank with no batch (more ranks than batches)
+        stacks.append(torch.empty(0, arch.n_layer + 1, arch.d_model, device=arch.device))
+        finals.append(torch.empty(0, dtype=torch.long, device=arch.device))
+        numbers.append(torch.empty(0, dtype=torch.long))
+    stack, final, number = torch.cat(stacks), torch.cat(finals), torch.cat(numbers)
+    if shard.parallel:
+        where = shard.cat(number).argsort()
+        stack, final = shard.cat(stack)[where], shard.cat(final)[where]
+    return stack, final
 
 
 def pca_experiment(
@@ -468,6 +486,7 @@ def pca_experiment(
     min_context: int = 8,
     batch_size: int = 16,
     progress: bool = True,
+    group: Any = None,
 ) -> PCAExperiment:
     """The "one direction is the prediction" experiment with its controls (see ``CONDITIONS``).
 
@@ -475,6 +494,12 @@ def pca_experiment(
     the model's context; positions at least ``min_context`` tokens in), runs PCA across layers of
     each one's residual stack, and compares the conditions. Residuals are captured once per batch
     of ``batch_size`` windows.
+
+    ``group``: a torch.distributed process group (None = the default group under ``torchrun``,
+    else one process; False = one process). Rank ``r`` of ``W`` captures the batches ``b`` with
+    ``b % W == r``, each padded as one process pads it; the stacks are gathered in example order
+    and every rank runs the (cheap) per-example PCA on all of them, so every rank returns the
+    one-process result. Every rank must be given the same texts and options (checked).
     """
     arch = adapter(model)
     for name, value, low in (("n", n, 1), ("seed", seed, None), ("max_length", max_length, 1),
@@ -482,8 +507,11 @@ def pca_experiment(
         check_int(value, name, low=low)
     check_bool(progress, "progress")
     windows, chosen = _sample_windows(tokenizer, texts, n, seed, min(max_length, arch.n_ctx), min_context)
+    shard = shard_of(group)
+    read = hashlib.sha256(repr(([windows[w] for w, _ in chosen], chosen, batch_size)).encode()).hexdigest()
+    shard.same(read, "the texts and options (a hash of their sampled windows and positions)")
     stacks_all, final_prediction = _experiment_stacks(arch, windows, chosen, pad_token_id(tokenizer),
-                                                      batch_size, progress)
+                                                      batch_size, progress, shard)
     results = {}
     gen = torch.Generator().manual_seed(seed)
     for name, _, options in CONDITIONS:

@@ -199,3 +199,20 @@ def trace_many_case(group=None) -> dict[str, torch.Tensor]:
             out[f"{kind}.restored.{i}"] = r.restored_prob
             out[f"{kind}.ids.{i}"] = r.input_ids
     return out
+
+
+def pca_case(group=None) -> dict[str, torch.Tensor]:
+    """The PCA experiment on 40 positions of 13 windows, 3 windows a batch (5 batches: 3 + 2 on two ranks)."""
+    from dataclasses import fields
+
+    import reslens
+    from reslens.pca import CONDITIONS, pca_experiment
+
+    model, tokenizer = reslens.load_model()
+    result = pca_experiment(model, tokenizer, TEXT, n=40, seed=3, max_length=32, batch_size=3, progress=False,
+                            group=group)
+    out = {"examples": result.examples, "final_prediction": result.final_prediction}
+    for name, _, _ in CONDITIONS:
+        condition = result.condition(name)
+        out |= {f"{name}.{f.name}": getattr(condition, f.name) for f in fields(condition)}
+    return out
