@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import html
-import random
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from reslens._distributed import Shard, shard_of
+from reslens._distributed import shard_of
 from reslens._checks import check_bool, check_choice, check_int, check_layers, check_position
-from reslens._inputs import as_batch, encode, pad_ids, pad_token_id
+from reslens._inputs import as_batch, pad_token_id
+from reslens._pca_samples import experiment_stacks, model_top1, sample_windows
 from reslens._records import RecordSaveable
 from reslens._residual_pca import ResidualPCA
 from reslens._saving import Saveable
@@ -178,13 +178,6 @@ def _stack_pca(arch: Arch, stacks: torch.Tensor, final_prediction: torch.Tensor,
     return {"explained_variance_ratio": ratio, **_readout(arch, components[:, 0], final_prediction)}
 
 
-def _final_prediction(arch: Arch, residuals: Residuals, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The model's own top-1 ``[E]``: the final raw residual through the final norm and the unembedding."""
-    with torch.no_grad():
-        final = residuals.get("resid", arch.n_layer)[seq, pos].to(device=arch.device, dtype=arch.dtype)
-        return arch.unembed(arch.norm("final")(final)).float().argmax(-1)
-
-
 def _positions(positions: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(seq, pos)`` index pairs ``[E]`` of the chosen prediction positions.
 
@@ -237,7 +230,7 @@ def trajectory_pca_of(residuals: Residuals, arch: Any, *, positions: Any = "last
     seq, pos = _positions(positions, residuals.attention_mask)
     stacks = torch.stack([residuals.get("resid", layer) for layer in kept], dim=2)  # [B, P, L, d_model]
     stacks = stacks[seq.to(stacks.device), pos.to(stacks.device)].to(arch.device)  # [E, L, d_model]
-    final_prediction = _final_prediction(arch, residuals, seq.to(stacks.device), pos.to(stacks.device))
+    final_prediction = model_top1(arch, residuals, seq.to(stacks.device), pos.to(stacks.device))
     out = _stack_pca(arch, stacks, final_prediction, center=center, normalize=normalize)
     return TrajectoryPCAResult(
         seq=seq, pos=pos, final_prediction=final_prediction.cpu(), layers=kept, center=center,
@@ -417,64 +410,6 @@ class PCAExperiment(RecordSaveable):
         return f"<div><b>{html.escape(repr(self))}</b><table><tr>{head}</tr>{body}</table></div>"
 
 
-def _sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: int, min_context: int):
-    """``n`` distinct (window, position) predictions sampled from the texts' token windows."""
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts must be a string or a list of strings")
-    windows = []
-    for text in texts:
-        ids = encode(tokenizer, text)  # long texts: no "sequence length is longer than..." warning
-        windows.extend(ids[i : i + max_length] for i in range(0, len(ids), max_length))
-    candidates = [(w, p) for w, ids in enumerate(windows) for p in range(min_context, len(ids))]
-    if not candidates:
-        raise ValueError(f"texts hold no position with at least {min_context} tokens of context; "
-                         "give longer texts")
-    if n > len(candidates):
-        raise ValueError(f"n={n} is larger than the {len(candidates)} prediction positions "
-                         "available in texts")
-    chosen = sorted(random.Random(seed).sample(candidates, n))
-    return windows, chosen
-
-
-def _experiment_stacks(arch: Arch, windows: list[list[int]], chosen: list[tuple[int, int]], pad_id: int,
-                       batch_size: int, progress: bool, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual stacks ``[n, n_layer + 1, d_model]`` and final predictions ``[n]`` of the chosen positions.
-
-    Under a process group this rank captures the batches ``b`` with ``b % world == rank``, and
-    every rank gets all ``n``, in the order of ``chosen``.
-    """
-    from tqdm.auto import tqdm
-
-    by_window: dict[int, list[int]] = {}
-    for w, p in chosen:
-        by_window.setdefault(w, []).append(p)
-    order = sorted(by_window)
-    firsts = [0]  # the number of the first example of each window, in the order of chosen (sorted)
-    for w in order:
-        firsts.append(firsts[-1] + len(by_window[w]))
-    stacks, finals, numbers = [], [], []
-    batches = [start for _, start in shard.take(range(0, len(order), batch_size))]
-    for start in tqdm(batches, desc="pca residuals", unit="batch", disable=not (progress and shard.primary)):
-        group = order[start : start + batch_size]
-        res = capture(arch, pad_ids([windows[w] for w in group], pad_id=pad_id), sites=("resid",))
-        seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
-        pos = torch.tensor([p for w in group for p in by_window[w]])
-        stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
-        finals.append(_final_prediction(arch, res, seq, pos))
-        numbers.append(torch.arange(firsts[start], firsts[start + len(group)]))
-    if not batches:  # a rank with no batch (more ranks than batches)
-        stacks.append(torch.empty(0, arch.n_layer + 1, arch.d_model, device=arch.device))
-        finals.append(torch.empty(0, dtype=torch.long, device=arch.device))
-        numbers.append(torch.empty(0, dtype=torch.long))
-    stack, final, number = torch.cat(stacks), torch.cat(finals), torch.cat(numbers)
-    if shard.parallel:
-        where = shard.cat(number).argsort()
-        stack, final = shard.cat(stack)[where], shard.cat(final)[where]
-    return stack, final
-
-
 def pca_experiment(
     model: Any,
     tokenizer: Any,
@@ -506,12 +441,12 @@ def pca_experiment(
                              ("min_context", min_context, 0), ("batch_size", batch_size, 1)):
         check_int(value, name, low=low)
     check_bool(progress, "progress")
-    windows, chosen = _sample_windows(tokenizer, texts, n, seed, min(max_length, arch.n_ctx), min_context)
+    windows, chosen = sample_windows(tokenizer, texts, n, seed, min(max_length, arch.n_ctx), min_context)
     shard = shard_of(group)
     read = hashlib.sha256(repr(([windows[w] for w, _ in chosen], chosen, batch_size)).encode()).hexdigest()
     shard.same(read, "the texts and options (a hash of their sampled windows and positions)")
-    stacks_all, final_prediction = _experiment_stacks(arch, windows, chosen, pad_token_id(tokenizer),
-                                                      batch_size, progress, shard)
+    stacks_all, final_prediction = experiment_stacks(arch, windows, chosen, pad_token_id(tokenizer),
+                                                     batch_size, progress, shard)
     results = {}
     gen = torch.Generator().manual_seed(seed)
     for name, _, options in CONDITIONS:

@@ -355,6 +355,19 @@ def _merge_group(arch: Arch, miner: _Miner, group: list[list[int]], first: int, 
     return batch_number + -(-len(group) // batch_size)
 
 
+def _snapshot(miner: _Miner, shard: Shard, digest: Any, **meta: Any) -> TriggerIndex:
+    """The one-process index of what has been read (collective under a group)."""
+    shard.same(digest.hexdigest(), "the corpus read (its fingerprint)")
+    return _Miner.merged(miner, shard).index(corpus_fingerprint=digest.hexdigest(), **meta)
+
+
+def _save(index: TriggerIndex, out: str | os.PathLike, shard: Shard) -> None:
+    """Rank 0 writes ``index`` to ``out`` (atomically); every rank goes on once the file is there."""
+    if shard.primary:
+        index.save(out)
+    shard.barrier()
+
+
 def mine_triggers(
     model: Any, tokenizer: Any, corpus: Any, *, layers: Any = None, top_k: int = 50, unit: str = "sentence",
     window: int | None = None, batch_size: int = 32, max_tokens: int | None = None,
@@ -420,17 +433,6 @@ def mine_triggers(
                 d_model=arch.d_model, d_vocab=arch.d_vocab, model_name=model_name(arch),
                 model_fingerprint=fingerprint, corpus=description, signed=signed, start_ids=start)
 
-    def snapshot() -> TriggerIndex:
-        """The one-process index of what has been read (collective under a group)."""
-        shard.same(digest.hexdigest(), "the corpus read (its fingerprint)")
-        return _Miner.merged(miner, shard).index(n_examples=n_examples, n_tokens=n_tokens,
-                                                 corpus_fingerprint=digest.hexdigest(), **meta)
-
-    def save(index: TriggerIndex) -> None:
-        if shard.primary:
-            index.save(out)
-        shard.barrier()  # the file is there when any rank goes on
-
     last_save, pad_id, batch_number = n_tokens, pad_token_id(tokenizer), 0
     groups = _unit_groups(units, n_tokens=n_tokens, max_tokens=max_tokens, size=16 * batch_size,
                           digest=digest)
@@ -442,11 +444,12 @@ def mine_triggers(
             n_examples, n_tokens = n_examples + len(units_read), n_tokens + sum(map(len, units_read))
             miner.prune()
             if out is not None and n_tokens - last_save >= save_every:
-                save(snapshot())
+                read = dict(n_examples=n_examples, n_tokens=n_tokens)
+                _save(_snapshot(miner, shard, digest, **read, **meta), out, shard)
                 last_save = n_tokens
     if n_examples == 0:
         raise ValueError(f"corpus ({description}) holds no unit of at least 2 tokens")
-    index = snapshot()
+    index = _snapshot(miner, shard, digest, n_examples=n_examples, n_tokens=n_tokens, **meta)
     if out is not None:
-        save(index)
+        _save(index, out, shard)
     return index

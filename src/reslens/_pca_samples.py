@@ -1,0 +1,88 @@
+"""The PCA experiment's sample: prediction positions drawn from token windows, and their residual stacks.
+
+:func:`sample_windows` cuts texts into windows and draws the positions; :func:`experiment_stacks`
+captures each chosen position's residual at every layer, one batch of windows at a time, and
+under a process group each rank captures its share of the batches (see :mod:`reslens._distributed`).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from reslens._distributed import Shard
+from reslens._inputs import encode, pad_ids
+from reslens.arch import Arch
+from reslens.hooks import capture
+from reslens.residuals import Residuals
+
+__all__ = ["experiment_stacks", "model_top1", "sample_windows"]
+
+
+def model_top1(arch: Arch, residuals: Residuals, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The model's own top-1 ``[E]``: the final raw residual through the final norm and the unembedding."""
+    with torch.no_grad():
+        final = residuals.get("resid", arch.n_layer)[seq, pos].to(device=arch.device, dtype=arch.dtype)
+        return arch.unembed(arch.norm("final")(final)).float().argmax(-1)
+
+
+
+
+def sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: int, min_context: int):
+    """``n`` distinct (window, position) predictions sampled from the texts' token windows."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a string or a list of strings")
+    windows = []
+    for text in texts:
+        ids = encode(tokenizer, text)  # long texts: no "sequence length is longer than..." warning
+        windows.extend(ids[i : i + max_length] for i in range(0, len(ids), max_length))
+    candidates = [(w, p) for w, ids in enumerate(windows) for p in range(min_context, len(ids))]
+    if not candidates:
+        raise ValueError(f"texts hold no position with at least {min_context} tokens of context; "
+                         "give longer texts")
+    if n > len(candidates):
+        raise ValueError(f"n={n} is larger than the {len(candidates)} prediction positions "
+                         "available in texts")
+    chosen = sorted(random.Random(seed).sample(candidates, n))
+    return windows, chosen
+
+
+def experiment_stacks(arch: Arch, windows: list[list[int]], chosen: list[tuple[int, int]], pad_id: int,
+                       batch_size: int, progress: bool, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual stacks ``[n, n_layer + 1, d_model]`` and final predictions ``[n]`` of the chosen positions.
+
+    Under a process group this rank captures the batches ``b`` with ``b % world == rank``, and
+    every rank gets all ``n``, in the order of ``chosen``.
+    """
+    from tqdm.auto import tqdm
+
+    by_window: dict[int, list[int]] = {}
+    for w, p in chosen:
+        by_window.setdefault(w, []).append(p)
+    order = sorted(by_window)
+    firsts = [0]  # the number of the first example of each window, in the order of chosen (sorted)
+    for w in order:
+        firsts.append(firsts[-1] + len(by_window[w]))
+    stacks, finals, numbers = [], [], []
+    batches = [start for _, start in shard.take(range(0, len(order), batch_size))]
+    for start in tqdm(batches, desc="pca residuals", unit="batch", disable=not (progress and shard.primary)):
+        group = order[start : start + batch_size]
+        res = capture(arch, pad_ids([windows[w] for w in group], pad_id=pad_id), sites=("resid",))
+        seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
+        pos = torch.tensor([p for w in group for p in by_window[w]])
+        stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
+        finals.append(model_top1(arch, res, seq, pos))
+        numbers.append(torch.arange(firsts[start], firsts[start + len(group)]))
+    if not batches:  # a rank with no batch (more ranks than batches)
+        stacks.append(torch.empty(0, arch.n_layer + 1, arch.d_model, device=arch.device))
+        finals.append(torch.empty(0, dtype=torch.long, device=arch.device))
+        numbers.append(torch.empty(0, dtype=torch.long))
+    stack, final, number = torch.cat(stacks), torch.cat(finals), torch.cat(numbers)
+    if shard.parallel:
+        where = shard.cat(number).argsort()
+        stack, final = shard.cat(stack)[where], shard.cat(final)[where]
+    return stack, final
