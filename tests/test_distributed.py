@@ -223,3 +223,26 @@ def test_pca_experiment_under_torchrun_equals_one_process(tmp_path, one_thread):
         assert got.keys() == want.keys()
         for key in want:  # every batch captured as one process captures it, every PCA run on all of them
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_the_memories_command_mines_under_torchrun_and_rank_0_alone_reports(tmp_path, one_thread):
+    from reslens import kv_memory as kv
+    from reslens.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(cases.MINING_TEXTS), encoding="utf-8")
+    out = tmp_path / "two.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "reslens.cli", "memories", "--mine", str(corpus), "--out", str(out), "--top-k", "5"]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert done.stdout.count("TriggerIndex(") == 1 and done.stdout.count("agreement") == 1  # rank 0 alone
+    one = tmp_path / "one.safetensors"
+    assert main(["memories", "--mine", str(corpus), "--out", str(one), "--top-k", "5"]) == 0
+    two, alone = kv.TriggerIndex.load(out), kv.TriggerIndex.load(one)
+    for name in ("scores", "example", "position", "example_tokens"):
+        assert torch.equal(getattr(two, name), getattr(alone, name)), name
+    assert two.corpus_fingerprint == alone.corpus_fingerprint and two.n_examples == alone.n_examples

@@ -335,19 +335,24 @@ def _memories_mine(args: argparse.Namespace) -> int:
     import reslens
     from reslens import kv_memory as kv
     from reslens._corpus import corpus_files
+    from reslens._distributed import shard_of
 
     if args.out is None:
         raise _UsageError("--mine: say where to save the index with --out FILE (e.g. index.safetensors)")
     corpus_files(args.mine, name="--mine")
+    primary = shard_of().primary  # under torchrun every rank mines its share; rank 0 alone reports
     resume = None
     if args.out.exists():
         resume = kv.TriggerIndex.load(args.out)
-        print(f"resuming {args.out}: {resume.describe()}, mined on {resume.model_name or 'an unnamed model'}",
-              file=sys.stderr)
+        if primary:
+            print(f"resuming {args.out}: {resume.describe()}, mined on "
+                  f"{resume.model_name or 'an unnamed model'}", file=sys.stderr)
     model, tokenizer = reslens.load_model(args.model, device=args.device)
     index = kv.mine_triggers(model, tokenizer, args.mine, top_k=args.top_k, unit=args.unit,
                              batch_size=args.batch_size, max_tokens=args.max_tokens, resume=resume,
                              out=args.out)
+    if not primary:
+        return 0
     print(index)
     result = kv.agreement(index, model)
     print(result.table())
