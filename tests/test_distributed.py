@@ -246,3 +246,14 @@ def test_the_memories_command_mines_under_torchrun_and_rank_0_alone_reports(tmp_
     for name in ("scores", "example", "position", "example_tokens"):
         assert torch.equal(getattr(two, name), getattr(alone, name)), name
     assert two.corpus_fingerprint == alone.corpus_fingerprint and two.n_examples == alone.n_examples
+
+
+def test_under_torchrun_a_plain_cuda_device_is_the_local_rank_s_gpu(monkeypatch):
+    from reslens._distributed import local_device
+
+    assert local_device("cuda") == "cuda" and local_device(None) is None  # not under torchrun: as given
+    for name, value in {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert local_device("cuda") == torch.device("cuda", 1) == local_device(torch.device("cuda"))
+    assert local_device("cuda:0") == "cuda:0" and local_device("cpu") == "cpu" and local_device(None) is None

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Shard", "shard_of", "merge_top_k", "units_of"]
+__all__ = ["Shard", "shard_of", "merge_top_k", "units_of", "local_device"]
 
 T = TypeVar("T")
 
@@ -131,6 +131,20 @@ def _under_torchrun() -> bool:
     """Whether ``torchrun`` (or ``torch.distributed.run``) launched this process as one of several."""
     env = os.environ
     return "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in env
+
+
+def local_device(device: Any) -> Any:
+    """``device`` with a plain ``"cuda"`` made this process's GPU (``cuda:LOCAL_RANK``) under ``torchrun``.
+
+    Without it every rank would put its model on GPU 0 (the current device until the process group
+    starts, which may be later). Anything else, and everything outside ``torchrun``, is returned as is.
+    """
+    if device is None or not _under_torchrun():
+        return device
+    wanted = torch.device(device)
+    if wanted.type == "cuda" and wanted.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def _start_default_group() -> None:

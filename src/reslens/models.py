@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from reslens._checks import check_dtype
+from reslens._distributed import local_device
 
 __all__ = ["load_model", "embedded_model_dir"]
 
@@ -89,7 +90,7 @@ def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dt
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype or torch.float32)
     if device is not None:
-        model = model.to(device)
+        model = model.to(local_device(device))
     return model.eval(), tokenizer
 
 
@@ -116,6 +117,9 @@ def load_model(
 
     A checkpoint of an unsupported family is refused (``TypeError``) before its weights load, and one
     that lacks weights is refused (``ValueError``) rather than returned partly random.
+
+    ``device="cuda"`` under ``torchrun`` means this rank's GPU (``cuda:LOCAL_RANK``), so a
+    data-parallel script puts one model on each GPU without a code change.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -170,6 +174,6 @@ def load_model(
             f"(model_type={config.model_type!r}), so reslens refuses a partly random model"
         )
     if device is not None:
-        model = model.to(device)
+        model = model.to(local_device(device))
     model.eval()
     return model, tokenizer
