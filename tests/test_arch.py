@@ -155,3 +155,15 @@ def test_embedding_components_sum_to_resid0(model, ids):
 
 def test_arch_is_the_base_of_every_adapter(model):
     assert isinstance(adapter(model), Arch) and "GPT2LMHeadModel" in repr(adapter(model))
+
+
+def test_checkpoint_name_is_what_the_config_records_and_empty_for_a_model_built_in_memory(model):
+    import reslens
+    from reslens.models import embedded_model_dir
+
+    assert adapter(model).checkpoint_name == ""  # built from a config, never saved
+    loaded, _ = reslens.load_model()
+    assert adapter(loaded).checkpoint_name == str(embedded_model_dir())
+    from reslens.lenses._data import model_name
+
+    assert model_name(adapter(model)) == type(model).__name__  # a learned lens then records the class

@@ -28,8 +28,6 @@ def model_top1(arch: Arch, residuals: Residuals, seq: torch.Tensor, pos: torch.T
         return arch.unembed(arch.norm("final")(final)).float().argmax(-1)
 
 
-
-
 def sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: int, min_context: int):
     """``n`` distinct (window, position) predictions sampled from the texts' token windows."""
     if isinstance(texts, str):

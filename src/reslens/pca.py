@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from reslens._distributed import shard_of
 from reslens._checks import check_bool, check_choice, check_int, check_layers, check_position
+from reslens._distributed import shard_of
 from reslens._inputs import as_batch, pad_token_id
 from reslens._pca_samples import experiment_stacks, model_top1, sample_windows
 from reslens._records import RecordSaveable
@@ -443,8 +443,10 @@ def pca_experiment(
     check_bool(progress, "progress")
     windows, chosen = sample_windows(tokenizer, texts, n, seed, min(max_length, arch.n_ctx), min_context)
     shard = shard_of(group)
-    read = hashlib.sha256(repr(([windows[w] for w, _ in chosen], chosen, batch_size)).encode()).hexdigest()
-    shard.same(read, "the texts and options (a hash of their sampled windows and positions)")
+    if shard.parallel:
+        read = repr(([windows[w] for w in sorted({w for w, _ in chosen})], chosen, batch_size))
+        shard.same(hashlib.sha256(read.encode()).hexdigest(), "the texts and options (a hash of the sampled "
+                   "windows and positions)")
     stacks_all, final_prediction = experiment_stacks(arch, windows, chosen, pad_token_id(tokenizer),
                                                      batch_size, progress, shard)
     results = {}

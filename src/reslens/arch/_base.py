@@ -104,6 +104,12 @@ class Arch:
     prepend_bos: bool = False
     model: nn.Module
 
+    @property
+    def checkpoint_name(self) -> str:
+        """The checkpoint's name or path as the model's config records it (``""`` when unknown)."""
+        config = getattr(self.model, "config", None)
+        return str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+
     # --- sizes -------------------------------------------------------------------------------
 
     @property

@@ -43,7 +43,7 @@ from reslens.arch import Arch, adapter
 from reslens.hooks import capture
 from reslens.kv_memory.triggers import TriggerIndex
 
-__all__ = ["mine_triggers", "model_fingerprint", "model_name"]
+__all__ = ["mine_triggers", "model_fingerprint"]
 
 
 def _order_key(scores: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
@@ -194,12 +194,6 @@ def model_fingerprint(model: Any, layers: Iterable[int]) -> str:
         digest.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
         digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def model_name(arch: Arch) -> str:
-    """The model's name or path as its config records it ('' when unknown)."""
-    config = getattr(arch.model, "config", None)
-    return str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
 
 
 def _hash_unit(digest: Any, ids: list[int]) -> None:
@@ -430,7 +424,7 @@ def mine_triggers(
     miner = _Miner(len(blocks), arch.d_mlp, top_k, resume if shard.primary else None, signed)
     n_examples, n_tokens = (resume.n_examples, resume.n_tokens) if resume is not None else (0, 0)
     meta = dict(layers=blocks, top_k=top_k, unit=unit, window=window, n_layer=arch.n_layer,
-                d_model=arch.d_model, d_vocab=arch.d_vocab, model_name=model_name(arch),
+                d_model=arch.d_model, d_vocab=arch.d_vocab, model_name=arch.checkpoint_name,
                 model_fingerprint=fingerprint, corpus=description, signed=signed, start_ids=start)
 
     last_save, pad_id, batch_number = n_tokens, pad_token_id(tokenizer), 0

@@ -41,4 +41,4 @@ def residual_batches(arch: Arch, windows: list[list[int]], batch_size: int) -> I
 
 def model_name(arch: Arch) -> str:
     """What a learned lens's config records as its model: the checkpoint's name or path, else the class."""
-    return getattr(arch.model.config, "name_or_path", "") or type(arch.model).__name__
+    return arch.checkpoint_name or type(arch.model).__name__
