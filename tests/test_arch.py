@@ -164,6 +164,6 @@ def test_checkpoint_name_is_what_the_config_records_and_empty_for_a_model_built_
     assert adapter(model).checkpoint_name == ""  # built from a config, never saved
     loaded, _ = reslens.load_model()
     assert adapter(loaded).checkpoint_name == str(embedded_model_dir())
-    from reslens.lenses._data import model_name
+    from reslens.lens._data import model_name
 
     assert model_name(adapter(model)) == type(model).__name__  # a learned lens then records the class

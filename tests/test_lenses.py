@@ -76,7 +76,7 @@ def test_a_learned_lens_translates_each_layer_before_the_final_norm(family):
     res = reslens.capture(model, IDS, sites=("resid",))
     for lens in (_random_lens(TunedLens, model), _random_lens(LinearShortcut, model)):
         result = lens_of(res, model, lens=lens, top_k=2)
-        assert result.lens == lens.name and result.table().startswith(lens.name)
+        assert result.lens_name == lens.name and result.table().startswith(lens.name)
         layer = 1
         h = res.resid[layer]
         mapped = h @ lens.weight[layer].T + lens.bias[layer]
@@ -86,7 +86,7 @@ def test_a_learned_lens_translates_each_layer_before_the_final_norm(family):
         torch.testing.assert_close(result.top_probs[layer], probs.values)
     # the logit lens is a lens too, and zero translators are the logit lens
     plain = lens_of(res, model)
-    assert plain.lens == "logit lens" and torch.equal(
+    assert plain.lens_name == "logit lens" and torch.equal(
         lens_of(res, model, lens=LogitLens()).top_ids, plain.top_ids
     )
     zero = TunedLens.identity(arch.n_layer, arch.d_model)
@@ -279,7 +279,7 @@ def test_lens_stats_and_the_comparison_name_their_lens(tmp_path):
     model = make_family("mistral")
     shortcut = _random_lens(LinearShortcut, model)
     stats = lens_stats(model, [_text(4, 200)], tokenizer=Chars(), lens=shortcut, progress=False)
-    assert stats.lens == "linear shortcut" and stats.table().startswith("linear shortcut:")
+    assert stats.lens_name == "linear shortcut" and stats.table().startswith("linear shortcut:")
     assert "linear shortcut" in repr(stats)
     scores = compare_lenses(model, [_text(4, 200)], [None, shortcut], tokenizer=Chars(), progress=False)
     assert scores.lenses == ("logit lens", "linear shortcut") and scores.layers == (0, 1, 2, 3)

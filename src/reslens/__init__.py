@@ -33,8 +33,6 @@ _SUBMODULES = (
     "hooks",
     "kv_memory",
     "lens",
-    "lens_stats",
-    "lenses",
     "models",
     "pca",
     "plot",
@@ -54,6 +52,11 @@ __all__ = [
     "trace",
     "__version__",
 ]
+
+
+#: the lens wing, imported now (cheaply: its names load on first use) so that its former module names
+#: ``reslens.lens_stats`` and ``reslens.lenses`` are importable (see :mod:`reslens.lens`)
+importlib.import_module("reslens.lens")
 
 
 def __getattr__(name: str) -> Any:

@@ -206,8 +206,9 @@ def _lens(args: argparse.Namespace) -> int:
     import reslens
     from reslens._inputs import encode, pad_ids, pad_token_id
     from reslens.arch import adapter
-    from reslens.lens import lens_stats, logit_lens
-    from reslens.lenses import load_lens
+    from reslens.lens.result import logit_lens
+    from reslens.lens.stats import lens_stats
+    from reslens.lens.values import load_lens
 
     if (args.text is None) == (args.file is None):
         raise _UsageError("give either TEXT or --file FILE (one of them)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from reslens._figures import _check_seq, _figure, _pyplot, _text_colour  # noqa: F401 (old imports)
-from reslens._plot_lens import LENS_PLOT_METRICS, plot_lens, plot_lens_comparison, plot_lens_stats
+from reslens.lens._plot import LENS_PLOT_METRICS, plot_lens, plot_lens_comparison, plot_lens_stats
 
 __all__ = ["lens_table", "plot_lens", "plot_lens_stats", "plot_pca_experiment", "LENS_PLOT_METRICS",
            "plot_head_scores", "plot_head_score_panels", "plot_composition", "plot_logit_attribution",

@@ -19,8 +19,8 @@ from reslens._inputs import pad_ids
 from reslens._saving import Saveable
 from reslens._text import pandas
 from reslens.arch import adapter
-from reslens.lenses._base import as_lens
-from reslens.lenses._data import corpus_windows
+from reslens.lens.values import as_lens
+from reslens.lens._data import corpus_windows
 
 __all__ = ["LensComparison", "compare_lenses"]
 
@@ -131,7 +131,7 @@ def compare_lenses(
     at every ``resid`` layer. ``corpus``: a ``.txt`` file, a folder, a list of files or an iterable
     of strings (hold out what the lenses were trained on).
     """
-    from reslens.lens_stats import lens_stats
+    from reslens.lens.stats import lens_stats
 
     arch = adapter(model)
     if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):

@@ -24,8 +24,8 @@ import torch
 from reslens._checks import check_bool, check_float, check_int
 from reslens._distributed import Shard, shard_of, units_of
 from reslens.arch import adapter
-from reslens.lenses._base import LinearShortcut
-from reslens.lenses._data import corpus_windows, model_name, residual_batches
+from reslens.lens.values import LinearShortcut
+from reslens.lens._data import corpus_windows, model_name, residual_batches
 
 __all__ = ["fit_shortcut", "ShortcutMoments"]
 

@@ -8,7 +8,7 @@ stream (``resid``, ``resid_mid``), never to HuggingFace's already-normalised las
 the last layer's row is exactly the model's own prediction. Logits are turned into probabilities
 in float32 whatever the model's dtype. The full ``[rows, pos, vocab]`` array is never built: rows
 are unembedded in blocks of ``chunk_size`` and each block is reduced to what the result keeps a
-few rows at a time (:mod:`reslens._lens_metrics`), so the work stays in cache.
+few rows at a time (:mod:`reslens.lens._metrics`), so the work stays in cache.
 
 Metric definitions (``p`` = the layer's distribution, ``q`` = the final layer's):
 
@@ -34,15 +34,15 @@ import torch
 
 from reslens._checks import check_bool, check_int, check_layers, check_sites
 from reslens._inputs import as_batch
-from reslens._lens_metrics import FLOAT_ROWS as _FLOAT_ROWS
-from reslens._lens_metrics import (SUB_ROWS, convergence, mark_non_finite, reduce_rows, reducer, reference,
+from reslens.lens._metrics import FLOAT_ROWS as _FLOAT_ROWS
+from reslens.lens._metrics import (SUB_ROWS, convergence, mark_non_finite, reduce_rows, reducer, reference,
                                    resolve_targets, spread)
 from reslens._saving import Saveable
 from reslens._text import blue, cell_text, pandas
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
 from reslens.hooks import capture
-from reslens.lenses._base import Lens, as_lens
+from reslens.lens.values import Lens, as_lens
 from reslens.residuals import Residuals
 
 __all__ = ["LensResult", "logit_lens", "lens_of", "lens_table", "LENS_SITES", "METRICS"]
@@ -78,8 +78,8 @@ class LensResult(Saveable):
     - ``convergence_layer: [B, P]``: first ``resid`` layer from which the top-1 stays equal
       to the final top-1 (-1 if the last lens row disagrees, or at pads)
     - ``token_strings``: id -> decoded string for every id above (None without a tokenizer)
-    - ``lens``: the lens's name (``"logit lens"``, ``"tuned lens"``, ``"linear shortcut"``; see
-      :mod:`reslens.lenses`)
+    - ``lens_name``: the name of the lens read (``"logit lens"``, ``"tuned lens"``, ``"linear shortcut"``; see
+      :mod:`reslens.lens.values`; the lens itself is a :class:`~reslens.lens.Lens` value)
     """
 
     site_of_row: tuple[str, ...]
@@ -100,7 +100,7 @@ class LensResult(Saveable):
     final_top1: torch.Tensor
     convergence_layer: torch.Tensor
     token_strings: dict[int, str] | None = field(default=None, compare=False)
-    lens: str = "logit lens"
+    lens_name: str = "logit lens"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site_of_row", tuple(self.site_of_row))
@@ -257,7 +257,7 @@ def lens_table(result: LensResult, seq: int = 0, *, width: int = 100, cell: int 
     check_int(seq, "seq", low=0, high=result.input_ids.shape[0] - 1)
     check_int(cell, "cell", low=3)
     real = result.attention_mask[seq].nonzero().flatten().tolist()
-    title = f"{result.lens}: top-1 token per layer"[:width]
+    title = f"{result.lens_name}: top-1 token per layer"[:width]
     labels = ["next"] + [f"L{label}" if label.isdigit() else label.replace("resid_mid ", "mid ")
                          for label in result.row_labels][::-1] + ["input"]
     label_w = max(len(label) for label in labels) + 1
@@ -391,7 +391,7 @@ def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: i
         top_probs=spread(out["top_probs"], shape, real, torch.nan),
         target_rank=None if target_ids is None else spread(out["target_rank"], shape, real, -1),
         final_top1=top1_final, convergence_layer=convergence(top_ids[..., 0], top1_final, rows),
-        token_strings=token_strings(tokenizer, top_ids, input_ids, target_ids), lens=lens.name,
+        token_strings=token_strings(tokenizer, top_ids, input_ids, target_ids), lens_name=lens.name,
     )
     for name in _FLOAT_ROWS:
         result[name] = spread(out[name], shape, real, torch.nan)
@@ -502,11 +502,3 @@ def logit_lens(
     return _lens(res, arch, layers=kept, sites=sites, top_k=top_k, targets=targets, chunk_size=chunk_size,
                  fused=fused, tokenizer=tokenizer, warn=True, lens=lens)
 
-
-def __getattr__(name: str) -> Any:
-    # LensStats, lens_stats live in reslens.lens_stats; ``from reslens.lens import lens_stats`` still works.
-    if name in ("LensStats", "lens_stats", "MetricStats", "QUANTILES"):
-        import reslens.lens_stats as stats
-
-        return getattr(stats, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -106,8 +106,8 @@ def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positi
         panel.set_xlim(-0.5, width - 0.5)
     fig.colorbar(image, ax=axes, label=_LABELS[metric], fraction=0.03, pad=0.02)
     shown = f"positions {int(real[0])}..{int(real[-1])}" if len(starts) > 1 else "text = top-1 token"
-    axes[0].set_title(f"{result.lens}: {_LABELS[metric]} ({shown}; text = top-1 token)"
-                      if len(starts) > 1 else f"{result.lens}: {_LABELS[metric]} ({shown})", fontsize=10)
+    axes[0].set_title(f"{result.lens_name}: {_LABELS[metric]} ({shown}; text = top-1 token)"
+                      if len(starts) > 1 else f"{result.lens_name}: {_LABELS[metric]} ({shown})", fontsize=10)
     return fig
 
 
@@ -131,7 +131,7 @@ def plot_lens_stats(stats, *, ax=None):
     right.set_ylabel("nats (dashed)")
     lines = left.get_lines() + right.get_lines()
     left.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
-    left.set_title(f"{stats.lens} over {stats.n_tokens} tokens", fontsize=10)
+    left.set_title(f"{stats.lens_name} over {stats.n_tokens} tokens", fontsize=10)
     fig.tight_layout()
     return fig
 

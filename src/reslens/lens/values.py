@@ -159,14 +159,14 @@ def load_lens(path: str | os.PathLike, *, model: Any = None) -> AffineLens:
 
     The ``tuned-lens`` format is a folder with ``config.json`` and ``params.pt`` (a state dict
     ``{i}.weight``, ``{i}.bias``), read with ``torch.load(weights_only=True)``: only tensors are
-    unpickled, never code (:mod:`reslens.lenses._tuned_lens_format`). With ``model=``, the
+    unpickled, never code (:mod:`reslens.lens._tuned_lens_format`). With ``model=``, the
     lens is checked against it (layers, width; for a ``tuned-lens`` folder also the package's hash
     of the unembedding, a warning if it differs).
     """
     shown = os.fspath(path)
     p = Path(shown).expanduser()
     if p.is_dir():
-        from reslens.lenses._tuned_lens_format import read_folder
+        from reslens.lens._tuned_lens_format import read_folder
 
         lens = read_folder(p, TunedLens)
     else:
@@ -190,7 +190,7 @@ def load_lens(path: str | os.PathLike, *, model: Any = None) -> AffineLens:
         arch = adapter(model)
         lens.check(arch)
         expected = lens.config.get("unembed_hash")
-        from reslens.lenses._tuned_lens_format import unembed_hash
+        from reslens.lens._tuned_lens_format import unembed_hash
 
         if expected and unembed_hash(arch) != expected:
             warnings.warn(

@@ -25,13 +25,13 @@ import torch
 from reslens._checks import check_bool, check_int, check_layers
 from reslens._distributed import Shard, shard_of
 from reslens._inputs import as_batch, encode, pad_ids, pad_token_id
-from reslens._lens_metrics import VS_FINAL
+from reslens.lens._metrics import VS_FINAL
 from reslens._records import RecordSaveable
 from reslens._text import pandas
 from reslens.arch import adapter
 from reslens.hooks import capture
-from reslens.lens import METRICS, LensResult, _check_lens, _lens
-from reslens.lenses._base import as_lens
+from reslens.lens.result import METRICS, LensResult, _check_lens, _lens
+from reslens.lens.values import as_lens
 
 __all__ = ["LensStats", "MetricStats", "lens_stats", "QUANTILES"]
 
@@ -73,7 +73,8 @@ class LensStats(RecordSaveable):
     - ``input_token_top1: [R]``: fraction whose top-1 is the *input* token at that position
     - ``n_non_finite: [R]`` (int64): positions left out of layer ``r``'s statistics because its
       lens logits (or the final layer's) were NaN or inf
-    - ``lens``: the lens's name (``"logit lens"`` unless ``lens_stats(..., lens=...)`` read another)
+    - ``lens_name``: the name of the lens read (``"logit lens"`` unless ``lens_stats(..., lens=...)``
+      read another)
     """
 
     layers: tuple[int, ...]
@@ -86,7 +87,7 @@ class LensStats(RecordSaveable):
     input_token_top1: torch.Tensor
     exact_quantiles: bool
     n_non_finite: torch.Tensor
-    lens: str = "logit lens"
+    lens_name: str = "logit lens"
 
     def to_frame(self):
         """``pandas.DataFrame`` with one row per layer and a column per statistic."""
@@ -116,7 +117,7 @@ class LensStats(RecordSaveable):
         """A per-layer text table of the headline statistics."""
         head = (f"{'layer':>5} {'top1=final':>10} {'p(final)':>9} {'top1=input':>10} {'KL(f||l)':>9} "
                 f"{'entropy':>8} {'logp(next)':>10} {'med rank':>8}")
-        lines = [f"{self.lens}: {self.n_tokens} tokens in {self.n_sequences} sequences", head,
+        lines = [f"{self.lens_name}: {self.n_tokens} tokens in {self.n_sequences} sequences", head,
                  "-" * len(head)]
         for layer, agree, p_final, is_input, kl, entropy, logp, rank in self._rows():
             lines.append(f"{layer:>5} {agree:>10.3f} {p_final:>9.3f} {is_input:>10.3f} {kl:>9.3f} "
@@ -140,7 +141,7 @@ class LensStats(RecordSaveable):
         return f"<div><b>{html.escape(repr(self))}</b><table><tr>{head}</tr>{body}</table></div>"
 
     def __repr__(self) -> str:
-        lens = "" if self.lens == "logit lens" else f", lens={self.lens!r}"
+        lens = "" if self.lens_name == "logit lens" else f", lens_name={self.lens_name!r}"
         return f"LensStats(layers={self.layers[0]}..{self.layers[-1]}, tokens={self.n_tokens}{lens})"
 
 
@@ -297,7 +298,7 @@ class _Sums:
             input_token_top1=(self.is_input / self.is_input_n).float(),
             exact_quantiles=all(r.seen <= max_samples for r in self.reservoirs.values()),
             n_non_finite=self.non_finite,
-            lens=lens,
+            lens_name=lens,
         )
 
 

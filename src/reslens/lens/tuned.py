@@ -38,8 +38,8 @@ from reslens._checks import check_bool, check_choice, check_float, check_int
 from reslens._distributed import Shard, shard_of, units_of
 from reslens._saving import read_safetensors, write_safetensors
 from reslens.arch import Arch, adapter
-from reslens.lenses._base import TunedLens
-from reslens.lenses._data import corpus_windows, model_name, residual_batches
+from reslens.lens.values import TunedLens
+from reslens.lens._data import corpus_windows, model_name, residual_batches
 
 __all__ = ["train_tuned_lens"]
 

@@ -1,0 +1,57 @@
+"""The lens wing: each layer's residual read as the model's output, by any lens, on a text or a data set.
+
+Imports run one way inside the package, bottom to top:
+
+- :mod:`~reslens.lens._metrics`: the per-row reductions every lens result shares (no other wing module)
+- :mod:`~reslens.lens.values`: a lens as a value — :class:`LogitLens`, :class:`TunedLens` (Belrose et
+  al. 2023), :class:`LinearShortcut` (Din et al. 2023); :func:`load_lens` (reslens files and the
+  ``tuned-lens`` package's folders, through :mod:`~reslens.lens._tuned_lens_format`)
+- :mod:`~reslens.lens.result`: one text — :func:`logit_lens`, :func:`lens_of` -> :class:`LensResult`
+- :mod:`~reslens.lens.stats`: a data set — :func:`lens_stats` -> :class:`LensStats`
+- :mod:`~reslens.lens.shortcut`, :mod:`~reslens.lens.tuned`: fitting the learned lenses on a corpus
+- :mod:`~reslens.lens.compare`: :func:`compare_lenses` -> :class:`LensComparison` on held-out text
+- :mod:`~reslens.lens._plot`: the figures (read by :mod:`reslens.plot`)
+
+Every public name is reachable from here (``from reslens.lens import logit_lens, lens_stats, TunedLens``)
+and loads on first use, so importing the package is cheap. The wing's former module names
+``reslens.lens_stats`` and ``reslens.lenses`` are this package under another name (registered below),
+so ``from reslens.lens_stats import lens_stats`` and ``from reslens.lenses import fit_shortcut`` keep
+working without a module of their own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+#: public name -> the wing module that defines it (imported on first access)
+_LAZY = {
+    **dict.fromkeys(("LensResult", "lens_of", "logit_lens", "lens_table", "METRICS"), "result"),
+    **dict.fromkeys(("LensStats", "MetricStats", "lens_stats", "QUANTILES"), "stats"),
+    **dict.fromkeys(
+        ("Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "as_lens", "load_lens"), "values"
+    ),
+    **dict.fromkeys(("fit_shortcut", "ShortcutMoments"), "shortcut"),
+    "train_tuned_lens": "tuned",
+    **dict.fromkeys(("compare_lenses", "LensComparison"), "compare"),
+}
+
+__all__ = sorted(_LAZY)
+
+#: the wing's former module names, now this package
+for _alias in ("lens_stats", "lenses"):
+    sys.modules.setdefault(f"reslens.{_alias}", sys.modules[__name__])
+    setattr(sys.modules["reslens"], _alias, sys.modules[__name__])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"reslens.lens.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'reslens.lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
