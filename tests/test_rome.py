@@ -350,3 +350,15 @@ def test_edit_contexts_follow_a_tokenizer_that_puts_a_bos_first(tokenizer):
     torch.testing.assert_close(edit.u, ref.u)
     torch.testing.assert_close(edit.v, ref.v, rtol=1e-4, atol=1e-5)
     assert_same_state(before, model_state(model))
+
+
+def test_an_edit_that_cannot_reach_the_answer_is_refused_not_returned_as_a_no_op(sharp):
+    # The last block (layer 2 of 3) with the subject (5, 7) ending before the prompt's last token: its
+    # MLP output reaches no later position, so the answer's loss has an exactly zero gradient.
+    last = SecondMoment.compute(sharp, 2, CORPUS)
+    before = model_state(sharp)
+    with pytest.raises(ValueError, match="layer=2 cannot change the prediction"):
+        rank_one_edit_ids(sharp, IDS, (5, 7), [3], 2, second_moment=last, steps=3)
+    assert_same_state(before, model_state(sharp))
+    edit = rank_one_edit_ids(sharp, IDS, (5, 8), [3], 2, second_moment=last, steps=3)  # ends at the last token
+    assert edit.delta.abs().sum() > 0

@@ -290,6 +290,13 @@ def _compute_v(arch: Arch, layer: int, batch: _Rewrite, n_answer: int, out0: tor
         losses.append(nll.item())
         if losses[-1] < 5e-2:
             break
+        if not losses[1:] and not bool(grad.any()):
+            raise ValueError(
+                f"an edit of layer={layer} cannot change the prediction: the gradient of the answer's loss "
+                "with respect to the MLP output at the subject's last token is exactly zero (in the last "
+                "block, or wherever no later position reads the subject, its MLP output never reaches the "
+                "answer's positions); choose an earlier layer"
+            )
         delta.grad = grad
         opt.step()
         opt.zero_grad(set_to_none=True)
