@@ -360,5 +360,6 @@ def test_an_edit_that_cannot_reach_the_answer_is_refused_not_returned_as_a_no_op
     with pytest.raises(ValueError, match="layer=2 cannot change the prediction"):
         rank_one_edit_ids(sharp, IDS, (5, 7), [3], 2, second_moment=last, steps=3)
     assert_same_state(before, model_state(sharp))
-    edit = rank_one_edit_ids(sharp, IDS, (5, 8), [3], 2, second_moment=last, steps=3)  # ends at the last token
+    # the subject ending at the last token: the edit reaches the answer
+    edit = rank_one_edit_ids(sharp, IDS, (5, 8), [3], 2, second_moment=last, steps=3)
     assert edit.delta.abs().sum() > 0

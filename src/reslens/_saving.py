@@ -15,7 +15,7 @@ import os
 import tempfile
 import typing
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,24 +124,15 @@ class Saveable:
     """``save``/``load`` through safetensors (no pickle) for the result dataclasses.
 
     Tensors go in the file (complex ones as real and imaginary parts), other fields in its metadata
-    as JSON (tuples come back as tuples, ``dict[int, ...]`` fields with int keys).
+    as JSON (tuples come back as tuples, ``dict[int, ...]`` fields with int keys). A field holding a
+    record (a dataclass, such as ``LensStats.mean``) is stored as ``field.subfield``, recursively.
     """
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (atomically; the folder is created); read it back with ``load``."""
-        tensors, meta = {}, {"format": f"reslens.{type(self).__name__}/1"}
-        for f in fields(self):  # type: ignore[arg-type]
-            if not f.init:
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                if value.is_complex():
-                    tensors[f"{f.name}.real"] = value.real
-                    tensors[f"{f.name}.imag"] = value.imag
-                else:
-                    tensors[f.name] = value
-            else:
-                meta[f.name] = json.dumps(value)
+        tensors: dict[str, torch.Tensor] = {}
+        meta = {"format": f"reslens.{type(self).__name__}/1"}
+        _flatten(self, "", tensors, meta)
         write_safetensors(path, tensors, meta)
 
     @classmethod
@@ -150,27 +141,57 @@ class Saveable:
         tensors, meta = read_safetensors(
             path, f"reslens.{cls.__name__}/1", device=device, what=f"reslens {cls.__name__}"
         )
-        hints = typing.get_type_hints(cls) if hasattr(cls, "__dataclass_fields__") else {}
-        kwargs: dict[str, Any] = {}
-        for fl in fields(cls):  # type: ignore[arg-type]
-            if not fl.init:
-                continue
-            if fl.name in tensors:
-                kwargs[fl.name] = tensors[fl.name]
-            elif f"{fl.name}.real" in tensors:
-                kwargs[fl.name] = torch.complex(tensors[f"{fl.name}.real"], tensors[f"{fl.name}.imag"])
-            elif fl.name in meta:
-                value = json.loads(meta[fl.name])
-                hint = hints.get(fl.name, fl.type)
-                if isinstance(value, dict) and _int_keyed(hint):
-                    value = {int(k): v for k, v in value.items()}
-                elif isinstance(value, list) and "tuple" in str(hint):
-                    value = _tuples(value)
-                kwargs[fl.name] = value
         try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as error:
+            return _build(cls, "", tensors, meta, os.fspath(path))
+        except (TypeError, ValueError, KeyError) as error:
+            if str(error).startswith(repr(os.fspath(path))):
+                raise
             raise ValueError(f"{os.fspath(path)!r} holds an inconsistent {cls.__name__}: {error}") from None
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Put ``obj``'s fields under ``prefix``: tensors in ``tensors``, records recursively, the rest JSON."""
+    for f in fields(obj):
+        if not f.init:
+            continue
+        value, key = getattr(obj, f.name), prefix + f.name
+        if isinstance(value, torch.Tensor):
+            if value.is_complex():
+                tensors[f"{key}.real"], tensors[f"{key}.imag"] = value.real, value.imag
+            else:
+                tensors[key] = value
+        elif is_dataclass(value) and not isinstance(value, type):
+            _flatten(value, key + ".", tensors, meta)
+        else:
+            meta[key] = json.dumps(value)
+
+
+def _build(cls: type, prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str) -> Any:
+    """``cls`` rebuilt from what :func:`_flatten` stored under ``prefix``."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for fl in fields(cls):
+        if not fl.init:
+            continue
+        key, hint = prefix + fl.name, hints.get(fl.name, fl.type)
+        if key in tensors:
+            kwargs[fl.name] = tensors[key]
+        elif f"{key}.real" in tensors:
+            kwargs[fl.name] = torch.complex(tensors[f"{key}.real"], tensors[f"{key}.imag"])
+        elif isinstance(hint, type) and is_dataclass(hint):
+            kwargs[fl.name] = _build(hint, key + ".", tensors, meta, path)
+        elif key in meta:
+            try:
+                value = json.loads(meta[key])
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path!r}: its metadata field {key!r} is not valid JSON ({error}): "
+                                 f"{meta[key][:80]!r}") from None
+            if isinstance(value, dict) and _int_keyed(hint):
+                value = {int(k): v for k, v in value.items()}
+            elif isinstance(value, list) and "tuple" in str(hint):
+                value = _tuples(value)
+            kwargs[fl.name] = value
+    return cls(**kwargs)
 
 
 def _tuples(value: Any) -> Any:

@@ -27,7 +27,6 @@ from reslens._checks import check_bool, check_choice, check_int, check_layers, c
 from reslens._distributed import shard_of
 from reslens._inputs import as_batch, pad_token_id
 from reslens._pca_samples import experiment_stacks, model_top1, sample_windows
-from reslens._records import RecordSaveable
 from reslens._residual_pca import ResidualPCA
 from reslens._saving import Saveable
 from reslens._text import pandas
@@ -331,7 +330,7 @@ _SUMMARY = ("pc1_evr_mean", "pc1_evr_std", "match_rate", "match_rate_raw", "matc
 
 
 @dataclass(frozen=True, repr=False)
-class PCAExperiment(RecordSaveable):
+class PCAExperiment(Saveable):
     """The "one direction is the prediction" experiment over ``n`` sampled predictions.
 
     One :class:`ConditionResult` field per condition of ``CONDITIONS`` (``baseline``,

@@ -26,7 +26,7 @@ from reslens._checks import check_bool, check_int, check_layers
 from reslens._distributed import Shard, shard_of
 from reslens._inputs import as_batch, encode, pad_ids, pad_token_id
 from reslens.lens._metrics import VS_FINAL
-from reslens._records import RecordSaveable
+from reslens._saving import Saveable
 from reslens._text import pandas
 from reslens.arch import adapter
 from reslens.hooks import capture
@@ -59,7 +59,7 @@ class MetricStats:
 
 
 @dataclass(frozen=True, repr=False)
-class LensStats(RecordSaveable):
+class LensStats(Saveable):
     """Per-layer logit-lens statistics of a data set. ``R`` = number of residual layers in ``layers``.
 
     - ``n_tokens``, ``n_sequences``: real tokens (positions) scored, sequences read (special tokens
