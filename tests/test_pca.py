@@ -290,3 +290,15 @@ def test_trajectory_pca_on_rmsnorm_families_equals_per_example_fits(family, norm
                                    atol=1e-4, rtol=1e-4)
         cos = torch.nn.functional.cosine_similarity(result.pc1[e], ref.components_[0], dim=0)
         assert abs(float(cos)) > 0.999
+
+
+def test_trajectory_pca_of_non_finite_residuals_is_refused_with_the_predictions_named(model, ids):
+    import dataclasses
+
+    res = capture(model, ids, sites=("resid",))
+    resid = res.resid.clone()
+    resid[2, 1, -1, 0] = float("inf")  # layer 2 of sequence 1's last token: prediction 1 of 3
+    bad = dataclasses.replace(res, resid=resid)
+    with pytest.raises(ValueError, match=r"NaN or inf at the chosen positions \(predictions \[1\] of 3"):
+        trajectory_pca_of(bad, model)
+    assert trajectory_pca_of(bad, model, positions=0).explained_variance_ratio.isfinite().all()

@@ -556,3 +556,8 @@ def test_a_tokenizer_that_puts_a_bos_first_gets_it_in_the_trace_outside_the_subj
                          noise=Noise(samples=2), progress=False)
     assert torch.equal(summary.results[0].restored_prob, result.restored_prob)
     torch.testing.assert_close(summary.mean[2], result.indirect_effect[:, end])  # last subject token, shifted
+
+
+def test_a_negative_deprecated_noise_number_names_noise(sharp, prompt_ids):
+    with pytest.raises(ValueError, match=r"^noise=-1.0 is out of range"):
+        causal_trace_ids(sharp, prompt_ids, SPAN, kind="mlp", window=2, noise=-1.0)

@@ -229,6 +229,14 @@ def trajectory_pca_of(residuals: Residuals, arch: Any, *, positions: Any = "last
     seq, pos = _positions(positions, residuals.attention_mask)
     stacks = torch.stack([residuals.get("resid", layer) for layer in kept], dim=2)  # [B, P, L, d_model]
     stacks = stacks[seq.to(stacks.device), pos.to(stacks.device)].to(arch.device)  # [E, L, d_model]
+    if not bool(stacks.isfinite().all()):
+        bad = sorted({int(e) for e in (~stacks.isfinite()).flatten(1).any(1).nonzero().flatten()})
+        raise ValueError(
+            f"residuals hold NaN or inf at the chosen positions (predictions {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''} of {stacks.shape[0]}): a PCA of them has no meaning; "
+            "expected finite residuals (a float16 overflow? capture with dtype=torch.float32 or choose "
+            "other positions)"
+        )
     final_prediction = model_top1(arch, residuals, seq.to(stacks.device), pos.to(stacks.device))
     out = _stack_pca(arch, stacks, final_prediction, center=center, normalize=normalize)
     return TrajectoryPCAResult(

@@ -79,6 +79,7 @@ def noise_of(noise: Any, legacy: dict[str, Any], where: str) -> Noise:
     if isinstance(noise, bool) or not isinstance(noise, (int, float)):
         raise TypeError(f"noise must be a reslens.tracing.Noise (e.g. Noise(samples=10, scale=3.0)); "
                         f"got {noise!r}")
+    check_float(noise, "noise", low=0.0)  # the noise scale: named as the user gave it, not as Noise.scale
     warnings.warn(f"{where}(noise=<number>, samples=, embedding_std=, seed=) is deprecated; pass "
                   "noise=Noise(samples=..., scale=..., embedding_std=..., seed=...)", DeprecationWarning,
                   stacklevel=3)
