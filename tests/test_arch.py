@@ -57,11 +57,6 @@ def test_norm_equals_the_module(model, which, layer):
     x = torch.randn(2, 5, a.d_model) * 3
     with torch.no_grad():
         assert torch.equal(norm(x), module(x))
-        # the linearised norm of pieces summing to x sums to norm(x) - bias
-        pieces = torch.stack([x * 0.25, x * 0.75])
-        torch.testing.assert_close(
-            norm.linearised(x)(pieces).sum(0) + norm.bias, module(x), atol=1e-5, rtol=1e-5
-        )
         # read_direction: w . norm(x) = read_direction(w) . x / sigma(x) + w . beta
         w = torch.randn(a.d_model)
         lhs = module(x) @ w
@@ -167,3 +162,115 @@ def test_checkpoint_name_is_what_the_config_records_and_empty_for_a_model_built_
     from reslens.lens._data import model_name
 
     assert model_name(adapter(model)) == type(model).__name__  # a learned lens then records the class
+
+
+# --- the abstract base: what a family must say, and what it gets written once ----------------------
+
+
+def test_a_partial_adapter_fails_when_built_naming_what_it_misses(model):
+    class Partial(Arch):  # only the family's data
+        family = "partial"
+        positional = "learned"
+        layout = GPT2.layout
+
+        def __init__(self, model):
+            self.model = model
+
+    with pytest.raises(TypeError, match="abstract.*W_O.*block_kwargs"):
+        Partial(model)
+
+    class NoNorm(GPT2):  # one method short of a family
+        norm_of = Arch.norm_of
+
+    with pytest.raises(TypeError, match="abstract.*norm_of"):
+        NoNorm(model)
+
+
+def test_every_abstract_member_says_what_it_returns():
+    assert len(Arch.__abstractmethods__) >= 15
+    for name in Arch.__abstractmethods__:
+        member = getattr(Arch, name)
+        function = member.fget if isinstance(member, property) else member
+        assert function.__annotations__.get("return"), f"Arch.{name} declares no return type"
+        doc = (function.__doc__ or "").strip()
+        assert doc and "\n" not in doc, f"Arch.{name} needs a one-line docstring; got {doc!r}"
+
+
+def test_roles_follow_the_layout(family_model):
+    a = adapter(family_model)
+    for role in ("attn", "attn_norm", "attn_key_proj", "attn_out_proj", "mlp", "mlp_norm", "mlp_in_proj",
+                 "mlp_out_proj"):
+        path = getattr(a.layout, role)
+        assert getattr(a, role)(1) is a.blocks[1].get_submodule(path)
+    assert (a.mlp_gate_proj(0) is not None) == a.gated_mlp == (a.family != "gpt2")
+    assert (a.W_pos is not None) == (a.positional == "learned")
+
+
+def test_logits_are_the_final_norm_then_the_unembedding_and_the_models_own(family_model, ids):
+    a = adapter(family_model)
+    res = capture(family_model, ids, sites=("resid", "logits"))
+    with torch.no_grad():
+        h = res.resid[a.n_layer]
+        logits = a.logits(h)  # [batch, pos, d_vocab]
+        assert logits.shape == (*ids.shape, a.d_vocab)
+        assert torch.equal(logits, a.unembed(a.norm("final")(h)))
+        torch.testing.assert_close(logits, res.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_differentiate_the_residual_never_the_weights(family_model):
+    a = adapter(family_model)
+    h = torch.randn(2, a.d_model, requires_grad=True)
+    a.logits(h).logsumexp(-1).sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+    assert all(p.grad is None for p in family_model.parameters())
+
+
+def _old_mining_fingerprint(arch, layer):  # kv_memory.mining.model_fingerprint before weights_digest
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in arch.key_parameters(layer):
+        t = p.detach()
+        digest.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_digest_keeps_the_mining_fingerprint_saved_indexes_hold(family_model, dtype):
+    from reslens.kv_memory import model_fingerprint
+
+    a = adapter(family_model.to(dtype))
+    for layer in range(a.n_layer):
+        assert a.weights_digest(layer) == _old_mining_fingerprint(a, layer)
+    assert model_fingerprint(family_model, [0, 2]) == _old_mining_fingerprint(a, 2)
+
+
+def test_weights_digest_is_cached_and_sees_in_place_edits(monkeypatch):
+    from reslens.arch import _digest
+
+    model = make_model()
+    a = adapter(model)
+    calls = []
+    real_digest = _digest.digest
+    monkeypatch.setattr(_digest, "digest", lambda tensors: calls.append(1) or real_digest(tensors))
+    first, whole = a.weights_digest(1), a.weights_digest()
+    assert adapter(model).weights_digest(1) == first and a.weights_digest() == whole and len(calls) == 2
+    with torch.no_grad():
+        a.mlp_out_param(1).add_(1.0)  # not a key parameter of layer 1 ...
+    assert a.weights_digest(1) == first and len(calls) == 2
+    assert a.weights_digest() != whole  # ... but a weight of the model
+    before = a.mlp_out_param(0)[0, 0].item()
+    with torch.no_grad():
+        a.mlp_out_param(0)[0, 0] += 1.0  # shapes layer 1's keys
+    assert a.weights_digest(1) != first
+    with torch.no_grad():
+        a.mlp_out_param(0)[0, 0] = before
+    assert a.weights_digest(1) == first  # the content, not the history
+    assert make_model(seed=1).lm_head is not None and adapter(make_model(seed=1)).weights_digest(1) != first
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 1.0, True, "1"])
+def test_weights_digest_rejects_a_bad_layer(model, bad):
+    with pytest.raises(ValueError, match=f"layer must be an int in 0..2 or None; got {bad!r}"):
+        adapter(model).weights_digest(bad)

@@ -14,7 +14,7 @@ MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 #: HuggingFace GPT-2 module and config names: only arch/ may use them (in code, docs or option values).
 #: ``n_layer`` alone is the adapter's own size name, so only the config field is forbidden.
-FORBIDDEN = [
+GPT2_NAMES = [
     "transformer.h",
     "c_fc",
     "c_proj",
@@ -31,6 +31,49 @@ FORBIDDEN = [
     "model.transformer",
     "model.model",
 ]
+#: The Llama family's (Llama, Mistral, Qwen2) classes, modules, config fields and forward keywords that
+#: ``arch/llama.py`` reads. ``hidden_size`` (every HF config's width, in GPT-2 doctests too) and
+#: ``model_type`` (how ``models.py`` picks a family) are HuggingFace's generic names, not a family's.
+LLAMA_NAMES = [
+    "LlamaForCausalLM",
+    "LlamaModel",
+    "LlamaDecoderLayer",
+    "LlamaRMSNorm",
+    "MistralForCausalLM",
+    "MistralModel",
+    "Qwen2ForCausalLM",
+    "Qwen2Model",
+    "embed_tokens",
+    "rotary_emb",
+    "apply_rotary_pos_emb",
+    "position_embeddings",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "act_fn",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "variance_epsilon",
+    "head_dim",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "sliding_window",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "_attn_implementation",
+    "model.layers",
+    "model.norm",
+]
+FORBIDDEN = GPT2_NAMES + LLAMA_NAMES
 #: reading a forward's positional arguments (``args[0]`` in a hook) belongs in arch/ too
 POSITIONAL = re.compile(r"\bargs\[\d+\]")
 
@@ -57,12 +100,15 @@ def test_only_arch_names_huggingface_modules():
                     hits.append(f"{_rel(path)}:{number}: {name}: {line.strip()[:90]}")
             if POSITIONAL.search(line):
                 hits.append(f"{_rel(path)}:{number}: positional forward argument: {line.strip()[:90]}")
-    assert not hits, "GPT-2 internals outside reslens/arch/:\n" + "\n".join(hits)
+    assert not hits, "HuggingFace module or config names outside reslens/arch/:\n" + "\n".join(hits)
 
 
 def test_the_forbidden_name_check_can_fail(tmp_path):
-    line = "h = model.transformer.h[0].mlp.c_proj"
-    assert any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])", line) for n in FORBIDDEN)
+    for line in ("h = model.transformer.h[0].mlp.c_proj", "w = block.self_attn.q_proj.weight",
+                 "eps = config.rms_norm_eps"):
+        assert any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])", line) for n in FORBIDDEN)
+    assert not any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])", "w_q = arch.W_Q(layer)")
+                   for n in FORBIDDEN)
     assert POSITIONAL.search("x = args[0]") and not POSITIONAL.search("x = kwargs['hidden_states']")
 
 

@@ -25,7 +25,7 @@ def model_top1(arch: Arch, residuals: Residuals, seq: torch.Tensor, pos: torch.T
     """The model's own top-1 ``[E]``: the final raw residual through the final norm and the unembedding."""
     with torch.no_grad():
         final = residuals.get("resid", arch.n_layer)[seq, pos].to(device=arch.device, dtype=arch.dtype)
-        return arch.unembed(arch.norm("final")(final)).float().argmax(-1)
+        return arch.logits(final).float().argmax(-1)
 
 
 def sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: int, min_context: int):

@@ -154,12 +154,11 @@ def _readout(arch: Arch, direction: torch.Tensor, final_prediction: torch.Tensor
 
     Through the final norm and the unembedding, through the unembedding alone, and reversed.
     """
-    norm = arch.norm("final")
     with torch.no_grad():
         d = direction.to(arch.dtype)
-        logits = arch.unembed(norm(d)).float()  # [E, vocab]
+        logits = arch.logits(d).float()  # [E, vocab]
         logits_raw = (d @ arch.W_U.T).float()
-        flipped = arch.unembed(norm(-d)).float()
+        flipped = arch.logits(-d).float()
     return {
         "pc1": direction,
         "pc1_top_token": logits.argmax(-1),

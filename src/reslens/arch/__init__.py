@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from reslens.arch._base import Arch, ForwardInputs, MLPWeights, PatternHook
+from reslens.arch._base import Arch
+from reslens.arch._layout import Layout
 from reslens.arch._norm import Norm
+from reslens.arch._values import ForwardInputs, MLPWeights, PatternHook
 from reslens.arch.gpt2 import GPT2
 from reslens.arch.llama import Llama
 
 __all__ = [
     "Arch",
     "ForwardInputs",
+    "Layout",
     "MLPWeights",
     "Norm",
     "PatternHook",

@@ -1,9 +1,15 @@
-"""The role-named interface every family adapter implements, and the small values it returns.
+"""The role-named interface every family adapter implements: :class:`Arch`, an abstract base class.
 
 Analyses ask an :class:`Arch` for modules by role (blocks, final norm, the attention output
 projection, the MLP output projection), norms as data (:class:`~reslens.arch.Norm`), weights in
-one orientation (row-vector convention ``x @ W``, every MLP matrix ``[d_mlp, d_model]``) and the
-partial forwards causal tracing needs. Only ``arch/`` names HuggingFace modules.
+one orientation (row-vector convention ``x @ W``, every MLP matrix ``[d_mlp, d_model]``), logits of
+residuals (:meth:`Arch.logits`) and the partial forwards causal tracing needs. Only ``arch/`` names
+HuggingFace modules.
+
+A family is data where it is data (its :class:`~reslens.arch.Layout`: module paths, the body's
+arguments) and code where it is behaviour (the abstract methods: norms as data, per-head and MLP
+weights, the attention pattern, keys and values, the block's extra inputs); everything both families
+share is written once here. An adapter that leaves an abstract method out fails when built.
 
 Models dispatched by accelerate (``device_map=``, with layers on several devices, in CPU memory or
 on disk) are read the same way: :attr:`Arch.device` is where analyses run (where the embedding
@@ -13,96 +19,58 @@ map, :mod:`reslens.arch._offload`) and the partial forwards return their results
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import abc
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from reslens.arch import _offload
+from reslens.arch import _digest, _offload
+from reslens.arch._layout import Layout, Modules
 from reslens.arch._norm import Norm
 from reslens.arch._offload import StoredParam
+from reslens.arch._values import MLPWeights, PatternHook, PrefixCache
 
-__all__ = ["Arch", "MLPWeights", "ForwardInputs", "PatternHook"]
-
-
-@dataclass(frozen=True, eq=False)
-class MLPWeights:
-    """One MLP in Geva's terms, every matrix ``[d_mlp, d_model]`` with row ``i`` = neuron ``i``.
-
-    ``m = act(x̂ @ W_gate.T + b_gate) * (x̂ @ W_in.T + b_in)`` when gated, else
-    ``m = act(x̂ @ W_in.T + b_in)``; ``mlp_out = m @ W_out + b_out``. Views of the stored
-    weights (never copied, folded or centred); biases may be ``None``.
-    """
-
-    W_in: torch.Tensor  # [d_mlp, d_model]: GPT-2's keys (c_fc columns); Llama's up keys
-    b_in: torch.Tensor | None  # [d_mlp]
-    W_gate: torch.Tensor | None  # [d_mlp, d_model]: Llama's gate keys; None for GPT-2
-    b_gate: torch.Tensor | None  # [d_mlp]
-    W_out: torch.Tensor  # [d_mlp, d_model]: the values
-    b_out: torch.Tensor | None  # [d_model]
-    act: Callable[[torch.Tensor], torch.Tensor]
-
-    @property
-    def gated(self) -> bool:
-        return self.W_gate is not None
-
-    def coefficients(self, x_normed: torch.Tensor) -> torch.Tensor:
-        """``m [..., d_mlp]`` of normed MLP inputs ``x̂ [..., d_model]``, in float32."""
-        x = x_normed.float()
-        pre = x @ self.W_in.float().T
-        if self.b_in is not None:
-            pre = pre + self.b_in.float()
-        if self.W_gate is None:
-            return self.act(pre)
-        gate = x @ self.W_gate.float().T
-        if self.b_gate is not None:
-            gate = gate + self.b_gate.float()
-        return self.act(gate) * pre
-
-    def forward(self, x_normed: torch.Tensor) -> torch.Tensor:
-        """``mlp_out [..., d_model]`` of normed inputs, in float32, from these weights alone."""
-        out = self.coefficients(x_normed) @ self.W_out.float()
-        return out if self.b_out is None else out + self.b_out.float()
+__all__ = ["Arch"]
 
 
-@dataclass(frozen=True)
-class ForwardInputs:
-    """The inputs of one call of the model body, read by keyword or position by the adapter."""
-
-    input_ids: torch.Tensor | None  # [batch, pos]
-    attention_mask: torch.Tensor | None  # [batch, pos] (2-D) or whatever the caller passed
-    position_ids: torch.Tensor | None  # [batch, pos]
-    cache: Any  # a KV cache object or None
-
-
-@dataclass(frozen=True)
-class PatternHook:
-    """Where and how ``attn_pattern`` is recomputed for one layer.
-
-    A hook of ``kind`` on ``module`` whose payload (the output for ``"post"``, ``(args, kwargs)`` for
-    ``"pre"``) and the batch's key mask ``[batch, pos]`` (or ``None``) give ``[batch, head, query, key]``
-    float32.
-    """
-
-    module: nn.Module
-    kind: Literal["pre", "post"]
-    pattern: Callable[[Any, torch.Tensor | None], torch.Tensor]
-
-
-class Arch:
+class Arch(Modules, abc.ABC):
     """A read-only, role-named view of one HuggingFace decoder-only LM.
 
-    Subclasses set the class attributes and implement every method that raises
-    ``NotImplementedError`` here. Weights come back as views of what HuggingFace stores.
+    A family adapter sets :attr:`family`, :attr:`positional` and :attr:`layout` as class attributes
+    and implements every abstract method; building one that misses any raises ``TypeError``. Its
+    modules by role (``blocks``, ``attn(layer)``, ``mlp_out_proj(layer)``, ...) come from the layout
+    (:class:`~reslens.arch._layout.Modules`). Weights come back as views of what HuggingFace stores.
     """
 
-    family: str = ""
-    positional: Literal["learned", "rotary"] = "learned"
-    gated_mlp: bool = False
-    prepend_bos: bool = False
     model: nn.Module
+
+    # --- what the family is: data, set by each adapter as class attributes -------------------
+
+    @property
+    @abc.abstractmethod
+    def family(self) -> str:
+        """The family's name (``"gpt2"``, ``"llama"``)."""
+
+    @property
+    @abc.abstractmethod
+    def positional(self) -> Literal["learned", "rotary"]:
+        """How positions enter: added to ``resid[0]`` (``"learned"``) or rotated into q, k (``"rotary"``)."""
+
+    @property
+    @abc.abstractmethod
+    def layout(self) -> Layout:
+        """Where the family keeps its modules, and its body's positional arguments."""
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP has a gate (a ``mlp_gate`` site, :attr:`MLPWeights.W_gate`)."""
+        return self.layout.mlp_gate_proj is not None
+
+    @property
+    def config(self) -> Any:
+        """The model's HuggingFace config."""
+        return self.model.config
 
     @property
     def checkpoint_name(self) -> str:
@@ -138,94 +106,95 @@ class Arch:
         """Where analyses run: the token embedding's device (accelerate's execution device for it)."""
         return _offload.execution_device(self.model, self.embed_module, "weight")
 
-    n_head: int
-    n_kv_head: int
-    d_head: int
-    n_ctx: int
+    @property
+    @abc.abstractmethod
+    def n_head(self) -> int:
+        """Query heads per layer."""
+
+    @property
+    @abc.abstractmethod
+    def n_kv_head(self) -> int:
+        """Key/value heads per layer (fewer than :attr:`n_head` under grouped-query attention)."""
+
+    @property
+    @abc.abstractmethod
+    def d_head(self) -> int:
+        """The width of one head."""
+
+    @property
+    @abc.abstractmethod
+    def n_ctx(self) -> int:
+        """The longest sequence the model's positions cover."""
 
     def kv_head(self, head: int) -> int:
         """The key/value head query head ``head`` reads (grouped-query attention)."""
         return head // (self.n_head // self.n_kv_head)
 
-    # --- modules: hook points ----------------------------------------------------------------
+    # --- the attention pattern's hook point ---------------------------------------------------
 
-    body: nn.Module
-    blocks: nn.ModuleList
-    final_norm_module: nn.Module
-    embed_module: nn.Module  # the token embedding (an nn.Embedding)
-
-    @property
-    def lm_head(self) -> nn.Module | None:
-        raise NotImplementedError
-
-    def attn(self, layer: int) -> nn.Module:  # attn_out = output[0]
-        raise NotImplementedError
-
-    def attn_norm(self, layer: int) -> nn.Module:  # its input is resid[layer]
-        raise NotImplementedError
-
-    def attn_out_proj(self, layer: int) -> nn.Module:  # attn_z = its input
-        raise NotImplementedError
-
-    def mlp(self, layer: int) -> nn.Module:  # mlp_out = output
-        raise NotImplementedError
-
-    def mlp_norm(self, layer: int) -> nn.Module:  # resid_mid = its input
-        raise NotImplementedError
-
-    def mlp_in_proj(self, layer: int) -> nn.Module:  # mlp_up = its output (GPT-2: c_fc, the only key)
-        raise NotImplementedError
-
-    def mlp_gate_proj(self, layer: int) -> nn.Module | None:  # mlp_gate = its output; None without a gate
-        return None
-
-    def mlp_out_proj(self, layer: int) -> nn.Module:  # mlp_act = its input
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def pattern_hook(self, layer: int) -> PatternHook:
-        raise NotImplementedError
-
-    def forward_inputs(self, args: tuple, kwargs: dict) -> ForwardInputs:
-        raise NotImplementedError
-
-    @staticmethod
-    def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-        """The ``hidden_states`` input of a block, norm or projection call (by position or keyword)."""
-        return args[0] if args else kwargs["hidden_states"]
-
-    @staticmethod
-    def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` of the same call with ``hidden_states`` replaced."""
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        """Where and how ``attn_pattern`` of ``layer`` is recomputed from one hook's payload."""
 
     # --- norms, embedding, unembedding -------------------------------------------------------
 
     def norm(self, which: Literal["attn", "mlp", "final"], layer: int | None = None) -> Norm:
-        raise NotImplementedError
+        """The norm before attention (``"attn"``) or the MLP (``"mlp"``) of ``layer``, or the final one."""
+        if which == "final":
+            module = self.final_norm_module
+        elif which in ("attn", "mlp"):
+            if layer is None:
+                raise ValueError(f"norm({which!r}) needs a layer")
+            module = self.attn_norm(layer) if which == "attn" else self.mlp_norm(layer)
+        else:
+            raise ValueError(f"which must be 'attn', 'mlp' or 'final'; got {which!r}")
+        return self.norm_of(module)
+
+    @abc.abstractmethod
+    def norm_of(self, module: nn.Module) -> Norm:
+        """One of the family's norm modules as data (its own tensors, detached, never copied)."""
 
     @property
-    def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
-        raise NotImplementedError
+    def W_E(self) -> torch.Tensor:
+        """Token embeddings ``[d_vocab, d_model]``."""
+        return self._real(self.embed_module)
 
     @property
-    def W_pos(self) -> torch.Tensor | None:  # [n_ctx, d_model]; None under rotary
-        return None
+    def W_pos(self) -> torch.Tensor | None:
+        """Learned position embeddings ``[n_ctx, d_model]``; ``None`` where positions are not added."""
+        module = self.pos_embed_module
+        return None if module is None else self._real(module)
 
     @property
-    def W_U(self) -> torch.Tensor:  # [d_vocab, d_model]
-        raise NotImplementedError
+    def W_U(self) -> torch.Tensor:
+        """Unembedding ``[d_vocab, d_model]``: the LM head's weight (tied or not), else the embedding."""
+        head = self.lm_head
+        return self._real(head) if head is not None else self.W_E
 
     @property
-    def b_U(self) -> torch.Tensor | None:  # [d_vocab]
+    def b_U(self) -> torch.Tensor | None:
+        """The unembedding bias ``[d_vocab]``, or ``None``."""
         head = self.lm_head
         return None if head is None or not hasattr(head, "bias") else self._real(head, "bias")
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., d_vocab]`` (on :attr:`device`) of final-norm outputs ``[..., d_model]``."""
-        w_u = self.W_U
-        return torch.nn.functional.linear(x.to(w_u.device), w_u, self.b_U)
+        """Logits ``[..., d_vocab]`` (on :attr:`device`) of final-norm outputs ``x [..., d_model]``.
+
+        ``x @ W_U.T + b_U`` in ``x``'s dtype, as the LM head computes it. The weights enter as constants
+        (detached): a gradient reaches ``x``, never the model's weights.
+        """
+        w_u, b_u = self.W_U, self.b_U
+        b_u = None if b_u is None else b_u.detach()
+        return torch.nn.functional.linear(x.to(w_u.device), w_u.detach(), b_u)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., d_vocab]`` of raw residuals ``h [..., d_model]``: final norm, then unembedding.
+
+        tuned-lens's ``Unembed``: ``unembed(norm("final")(h))``, the model's own logits when ``h`` is the
+        final raw residual ``resid[n_layer]``. In the dtype the norm returns (``h``'s, or float32 for an
+        RMSNorm of float32 input), on :attr:`device`; differentiable in ``h`` only.
+        """
+        return self.unembed(self.norm("final")(h))
 
     def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The final norm's output ``[batch, pos, d_model]`` (on :attr:`device`) of unpadded ids, no cache."""
@@ -234,45 +203,66 @@ class Arch:
     def embedding_components(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor
     ) -> list[tuple[str, torch.Tensor]]:
-        """The pieces of ``resid[0]`` outside any block, ``[(kind, [..., d_model] float32)]``."""
-        raise NotImplementedError
+        """The pieces of ``resid[0]`` outside any block, ``[(kind, [..., d_model] float32)]``.
+
+        ``("embed", W_E[ids])``, then ``("pos_embed", W_pos[positions])`` where positions are learned.
+        """
+        pieces = [("embed", self.W_E.detach().float()[input_ids])]
+        w_pos = self.W_pos
+        if w_pos is not None:
+            pieces.append(("pos_embed", w_pos.detach().float()[position_ids]))
+        return pieces
 
     # --- MLP and attention weights -----------------------------------------------------------
 
+    @abc.abstractmethod
     def mlp_weights(self, layer: int) -> MLPWeights:
-        raise NotImplementedError
+        """The MLP of ``layer`` in Geva's terms: keys and values as ``[d_mlp, d_model]`` rows (views)."""
 
-    def W_Q(self, layer: int) -> torch.Tensor:  # [n_head, d_model, d_head]
-        raise NotImplementedError
+    @abc.abstractmethod
+    def W_Q(self, layer: int) -> torch.Tensor:
+        """Query weights ``[n_head, d_model, d_head]``."""
 
-    def W_K(self, layer: int) -> torch.Tensor:  # [n_head, d_model, d_head]
-        raise NotImplementedError
+    @abc.abstractmethod
+    def W_K(self, layer: int) -> torch.Tensor:
+        """Key weights ``[n_head, d_model, d_head]`` (expanded to query heads)."""
 
-    def W_V(self, layer: int) -> torch.Tensor:  # [n_head, d_model, d_head]
-        raise NotImplementedError
+    @abc.abstractmethod
+    def W_V(self, layer: int) -> torch.Tensor:
+        """Value weights ``[n_head, d_model, d_head]`` (expanded to query heads)."""
 
-    def W_O(self, layer: int) -> torch.Tensor:  # [n_head, d_head, d_model]
-        raise NotImplementedError
+    @abc.abstractmethod
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Output weights ``[n_head, d_head, d_model]``: head ``h`` writes ``z_h @ W_O[h]``."""
 
-    def b_Q(self, layer: int) -> torch.Tensor | None:  # [n_head, d_head]
+    def b_Q(self, layer: int) -> torch.Tensor | None:
+        """Query bias ``[n_head, d_head]``, or ``None``."""
         return None
 
     def b_K(self, layer: int) -> torch.Tensor | None:
+        """Key bias ``[n_head, d_head]``, or ``None``."""
         return None
 
     def b_V(self, layer: int) -> torch.Tensor | None:
+        """Value bias ``[n_head, d_head]``, or ``None``."""
         return None
 
-    def b_O(self, layer: int) -> torch.Tensor | None:  # [d_model], added once per layer
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        """Attention output bias ``[d_model]``, added once per layer, or ``None``."""
         return None
 
     def attn_scale(self, layer: int) -> float:
-        raise NotImplementedError
+        """The factor the model multiplies ``q @ k^T`` by in this layer."""
+        return float(self.attn(layer).scaling)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (query ``i`` sees key ``j`` iff ``i - j < window``) or ``None``."""
+        return None
 
     def rotation(self, layer: int, offset: int) -> torch.Tensor:
         """``R [d_head, d_head]`` with score ``= q · R · k`` for a key ``offset`` positions back.
 
-        The identity for learned positions, where the offset changes nothing).
+        The identity for learned positions, where the offset changes nothing.
         """
         return torch.eye(self.d_head)
 
@@ -280,22 +270,83 @@ class Arch:
         """``attn_z [..., n_head * d_head]`` -> ``[..., n_head, d_head]``."""
         return z.reshape(*z.shape[:-1], self.n_head, self.d_head)
 
+    # --- masks: which keys a query sees ------------------------------------------------------
+
+    def _visible(self, n_query: int, start: int, layer: int, device: torch.device) -> torch.Tensor:
+        """``[n_query, start + n_query]`` bool, queries at ``start ..``: causal, inside the layer's window."""
+        query = torch.arange(start, start + n_query, device=device)[:, None]
+        key = torch.arange(start + n_query, device=device)[None, :]
+        visible = key <= query
+        window = self.window(layer)
+        if window is not None:
+            visible = visible & (key > query - window)
+        return visible
+
+    def _masked_softmax(self, scores: torch.Tensor, layer: int, key_mask: torch.Tensor | None):
+        """Softmax attention ``[batch, head, query, key]`` of ``scores`` under causal, window and key masks.
+
+        ``key_mask [batch, pos]``: True = a real token, or ``None``. Rows that see no real key are zero.
+        """
+        batch, _, n_pos, _ = scores.shape
+        allowed = self._visible(n_pos, 0, layer, scores.device).expand(batch, 1, n_pos, n_pos)
+        if key_mask is not None:
+            allowed = allowed & key_mask.to(scores.device).bool()[:, None, None, :]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
     # --- partial forwards (causal tracing) ---------------------------------------------------
 
+    @abc.abstractmethod
     def attention_kv(
         self, layer: int, hidden: torch.Tensor, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Keys and values ``[batch, n_kv_head, pos, d_head]`` of block ``layer``'s input at ``start ..``."""
+
+    @abc.abstractmethod
+    def block_kwargs(self, layer: int, hidden: torch.Tensor, start: int) -> dict[str, Any]:
+        """A block's other forward keywords for its input ``hidden [batch, q, d_model]`` at ``start ..``."""
 
     def run_block_suffix(
         self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """Block ``layer`` on positions ``start .. start + q - 1`` only (``start = prefix_k.shape[-2]``).
 
-    # --- weight edits and the keys of cached statistics --------------------------------------
+        The output a full forward computes there, given the block's input ``hidden [batch, q, d_model]``
+        at those positions and the keys/values of positions ``0 .. start - 1`` (``prefix_k``, ``prefix_v``:
+        ``[batch, n_kv_head, start, d_head]``, e.g. from :meth:`attention_kv`). Exact by causality:
+        positions ``< start`` see nothing later.
+
+        The block gets a one-layer cache whose ``update`` prepends the prefix, an additive float mask
+        ``[1, 1, q, start + q]`` (key ``j`` visible to query ``i`` iff ``j <= start + i``, inside the
+        layer's window), which both ``eager`` and ``sdpa`` attention take (``sdpa`` would otherwise crop
+        the keys to ``q`` when it runs causal without a mask), and :meth:`block_kwargs` (rotary at the
+        absolute positions). Module hooks (``hooks.patch``) fire as in a full forward, on the ``q``
+        positions. Returns ``[batch, q, d_model]`` on :attr:`device` (on a dispatched model the prefix
+        goes to the block's device, where accelerate runs it).
+        """
+        impl = self.config._attn_implementation
+        if impl not in ("eager", "sdpa"):
+            raise NotImplementedError(
+                f"run_block_suffix supports eager and sdpa attention; the model uses {impl!r}"
+            )
+        start, n_query = prefix_k.shape[-2], hidden.shape[1]
+        visible = self._visible(n_query, start, layer, hidden.device)
+        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
+        extra = self.block_kwargs(layer, hidden, start)
+        on = self._device_of(self.attn_key_proj(layer))
+        cache = PrefixCache(prefix_k.to(on, hidden.dtype), prefix_v.to(on, hidden.dtype))
+        with self.loaded(self.blocks[layer]):
+            out = self.blocks[layer](
+                hidden_states=hidden, attention_mask=mask, cache=cache, use_cache=False, **extra
+            )
+        return out.to(self.device)
+
+    # --- weight edits, and the weights cached statistics depend on --------------------------
 
     def mlp_out_param(self, layer: int) -> nn.Parameter:
-        raise NotImplementedError
+        """The MLP's value weight as stored (either orientation): the weight a rank-one edit changes."""
+        return self.mlp_out_proj(layer).weight
 
     def mlp_out_store(self, layer: int) -> StoredParam:
         """:meth:`mlp_out_param` as a weight edit reads and writes it, offloaded by accelerate or not.
@@ -306,20 +357,60 @@ class Arch:
         """
         return StoredParam(self.model, self.mlp_out_proj(layer), "weight")
 
+    @abc.abstractmethod
     def rank_one_delta(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The delta of :meth:`mlp_out_param` in its stored orientation.
+        """The :meth:`mlp_out_param` delta (stored orientation) adding ``(m · u) v`` to ``mlp_out``."""
 
-        From ``u [d_mlp]`` (the key side) and ``v [d_model]`` (the value side).
-        """
-        raise NotImplementedError
+    def _key_sources(self, layer: int) -> list[tuple[nn.Module, str]]:
+        """``(module, tensor name)`` of each :meth:`key_parameters` entry, in its order."""
+        sources = [(self.embed_module, "weight")]
+        if self.pos_embed_module is not None:
+            sources.append((self.pos_embed_module, "weight"))
+        values = self.layout.mlp_out_proj  # a path under the block, e.g. "mlp.c_proj"
+        for block in range(layer + 1):
+            for prefix, sub in self.blocks[block].named_modules():
+                for name, _ in sub.named_parameters(recurse=False):
+                    if block < layer or not (f"{prefix}.{name}" if prefix else name).startswith(values):
+                        sources.append((sub, name))
+        return sources
 
     def key_parameters(self, layer: int) -> list[torch.Tensor]:
-        """Every weight that shapes ``mlp_act`` at ``layer`` (not the MLP output projection)."""
-        raise NotImplementedError
+        """Every weight that shapes ``mlp_act`` at ``layer`` (not the MLP output projection).
 
+        The embeddings, every parameter of blocks ``< layer``, and block ``layer``'s but its MLP's
+        value projection: the parameters themselves; values read from accelerate's weights map where
+        it offloads them.
+        """
+        return [self._real(module, name) for module, name in self._key_sources(layer)]
+
+    def weights_digest(self, layer: int | None = None) -> str:
+        """SHA-256 (hex) of the weights :meth:`key_parameters` of ``layer`` names, or of every parameter.
+
+        ``layer``: the weights a statistic of that layer's keys depends on; ``None``: every parameter
+        of the model (``named_parameters``, a tied weight once). Each tensor's shape, dtype and bytes
+        as stored (:mod:`reslens.arch._digest`), so equal digests mean those weights are equal bit for
+        bit. Hashed once per model and weights version, then cached (an in-place change made through
+        ``.data`` is not seen: see :mod:`reslens.arch._digest`).
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from reslens.arch import adapter
+        >>> arch = adapter(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=20)))
+        >>> len(arch.weights_digest(1)), arch.weights_digest(1) == arch.weights_digest(1)
+        (64, True)
+        """
+        if layer is None:
+            sources = [(self.model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+                       for name, _ in self.model.named_parameters()]
+        else:
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layer:
+                raise ValueError(f"layer must be an int in 0..{self.n_layer - 1} or None; got {layer!r}")
+            sources = self._key_sources(layer)
+        tensors = [_offload.real(self.model, module, name) for module, name in sources]
+        return _digest.cached_digest(self.model, layer, tensors)
+
+    @abc.abstractmethod
     def start_token(self, tokenizer: Any) -> int | None:
         """The id a document starts after (GPT-2: end-of-text; Llama: BOS), or ``None``."""
-        raise NotImplementedError
 
     # --- reading weights of a dispatched model -----------------------------------------------
 
@@ -335,14 +426,6 @@ class Arch:
             return None
         device = self.device
         return t if t.device == device else t.to(device)
-
-    def _real_parameters(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` of every parameter under ``module`` (``named_parameters``), with values."""
-        out = []
-        for prefix, sub in module.named_modules():
-            for name, _ in sub.named_parameters(recurse=False):
-                out.append((f"{prefix}.{name}" if prefix else name, self._real(sub, name)))
-        return out
 
     def _device_of(self, module: nn.Module, name: str = "weight") -> torch.device:
         """The device ``module`` computes on (its execution device when accelerate offloads it)."""

@@ -1,8 +1,7 @@
-"""Norms as data: LayerNorm and RMSNorm as one value that analyses apply, linearise and read through."""
+"""Norms as data: LayerNorm and RMSNorm as one value that analyses apply and read through."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,16 +61,6 @@ class Norm:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(dtype)
         return out if self.bias is None else out + self.bias
-
-    def linearised(self, at: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``p -> γ ⊙ centre(p) / σ(at)`` (float32, no bias).
-
-        The norm with its scale frozen at the residual ``at [..., d_model]``. Exact for pieces ``p`` that sum
-        to ``at``: their images sum to ``norm(at) - β``.
-        """
-        sigma = self.scale(at)[..., None]
-        weight = self.weight.float()
-        return lambda p: weight * self.centre(p.float()) / sigma
 
     def read_direction(self, w: torch.Tensor) -> torch.Tensor:
         """The residual direction a reader ``w [..., d_model]`` behind this norm actually reads.

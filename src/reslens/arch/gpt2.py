@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslens.arch._base import Arch, ForwardInputs, MLPWeights, PatternHook
+from reslens.arch._base import Arch
+from reslens.arch._layout import Layout
 from reslens.arch._norm import Norm
+from reslens.arch._values import MLPWeights, PatternHook
 
 __all__ = ["GPT2"]
 
@@ -39,8 +41,22 @@ class GPT2(Arch):
     model: nn.Module
     family = "gpt2"
     positional = "learned"
-    gated_mlp = False
-    prepend_bos = False
+    layout = Layout(
+        body="transformer",
+        blocks="h",
+        embed="wte",
+        pos_embed="wpe",
+        final_norm="ln_f",
+        attn="attn",
+        attn_norm="ln_1",
+        attn_key_proj="attn.c_attn",
+        attn_out_proj="attn.c_proj",
+        mlp="mlp",
+        mlp_norm="ln_2",
+        mlp_in_proj="mlp.c_fc",
+        mlp_out_proj="mlp.c_proj",
+        body_args=("input_ids", "cache", "attention_mask", "token_type_ids", "position_ids"),
+    )
 
     def __post_init__(self) -> None:
         from transformers import GPT2LMHeadModel, GPT2Model
@@ -50,50 +66,7 @@ class GPT2(Arch):
                 f"model must be a HuggingFace GPT2LMHeadModel or GPT2Model; got {type(self.model).__name__}"
             )
 
-    # --- modules ---------------------------------------------------------------------------
-
-    @property
-    def body(self) -> nn.Module:
-        """The ``GPT2Model`` (the model itself when it has no LM head)."""
-        return getattr(self.model, "transformer", self.model)
-
-    @property
-    def lm_head(self) -> nn.Module | None:
-        """The LM head (``nn.Linear``, tied to ``wte``), or ``None`` for a bare ``GPT2Model``."""
-        return getattr(self.model, "lm_head", None)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.body.h
-
-    @property
-    def final_norm_module(self) -> nn.Module:
-        return self.body.ln_f
-
-    @property
-    def embed_module(self) -> nn.Module:
-        return self.body.wte
-
-    def attn(self, layer: int) -> nn.Module:
-        return self.blocks[layer].attn
-
-    def attn_norm(self, layer: int) -> nn.Module:
-        return self.blocks[layer].ln_1
-
-    def attn_out_proj(self, layer: int) -> nn.Module:
-        return self.blocks[layer].attn.c_proj
-
-    def mlp(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp
-
-    def mlp_norm(self, layer: int) -> nn.Module:
-        return self.blocks[layer].ln_2
-
-    def mlp_in_proj(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp.c_fc
-
-    def mlp_out_proj(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp.c_proj
+    # --- the attention pattern's hook point -----------------------------------------------
 
     def pattern_hook(self, layer: int) -> PatternHook:
         """A post-hook on ``c_attn``: the pattern from its fused q/k/v output."""
@@ -103,20 +76,7 @@ class GPT2(Arch):
             lambda qkv, key_mask: self.attention_pattern(layer, qkv, key_mask),
         )
 
-    def forward_inputs(self, args: tuple, kwargs: dict) -> ForwardInputs:
-        """``GPT2Model.forward(input_ids, cache, attention_mask, token_type_ids, position_ids, ...)``."""
-
-        def arg(name: str, index: int) -> Any:
-            return kwargs.get(name, args[index] if len(args) > index else None)
-
-        cache = arg("cache", 1) if "past_key_values" not in kwargs else kwargs["past_key_values"]
-        return ForwardInputs(arg("input_ids", 0), arg("attention_mask", 2), arg("position_ids", 4), cache)
-
     # --- sizes -----------------------------------------------------------------------------
-
-    @property
-    def config(self):
-        return self.model.config
 
     @property
     def d_mlp(self) -> int:
@@ -138,44 +98,12 @@ class GPT2(Arch):
     def n_ctx(self) -> int:
         return self.body.wpe.weight.shape[0]
 
-    # --- norms, embedding, unembedding -------------------------------------------------------
+    # --- norms ---------------------------------------------------------------------------------
 
-    def norm(self, which: str, layer: int | None = None) -> Norm:
-        """``"attn"`` (``ln_1`` of ``layer``), ``"mlp"`` (``ln_2``) or ``"final"`` (``ln_f``)."""
-        if which == "final":
-            ln = self.body.ln_f
-        elif which in ("attn", "mlp"):
-            if layer is None:
-                raise ValueError(f"norm({which!r}) needs a layer")
-            ln = self.blocks[layer].ln_1 if which == "attn" else self.blocks[layer].ln_2
-        else:
-            raise ValueError(f"which must be 'attn', 'mlp' or 'final'; got {which!r}")
-        return Norm(self._real(ln).detach(), self._real(ln, "bias").detach(), ln.eps, centred=True)
-
-    @property
-    def W_E(self) -> torch.Tensor:
-        """Token embeddings ``[d_vocab, d_model]`` (``wte.weight``)."""
-        return self._real(self.body.wte)
-
-    @property
-    def W_pos(self) -> torch.Tensor:
-        """Learned position embeddings ``[n_ctx, d_model]`` (``wpe.weight``)."""
-        return self._real(self.body.wpe)
-
-    @property
-    def W_U(self) -> torch.Tensor:
-        """Unembedding ``[d_vocab, d_model]``: ``lm_head.weight`` (tied to ``wte``), else ``wte``."""
-        head = self.lm_head
-        return self._real(head) if head is not None else self.W_E
-
-    def embedding_components(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor
-    ) -> list[tuple[str, torch.Tensor]]:
-        """``[("embed", wte[ids]), ("pos_embed", wpe[positions])]``, float32 ``[..., d_model]``."""
-        return [
-            ("embed", self.W_E.detach().float()[input_ids]),
-            ("pos_embed", self.W_pos.detach().float()[position_ids]),
-        ]
+    def norm_of(self, module: nn.Module) -> Norm:
+        """A ``LayerNorm`` (``ln_1``, ``ln_2``, ``ln_f``) as data: centred, with its bias."""
+        weight, bias = self._real(module).detach(), self._real(module, "bias").detach()
+        return Norm(weight, bias, module.eps, centred=True)
 
     # --- the MLP ---------------------------------------------------------------------------
 
@@ -200,10 +128,6 @@ class GPT2(Arch):
     # computes ``q = ln_1(x) @ W_Q[h] + b_Q[h]`` (likewise k, v) and writes
     # ``z_h @ W_O[h]`` to the residual; ``b_O`` is added once per layer.
 
-    def attn_scale(self, layer: int) -> float:
-        """The factor the model multiplies ``q @ k^T`` by in this layer."""
-        return float(self.blocks[layer].attn.scaling)
-
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``c_attn`` output ``[batch, pos, 3 * d_model]`` -> q, k, v each ``[batch, head, pos, d_head]``."""
         q, k, v = qkv.split(self.d_model, dim=-1)
@@ -218,13 +142,7 @@ class GPT2(Arch):
         """
         q, k, _ = self._split_qkv(qkv.float())
         scores = (q @ k.transpose(-1, -2)) * self.attn_scale(layer)  # [batch, head, query, key]
-        n_pos = qkv.shape[-2]
-        allowed = torch.ones(n_pos, n_pos, dtype=torch.bool, device=qkv.device).tril()
-        allowed = allowed.expand(qkv.shape[0], 1, n_pos, n_pos)
-        if key_mask is not None:
-            allowed = allowed & key_mask.to(qkv.device).bool()[:, None, None, :]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        return self._masked_softmax(scores, layer, key_mask)
 
     def _qkv_weight(self, layer: int, which: int) -> torch.Tensor:
         w = self._real(self.blocks[layer].attn.c_attn)[:, which * self.d_model : (which + 1) * self.d_model]
@@ -282,87 +200,16 @@ class GPT2(Arch):
             _, k, v = self._split_qkv(block.attn.c_attn(block.ln_1(hidden)))
         return k.to(self.device), v.to(self.device)
 
-    def run_block_suffix(
-        self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor
-    ) -> torch.Tensor:
-        """Block ``layer`` on positions ``start .. start + q - 1`` only.
-
-        ``start = prefix_k.shape[-2]``: the output a full forward computes there, given the block's input
-        ``hidden`` ``[batch, q, d_model]`` at those positions and the keys/values of positions
-        ``0 .. start - 1`` (``prefix_k``, ``prefix_v``: ``[batch, head, start, d_head]``, e.g.
-        from :meth:`attention_kv`). Exact by causality: positions ``< start`` see nothing later.
-
-        The block gets a one-layer cache whose ``update`` prepends the prefix, and an additive
-        float mask ``[1, 1, q, start + q]`` (key ``j`` visible to query ``i`` iff ``j <= start + i``),
-        which both ``eager`` and ``sdpa`` attention take (``sdpa`` would otherwise crop the
-        keys to ``q`` when it runs causal without a mask). Module hooks (``hooks.patch``) fire
-        as in a full forward, on the ``q`` positions. Returns ``[batch, q, d_model]`` on :attr:`device`
-        (on a dispatched model the prefix goes to the block's device, where accelerate runs it).
-        """
-        impl = self.config._attn_implementation
-        if impl not in ("eager", "sdpa"):
-            raise NotImplementedError(
-                f"run_block_suffix supports eager and sdpa attention; the model uses {impl!r}"
-            )
-        start, q = prefix_k.shape[-2], hidden.shape[1]
-        query_pos = torch.arange(start, start + q, device=hidden.device)[:, None]
-        visible = torch.arange(start + q, device=hidden.device)[None, :] <= query_pos  # [q, start + q]
-        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
-        on = self._device_of(self.blocks[layer].attn.c_attn)
-        cache = PrefixCache(prefix_k.to(on, hidden.dtype), prefix_v.to(on, hidden.dtype))
-        with self.loaded(self.blocks[layer]):
-            out = self.blocks[layer](
-                hidden_states=hidden,
-                cache=cache,
-                attention_mask=mask,
-                encoder_attention_mask=None,
-                use_cache=False,
-            )
-        return out.to(self.device)
+    def block_kwargs(self, layer: int, hidden: torch.Tensor, start: int) -> dict[str, Any]:
+        """No cross-attention: learned positions are already in ``hidden``."""
+        return {"encoder_attention_mask": None}
 
     # --- weight edits and cache keys -------------------------------------------------------
-
-    def mlp_out_param(self, layer: int) -> nn.Parameter:
-        """``c_proj.weight [d_mlp, d_model]``: the weight a rank-one edit changes."""
-        return self.blocks[layer].mlp.c_proj.weight
 
     def rank_one_delta(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``outer(u, v) [d_mlp, d_model]``: ``c_proj.weight`` is stored ``[in, out]``."""
         return torch.outer(u, v)
 
-    def key_parameters(self, layer: int) -> list[torch.Tensor]:
-        """``wte``, ``wpe``, every parameter of blocks ``< layer``, and block ``layer`` but ``mlp.c_proj``.
-
-        The parameters themselves; values read from accelerate's weights map where it offloads them.
-        """
-        params = [self.W_E, self.W_pos]
-        for block in range(layer + 1):
-            for name, p in self._real_parameters(self.blocks[block]):
-                if block < layer or not name.startswith("mlp.c_proj"):
-                    params.append(p)
-        return params
-
     def start_token(self, tokenizer: Any) -> int | None:
         """GPT-2 documents start after end-of-text."""
         return getattr(tokenizer, "eos_token_id", None)
-
-
-class PrefixCache:
-    """The cache interface HF attention uses (``update``), with a fixed prefix.
-
-    It prepends prefix keys/values ``[batch, head, start, d_head]`` to the ones the block computes.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-
-    def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        layer_idx: int | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslens.arch._base import Arch, ForwardInputs, MLPWeights, PatternHook
+from reslens.arch._base import Arch
+from reslens.arch._layout import Layout
 from reslens.arch._norm import Norm
-from reslens.arch.gpt2 import PrefixCache
+from reslens.arch._values import MLPWeights, PatternHook
 
 __all__ = ["Llama", "MODEL_TYPES"]
 
@@ -48,8 +49,22 @@ class Llama(Arch):
     model: nn.Module
     family = "llama"
     positional = "rotary"
-    gated_mlp = True
-    prepend_bos = True
+    layout = Layout(
+        body="model",
+        blocks="layers",
+        embed="embed_tokens",
+        final_norm="norm",
+        attn="self_attn",
+        attn_norm="input_layernorm",
+        attn_key_proj="self_attn.k_proj",
+        attn_out_proj="self_attn.o_proj",
+        mlp="mlp",
+        mlp_norm="post_attention_layernorm",
+        mlp_in_proj="mlp.up_proj",
+        mlp_gate_proj="mlp.gate_proj",
+        mlp_out_proj="mlp.down_proj",
+        body_args=("input_ids", "attention_mask", "position_ids", "cache"),
+    )
 
     def __post_init__(self) -> None:
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
@@ -60,55 +75,7 @@ class Llama(Arch):
                 f"got {type(self.model).__name__}"
             )
 
-    # --- modules ---------------------------------------------------------------------------
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def body(self) -> nn.Module:
-        return getattr(self.model, "model", self.model)
-
-    @property
-    def lm_head(self) -> nn.Module | None:
-        return getattr(self.model, "lm_head", None)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.body.layers
-
-    @property
-    def final_norm_module(self) -> nn.Module:
-        return self.body.norm
-
-    @property
-    def embed_module(self) -> nn.Module:
-        return self.body.embed_tokens
-
-    def attn(self, layer: int) -> nn.Module:
-        return self.blocks[layer].self_attn
-
-    def attn_norm(self, layer: int) -> nn.Module:
-        return self.blocks[layer].input_layernorm
-
-    def attn_out_proj(self, layer: int) -> nn.Module:
-        return self.blocks[layer].self_attn.o_proj
-
-    def mlp(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp
-
-    def mlp_norm(self, layer: int) -> nn.Module:
-        return self.blocks[layer].post_attention_layernorm
-
-    def mlp_in_proj(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp.up_proj
-
-    def mlp_gate_proj(self, layer: int) -> nn.Module | None:
-        return self.blocks[layer].mlp.gate_proj
-
-    def mlp_out_proj(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp.down_proj
+    # --- the attention pattern's hook point -----------------------------------------------
 
     def pattern_hook(self, layer: int) -> PatternHook:
         """A pre-hook on the attention module: the pattern from its normed input and rotary embeddings."""
@@ -120,15 +87,6 @@ class Llama(Arch):
             return self.attention_pattern(layer, hidden, cos_sin, key_mask)
 
         return PatternHook(self.attn(layer), "pre", pattern)
-
-    def forward_inputs(self, args: tuple, kwargs: dict) -> ForwardInputs:
-        """``LlamaModel.forward(input_ids, attention_mask, position_ids, cache, ...)``."""
-
-        def arg(name: str, index: int) -> Any:
-            return kwargs.get(name, args[index] if len(args) > index else None)
-
-        cache = arg("cache", 3) if "past_key_values" not in kwargs else kwargs["past_key_values"]
-        return ForwardInputs(arg("input_ids", 0), arg("attention_mask", 1), arg("position_ids", 2), cache)
 
     # --- sizes -----------------------------------------------------------------------------
 
@@ -162,36 +120,11 @@ class Llama(Arch):
             return attn.sliding_window
         return getattr(self.config, "sliding_window", None)  # Mistral: every layer; Llama: none
 
-    # --- norms, embedding, unembedding -------------------------------------------------------
+    # --- norms ---------------------------------------------------------------------------------
 
-    def norm(self, which: str, layer: int | None = None) -> Norm:
-        """``"attn"`` (``input_layernorm``), ``"mlp"`` (``post_attention_layernorm``), ``"final"``."""
-        if which == "final":
-            module = self.body.norm
-        elif which in ("attn", "mlp"):
-            if layer is None:
-                raise ValueError(f"norm({which!r}) needs a layer")
-            module = self.attn_norm(layer) if which == "attn" else self.mlp_norm(layer)
-        else:
-            raise ValueError(f"which must be 'attn', 'mlp' or 'final'; got {which!r}")
+    def norm_of(self, module: nn.Module) -> Norm:
+        """An ``RMSNorm`` (``input_layernorm``, ``post_attention_layernorm``, ``norm``): no mean, no bias."""
         return Norm(self._real(module).detach(), None, float(module.variance_epsilon), centred=False)
-
-    @property
-    def W_E(self) -> torch.Tensor:
-        """Token embeddings ``[d_vocab, d_model]`` (``embed_tokens.weight``)."""
-        return self._real(self.body.embed_tokens)
-
-    @property
-    def W_U(self) -> torch.Tensor:
-        """Unembedding ``[d_vocab, d_model]``: ``lm_head.weight`` (tied or not), else the embedding."""
-        head = self.lm_head
-        return self._real(head) if head is not None else self.W_E
-
-    def embedding_components(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor
-    ) -> list[tuple[str, torch.Tensor]]:
-        """``[("embed", W_E[ids])]``: rotary positions add nothing to the residual stream."""
-        return [("embed", self.W_E.detach().float()[input_ids])]
 
     # --- the MLP ---------------------------------------------------------------------------
 
@@ -213,9 +146,6 @@ class Llama(Arch):
         )
 
     # --- attention -------------------------------------------------------------------------
-
-    def attn_scale(self, layer: int) -> float:
-        return float(self.attn(layer).scaling)
 
     def _heads(self, proj: nn.Linear, n: int) -> torch.Tensor:
         """``proj.weight [n * d_head, d_model]`` (``nn.Linear``) -> ``[n, d_model, d_head]`` (a view)."""
@@ -292,16 +222,6 @@ class Llama(Arch):
         b, _ = self._rotate(layer, eye, eye, cos[:, 1:].float(), sin[:, 1:].float())  # at position 0
         return a[0, 0] @ b[0, 0].T
 
-    def _visible(self, n_query: int, start: int, layer: int, device: torch.device) -> torch.Tensor:
-        """``[n_query, start + n_query]`` bool: causal, and inside the layer's sliding window."""
-        query = torch.arange(start, start + n_query, device=device)[:, None]
-        key = torch.arange(start + n_query, device=device)[None, :]
-        visible = key <= query
-        window = self.window(layer)
-        if window is not None:
-            visible = visible & (key > query - window)
-        return visible
-
     def attention_pattern(
         self,
         layer: int,
@@ -322,12 +242,8 @@ class Llama(Arch):
         cos, sin = cos_sin
         q, k = self._rotate(layer, q.float(), k.float(), cos.float(), sin.float())
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.attn_scale(layer)
-        allowed = self._visible(n_pos, 0, layer, hidden.device).expand(batch, 1, n_pos, n_pos)
-        if key_mask is not None:
-            allowed = allowed & key_mask.to(hidden.device).bool()[:, None, None, :]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        scores = (q @ k.transpose(-1, -2)) * self.attn_scale(layer)  # [batch, head, query, key]
+        return self._masked_softmax(scores, layer, key_mask)
 
     # --- partial forwards ------------------------------------------------------------------
 
@@ -350,61 +266,16 @@ class Llama(Arch):
         _, k = self._rotate(layer, k, k, cos.to(k.device), sin.to(k.device))
         return k.to(self.device), v.to(self.device)
 
-    def run_block_suffix(
-        self, layer: int, hidden: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor
-    ) -> torch.Tensor:
-        """Block ``layer`` on positions ``start .. start + q - 1`` (``start = prefix_k.shape[-2]``).
-
-        Given its input there ``hidden [batch, q, d_model]`` and the prefix's cached keys/values
-        ``[batch, n_kv_head, start, d_head]`` (from :meth:`attention_kv`): rotary at the absolute positions,
-        an additive causal + window mask. Exact by causality. Returns ``[batch, q, d_model]`` on
-        :attr:`device` (on a dispatched model the prefix goes to the block's device, where it runs).
-        """
-        impl = self.config._attn_implementation
-        if impl not in ("eager", "sdpa"):
-            raise NotImplementedError(
-                f"run_block_suffix supports eager and sdpa attention; the model uses {impl!r}"
-            )
-        start, n_query = prefix_k.shape[-2], hidden.shape[1]
-        visible = self._visible(n_query, start, layer, hidden.device)
-        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
-        positions = torch.arange(start, start + n_query, device=hidden.device)[None]
-        cos_sin = self.position_embeddings(hidden, positions)
-        on = self._device_of(self.attn(layer).k_proj)
-        cache = PrefixCache(prefix_k.to(on, hidden.dtype), prefix_v.to(on, hidden.dtype))
-        with self.loaded(self.blocks[layer]):
-            out = self.blocks[layer](
-                hidden_states=hidden,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=False,
-                position_embeddings=cos_sin,
-            )
-        return out.to(self.device)
+    def block_kwargs(self, layer: int, hidden: torch.Tensor, start: int) -> dict[str, Any]:
+        """The absolute positions and the model's rotary ``(cos, sin)`` at them."""
+        positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
+        return {"position_ids": positions, "position_embeddings": self.position_embeddings(hidden, positions)}
 
     # --- weight edits and cache keys -------------------------------------------------------
-
-    def mlp_out_param(self, layer: int) -> nn.Parameter:
-        """``down_proj.weight [d_model, d_mlp]``: the weight a rank-one edit changes."""
-        return self.blocks[layer].mlp.down_proj.weight
 
     def rank_one_delta(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``outer(v, u) [d_model, d_mlp]``: ``down_proj.weight`` is stored ``[out, in]``."""
         return torch.outer(v, u)
-
-    def key_parameters(self, layer: int) -> list[torch.Tensor]:
-        """The token embedding, every parameter of blocks ``< layer``, block ``layer`` but ``down_proj``.
-
-        The parameters themselves; values read from accelerate's weights map where it offloads them.
-        """
-        params = [self.W_E]
-        for block in range(layer + 1):
-            for name, p in self._real_parameters(self.blocks[block]):
-                if block < layer or not name.startswith("mlp.down_proj"):
-                    params.append(p)
-        return params
 
     def start_token(self, tokenizer: Any) -> int | None:
         """Llama-family documents start after BOS."""

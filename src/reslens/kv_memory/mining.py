@@ -185,15 +185,9 @@ def model_fingerprint(model: Any, layers: Iterable[int]) -> str:
 
     Those are :meth:`reslens.arch.Arch.key_parameters` of the last layer, hashed with their
     shapes and dtypes. Two models of the same shape give different fingerprints unless those weights are equal
-    bit for bit. Reads every such weight once (on CPU), so compute it once per run.
+    bit for bit. :meth:`~reslens.arch.Arch.weights_digest`, cached per weights version.
     """
-    arch = adapter(model)
-    digest = hashlib.sha256()
-    for p in arch.key_parameters(max(layers)):
-        t = p.detach()
-        digest.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return adapter(model).weights_digest(max(layers))
 
 
 def _hash_unit(digest: Any, ids: list[int]) -> None:

@@ -313,7 +313,7 @@ def _reduce_positions(
     out["target_rank"] = torch.full((n_rows, n_real), -1, dtype=torch.long, device=dev)
     final_top1 = torch.empty(n_real, dtype=torch.long, device=dev)
     final_finite = torch.empty(n_real, dtype=torch.bool, device=dev)
-    reduce, norm, last = reducer(fused), arch.norm("final"), ("resid", arch.n_layer)
+    reduce, last = reducer(fused), ("resid", arch.n_layer)
 
     def source(site: str, layer: int) -> torch.Tensor:  # [N, d_model], as the lens reads it
         h = residuals.get(site, layer)[real_b, real_p].to(device=dev, dtype=arch.dtype)
@@ -329,13 +329,13 @@ def _reduce_positions(
         for start in range(0, n_real, per_block):
             cols = slice(start, min(start + per_block, n_real))
             c = cols.stop - cols.start
-            final_logits = arch.unembed(norm(final_resid[cols])).float()  # [c, vocab], the model's own
+            final_logits = arch.logits(final_resid[cols]).float()  # [c, vocab], the model's own
             ref = reference(final_logits, fused)
             final_top1[cols], final_finite[cols] = ref.top1, ref.finite
             blocks = [] if final_row is None else [(final_row, final_logits)]
             if others:
                 # Unembed every other lens row of these positions at once: [len(others) * c, vocab].
-                logits = arch.unembed(norm(torch.cat([sources[rows[r]][cols] for r in others]))).float()
+                logits = arch.logits(torch.cat([sources[rows[r]][cols] for r in others])).float()
                 blocks += [(r, logits[i * c : (i + 1) * c]) for i, r in enumerate(others)]
             for r, z in blocks:
                 for lo in range(0, c, SUB_ROWS):

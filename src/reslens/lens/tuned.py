@@ -53,21 +53,14 @@ def _step_loss(
 
     ``n``: the step's token count (over every rank), so the losses of all ranks sum to the step's mean.
     """
-    norm = arch.norm("final")
-    w_u = arch.W_U.detach()  # the model's weights get no gradient (nor a .grad)
-    b_u = None if arch.b_U is None else arch.b_U.detach()
-
-    def unembed(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, w_u, b_u).float()
-
     losses = [0.0] * len(translators)
     for start in range(0, resid.shape[1], chunk_size):
         h = resid[:, start : start + chunk_size].float()  # [L + 1, c, d]
         with torch.no_grad():
-            log_q = torch.log_softmax(unembed(norm(h[-1])), dim=-1)  # [c, vocab]
+            log_q = torch.log_softmax(arch.logits(h[-1]).float(), dim=-1)  # [c, vocab]
             q = log_q.exp()
         for layer, translator in enumerate(translators):
-            log_p = torch.log_softmax(unembed(norm(h[layer] + translator(h[layer]))), dim=-1)
+            log_p = torch.log_softmax(arch.logits(h[layer] + translator(h[layer])).float(), dim=-1)
             kl = (q * (log_q - log_p)).sum()  # summed over the chunk; / n makes the step's mean
             (kl / n).backward()
             losses[layer] += float(kl.detach()) / n

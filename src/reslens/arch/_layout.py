@@ -1,0 +1,149 @@
+"""Where a family keeps its modules, as data: :class:`Layout`, and the modules by role it gives.
+
+:class:`Modules` reads every hook point an analysis asks for (blocks, norms, projections, the LM
+head) from the adapter's :class:`Layout` of attribute paths, and one call's inputs from the body's
+positional arguments; :class:`~reslens.arch.Arch` builds on it. A family whose modules differ from
+another's only in name is a new :class:`Layout`, not new code.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslens.arch._values import ForwardInputs
+
+__all__ = ["Layout", "Modules"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its modules, and its body's positional arguments: data, not code.
+
+    Attribute paths (``"attn.c_proj"``): ``body`` under the model (the model itself is the body when it
+    has no such attribute), ``blocks``, ``embed``, ``pos_embed`` and ``final_norm`` under the body, the
+    roles of one block under that block, ``lm_head`` under the model. :class:`~reslens.arch.Arch` reads
+    its modules by role from these, so a family whose modules differ only in name needs no code for
+    them. More of a family that is data (block layout: sequential, sandwich, post-norm or parallel;
+    fused projections; rotary fraction; embedding scale; soft-caps) belongs here when a family needs it.
+    """
+
+    body: str
+    blocks: str
+    embed: str
+    final_norm: str
+    attn: str  # attn_out = output[0]
+    attn_norm: str  # its input is resid[layer]
+    attn_key_proj: str  # its output holds the keys (GPT-2: the fused q/k/v projection)
+    attn_out_proj: str  # attn_z = its input
+    mlp: str  # mlp_out = its output
+    mlp_norm: str  # resid_mid = its input
+    mlp_in_proj: str  # mlp_up = its output (the up keys; GPT-2's only keys)
+    mlp_out_proj: str  # mlp_act = its input (the values)
+    body_args: tuple[str, ...]  # the body forward's leading positional parameters, in order
+    mlp_gate_proj: str | None = None  # mlp_gate = its output; None without a gate
+    pos_embed: str | None = None  # learned position embeddings; None when positions are not added
+    lm_head: str = "lm_head"
+
+
+class Modules:
+    """The modules of one model by role, from its family's :attr:`layout` (the hook points)."""
+
+    model: nn.Module
+    layout: Layout
+
+    def _in_block(self, layer: int, path: str) -> nn.Module:
+        return operator.attrgetter(path)(self.blocks[layer])
+
+    @property
+    def body(self) -> nn.Module:
+        """The decoder body (the model itself when it has no LM head)."""
+        return getattr(self.model, self.layout.body, self.model)
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        """The LM head (tied to the embedding or not), or ``None`` for a bare body."""
+        return getattr(self.model, self.layout.lm_head, None)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return operator.attrgetter(self.layout.blocks)(self.body)
+
+    @property
+    def final_norm_module(self) -> nn.Module:
+        return operator.attrgetter(self.layout.final_norm)(self.body)
+
+    @property
+    def embed_module(self) -> nn.Module:
+        """The token embedding (an ``nn.Embedding``)."""
+        return operator.attrgetter(self.layout.embed)(self.body)
+
+    @property
+    def pos_embed_module(self) -> nn.Module | None:
+        """The learned position embedding, or ``None`` where positions are not added to ``resid[0]``."""
+        path = self.layout.pos_embed
+        return None if path is None else operator.attrgetter(path)(self.body)
+
+    def attn(self, layer: int) -> nn.Module:
+        """The attention module: ``attn_out`` is its ``output[0]``."""
+        return self._in_block(layer, self.layout.attn)
+
+    def attn_norm(self, layer: int) -> nn.Module:
+        """The norm before attention: its input is ``resid[layer]``."""
+        return self._in_block(layer, self.layout.attn_norm)
+
+    def attn_key_proj(self, layer: int) -> nn.Module:
+        """The projection whose output holds the keys (GPT-2's fused q/k/v projection)."""
+        return self._in_block(layer, self.layout.attn_key_proj)
+
+    def attn_out_proj(self, layer: int) -> nn.Module:
+        """The attention output projection: ``attn_z`` is its input."""
+        return self._in_block(layer, self.layout.attn_out_proj)
+
+    def mlp(self, layer: int) -> nn.Module:
+        """The MLP: ``mlp_out`` is its output."""
+        return self._in_block(layer, self.layout.mlp)
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        """The norm before the MLP: ``resid_mid`` is its input."""
+        return self._in_block(layer, self.layout.mlp_norm)
+
+    def mlp_in_proj(self, layer: int) -> nn.Module:
+        """The MLP's (up) key projection: ``mlp_up`` is its output (GPT-2's only keys)."""
+        return self._in_block(layer, self.layout.mlp_in_proj)
+
+    def mlp_gate_proj(self, layer: int) -> nn.Module | None:
+        """The MLP's gate projection (``mlp_gate`` is its output), or ``None`` without a gate."""
+        path = self.layout.mlp_gate_proj
+        return None if path is None else self._in_block(layer, path)
+
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        """The MLP's value projection: ``mlp_act`` is its input."""
+        return self._in_block(layer, self.layout.mlp_out_proj)
+
+    def forward_inputs(self, args: tuple, kwargs: dict) -> ForwardInputs:
+        """The inputs of one call of the body, by keyword or by the positions ``layout.body_args`` gives."""
+        order = self.layout.body_args
+
+        def arg(name: str) -> Any:
+            index = order.index(name)
+            return kwargs.get(name, args[index] if len(args) > index else None)
+
+        cache = arg("cache") if "past_key_values" not in kwargs else kwargs["past_key_values"]
+        return ForwardInputs(arg("input_ids"), arg("attention_mask"), arg("position_ids"), cache)
+
+    @staticmethod
+    def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+        """The ``hidden_states`` input of a block, norm or projection call (by position or keyword)."""
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the same call with ``hidden_states`` replaced."""
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
