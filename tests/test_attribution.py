@@ -131,8 +131,12 @@ def test_components_come_from_the_adapter_on_every_family(family_model, ids):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logit_attribution_on_the_bare_body_of_every_family(family, ids):
-    """A body without an LM head unembeds with W_E; the pieces still sum to final-norm output @ W_E."""
+    """A tied body unembeds with W_E (pieces sum to final-norm output @ W_E); an untied one is refused."""
     body = make_family(family, bare=True)
+    if not body.config.tie_word_embeddings:
+        with pytest.raises(ValueError, match="not tied to its embedding"):
+            logit_attribution(body, ids, target=[3, 4, 5], against=8)
+        return
     dla = logit_attribution(body, ids, target=[3, 4, 5], against=8)
     with torch.no_grad():
         final = body(ids).last_hidden_state[:, -1]

@@ -218,13 +218,30 @@ def test_bare_bodies_are_supported(ids):
         body = make_family(family, bare=True)
         a = adapter(body)
         assert a.lm_head is None and a.body is body
-        res = capture(body, ids, sites=("resid", "final", "logits"))
+        res = capture(body, ids, sites=("resid", "final"))
         with torch.no_grad():
             out = body(ids, output_hidden_states=True)
         assert torch.equal(res.resid[1], out.hidden_states[1]) and torch.equal(
             res.final, out.last_hidden_state
         )
-        torch.testing.assert_close(res.logits, out.last_hidden_state @ a.W_E.T, **ATOL)
+        if body.config.tie_word_embeddings:  # Qwen2 here: the embedding is the unembedding
+            res = capture(body, ids, sites=("logits",))
+            torch.testing.assert_close(res.logits, out.last_hidden_state @ a.W_E.T, **ATOL)
+        else:  # Llama, Mistral here: the unembedding is in the LM head the body lacks
+            with pytest.raises(ValueError, match="not tied to its embedding"):
+                capture(body, ids, sites=("logits",))
+
+
+def test_the_bare_body_of_an_untied_checkpoint_never_unembeds_with_its_embedding(ids):
+    from reslens.lens import logit_lens
+
+    full = make_family("llama")
+    body = full.model  # the same weights, without the (untied) LM head
+    assert not full.config.tie_word_embeddings
+    for call in (lambda: logit_lens(body, ids), lambda: adapter(body).W_U):
+        with pytest.raises(ValueError, match=r"bare LlamaModel body .*\(tie_word_embeddings=False\)"):
+            call()
+    assert logit_lens(full, ids).top_ids.shape[0] == full.config.num_hidden_layers + 1
 
 
 def test_rope_scaling_comes_from_the_model(ids):

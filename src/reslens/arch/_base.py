@@ -167,9 +167,23 @@ class Arch(Modules, abc.ABC):
 
     @property
     def W_U(self) -> torch.Tensor:
-        """Unembedding ``[d_vocab, d_model]``: the LM head's weight (tied or not), else the embedding."""
+        """Unembedding ``[d_vocab, d_model]``: the LM head's weight (tied or not); a bare body's embedding.
+
+        A bare body (no LM head) unembeds with its embedding only where the checkpoint ties the two
+        (``tie_word_embeddings``); an untied checkpoint's unembedding lives in the LM head the body
+        does not hold, so reading it is refused rather than answered with the embedding.
+        """
         head = self.lm_head
-        return self._real(head) if head is not None else self.W_E
+        if head is not None:
+            return self._real(head)
+        if not getattr(self.config, "tie_word_embeddings", True):
+            raise ValueError(
+                f"model is a bare {type(self.model).__name__} body of a checkpoint whose unembedding is not "
+                "tied to its embedding (tie_word_embeddings=False): the unembedding is in the LM head, which "
+                "the body does not hold, so logits, the lens and logit attribution cannot be read from it; "
+                "load the causal LM (e.g. AutoModelForCausalLM) instead"
+            )
+        return self.W_E
 
     @property
     def b_U(self) -> torch.Tensor | None:
