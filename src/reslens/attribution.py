@@ -30,9 +30,10 @@ import torch
 from reslens._checks import check_int, check_position
 from reslens._inputs import as_batch, encode
 from reslens._saving import Saveable
+from reslens._text import html_table, pandas
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
-from reslens.heads._format import head_label, html_table, pandas
+from reslens.heads._format import head_label
 from reslens.heads.scores import HeadScores
 from reslens.hooks import capture
 from reslens.residuals import Residuals

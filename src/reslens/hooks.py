@@ -39,7 +39,7 @@ import torch
 
 from reslens._checks import check_bool, check_device, check_dtype, check_layers, check_sites
 from reslens._hooking import _SiteBuffer, _StopForward, _ThreadHooks
-from reslens._inputs import Batch, as_batch, pad_ids, pad_token_id, positions_from_mask, tokenize
+from reslens._inputs import as_batch
 from reslens.arch import adapter
 from reslens.residuals import BLOCK_SITES, SITES, Residuals
 
@@ -47,18 +47,11 @@ __all__ = [
     "SITES",
     "BLOCK_SITES",
     "PATCH_SITES",
-    "Batch",
-    "Residuals",
     "Trace",
     "Patch",
     "capture",
     "trace",
     "patch",
-    "tokenize",
-    "pad_ids",
-    "pad_token_id",
-    "as_batch",
-    "positions_from_mask",
 ]
 
 #: Sites :func:`patch` can replace: ``resid`` layer ``l`` is the input of block ``l`` (of
@@ -347,7 +340,7 @@ def capture(
 ) -> Residuals:
     """Run ``model`` on ``inputs`` and return the requested sites as :class:`Residuals`.
 
-    ``inputs``: ids ``[batch, pos]``, a :class:`Batch`, a tokenizer output, or text with
+    ``inputs``: ids ``[batch, pos]``, a :class:`~reslens.Batch`, a tokenizer output, or text with
     ``tokenizer=``. ``model``: a HuggingFace model of a supported family, or its adapter.
     Positions come from the attention mask, so padded sequences get the numbers of running
     alone. ``layers`` (0..n_layer, negatives from the end) limits the residual layers and

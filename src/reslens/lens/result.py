@@ -211,7 +211,7 @@ class LensResult(Saveable):
         ``"entropy"``, ``"kl"`` (KL(final || layer)). Longer inputs are wrapped into stacked panels
         of ``per_row`` positions. Needs matplotlib. Returns the figure.
         """
-        from reslens.plot import plot_lens
+        from reslens.lens._plot import plot_lens
 
         return plot_lens(self, metric=metric, seq=seq, ax=ax, max_positions=max_positions, per_row=per_row)
 
