@@ -25,7 +25,7 @@ from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
 from reslens._text import html_table, pandas
 from reslens.heads._format import head_label
-from reslens.hooks import capture
+from reslens.hooks import _capture
 from reslens.residuals import Residuals
 
 __all__ = [
@@ -117,7 +117,8 @@ class HeadScores(Saveable):
 def _capture_patterns(arch: Arch, inputs: Any, tokenizer: Any) -> Residuals:
     """One forward that records ``attn_pattern`` (float32) for every block of ``inputs``."""
     batch = as_batch(inputs, arch, tokenizer)
-    return capture(arch, batch, sites="attn_pattern", dtype=torch.float32)
+    return _capture(arch, batch, sites=("attn_pattern",), layers=tuple(range(arch.n_layer + 1)),
+                    dtype=torch.float32)
 
 
 def _pattern(residuals: Any, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
