@@ -584,7 +584,7 @@ def _ov_checked_against_fixture(key: str, now: torch.Tensor) -> torch.Tensor:
 
 def _heads(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
     """reslens.heads: pattern scores, OV eigenvalues, composition, circuits, logit attribution."""
-    from reslens import heads
+    from reslens import attribution, heads
 
     out: dict[str, torch.Tensor] = {}
     text = _text()[:500]  # 117 tokens: one sequence within n_positions=128
@@ -637,7 +637,7 @@ def _heads(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
         ("fang", ([TRACE_PROMPT], " Fang"), dict(tokenizer=tokenizer)),
         ("ids_position", (sentences[1:2], 262), dict(position=3, against=[257], tokenizer=tokenizer)),
     ):
-        dla = heads.logit_attribution(model, *args, **kwargs)
+        dla = attribution.logit_attribution(model, *args, **kwargs)
         _put(
             out,
             f"heads/logit_attribution/{name}",
@@ -663,7 +663,7 @@ def _tracing(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
     rank_one_edit at layer 0 (its delta and the probabilities with it applied)."""
     from reslens import tracing
     from reslens.arch import adapter
-    from reslens.rome import SecondMoment
+    from reslens.rome import SecondMoment, rank_one_edit
     from reslens.tracing import Noise
 
     out: dict[str, torch.Tensor] = {}
@@ -730,7 +730,7 @@ def _tracing(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
     texts = [_text()[:3500], _text()[3500:]]
     stats = SecondMoment.compute(model, 0, texts, tokenizer=tokenizer, max_tokens=1500)
     out["tracing/mom2_l0_diag"] = _tensor(stats.mom2.diagonal())
-    edit = tracing.rank_one_edit(
+    edit = rank_one_edit(
         model,
         tokenizer,
         EDIT_PROMPT,

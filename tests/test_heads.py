@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers import VOCAB, assert_same_state, hook_counts, make_family, make_model, model_state
-from reslens import heads
+from reslens import Batch, attribution, heads
 from reslens.arch import adapter
 from reslens.heads.composition import _random_baseline
-from reslens.hooks import Batch, capture
+from reslens.hooks import capture
 
 matplotlib.use("Agg")
 
@@ -378,7 +378,7 @@ def test_nothing_changes_on_the_model(model, ids):
     heads.previous_token_scores(model, ids)
     heads.ov_eigen_summary(model, fold_ln=True, effective_embedding="embed+mlp0")
     heads.composition_scores(model, "q", fold_ln=True, n_baseline=5)
-    heads.logit_attribution(model, ids, target=1)
+    attribution.logit_attribution(model, ids, target=1)
     assert_same_state(before, model_state(model))
     assert hook_counts(model) == hooks_before
 
@@ -510,7 +510,7 @@ def test_embedded_model_head_pipeline(embedded):
     assert ((previous.scores > 0) & (previous.scores < 1)).all()
     comp = heads.composition_scores(arch, "k", n_baseline=20)
     assert comp.top(1)[0][2] > 0
-    dla = heads.logit_attribution(arch, "The cat sat on the", target=" mat", tokenizer=tokenizer)
+    dla = attribution.logit_attribution(arch, "The cat sat on the", target=" mat", tokenizer=tokenizer)
     torch.testing.assert_close(dla.sum(), dla.logit, atol=1e-4, rtol=1e-5)
     strong = int((induction.scores >= 0.3).sum())
     if _embedded_flags()["provisional"]:

@@ -172,6 +172,68 @@ def test_bad_arguments(model, ids, kwargs, error, match):
         logit_lens(model, ids, **kwargs)
 
 
+def _count_checks(monkeypatch):
+    """Count the calls of every check on the single-text path (each module's own reference to it)."""
+    import reslens._inputs
+    import reslens.hooks
+    import reslens.lens.result
+
+    calls = {}
+
+    def counted(name, check):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return check(*args, **kwargs)
+        return wrapper
+
+    for module, names in (
+        (reslens._inputs, ("check_ids", "check_mask")),
+        (reslens.hooks, ("check_sites", "check_layers", "check_dtype", "check_device", "as_batch")),
+        (reslens.lens.result, ("check_sites", "check_layers", "check_int", "check_bool", "_check_lens",
+                               "_check_residuals", "resolve_targets", "as_batch", "_lens_rows")),
+    ):
+        for name in names:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    return calls
+
+
+@pytest.mark.parametrize("given", ["ids", "batch", "text"])
+def test_logit_lens_checks_each_argument_once(model, ids, given, monkeypatch):
+    from reslens.models import load_model
+
+    tokenizer = None
+    if given == "text":
+        model, tokenizer = load_model()  # the embedded GPT-2 and its tokenizer
+    inputs = {"ids": ids, "batch": Batch.from_ids(ids), "text": ["The cat sat", "on the mat"]}[given]
+    options = dict(tokenizer=tokenizer, sites=("resid", "resid_mid"), layers=(0, -1))
+    wanted = logit_lens(model, inputs, **options)
+    calls = _count_checks(monkeypatch)
+    again = logit_lens(model, inputs, **options)
+    assert torch.equal(again.top_ids, wanted.top_ids) and torch.equal(again.entropy, wanted.entropy)
+    # once each: the inputs (ids against the vocabulary and context), the options, the lens, the targets
+    assert calls.get("check_ids") == 1 and calls.get("as_batch") == 1, calls
+    assert calls.get("check_mask", 0) <= 1, calls  # a Batch built once (from ids or the tokenizer)
+    assert calls["check_sites"] == calls["check_layers"] == calls["_check_lens"] == 1, calls
+    assert calls["resolve_targets"] == calls["_lens_rows"] == 1, calls
+    assert calls["check_int"] == 2 and calls["check_bool"] == 1, calls  # top_k and chunk_size; fused
+    assert "_check_residuals" not in calls and "check_dtype" not in calls and "check_device" not in calls
+
+
+def test_lens_of_and_capture_check_their_arguments_once(model, ids, monkeypatch):
+    from reslens.arch import adapter
+
+    arch = adapter(model)
+    calls = _count_checks(monkeypatch)
+    res = capture(arch, ids, sites=("resid", "resid_mid"))
+    assert calls == {"check_sites": 1, "check_layers": 1, "check_dtype": 1, "check_device": 1, "as_batch": 1,
+                     "check_ids": 1, "check_mask": 1}, calls
+    calls.clear()
+    lens_of(res, arch, sites=("resid", "resid_mid"), layers=(0, -1))
+    assert calls["_check_residuals"] == calls["check_sites"] == calls["check_layers"] == 1, calls
+    assert calls["_check_lens"] == calls["resolve_targets"] == 1 and "as_batch" not in calls, calls
+
+
 def test_result_round_trip_frame_table_and_plot(model, ids, tmp_path):
     lens = logit_lens(
         model,

@@ -472,32 +472,20 @@ def test_summary_save_load_and_short_reprs(big_vocab, tokenizer, tmp_path):
         TraceSummary.load(tmp_path / "one.safetensors")
 
 
-def test_every_name_of_the_old_module_still_imports():
+def test_public_names_of_tracing_and_rome_each_have_one_home():
     import reslens.rome
     import reslens.tracing
 
-    old = [
-        "KINDS",
-        "BUCKETS",
-        "TraceResult",
-        "TraceSummary",
-        "RankOneEdit",
-        "causal_trace",
-        "causal_trace_ids",
-        "restored_prob",
-        "trace_many",
-        "subject_span",
-        "embedding_std",
-        "window_layers",
-        "mlp_key_second_moment",
-        "rank_one_edit",
-        "rank_one_edit_ids",
-    ]
-    for name in old + ["Noise", "SecondMoment"]:
+    tracing_names = ["KINDS", "BUCKETS", "Noise", "TraceResult", "TraceSummary", "causal_trace",
+                     "causal_trace_ids", "restored_prob", "trace_many", "subject_span", "embedding_std",
+                     "window_layers"]
+    rome_names = ["RankOneEdit", "SecondMoment", "mlp_key_second_moment", "rank_one_edit",
+                  "rank_one_edit_ids"]
+    for name in tracing_names:
         assert name in reslens.tracing.__all__ and getattr(reslens.tracing, name) is not None, name
-    from reslens.tracing import RankOneEdit, SecondMoment, rank_one_edit  # noqa: F401
-
-    assert rank_one_edit is reslens.rome.rank_one_edit and SecondMoment is reslens.rome.SecondMoment
+    for name in rome_names:
+        assert name in reslens.rome.__all__ and getattr(reslens.rome, name) is not None, name
+        assert not hasattr(reslens.tracing, name), f"reslens.tracing re-exports rome's {name}"
     with pytest.raises(AttributeError):
         reslens.tracing.no_such_name  # noqa: B018
 

@@ -101,7 +101,10 @@ class Batch:
         return self.attention_mask.sum(-1)
 
     def to(self, device: str | torch.device) -> Batch:
-        """The batch on ``device``."""
+        """The batch on ``device`` (itself when it is there already)."""
+        tensors = (self.input_ids, self.attention_mask, self.position_ids, self.special_mask)
+        if all(t.device == torch.device(device) for t in tensors):
+            return self
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
                      self.special_mask.to(device))
 
@@ -186,12 +189,13 @@ def _is_texts(inputs: Any) -> bool:
 def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
     """Turn ids, a :class:`Batch`, a tokenizer output mapping, or text into a checked Batch.
 
-    The batch is checked against the model of ``arch`` (the adapter): vocabulary, context and
-    positions; it comes back on the model's device.
+    The batch is checked against the model of ``arch`` (the adapter), once: vocabulary, context and
+    positions; it comes back on the model's device, ready for :func:`reslens.hooks._capture`.
     """
     d_vocab, n_ctx = arch.d_vocab, arch.n_ctx
     if isinstance(inputs, Batch):
         batch = inputs
+        check_ids(batch.input_ids, d_vocab=d_vocab, n_ctx=n_ctx)
     elif isinstance(inputs, torch.Tensor):
         batch = Batch.from_ids(check_ids(inputs, d_vocab=d_vocab, n_ctx=n_ctx))
     elif isinstance(inputs, Mapping) and "input_ids" in inputs:
@@ -206,6 +210,7 @@ def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
         if tokenizer is None:
             raise TypeError("inputs are text, so tokenizer= is required (e.g. from reslens.load_model())")
         batch = tokenize(tokenizer, inputs)
+        check_ids(batch.input_ids, d_vocab=d_vocab, n_ctx=n_ctx)
     elif isinstance(inputs, Sequence) and len(inputs) == 0:
         raise ValueError("inputs is empty; give token ids [batch, pos], a Batch, or a list of strings")
     else:
@@ -213,7 +218,6 @@ def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
             "inputs must be a [batch, pos] tensor of token ids, a reslens Batch, a tokenizer output "
             f"with 'input_ids', or a list of strings with tokenizer=; got {type(inputs).__name__}"
         )
-    check_ids(batch.input_ids, d_vocab=d_vocab, n_ctx=n_ctx)
     low, high = int(batch.position_ids.min()), int(batch.position_ids.max())
     if low < 0 or high >= n_ctx:
         raise ValueError(f"position_ids must lie in 0..{n_ctx - 1} (the model's context); got {low}..{high}")

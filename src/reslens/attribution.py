@@ -30,11 +30,12 @@ import torch
 from reslens._checks import check_int, check_position
 from reslens._inputs import as_batch, encode
 from reslens._saving import Saveable
+from reslens._text import html_table, pandas
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
-from reslens.heads._format import head_label, html_table, pandas
+from reslens.heads._format import head_label
 from reslens.heads.scores import HeadScores
-from reslens.hooks import capture
+from reslens.hooks import _capture
 from reslens.residuals import Residuals
 
 __all__ = ["LogitAttribution", "KINDS", "SITES", "logit_attribution", "logit_attribution_of"]
@@ -372,6 +373,6 @@ def logit_attribution(
     _token_ids(target, len(batch), arch.d_vocab, tokenizer, "target")
     if against is not None:
         _token_ids(against, len(batch), arch.d_vocab, tokenizer, "against")
-    residuals = capture(arch, batch, sites=SITES, layers=None, dtype=torch.float32)
+    residuals = _capture(arch, batch, sites=SITES, layers=tuple(range(arch.n_layer + 1)), dtype=torch.float32)
     return logit_attribution_of(residuals, arch, target, against=against, position=position,
                                 tokenizer=tokenizer)

@@ -39,7 +39,7 @@ import torch
 
 from reslens._checks import check_bool, check_device, check_dtype, check_layers, check_sites
 from reslens._hooking import _SiteBuffer, _StopForward, _ThreadHooks
-from reslens._inputs import Batch, as_batch, pad_ids, pad_token_id, positions_from_mask, tokenize
+from reslens._inputs import Batch, as_batch
 from reslens.arch import adapter
 from reslens.residuals import BLOCK_SITES, SITES, Residuals
 
@@ -47,18 +47,11 @@ __all__ = [
     "SITES",
     "BLOCK_SITES",
     "PATCH_SITES",
-    "Batch",
-    "Residuals",
     "Trace",
     "Patch",
     "capture",
     "trace",
     "patch",
-    "tokenize",
-    "pad_ids",
-    "pad_token_id",
-    "as_batch",
-    "positions_from_mask",
 ]
 
 #: Sites :func:`patch` can replace: ``resid`` layer ``l`` is the input of block ``l`` (of
@@ -67,6 +60,15 @@ PATCH_SITES = ("resid", "attn_out", "mlp_out", "mlp_act")
 
 #: Active traces by model: a patch entered later moves their hooks behind its own.
 _ACTIVE_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_blocks(sites: tuple[str, ...], layers: tuple[int, ...], n_layer: int) -> None:
+    """Per-block sites need at least one block (a layer below ``n_layer``) among ``layers``."""
+    if all(layer >= n_layer for layer in layers) and any(site in BLOCK_SITES for site in sites):
+        raise ValueError(
+            f"layers={list(layers)} selects no block for the per-block sites "
+            f"{[s for s in sites if s in BLOCK_SITES]}; blocks are 0..{n_layer - 1}"
+        )
 
 
 class Trace(_ThreadHooks):
@@ -85,24 +87,32 @@ class Trace(_ThreadHooks):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         detach: bool = True,
-        _stop_when_done: bool = False,
     ) -> None:
+        arch = adapter(model)
+        n_layer = arch.n_layer
+        sites = check_sites(sites, SITES)
+        layers = check_layers(layers, n_layer, what=f"a {n_layer}-layer model's residual stream")
+        _check_blocks(sites, layers, n_layer)
+        checked = (check_dtype(dtype), check_device(device), check_bool(detach, "detach"))
+        self._setup(arch, sites, layers, *checked)
+
+    @classmethod
+    def _checked(cls, arch: Any, sites: tuple, layers: tuple, *args: Any,
+                 stop_when_done: bool = False) -> Trace:
+        """A trace of arguments checked as :meth:`__init__` checks them (``args``: dtype, device, detach)."""
+        _check_blocks(sites, layers, arch.n_layer)
+        recorder = cls.__new__(cls)
+        recorder._setup(arch, sites, layers, *args, stop_when_done=stop_when_done)
+        return recorder
+
+    def _setup(self, arch: Any, sites: tuple, layers: tuple, dtype: torch.dtype | None,
+               device: torch.device | None, detach: bool, *, stop_when_done: bool = False) -> None:
         super().__init__()
-        self.arch = adapter(model)
-        n_layer = self.arch.n_layer
-        self.sites = check_sites(sites, SITES)
-        self.layers = check_layers(layers, n_layer, what=f"a {n_layer}-layer model's residual stream")
-        self.blocks = tuple(layer for layer in self.layers if layer < n_layer)
-        if not self.blocks and any(site in BLOCK_SITES for site in self.sites):
-            raise ValueError(
-                f"layers={list(self.layers)} selects no block for the per-block sites "
-                f"{[s for s in self.sites if s in BLOCK_SITES]}; blocks are 0..{n_layer - 1}"
-            )
-        self.dtype = check_dtype(dtype)
-        self.device = check_device(device)
+        self.arch, self.sites, self.layers = arch, sites, layers
+        self.blocks = tuple(layer for layer in layers if layer < arch.n_layer)
+        self.dtype, self.device, self.detach = dtype, device, detach
         self._gather = self.device or self.arch.device  # one device, however the model is dispatched
-        self.detach = check_bool(detach, "detach")
-        self._stop_when_done = _stop_when_done
+        self._stop_when_done = stop_when_done  # run by capture, which stops the forward when done
         self._result: Residuals | None = None
         self._forwards = 0
         self._reset(None, None, None)
@@ -294,7 +304,7 @@ class Trace(_ThreadHooks):
             warnings.warn(
                 "the model is in training mode, so dropout makes captured activations random; "
                 "call model.eval()",
-                stacklevel=3,
+                stacklevel=4 if self._stop_when_done else 3,  # capture's caller, or the with statement's
             )
         self._thread = threading.get_ident()
         try:
@@ -347,7 +357,7 @@ def capture(
 ) -> Residuals:
     """Run ``model`` on ``inputs`` and return the requested sites as :class:`Residuals`.
 
-    ``inputs``: ids ``[batch, pos]``, a :class:`Batch`, a tokenizer output, or text with
+    ``inputs``: ids ``[batch, pos]``, a :class:`~reslens.Batch`, a tokenizer output, or text with
     ``tokenizer=``. ``model``: a HuggingFace model of a supported family, or its adapter.
     Positions come from the attention mask, so padded sequences get the numbers of running
     alone. ``layers`` (0..n_layer, negatives from the end) limits the residual layers and
@@ -363,11 +373,25 @@ def capture(
     >>> tuple(res.resid.shape), tuple(res.mlp_act.shape), res.layers
     ((3, 1, 4, 16), (2, 1, 4, 64), (0, 1, 2))
     """
-    recorder = Trace(
-        model, sites, layers=layers, dtype=dtype, device=device, detach=detach, _stop_when_done=True
-    )
-    arch = recorder.arch
-    batch = as_batch(inputs, arch, tokenizer)
+    recorder = Trace(model, sites, layers=layers, dtype=dtype, device=device, detach=detach)
+    recorder._stop_when_done = True
+    return _record(recorder, as_batch(inputs, recorder.arch, tokenizer))
+
+
+def _capture(arch: Any, batch: Batch, *, sites: tuple[str, ...], layers: tuple[int, ...],
+             dtype: Any = None, device: Any = None, detach: bool = True) -> Residuals:
+    """:func:`capture` of arguments a public function has checked, checking nothing again.
+
+    ``arch``: an adapter; ``batch``: from :func:`~reslens._inputs.as_batch` (checked against the model, on
+    its device); ``sites`` known and unrepeated, ``layers`` sorted and unique, ``dtype``/``device`` as
+    ``check_dtype``/``check_device`` give them.
+    """
+    return _record(Trace._checked(arch, sites, layers, dtype, device, detach, stop_when_done=True), batch)
+
+
+def _record(recorder: Trace, batch: Batch) -> Residuals:
+    """Run the model on a checked ``batch`` inside ``recorder``, stopping once it has every site."""
+    arch, detach = recorder.arch, recorder.detach
     runner = arch.model if "logits" in recorder.sites and arch.lm_head is not None else arch.body
     with recorder, torch.no_grad() if detach else nullcontext():
         try:

@@ -31,7 +31,7 @@ from reslens._residual_pca import ResidualPCA
 from reslens._saving import Saveable
 from reslens._text import pandas
 from reslens.arch import Arch, adapter
-from reslens.hooks import capture
+from reslens.hooks import _capture
 from reslens.residuals import Residuals
 
 __all__ = ["ResidualPCA", "TrajectoryPCAResult", "trajectory_pca", "trajectory_pca_of", "ConditionResult",
@@ -275,7 +275,7 @@ def trajectory_pca(
     kept = _check_trajectory_options(arch, layers, center, normalize)
     batch = as_batch(inputs, arch, tokenizer)
     _positions(positions, batch.attention_mask)  # bad positions: refused before the forward
-    res = capture(arch, batch, sites=("resid",), layers=sorted({*kept, arch.n_layer}))
+    res = _capture(arch, batch, sites=("resid",), layers=tuple(sorted({*kept, arch.n_layer})))
     return trajectory_pca_of(res, arch, positions=positions, layers=kept, center=center, normalize=normalize)
 
 

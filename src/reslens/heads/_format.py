@@ -1,10 +1,8 @@
-"""Small display helpers shared by the head and attribution results: labels, pandas, HTML."""
+"""How a head is written: ``layer.head``, shared by the head and attribution results."""
 
 from __future__ import annotations
 
-from reslens._text import html_table, pandas
-
-__all__ = ["head_label", "pandas", "html_table"]
+__all__ = ["head_label"]
 
 
 def head_label(layer: int, head: int) -> str:

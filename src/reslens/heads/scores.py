@@ -23,8 +23,9 @@ from reslens._checks import check_int
 from reslens._inputs import Batch, as_batch
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
-from reslens.heads._format import head_label, html_table, pandas
-from reslens.hooks import capture
+from reslens._text import html_table, pandas
+from reslens.heads._format import head_label
+from reslens.hooks import _capture
 from reslens.residuals import Residuals
 
 __all__ = [
@@ -116,7 +117,8 @@ class HeadScores(Saveable):
 def _capture_patterns(arch: Arch, inputs: Any, tokenizer: Any) -> Residuals:
     """One forward that records ``attn_pattern`` (float32) for every block of ``inputs``."""
     batch = as_batch(inputs, arch, tokenizer)
-    return capture(arch, batch, sites="attn_pattern", dtype=torch.float32)
+    return _capture(arch, batch, sites=("attn_pattern",), layers=tuple(range(arch.n_layer + 1)),
+                    dtype=torch.float32)
 
 
 def _pattern(residuals: Any, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -311,7 +313,7 @@ def previous_token_scores(model: Any, inputs: Any, *, tokenizer: Any = None) -> 
     count); special tokens (a BOS the tokenizer added, ``Batch.special_mask``) count like pads,
     so the first text token's attention to a BOS (often an attention sink in Llama-family
     models, not a previous-token mechanism) is left out. ``inputs``: ids ``[batch, pos]``, a
-    :class:`~reslens.hooks.Batch`, or text with ``tokenizer=``.
+    :class:`~reslens.Batch`, or text with ``tokenizer=``.
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()

@@ -3,6 +3,8 @@
 Imports run one way inside the package, bottom to top:
 
 - :mod:`~reslens.lens._metrics`: the per-row reductions every lens result shares (no other wing module)
+- :mod:`~reslens.lens._plot`: the figures and the text table of the results (no other wing module; read by
+  :mod:`reslens.plot` too)
 - :mod:`~reslens.lens.values`: a lens as a value — :class:`LogitLens`, :class:`TunedLens` (Belrose et
   al. 2023), :class:`LinearShortcut` (Din et al. 2023); :func:`load_lens` (reslens files and the
   ``tuned-lens`` package's folders, through :mod:`~reslens.lens._tuned_lens_format`)
@@ -10,7 +12,6 @@ Imports run one way inside the package, bottom to top:
 - :mod:`~reslens.lens.stats`: a data set — :func:`lens_stats` -> :class:`LensStats`
 - :mod:`~reslens.lens.shortcut`, :mod:`~reslens.lens.tuned`: fitting the learned lenses on a corpus
 - :mod:`~reslens.lens.compare`: :func:`compare_lenses` -> :class:`LensComparison` on held-out text
-- :mod:`~reslens.lens._plot`: the figures (read by :mod:`reslens.plot`)
 
 Every public name is reachable from here (``from reslens.lens import logit_lens, lens_stats, TunedLens``)
 and loads on first use, so importing the package is cheap. The wing's former module names
@@ -27,7 +28,8 @@ from typing import Any
 
 #: public name -> the wing module that defines it (imported on first access)
 _LAZY = {
-    **dict.fromkeys(("LensResult", "lens_of", "logit_lens", "lens_table", "METRICS"), "result"),
+    **dict.fromkeys(("LensResult", "lens_of", "logit_lens", "METRICS"), "result"),
+    "lens_table": "_plot",
     **dict.fromkeys(("LensStats", "MetricStats", "lens_stats", "QUANTILES"), "stats"),
     **dict.fromkeys(
         ("Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "as_lens", "load_lens"), "values"

@@ -1,17 +1,19 @@
-"""The lens figures: the layers x positions grid of one sequence (wrapped into rows), per-layer curves.
+"""The lens figures (the layers x positions grid of one sequence, per-layer curves) and the text table.
 
-A long input is split into stacked panels of ``per_row`` positions that share one colour scale, so
-the figure keeps a page's proportions and its cell text stays legible when the figure is shrunk.
+:func:`lens_table` is the classic logit-lens table as text. In the grid a long input is split into
+stacked panels of ``per_row`` positions that share one colour scale, so the figure keeps a page's
+proportions and its cell text stays legible when the figure is shrunk.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from reslens._checks import check_int
 from reslens._figures import _check_seq, _figure, _pyplot, _text_colour
 from reslens._text import cell_text as _cell_text
 
-__all__ = ["LENS_PLOT_METRICS", "plot_lens", "plot_lens_stats", "plot_lens_comparison"]
+__all__ = ["LENS_PLOT_METRICS", "lens_table", "plot_lens", "plot_lens_stats", "plot_lens_comparison"]
 
 LENS_PLOT_METRICS = ("prob", "rank", "entropy", "kl")
 _LABELS = {
@@ -164,3 +166,36 @@ def plot_lens_comparison(comparison, *, ax=None):
         right.set_ylabel("cross-entropy with the next token, nats")
         right.set_title("cross-entropy (the output's is the model's loss)", fontsize=10)
     return fig
+
+
+def lens_table(result: Any, seq: int = 0, *, width: int = 100, cell: int = 9) -> str:
+    """The classic logit-lens table of a :class:`~reslens.lens.LensResult` (see its ``table``)."""
+    check_int(seq, "seq", low=0, high=result.input_ids.shape[0] - 1)
+    check_int(cell, "cell", low=3)
+    real = result.attention_mask[seq].nonzero().flatten().tolist()
+    title = f"{result.lens_name}: top-1 token per layer"[:width]
+    labels = ["next"] + [f"L{label}" if label.isdigit() else label.replace("resid_mid ", "mid ")
+                         for label in result.row_labels][::-1] + ["input"]
+    label_w = max(len(label) for label in labels) + 1
+    per_window = max(1, (width - label_w) // cell)
+    top1 = result.top_ids[..., 0].cpu()  # [R, B, P]
+
+    def cells(tokens: list[str]) -> str:
+        return "".join(f"{_cell_text(t, cell - 1):<{cell}}" for t in tokens)
+
+    blocks = []
+    for start in range(0, len(real), per_window):
+        cols = real[start : start + per_window]
+        lines = [f"{'':<{label_w}}" + "".join(f"{f'[{p}]':<{cell}}" for p in cols)]
+        nxt = [result.token(int(result.targets[seq, p])) if result.targets is not None else "" for p in cols]
+        lines.append(f"{'next':<{label_w}}" + cells(nxt))
+        lines.append("-" * (label_w + cell * len(cols)))
+        for r in reversed(range(len(result.site_of_row))):
+            label = labels[len(result.site_of_row) - r]
+            tops = [int(top1[r, seq, p]) for p in cols]
+            lines.append(f"{label:<{label_w}}" + cells([result.token(t) if t >= 0 else "NaN" for t in tops]))
+        lines.append("-" * (label_w + cell * len(cols)))
+        ins = [result.token(int(result.input_ids[seq, p])) for p in cols]
+        lines.append(f"{'input':<{label_w}}" + cells(ins))
+        blocks.append("\n".join(line.rstrip() for line in lines))
+    return title + "\n\n" + "\n\n".join(blocks)

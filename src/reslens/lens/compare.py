@@ -81,7 +81,7 @@ class LensComparison(Saveable):
 
     def plot(self, *, ax=None):
         """KL(final || lens) and cross-entropy per layer, one line per lens (a figure)."""
-        from reslens.plot import plot_lens_comparison
+        from reslens.lens._plot import plot_lens_comparison
 
         return plot_lens_comparison(self, ax=ax)
 

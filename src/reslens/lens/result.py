@@ -35,17 +35,18 @@ import torch
 from reslens._checks import check_bool, check_int, check_layers, check_sites
 from reslens._inputs import as_batch
 from reslens.lens._metrics import FLOAT_ROWS as _FLOAT_ROWS
+from reslens.lens._plot import lens_table
 from reslens.lens._metrics import (SUB_ROWS, convergence, mark_non_finite, reduce_rows, reducer, reference,
                                    resolve_targets, spread)
 from reslens._saving import Saveable
 from reslens._text import blue, cell_text, pandas
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
-from reslens.hooks import capture
+from reslens.hooks import _capture
 from reslens.lens.values import Lens, as_lens
 from reslens.residuals import Residuals
 
-__all__ = ["LensResult", "logit_lens", "lens_of", "lens_table", "LENS_SITES", "METRICS"]
+__all__ = ["LensResult", "logit_lens", "lens_of", "LENS_SITES", "METRICS"]
 
 LENS_SITES = ("resid", "resid_mid")
 METRICS = (
@@ -211,7 +212,7 @@ class LensResult(Saveable):
         ``"entropy"``, ``"kl"`` (KL(final || layer)). Longer inputs are wrapped into stacked panels
         of ``per_row`` positions. Needs matplotlib. Returns the figure.
         """
-        from reslens.plot import plot_lens
+        from reslens.lens._plot import plot_lens
 
         return plot_lens(self, metric=metric, seq=seq, ax=ax, max_positions=max_positions, per_row=per_row)
 
@@ -250,39 +251,6 @@ class LensResult(Saveable):
             f"LensResult(rows={n_rows} [{self.row_labels[0]} .. {self.row_labels[-1]}], "
             f"batch={self.input_ids.shape[0]}, pos={self.input_ids.shape[1]}, top_k={self.top_k})"
         )
-
-
-def lens_table(result: LensResult, seq: int = 0, *, width: int = 100, cell: int = 9) -> str:
-    """The classic logit-lens table (see :meth:`LensResult.table`)."""
-    check_int(seq, "seq", low=0, high=result.input_ids.shape[0] - 1)
-    check_int(cell, "cell", low=3)
-    real = result.attention_mask[seq].nonzero().flatten().tolist()
-    title = f"{result.lens_name}: top-1 token per layer"[:width]
-    labels = ["next"] + [f"L{label}" if label.isdigit() else label.replace("resid_mid ", "mid ")
-                         for label in result.row_labels][::-1] + ["input"]
-    label_w = max(len(label) for label in labels) + 1
-    per_window = max(1, (width - label_w) // cell)
-    top1 = result.top_ids[..., 0].cpu()  # [R, B, P]
-
-    def cells(tokens: list[str]) -> str:
-        return "".join(f"{cell_text(t, cell - 1):<{cell}}" for t in tokens)
-
-    blocks = []
-    for start in range(0, len(real), per_window):
-        cols = real[start : start + per_window]
-        lines = [f"{'':<{label_w}}" + "".join(f"{f'[{p}]':<{cell}}" for p in cols)]
-        nxt = [result.token(int(result.targets[seq, p])) if result.targets is not None else "" for p in cols]
-        lines.append(f"{'next':<{label_w}}" + cells(nxt))
-        lines.append("-" * (label_w + cell * len(cols)))
-        for r in reversed(range(len(result.site_of_row))):
-            label = labels[len(result.site_of_row) - r]
-            tops = [int(top1[r, seq, p]) for p in cols]
-            lines.append(f"{label:<{label_w}}" + cells([result.token(t) if t >= 0 else "NaN" for t in tops]))
-        lines.append("-" * (label_w + cell * len(cols)))
-        ins = [result.token(int(result.input_ids[seq, p])) for p in cols]
-        lines.append(f"{'input':<{label_w}}" + cells(ins))
-        blocks.append("\n".join(line.rstrip() for line in lines))
-    return title + "\n\n" + "\n\n".join(blocks)
 
 
 # --- the computation ----------------------------------------------------------------------
@@ -349,9 +317,23 @@ def _reduce_positions(
     return out, final_top1, final_finite
 
 
-def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: int, targets: Any,
-          chunk_size: int, fused: bool, tokenizer: Any, warn: bool, lens: Any = None) -> LensResult:
-    """:func:`lens_of`; ``warn=False`` leaves the non-finite warning to the caller (lens_stats)."""
+def _check_options(arch: Arch, sites: Any, layers: Any, top_k: Any, chunk_size: Any, fused: Any,
+                   lens: Any) -> tuple[tuple[str, ...], tuple[int, ...] | None, Lens]:
+    """The lens options, checked once where a public function receives them: ``(sites, layers, lens)``.
+
+    ``layers=None`` stays None (all layers for :func:`logit_lens`, those captured for :func:`lens_of`).
+    """
+    sites = check_sites(sites, LENS_SITES)
+    kept = None if layers is None else check_layers(
+        layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
+    check_int(top_k, "top_k", low=1, high=arch.d_vocab)
+    check_int(chunk_size, "chunk_size", low=1)
+    check_bool(fused, "fused")
+    return sites, kept, _check_lens(lens, arch, sites)
+
+
+def _check_residuals(residuals: Any, arch: Arch) -> None:
+    """Residuals the lens can read: ``resid`` with the ids, the final layer, the model's width."""
     if not isinstance(residuals, Residuals):
         raise TypeError("residuals must be reslens Residuals (from reslens.capture); "
                         f"got {type(residuals).__name__}")
@@ -364,23 +346,38 @@ def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: i
     if residuals.resid.shape[-1] != arch.d_model:
         raise ValueError(f"residuals have d_model={residuals.resid.shape[-1]}; the model has {arch.d_model} "
                          "(were they captured from another model?)")
-    sites = check_sites(sites, LENS_SITES)
-    lens = _check_lens(lens, arch, sites)
-    kept = residuals.layers if layers is None else check_layers(
-        layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
-    check_int(top_k, "top_k", low=1, high=arch.d_vocab)
-    check_int(chunk_size, "chunk_size", low=1)
-    check_bool(fused, "fused")
+
+
+def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: int, targets: Any,
+          chunk_size: int, fused: bool, tokenizer: Any, warn: bool, lens: Any = None) -> LensResult:
+    """:func:`lens_of`: every argument checked, then :func:`_lens_of` (``warn`` as there)."""
+    _check_residuals(residuals, arch)
+    sites, kept, lens = _check_options(arch, sites, layers, top_k, chunk_size, fused, lens)
     input_ids, mask = residuals.input_ids.to(arch.device), residuals.attention_mask.to(arch.device)
     target_ids = resolve_targets(targets, input_ids, mask, arch.d_vocab)
-    rows = _lens_rows(kept, sites, arch.n_layer)
+    rows = _lens_rows(residuals.layers if kept is None else kept, sites, arch.n_layer)
+    return _lens_of(residuals, arch, rows=rows, lens=lens, target_ids=target_ids, top_k=top_k,
+                    chunk_size=chunk_size, fused=fused, tokenizer=tokenizer, warn=warn, stacklevel=4)
+
+
+def _lens_of(residuals: Residuals, arch: Arch, *, rows: list[tuple[str, int]], lens: Lens,
+             target_ids: torch.Tensor | None, top_k: int, chunk_size: int, fused: bool, tokenizer: Any,
+             warn: bool, stacklevel: int = 3) -> LensResult:
+    """The lens of residuals and options a public function has checked, checking nothing again.
+
+    ``rows`` from :func:`_lens_rows` (held by ``residuals``, with the final layer), ``lens`` from
+    :func:`_check_lens`, ``target_ids`` ``[batch, pos]`` from :func:`resolve_targets` (or None);
+    ``warn=False`` leaves the non-finite warning to the caller (lens_stats), ``stacklevel`` says whose.
+    """
+    input_ids, mask = residuals.input_ids.to(arch.device), residuals.attention_mask.to(arch.device)
     real = mask.nonzero(as_tuple=True)  # [N] real positions
     flat_targets = None if target_ids is None else target_ids[real]
     out, final_top1, final_finite = _reduce_positions(arch, residuals, rows, real, flat_targets, top_k,
                                                       chunk_size, fused, lens)
     n_bad = mark_non_finite(out, final_top1, final_finite)
     if n_bad and warn:
-        warnings.warn(_non_finite_message(n_bad, len(rows) * real[0].numel()), RuntimeWarning, stacklevel=3)
+        message = _non_finite_message(n_bad, len(rows) * real[0].numel())
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
     shape = tuple(input_ids.shape)
     top1_final = final_top1.new_full(shape, -1)
     top1_final[real] = final_top1
@@ -487,18 +484,14 @@ def logit_lens(
     (['0', '1', '2'], (3, 1, 4, 3), (3, 1, 4))
     """
     arch = adapter(model)
-    sites = check_sites(sites, LENS_SITES)
-    kept = check_layers(layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
-    check_int(top_k, "top_k", low=1, high=arch.d_vocab)
-    check_int(chunk_size, "chunk_size", low=1)
-    check_bool(fused, "fused")
-    _check_lens(lens, arch, sites)
+    sites, kept, lens = _check_options(arch, sites, layers, top_k, chunk_size, fused, lens)
+    kept = tuple(range(arch.n_layer + 1)) if kept is None else kept
     batch = as_batch(inputs, arch, tokenizer)
-    # bad targets are refused before the forward
-    resolve_targets(targets, batch.input_ids, batch.attention_mask, arch.d_vocab)
-    _lens_rows(kept, sites, arch.n_layer)
-    res = capture(arch, batch, sites=("resid", *(s for s in sites if s != "resid")),
-                  layers=sorted({*kept, arch.n_layer}))
-    return _lens(res, arch, layers=kept, sites=sites, top_k=top_k, targets=targets, chunk_size=chunk_size,
-                 fused=fused, tokenizer=tokenizer, warn=True, lens=lens)
+    # everything is checked before the forward, once
+    target_ids = resolve_targets(targets, batch.input_ids, batch.attention_mask, arch.d_vocab)
+    rows = _lens_rows(kept, sites, arch.n_layer)
+    res = _capture(arch, batch, sites=("resid", *(s for s in sites if s != "resid")),
+                   layers=tuple(sorted({*kept, arch.n_layer})))
+    return _lens_of(res, arch, rows=rows, lens=lens, target_ids=target_ids, top_k=top_k,
+                    chunk_size=chunk_size, fused=fused, tokenizer=tokenizer, warn=True)
 

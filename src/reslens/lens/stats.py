@@ -128,7 +128,7 @@ class LensStats(Saveable):
 
     def plot(self, *, ax=None):
         """Per-layer curves: agreement with the final top-1, p(final top-1), KL, entropy (a figure)."""
-        from reslens.plot import plot_lens_stats
+        from reslens.lens._plot import plot_lens_stats
 
         return plot_lens_stats(self, ax=ax)
 

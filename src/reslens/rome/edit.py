@@ -19,11 +19,7 @@ import torch
 
 from reslens._checks import check_block, check_finite, check_float, check_int
 from reslens._inputs import pad_ids
-from reslens.arch import Arch, adapter
-from reslens.hooks import capture, patch
-from reslens.rome.second_moment import SecondMoment
-from reslens.tracing._format import html_table
-from reslens.tracing._prompts import (
+from reslens._prompts import (
     answer_ids,
     check_prompt_ids,
     check_span,
@@ -32,6 +28,10 @@ from reslens.tracing._prompts import (
     text_ids,
     token_span,
 )
+from reslens._text import html_table
+from reslens.arch import Arch, adapter
+from reslens.hooks import capture, patch
+from reslens.rome.second_moment import SecondMoment
 
 __all__ = ["RankOneEdit", "rank_one_edit", "rank_one_edit_ids"]
 

@@ -28,9 +28,9 @@ from reslens._corpus import corpus_files, corpus_texts, text_windows
 from reslens._distributed import Shard, shard_of
 from reslens._inputs import pad_ids
 from reslens._saving import Saveable
+from reslens._text import html_table
 from reslens.arch import Arch, adapter
 from reslens.hooks import capture
-from reslens.tracing._format import html_table
 
 __all__ = ["SecondMoment", "mlp_key_second_moment"]
 

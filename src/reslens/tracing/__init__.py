@@ -41,16 +41,13 @@ ROME's reference code (``experiments/causal_trace.py``) and says where it differ
 Indirect effect = restored - corrupted probability; total effect = clean - corrupted.
 
 Modules: :mod:`reslens.tracing.trace` (one prompt), :mod:`reslens.tracing.summary` (averages
-over facts), ``_engine`` (the batched forwards), ``_prompts`` (subject spans and answer ids).
-The names of :mod:`reslens.rome` (:func:`rank_one_edit`, :class:`RankOneEdit`,
-:class:`SecondMoment`, ...) are importable from here too.
+over facts), ``_engine`` (the batched forwards); subject spans and answer ids are
+:mod:`reslens._prompts`' (shared with :mod:`reslens.rome`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from reslens.tracing._prompts import subject_span
+from reslens._prompts import subject_span
 from reslens.tracing.summary import BUCKETS, TraceSummary, trace_many
 from reslens.tracing.trace import (
     KINDS,
@@ -62,9 +59,6 @@ from reslens.tracing.trace import (
     restored_prob,
     window_layers,
 )
-
-#: Names of :mod:`reslens.rome` re-exported here (imported on first use: ``rome`` imports this package).
-_ROME = ("RankOneEdit", "SecondMoment", "mlp_key_second_moment", "rank_one_edit", "rank_one_edit_ids")
 
 __all__ = [
     "KINDS",
@@ -79,17 +73,5 @@ __all__ = [
     "subject_span",
     "embedding_std",
     "window_layers",
-    *_ROME,
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _ROME:
-        from reslens import rome
-
-        return getattr(rome, name)
-    raise AttributeError(f"module 'reslens.tracing' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_ROME))

@@ -1,10 +1,8 @@
-"""Display helpers of the tracing and edit results: token text, pandas on demand, small HTML tables."""
+"""How a token reads in the tracing results' tables."""
 
 from __future__ import annotations
 
-from reslens._text import html_table, pandas
-
-__all__ = ["show", "pandas", "html_table"]
+__all__ = ["show"]
 
 
 def show(token: str) -> str:

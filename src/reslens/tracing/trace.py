@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from reslens._checks import check_choice, check_float, check_int
+from reslens._prompts import answer_id as _answer_id
+from reslens._prompts import check_prompt_ids, check_span, prompt_ids, prompt_pieces, subject_span
 from reslens._saving import Saveable
+from reslens._text import html_table, pandas
 from reslens._tokens import decode_each
 from reslens.arch import Arch, adapter
 from reslens.tracing._engine import Engine, draw_noise
-from reslens.tracing._format import html_table, pandas, show
-from reslens.tracing._prompts import answer_id as _answer_id
-from reslens.tracing._prompts import check_prompt_ids, check_span, prompt_ids, prompt_pieces, subject_span
+from reslens.tracing._format import show
 
 __all__ = ["KINDS", "Noise", "TraceResult", "causal_trace", "causal_trace_ids", "restored_prob",
            "embedding_std", "window_layers"]

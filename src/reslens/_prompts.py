@@ -1,5 +1,7 @@
 """Prompts, subjects and answers as token ids: the checked inputs of causal tracing and ROME's edit.
 
+A room of its own below both :mod:`reslens.tracing` and :mod:`reslens.rome`, which read it alike.
+
 A prompt is read as the model reads a text by its tokenizer's convention (:func:`text_ids`): the
 special tokens the tokenizer puts before a text (a BOS for Llama-2-style tokenizers; none for
 GPT-2 or SmolLM2, whose tokenizers add nothing) and then the text's tokens. Answers never get
