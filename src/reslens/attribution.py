@@ -32,7 +32,7 @@ from reslens._inputs import as_batch, encode
 from reslens._saving import Saveable
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
-from reslens.heads._format import head_label, html_table, pandas
+from reslens._text import head_label, html_table, pandas
 from reslens.heads.scores import HeadScores
 from reslens.hooks import capture
 from reslens.residuals import Residuals

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from reslens.heads._format import head_label
+from reslens._text import head_label
 from reslens.heads.circuits import EFFECTIVE_EMBEDDINGS, OVSummary, ov_circuit, ov_eigen_summary, qk_circuit
 from reslens.heads.composition import (
     COMPOSITION_KINDS,

@@ -27,7 +27,8 @@ from reslens._checks import check_block, check_bool, check_choice, check_float, 
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
 from reslens.hooks import Patch, patch
-from reslens.kv_memory._common import check_neurons, html_table, pandas
+from reslens._text import html_table, pandas
+from reslens.kv_memory._common import check_neurons
 from reslens.residuals import Residuals
 
 __all__ = [

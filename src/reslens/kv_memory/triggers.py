@@ -18,7 +18,7 @@ from reslens._checks import check_choice, check_int
 from reslens._corpus import UNITS
 from reslens._saving import Saveable
 from reslens._tokens import decode_each
-from reslens.kv_memory._common import html_table, pandas
+from reslens._text import html_table, pandas
 
 __all__ = ["Trigger", "TriggerIndex"]
 

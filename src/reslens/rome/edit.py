@@ -22,7 +22,7 @@ from reslens._inputs import pad_ids
 from reslens.arch import Arch, adapter
 from reslens.hooks import capture, patch
 from reslens.rome.second_moment import SecondMoment
-from reslens.tracing._format import html_table
+from reslens._text import html_table
 from reslens.tracing._prompts import (
     answer_ids,
     check_prompt_ids,

@@ -30,7 +30,7 @@ from reslens._inputs import pad_ids
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
 from reslens.hooks import capture
-from reslens.tracing._format import html_table
+from reslens._text import html_table
 
 __all__ = ["SecondMoment", "mlp_key_second_moment"]
 

@@ -15,7 +15,7 @@ from reslens._checks import check_bool, check_choice, check_int
 from reslens._distributed import shard_of
 from reslens._saving import read_safetensors, write_safetensors
 from reslens.arch import Arch, adapter
-from reslens.tracing._format import html_table, pandas
+from reslens._text import html_table, pandas
 from reslens.tracing._prompts import answer_ids, prompt_ids, prompt_pieces, subject_span
 from reslens.tracing.trace import KINDS, Noise, TraceResult, causal_trace_ids, embedding_std, noise_of
 

@@ -20,7 +20,7 @@ from reslens._saving import Saveable
 from reslens._tokens import decode_each
 from reslens.arch import Arch, adapter
 from reslens.tracing._engine import Engine, draw_noise
-from reslens.tracing._format import html_table, pandas, show
+from reslens._text import html_table, pandas, show
 from reslens.tracing._prompts import answer_id as _answer_id
 from reslens.tracing._prompts import check_prompt_ids, check_span, prompt_ids, prompt_pieces, subject_span
 
