@@ -79,6 +79,11 @@ class Memory:
     coefficient: float
     score: float
 
+    def _repr_html_(self) -> str:
+        rows = [("neuron", f"L{self.layer}N{self.neuron}"), ("coefficient m", self.coefficient),
+                ("score", self.score)]
+        return html_table("Memory", (), rows)
+
 
 @dataclass(frozen=True, repr=False)
 class MemoryContributions(Saveable):

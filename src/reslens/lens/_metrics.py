@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from reslens._text import html_table
+
 __all__ = ["resolve_targets",
            "Reference", "BLOCK_OUTPUTS", "FLOAT_ROWS", "SUB_ROWS", "reducer", "reference", "reduce_rows",
            "mark_non_finite", "spread", "convergence"]
@@ -42,6 +44,17 @@ class Reference:
     entropy: torch.Tensor  # [c]
     top1: torch.Tensor  # [c]
     finite: torch.Tensor  # [c] bool: the final logits are finite
+
+    def __repr__(self) -> str:
+        c, vocab = self.logp.shape
+        return f"Reference(positions={c}, vocab={vocab}, finite={int(self.finite.sum())})"
+
+    def _repr_html_(self) -> str:
+        """The first 20 positions: the final top-1 id, its probability and the entropy (nats)."""
+        p_top1 = self.p.gather(-1, self.top1[:, None]).squeeze(-1)
+        rows = [(i, int(self.top1[i]), float(p_top1[i]), float(self.entropy[i]))
+                for i in range(min(20, len(self.top1)))]
+        return html_table(repr(self), ("position", "top-1 id", "p(top-1)", "entropy"), rows)
 
 
 def _block_metrics(

@@ -56,6 +56,16 @@ class MetricStats:
     def __repr__(self) -> str:
         return f"MetricStats({', '.join(f.name for f in fields(self))}: {tuple(self.entropy.shape)} each)"
 
+    def _repr_html_(self) -> str:
+        """One row per lens row; a quantile statistic shows its ``Q`` values in one cell."""
+        names = [f.name for f in fields(self)]
+
+        def cell(t: torch.Tensor) -> Any:
+            return float(t) if t.ndim == 0 else " ".join(f"{float(v):.3g}" for v in t)
+
+        rows = [(r, *(cell(getattr(self, n)[r]) for n in names)) for r in range(self.entropy.shape[0])]
+        return html_table(repr(self), ("row", *names), rows)
+
 
 @dataclass(frozen=True, repr=False)
 class LensStats(RecordSaveable):

@@ -17,10 +17,10 @@ import torch
 
 from reslens._checks import check_choice, check_float, check_int
 from reslens._saving import Saveable
+from reslens._text import html_table, pandas, show
 from reslens._tokens import decode_each
 from reslens.arch import Arch, adapter
 from reslens.tracing._engine import Engine, draw_noise
-from reslens._text import html_table, pandas, show
 from reslens.tracing._prompts import answer_id as _answer_id
 from reslens.tracing._prompts import check_prompt_ids, check_span, prompt_ids, prompt_pieces, subject_span
 
@@ -61,6 +61,13 @@ class Noise:
             check_choice(std, ("vocab",), "embedding_std")
         elif std is not None:
             object.__setattr__(self, "embedding_std", check_float(std, "embedding_std", low=0.0))
+
+    def _repr_html_(self) -> str:
+        std = {None: "the subject tokens' embedding std", "vocab": "the whole token embedding's std"}
+        rows = [("samples", self.samples), ("scale", self.scale),
+                ("embedding_std", std.get(self.embedding_std, self.embedding_std)),  # type: ignore[arg-type]
+                ("seed", self.seed)]
+        return html_table("Noise", (), rows)
 
 
 _LEGACY_NOISE = ("samples", "embedding_std", "seed")
