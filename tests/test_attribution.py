@@ -229,11 +229,13 @@ def test_logit_attribution_outputs_and_errors(model, ids):
     assert "sum of pieces" in dla.table() and dla.plot().axes
     assert "tensor(" not in repr(dla) and "<table" in dla._repr_html_()
     for call, error, match in [
-        (lambda: logit_attribution(model, ids, target=VOCAB), ValueError, "outside the vocabulary"),
-        (lambda: logit_attribution(model, ids, target=[1, 2]), ValueError, "one id or 3 ids"),
+        (lambda: logit_attribution(model, ids, target=VOCAB), ValueError, "target=97 is out of range"),
+        (lambda: logit_attribution(model, ids, target=[1, 2]), ValueError, "one token or 3 .one per"),
+        (lambda: logit_attribution(model, ids, target=[1, 2, 2.5]), TypeError, r"target\[2\] must be a"),
         (lambda: logit_attribution(model, ids, target="the"), TypeError, "tokenizer= is required"),
-        (lambda: logit_attribution(model, ids, target=2.0), TypeError, "integer token ids"),
-        (lambda: logit_attribution(model, ids, target=True), TypeError, "got a bool"),
+        (lambda: logit_attribution(model, ids, target=2.0), TypeError, "target must be a token id"),
+        (lambda: logit_attribution(model, ids, target=torch.tensor([2.0])), TypeError, "integer token ids"),
+        (lambda: logit_attribution(model, ids, target=True), TypeError, r"got True \(bool\)"),
         (lambda: logit_attribution(model, ids, target=2, position=11), ValueError, "position=11 is out of"),
         (lambda: logit_attribution(model, ids, target=2, position=1.0), TypeError, "position must be an int"),
         (lambda: dla.top(0), ValueError, "k=0 is out of range"),

@@ -372,7 +372,7 @@ def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: i
     check_int(chunk_size, "chunk_size", low=1)
     check_bool(fused, "fused")
     input_ids, mask = residuals.input_ids.to(arch.device), residuals.attention_mask.to(arch.device)
-    target_ids = resolve_targets(targets, input_ids, mask, arch.d_vocab)
+    target_ids = resolve_targets(targets, input_ids, mask, arch.d_vocab, tokenizer)
     rows = _lens_rows(kept, sites, arch.n_layer)
     real = mask.nonzero(as_tuple=True)  # [N] real positions
     flat_targets = None if target_ids is None else target_ids[real]
@@ -467,7 +467,8 @@ def logit_lens(
     ``inputs``: ids ``[batch, pos]``, a :class:`~reslens.Batch`, or text with
     ``tokenizer=``. ``layers`` (0..n_layer, default all) and ``sites`` (``"resid"``,
     ``"resid_mid"``) choose the lens rows; ``targets`` is ``"next"`` (the actual next
-    token), a ``[batch, pos]`` integer id tensor (-1 = none), or None. ``chunk_size`` is how many
+    token), one token at every position (an id, or its text with ``tokenizer=``, e.g. ``" Paris"``),
+    a ``[batch, pos]`` integer id tensor (-1 = none), or None. ``chunk_size`` is how many
     (row, position) pairs are unembedded at once: peak extra memory is about
     ``chunk_size x d_vocab x 4`` bytes plus the final layer's distribution for those positions
     (blocks hold at least 32 positions per row, so a smaller ``chunk_size`` is rounded up).
@@ -495,7 +496,7 @@ def logit_lens(
     _check_lens(lens, arch, sites)
     batch = as_batch(inputs, arch, tokenizer)
     # bad targets are refused before the forward
-    resolve_targets(targets, batch.input_ids, batch.attention_mask, arch.d_vocab)
+    resolve_targets(targets, batch.input_ids, batch.attention_mask, arch.d_vocab, tokenizer)
     _lens_rows(kept, sites, arch.n_layer)
     res = capture(arch, batch, sites=("resid", *(s for s in sites if s != "resid")),
                   layers=sorted({*kept, arch.n_layer}))
