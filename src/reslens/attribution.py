@@ -37,20 +37,21 @@ from reslens.heads.scores import HeadScores
 from reslens.hooks import capture
 from reslens.residuals import Residuals
 
-__all__ = ["LogitAttribution", "KINDS", "SITES", "logit_attribution", "logit_attribution_of"]
+__all__ = ["LogitAttribution", "PIECE_KINDS", "ATTRIBUTION_SITES", "logit_attribution",
+           "logit_attribution_of"]
 
 #: The kinds of piece, in the order they appear (``unembed_bias`` only with an LM-head bias).
-KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "norm_bias", "unembed_bias")
+PIECE_KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "norm_bias", "unembed_bias")
 _PER_LAYER = ("head", "attn_bias", "mlp")
 #: The sites :func:`logit_attribution_of` reads.
-SITES = ("resid", "attn_z", "mlp_out", "logits")
+ATTRIBUTION_SITES = ("resid", "attn_z", "mlp_out", "logits")
 
 
 @dataclass(frozen=True)
 class LogitAttribution(Saveable):
     """The final logit (or logit difference) at one position per sequence, split into pieces.
 
-    Piece ``c`` is described by ``kind[c]`` (one of :data:`KINDS`), ``layer[c]`` (-1 where not
+    Piece ``c`` is described by ``kind[c]`` (one of :data:`PIECE_KINDS`), ``layer[c]`` (-1 where not
     per layer) and ``head[c]`` (-1 where not a head); ``labels`` are derived from them
     (``"embed"``, ``"pos_embed"``, ``"l.h"``, ``"attn_bias l"``, ``"mlp l"``, ``"norm_bias"``,
     ``"unembed_bias"``). In order: the embedding pieces, then per layer every head, the
@@ -83,9 +84,9 @@ class LogitAttribution(Saveable):
         if tuple(self.contributions.shape) != (batch, n):
             got = tuple(self.contributions.shape)
             raise ValueError(f"contributions has shape {got}; expected {(batch, n)}")
-        unknown = sorted(set(self.kind) - set(KINDS))
+        unknown = sorted(set(self.kind) - set(PIECE_KINDS))
         if unknown:
-            raise ValueError(f"kind holds unknown piece kinds {unknown}; known: {', '.join(KINDS)}")
+            raise ValueError(f"kind holds unknown piece kinds {unknown}; known: {', '.join(PIECE_KINDS)}")
         for name in ("layer", "head"):
             if tuple(getattr(self, name).shape) != (n,):
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}; expected {(n,)}")
@@ -208,7 +209,7 @@ class LogitAttribution(Saveable):
 def _check_residuals(residuals: Any, arch: Arch) -> None:
     if not isinstance(residuals, Residuals):
         raise TypeError(f"residuals must be reslens Residuals (from capture); got {type(residuals).__name__}")
-    residuals.require(*SITES, what="logit_attribution_of")
+    residuals.require(*ATTRIBUTION_SITES, what="logit_attribution_of")
     if residuals.blocks != tuple(range(arch.n_layer)) or arch.n_layer not in residuals.layers:
         raise ValueError(
             f"logit_attribution_of needs every block (0..{arch.n_layer - 1}) and resid layer {arch.n_layer}; "
@@ -261,8 +262,8 @@ def logit_attribution_of(
     """Direct logit attribution of captured residuals (no forward): see :func:`logit_attribution`.
 
     ``residuals`` must hold ``resid`` (layer ``n_layer``), ``attn_z`` and ``mlp_out`` of every
-    block, and ``logits``, as ``capture(model, inputs, sites=reslens.attribution.SITES)`` records;
-    ``arch``: the model or its adapter.
+    block, and ``logits``, as ``capture(model, inputs, sites=ATTRIBUTION_SITES)`` records
+    (:data:`reslens.attribution.ATTRIBUTION_SITES`); ``arch``: the model or its adapter.
     """
     arch = adapter(arch)
     _check_residuals(residuals, arch)
@@ -339,6 +340,6 @@ def logit_attribution(
     token_ids(target, len(batch), d_vocab=arch.d_vocab, tokenizer=tokenizer, name="target")
     if against is not None:
         token_ids(against, len(batch), d_vocab=arch.d_vocab, tokenizer=tokenizer, name="against")
-    residuals = capture(arch, batch, sites=SITES, layers=None, dtype=torch.float32)
+    residuals = capture(arch, batch, sites=ATTRIBUTION_SITES, layers=None, dtype=torch.float32)
     return logit_attribution_of(residuals, arch, target, against=against, position=position,
                                 tokenizer=tokenizer)
