@@ -152,11 +152,6 @@ class LensResult(Saveable):
             return str(int(token_id))
         return self.token_strings.get(int(token_id), str(int(token_id)))
 
-    def input_tokens(self, seq: int = 0) -> list[str]:
-        """The real input tokens of sequence ``seq``."""
-        mask = self.attention_mask[seq]
-        return [self.token(i) for i in self.input_ids[seq][mask].tolist()]
-
     # --- output ---------------------------------------------------------------------------
 
     def to_frame(self):
