@@ -169,7 +169,8 @@ def top_line(title: str, scores: heads.HeadScores, k: int = 5) -> str:
 def report_attribution(arch, tokenizer, bos, seq_len: int = 20):
     """Direct logit attribution at a repeated-sequence position where induction predicts the next token."""
     ids = heads.repeated_tokens(arch, seq_len=seq_len, n=1, seed=1, bos_token_id=bos)
-    res = reslens.capture(arch, ids, sites=(*attribution.SITES, "attn_pattern"), dtype=torch.float32)
+    sites = (*attribution.ATTRIBUTION_SITES, "attn_pattern")
+    res = reslens.capture(arch, ids, sites=sites, dtype=torch.float32)
     start = 0 if bos is None else 1
     one = heads.induction_scores_of(res, seq_len=seq_len, start=start)
     print(top_line("induction scores on the attributed sequence", one))

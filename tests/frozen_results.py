@@ -462,7 +462,7 @@ def _kv_memory(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
         "magnitude_token_l0": dict(layer=0, position=4, token=said, rank_by="magnitude"),
     }
     for name, kwargs in calls.items():
-        c = kv.contributions(model, res, **kwargs)
+        c = kv.contributions_of(res, model, **kwargs)
         _put(
             out,
             f"kv/contributions/{name}",

@@ -1,7 +1,11 @@
-"""Helpers shared by the tests: tiny seeded random GPT-2 models and state checks."""
+"""Helpers shared by the tests: tiny seeded random GPT-2 models, state checks, the project's corpus."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -119,3 +123,20 @@ def assert_same_state(before: dict, after: dict) -> None:
     assert before["weights"].keys() == after["weights"].keys()
     for key, value in before["weights"].items():
         assert torch.equal(value, after["weights"][key]), key
+
+
+#: where the project's corpus lives beside a checkout (``../shared/corpus``); ``$RESLENS_CORPUS`` overrides it
+SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def shared_corpus() -> Path:
+    """The project's corpus folder, or a skip saying where it was looked for (a plain clone has none).
+
+    The one way a test reads ``../shared``: ``$RESLENS_CORPUS`` if set, else ``../shared/corpus`` beside
+    the repository.
+    """
+    path = Path(os.environ.get("RESLENS_CORPUS") or SHARED_CORPUS)
+    if not path.is_dir():
+        pytest.skip(f"no corpus at {path} (a plain clone has no ../shared/corpus; set RESLENS_CORPUS to a "
+                    "folder of the project's books)")
+    return path

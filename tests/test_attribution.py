@@ -12,7 +12,7 @@ import torch
 from helpers import FAMILIES, VOCAB, make_family, make_model
 from reslens import Batch, attribution, heads
 from reslens.arch import GPT2, Norm, adapter
-from reslens.attribution import SITES, LogitAttribution, logit_attribution, logit_attribution_of
+from reslens.attribution import ATTRIBUTION_SITES, LogitAttribution, logit_attribution, logit_attribution_of
 from reslens.hooks import capture
 
 matplotlib.use("Agg")
@@ -204,7 +204,7 @@ def test_unembed_bias_is_its_own_piece(ids):
 
 def test_pure_form_reads_one_capture(model, ids):
     """Capture once (the union of sites), then attribution and head scores with no further forward."""
-    res = capture(model, ids, sites=(*SITES, "attn_pattern"), dtype=torch.float32)
+    res = capture(model, ids, sites=(*ATTRIBUTION_SITES, "attn_pattern"), dtype=torch.float32)
     pure = logit_attribution_of(res, model, target=[3, 4, 5], against=11)
     wrapped = logit_attribution(model, ids, target=[3, 4, 5], against=11)
     for f in dataclasses.fields(pure):
@@ -218,9 +218,9 @@ def test_pure_form_refuses_residuals_it_cannot_use(model, ids):
     with pytest.raises(ValueError, match="needs the site.*mlp_out"):
         logit_attribution_of(capture(model, ids, sites=("resid", "attn_z", "logits")), model, 1)
     with pytest.raises(ValueError, match="every block"):
-        logit_attribution_of(capture(model, ids, sites=SITES, layers=[0, 1]), model, 1)
+        logit_attribution_of(capture(model, ids, sites=ATTRIBUTION_SITES, layers=[0, 1]), model, 1)
     with pytest.raises(ValueError, match="another model"):
-        logit_attribution_of(capture(model, ids, sites=SITES), make_model(n_embd=16, n_head=2), 1)
+        logit_attribution_of(capture(model, ids, sites=ATTRIBUTION_SITES), make_model(n_embd=16, n_head=2), 1)
     with pytest.raises(TypeError, match="Residuals"):
         logit_attribution_of(ids, model, 1)
 
@@ -238,11 +238,13 @@ def test_logit_attribution_outputs_and_errors(model, ids):
     assert "sum of pieces" in dla.table() and dla.plot().axes
     assert "tensor(" not in repr(dla) and "<table" in dla._repr_html_()
     for call, error, match in [
-        (lambda: logit_attribution(model, ids, target=VOCAB), ValueError, "outside the vocabulary"),
-        (lambda: logit_attribution(model, ids, target=[1, 2]), ValueError, "one id or 3 ids"),
+        (lambda: logit_attribution(model, ids, target=VOCAB), ValueError, "target=97 is out of range"),
+        (lambda: logit_attribution(model, ids, target=[1, 2]), ValueError, "one token or 3 .one per"),
+        (lambda: logit_attribution(model, ids, target=[1, 2, 2.5]), TypeError, r"target\[2\] must be a"),
         (lambda: logit_attribution(model, ids, target="the"), TypeError, "tokenizer= is required"),
-        (lambda: logit_attribution(model, ids, target=2.0), TypeError, "integer token ids"),
-        (lambda: logit_attribution(model, ids, target=True), TypeError, "got a bool"),
+        (lambda: logit_attribution(model, ids, target=2.0), TypeError, "target must be a token id"),
+        (lambda: logit_attribution(model, ids, target=torch.tensor([2.0])), TypeError, "integer token ids"),
+        (lambda: logit_attribution(model, ids, target=True), TypeError, r"got True \(bool\)"),
         (lambda: logit_attribution(model, ids, target=2, position=11), ValueError, "position=11 is out of"),
         (lambda: logit_attribution(model, ids, target=2, position=1.0), TypeError, "position must be an int"),
         (lambda: dla.top(0), ValueError, "k=0 is out of range"),
@@ -287,4 +289,4 @@ def test_results_round_trip_through_safetensors(model, ids, tmp_path):
 
 def test_kinds_are_documented():
     kinds = ("embed", "pos_embed", "head", "attn_bias", "mlp", "norm_bias", "unembed_bias")
-    assert attribution.KINDS == kinds
+    assert attribution.PIECE_KINDS == kinds

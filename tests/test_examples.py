@@ -10,7 +10,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
 TEXT = (
     "The old sailor came back to the inn and asked for a glass of rum. “Yes,” said White Fang's master, "
     "and Mr Holmes looked at the letter for a long time. It was a dark and stormy night; the rain fell. "

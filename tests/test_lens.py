@@ -138,6 +138,8 @@ def test_explicit_targets_and_no_targets(model, ids):
     none = logit_lens(model, ids, targets=None)
     assert none.target_logprob is None and none.target_rank is None and none.targets is None
     torch.testing.assert_close(none.entropy, lens.entropy)
+    one = logit_lens(model, ids, targets=3)  # one token: the target at every position
+    assert torch.equal(one.targets, targets) and torch.equal(one.target_logprob, lens.target_logprob)
 
 
 def test_layer_selection(model, ids):
@@ -161,7 +163,9 @@ def test_layer_selection(model, ids):
         (dict(targets=torch.full((3, 11), -5)), ValueError, "targets contains id -5"),
         (dict(sites=("mlp_out",)), ValueError, "unknown site 'mlp_out'"),
         (dict(layers=[9]), ValueError, "layers contains 9"),
-        (dict(targets="prev"), ValueError, "targets must be 'next'"),
+        (dict(targets="prev"), TypeError, "targets='prev' is text, so tokenizer= is required"),
+        (dict(targets=VOCAB), ValueError, r"targets=97 is out of range for the vocabulary \(expected 0..96"),
+        (dict(targets=True), TypeError, "targets must be a token id"),
         (dict(targets=torch.zeros(2, 2, dtype=torch.long)), ValueError, "targets has shape"),
         (dict(targets=torch.full((3, 11), VOCAB)), ValueError, "targets contains id 97"),
         (dict(targets=[1, 2]), TypeError, "targets must be"),

@@ -28,6 +28,21 @@ def test_public_names_of_today_still_import():
     assert callable(kv.contributions) and kv.UNITS == ("sentence", "window")
 
 
+def test_contributions_captures_then_calls_the_pure_form(model, ids, acts):
+    """``contributions(model, inputs, ...)`` is ``contributions_of(capture(...), model, ...)``, exactly, and
+    captures only what it needs (the forward stops after the block unless the final norm is read)."""
+    for kwargs in (dict(), dict(token=5), dict(token=5, through_final_norm=True), dict(position=3, seq=2)):
+        wrapped = kv.contributions(model, ids, 1, **kwargs)
+        pure = kv.contributions_of(acts, model, 1, **kwargs)
+        for name in ("coefficients", "magnitude", "order", "bias"):
+            assert torch.equal(getattr(wrapped, name), getattr(pure, name)), (kwargs, name)
+        assert (wrapped.position, wrapped.seq, wrapped.token) == (pure.position, pure.seq, pure.token)
+    with pytest.raises(TypeError, match=r"call contributions_of\(residuals, arch, layer\)"):
+        kv.contributions(model, acts, 1)  # the former argument order: residuals go to the pure form
+    with pytest.raises(ValueError, match="position=11 is out of range"):
+        kv.contributions(model, ids, 1, position=11)
+
+
 def test_keys_and_values_are_the_conv1d_columns_and_rows(model):
     for layer in range(3):
         mlp = model.transformer.h[layer].mlp
@@ -52,7 +67,7 @@ def test_memories_sum_to_mlp_out(model, acts):
         bias = model.transformer.h[layer].mlp.c_proj.bias
         out = kv.coefficients(acts, layer) @ kv.values(model, layer) + bias
         torch.testing.assert_close(out, acts.mlp_out[layer], rtol=0, atol=1e-5)
-        c = kv.contributions(model, acts, layer, position=4, seq=1)
+        c = kv.contributions_of(acts, model, layer, position=4, seq=1)
         torch.testing.assert_close(c.updates.sum(0) + c.bias, acts.mlp_out[layer, 1, 4], rtol=0, atol=1e-5)
         torch.testing.assert_close(c.total(), acts.mlp_out[layer, 1, 4], rtol=0, atol=1e-5)
 
@@ -72,13 +87,13 @@ def test_a_missing_output_bias_is_zeros_and_the_sum_stays_exact(ids):
             block.mlp.c_proj.bias.zero_()
     arch = NoOutputBias(model)
     acts = capture(model, ids, sites=("mlp_act", "mlp_out"))
-    c = kv.contributions(arch, acts, 1, position=3, seq=2)
+    c = kv.contributions_of(acts, arch, 1, position=3, seq=2)
     assert torch.equal(c.bias, torch.zeros(32))
     torch.testing.assert_close(c.total(), acts.mlp_out[1, 2, 3], rtol=0, atol=1e-5)
 
 
 def test_magnitude_ranking_equals_brute_force(model, acts):
-    c = kv.contributions(model, acts, 2, position=-1, seq=2)
+    c = kv.contributions_of(acts, model, 2, position=-1, seq=2)
     m = acts.mlp_act[2, 2, -1]
     v = model.transformer.h[2].mlp.c_proj.weight.detach()
     brute = [(abs(float(m[i])) * float(v[i].norm()), i) for i in range(128)]
@@ -93,13 +108,13 @@ def test_magnitude_ranking_equals_brute_force(model, acts):
 
 def test_token_ranking_raw_and_through_the_final_norm(model, acts):
     token = 17
-    c = kv.contributions(model, acts, 1, position=-1, seq=0, token=token)
+    c = kv.contributions_of(acts, model, 1, position=-1, seq=0, token=token)
     m, v, e = acts.mlp_act[1, 0, -1], model.transformer.h[1].mlp.c_proj.weight, model.lm_head.weight[token]
     brute = torch.stack([m[i] * (v[i] @ e) for i in range(128)])
     torch.testing.assert_close(c.token_effect, brute, rtol=0, atol=1e-6)
     assert c.order.tolist() == torch.sort(brute, descending=True, stable=True).indices.tolist()
 
-    lin = kv.contributions(model, acts, 1, position=-1, seq=0, token=token, through_final_norm=True)
+    lin = kv.contributions_of(acts, model, 1, position=-1, seq=0, token=token, through_final_norm=True)
     assert lin.through_final_norm
     x = acts.resid[3, 0, -1]  # the final raw residual at that position
     ln = model.transformer.ln_f
@@ -115,27 +130,27 @@ def test_position_indexes_the_padded_axis_of_a_left_padded_batch(model):
     batch = pad_ids([[5, 6, 7, 8, 9], [10, 11]], padding_side="left")
     acts = capture(model, batch, sites=("mlp_act", "mlp_out"))
     alone = capture(model, torch.tensor([[10, 11]]), sites=("mlp_act", "mlp_out"))
-    last = kv.contributions(model, acts, 0, seq=1)  # None: the last real token
+    last = kv.contributions_of(acts, model, 0, seq=1)  # None: the last real token
     assert last.position == 4
     torch.testing.assert_close(last.total(), alone.mlp_out[0, 0, -1], rtol=0, atol=1e-5)
-    assert kv.contributions(model, acts, 0, position=-1, seq=1).position == 4
-    first = kv.contributions(model, acts, 0, position=3, seq=1)  # index 3 of the padded axis, not token 3
+    assert kv.contributions_of(acts, model, 0, position=-1, seq=1).position == 4
+    first = kv.contributions_of(acts, model, 0, position=3, seq=1)  # index 3 of the padded axis, not token 3
     assert first.position == 3
     torch.testing.assert_close(first.total(), alone.mlp_out[0, 0, 0], rtol=0, atol=1e-5)
-    assert kv.contributions(model, acts, 0, position=-5, seq=0).position == 0
+    assert kv.contributions_of(acts, model, 0, position=-5, seq=0).position == 0
     with pytest.raises(ValueError, match="padding position of sequence seq=1"):
-        kv.contributions(model, acts, 0, position=0, seq=1)  # the old meaning (first real token) is padding
+        kv.contributions_of(acts, model, 0, position=0, seq=1)  # the old meaning (1st real token): padding
     with pytest.raises(ValueError, match="out of range"):
-        kv.contributions(model, acts, 0, position=5, seq=1)
+        kv.contributions_of(acts, model, 0, position=5, seq=1)
 
 
 def test_position_none_in_a_right_padded_batch_is_each_sequences_last_token(model):
     batch = pad_ids([[5, 6, 7, 8, 9], [10, 11]], padding_side="right")
     acts = capture(model, batch, sites=("mlp_act",))
-    assert kv.contributions(model, acts, 0, seq=1).position == 1
-    assert kv.contributions(model, acts, 0, seq=0).position == 4
+    assert kv.contributions_of(acts, model, 0, seq=1).position == 1
+    assert kv.contributions_of(acts, model, 0, seq=0).position == 4
     with pytest.raises(ValueError, match="padding position"):
-        kv.contributions(model, acts, 0, position=-1, seq=1)
+        kv.contributions_of(acts, model, 0, position=-1, seq=1)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +162,8 @@ def test_position_none_in_a_right_padded_batch_is_each_sequences_last_token(mode
         (dict(layer=1, seq=3), ValueError, "seq=3"),
         (dict(layer=1, seq=True), TypeError, "seq must be an int"),
         (dict(layer=1, token=97), ValueError, "token=97 is out of range"),
-        (dict(layer=1, token=3.0), TypeError, "token must be an int"),
+        (dict(layer=1, token=3.0), TypeError, "token must be a token id"),
+        (dict(layer=1, token=" the"), TypeError, "tokenizer= is required"),
         (dict(layer=1, rank_by="token"), ValueError, "needs token="),
         (dict(layer=1, rank_by="size"), ValueError, "rank_by"),
         (dict(layer=1, token=3, through_final_norm=1), TypeError, "through_final_norm"),
@@ -156,21 +172,21 @@ def test_position_none_in_a_right_padded_batch_is_each_sequences_last_token(mode
 )
 def test_contributions_bad_input(model, acts, kwargs, error, match):
     with pytest.raises(error, match=match):
-        kv.contributions(model, acts, **kwargs)
+        kv.contributions_of(acts, model, **kwargs)
 
 
 def test_through_final_norm_needs_the_final_residual(model, ids):
     acts = capture(model, ids, sites=("mlp_act",))
     with pytest.raises(ValueError, match="final raw residual"):
-        kv.contributions(model, acts, 0, token=3, through_final_norm=True)
+        kv.contributions_of(acts, model, 0, token=3, through_final_norm=True)
     with pytest.raises(ValueError, match="no 'mlp_act'"):
         kv.coefficients(capture(model, ids, sites="resid"), 0)
     with pytest.raises(TypeError, match="through_ln_f"):  # the old name is gone
-        kv.contributions(model, acts, 0, token=3, through_ln_f=True)
+        kv.contributions_of(acts, model, 0, token=3, through_ln_f=True)
 
 
 def test_results_are_saveable_and_print_short(model, acts, tmp_path):
-    c = kv.contributions(model, acts, 1, position=2, seq=1, token=5, through_final_norm=True)
+    c = kv.contributions_of(acts, model, 1, position=2, seq=1, token=5, through_final_norm=True)
     c.save(tmp_path / "c.safetensors")
     back = kv.MemoryContributions.load(tmp_path / "c.safetensors")
     assert torch.equal(back.token_effect, c.token_effect) and back.through_final_norm and back.token == 5
@@ -191,7 +207,7 @@ def test_results_are_saveable_and_print_short(model, acts, tmp_path):
 
 
 def test_to_frame_without_pandas_names_the_extra(model, acts, monkeypatch):
-    c = kv.contributions(model, acts, 1)
+    c = kv.contributions_of(acts, model, 1)
     monkeypatch.setitem(sys.modules, "pandas", None)
     with pytest.raises(ImportError, match=r'pip install "reslens\[frame\]"'):
         c.to_frame()
@@ -332,7 +348,7 @@ def test_memories_are_exact_in_every_family(family_model, ids):
     arch = adapter(family_model)
     acts = capture(arch, ids, sites=("mlp_act", "mlp_out", "resid"))
     for layer in range(arch.n_layer):
-        c = kv.contributions(arch, acts, layer, position=5, seq=1, token=7, through_final_norm=True)
+        c = kv.contributions_of(acts, arch, layer, position=5, seq=1, token=7, through_final_norm=True)
         torch.testing.assert_close(c.total(), acts.mlp_out[layer, 1, 5], rtol=0, atol=1e-5)
         w = arch.mlp_weights(layer)
         assert torch.equal(kv.values(arch, layer), w.W_out) and torch.equal(kv.keys(arch, layer), w.W_in)
@@ -371,7 +387,7 @@ def test_gated_coefficients_are_act_of_the_gate_times_the_up_reading(family, ids
         torch.testing.assert_close(m, w.coefficients(x_hat), rtol=0, atol=1e-5)
         torch.testing.assert_close(m @ kv.values(arch, layer), acts.mlp_out[layer], rtol=0, atol=1e-5)
         assert w.b_out is None and float((m < 0).float().mean()) > 0.3  # negative m: writes -v
-        c = kv.contributions(arch, acts, layer, position=3, seq=2)
+        c = kv.contributions_of(acts, arch, layer, position=3, seq=2)
         assert torch.equal(c.bias, torch.zeros(arch.d_model))
         torch.testing.assert_close(c.updates.sum(0), acts.mlp_out[layer, 2, 3], rtol=0, atol=1e-5)
 
@@ -490,7 +506,7 @@ def test_real_gated_memories_sum_to_the_mlp_output_and_trigger_with_both_signs(s
     batch = tokenize(tokenizer, ["The Eiffel Tower is located in the city of", "Mr. Holmes sat by the fire."])
     acts = capture(arch, batch, sites=("mlp_act", "mlp_out"))
     for layer in range(arch.n_layer):
-        c = kv.contributions(arch, acts, layer, seq=1)
+        c = kv.contributions_of(acts, arch, layer, seq=1)
         torch.testing.assert_close(c.total(), acts.mlp_out[layer, 1, c.position], rtol=1e-4, atol=1e-4)
     text = ["It was a dark and stormy night; the rain fell in torrents.",
             "The cat sat on the mat and purred.",

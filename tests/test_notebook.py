@@ -1,53 +1,118 @@
 """Results read well in a notebook: every result has a short ``__repr__`` and a real ``_repr_html_``, and the
 HTML renders in a browser (headless Chromium: DOM assertions and a non-blank screenshot)."""
 
+import importlib
 import os
 import shutil
 import subprocess
 
 import pytest
+import torch
 
 import reslens
-from reslens import attribution, heads, lens, lens_stats, pca, tracing
+from reslens import attribution, heads, hub, lens, lens_stats, pca, rome, tracing
 from reslens import kv_memory as kv
+from reslens.lens._metrics import reference
 
 pytestmark = pytest.mark.slow
 
 TEXT = "When the old sailor came back to the inn, he asked for a glass of rum."
 
+#: the public modules whose classes are results or values (reslens.arch, the adapter, is not a result)
+PUBLIC = ("reslens", "reslens.residuals", "reslens.hooks", "reslens.lens", "reslens.pca", "reslens.kv_memory",
+          "reslens.heads", "reslens.attribution", "reslens.tracing", "reslens.rome")
+#: public classes that are not results or values: the hook context managers and the lenses' base class
+NOT_RESULTS = {"Trace", "Patch", "Lens"}
+
+
+def public_result_classes() -> dict[str, type]:
+    """Every public result or value class, by name."""
+    found = {}
+    for name in PUBLIC:
+        module = importlib.import_module(name)
+        for attr in module.__all__:
+            value = getattr(module, attr)
+            if isinstance(value, type) and value.__name__ not in NOT_RESULTS:
+                found[value.__name__] = value
+    # values reached through a public name rather than an ``__all__`` entry
+    found["Reference"] = type(reference(torch.zeros(1, 2), fused=False))  # the lens's final distribution
+    found["Known"] = hub.Known  # reslens.hub.KNOWN's entries
+    return found
+
 
 @pytest.fixture(scope="module")
 def results():
-    """One of every result type, on the embedded model (small sizes)."""
+    """One of every public result and value type, on the embedded model (small sizes)."""
     model, tok = reslens.load_model()
-    res = reslens.capture(
-        model,
-        reslens.tokenize(tok, [TEXT]),
-        sites=("resid", "mlp_act", "attn_z", "mlp_out", "attn_pattern", "logits"),
-    )
+    arch = reslens.adapter(model)
+    n_layer, d_model, d_mlp = arch.n_layer, arch.d_model, arch.d_mlp
+    batch = reslens.tokenize(tok, [TEXT])
+    sites = ("resid", "mlp_act", "attn_z", "mlp_out", "attn_pattern", "logits")
+    res = reslens.capture(model, batch, sites=sites)
     sentences = [TEXT, "Mr Holmes looked at the letter for a long time.", "It was a dark and stormy night."]
+    book = " ".join(sentences * 4)
     index = kv.mine_triggers(model, tok, sentences, top_k=3, progress=False)
+    memories = kv.contributions(model, [TEXT], 2, tokenizer=tok)
+    stats = lens_stats.lens_stats(model, book, tokenizer=tok, max_length=16, progress=False)
+    tuned = lens.TunedLens.identity(n_layer, d_model, {"model": "embedded"})
+    maps = torch.eye(d_model).repeat(n_layer, 1, 1), torch.zeros(n_layer, d_model)
+    moments = lens.ShortcutMoments(n_layer, d_model)
+    moments.add(res.resid[:, 0])
+    experiment = pca.pca_experiment(model, tok, [book], n=8, max_length=16, min_context=4, progress=False)
+    noise = tracing.Noise(samples=2)
     out = {
+        "Batch": batch,
         "Residuals": res,
-        "LensResult": lens.lens_of(res, reslens.adapter(model), tokenizer=tok),
-        "LensStats": lens_stats.lens_stats(
-            model, " ".join(sentences * 4), tokenizer=tok, max_length=16, progress=False
-        ),
+        "LensResult": lens.lens_of(res, arch, tokenizer=tok),
+        "LensStats": stats,
+        "MetricStats": stats.mean,
+        "Reference": reference(res.logits[0].float(), fused=False),
+        "LogitLens": lens.LogitLens(),
+        "AffineLens": lens.AffineLens(*maps),
+        "TunedLens": tuned,
+        "LinearShortcut": lens.LinearShortcut(*maps),
+        "ShortcutMoments": moments,
+        "LensComparison": lens.compare_lenses(model, [book], [None, tuned], tokenizer=tok, max_tokens=64,
+                                              max_length=16, progress=False),
+        "ResidualPCA": pca.ResidualPCA(n_components=2).fit(res.resid[:, 0, -1]),
         "TrajectoryPCAResult": pca.trajectory_pca(model, [TEXT], tokenizer=tok),
-        "MemoryContributions": kv.contributions(model, res, 2),
+        "PCAExperiment": experiment,
+        "ConditionResult": experiment.baseline,
+        "MemoryContributions": memories,
+        "Memory": memories.top(1)[0],
         "ValueTokens": kv.value_tokens(model, 2, [1, 2], k=3, tokenizer=tok),
         "DeletionNeurons": kv.deletion_neurons(model),
         "TriggerIndex": index,
+        "Trigger": index.triggers(index.layers[0], 0)[0],
         "KeyValueAgreement": kv.agreement(index, model, n_shuffles=2),
         "HeadScores": heads.induction_scores(model, seq_len=10, n=2),
         "OVSummary": heads.ov_eigen_summary(model),
         "CompositionScores": heads.composition_scores(model, "k", n_baseline=4),
+        "CompositionByOffset": heads.composition_by_offset(model, "k", [1, 2], n_baseline=4),
         "LogitAttribution": attribution.logit_attribution(model, [TEXT], " the", tokenizer=tok),
-        "TraceResult": tracing.causal_trace(
-            model, tok, "“Yes,” said White", "White", kind="mlp", window=1, noise=tracing.Noise(samples=2)
-        ),
+        "Noise": noise,
+        "TraceResult": tracing.causal_trace(model, tok, "“Yes,” said White", "White", kind="mlp", window=1,
+                                            noise=noise),
+        "TraceSummary": tracing.trace_many(model, tok, [("“Yes,” said White", "White", None)], kind="mlp",
+                                           window=1, noise=noise, progress=False),
+        "SecondMoment": rome.SecondMoment.compute(model, 1, sentences, tokenizer=tok, max_tokens=64),
+        "RankOneEdit": rome.RankOneEdit(model, 1, torch.ones(d_mlp), torch.ones(d_model),
+                                        key=torch.ones(d_mlp), value=torch.ones(d_model)),
+        "Known": hub.KNOWN["smollm2"],
     }
     return out
+
+
+def test_every_public_result_and_value_class_is_shown(results):
+    """Each public result or value class is in the fixture, and defines both a ``__repr__`` and a
+    ``_repr_html_`` of its own (not object's)."""
+    classes = public_result_classes()
+    assert sorted(classes) == sorted(results), set(classes) ^ set(results)
+    for name, cls in classes.items():
+        assert isinstance(results[name], cls), name
+        assert cls.__repr__ is not object.__repr__, name
+        # an instance's: scikit-learn's estimators give ``_repr_html_`` as a property
+        assert callable(getattr(results[name], "_repr_html_", None)), name
 
 
 def test_every_result_has_a_short_repr_and_an_html_table(results):

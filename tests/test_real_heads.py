@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reslens import adapter, capture, heads
-from reslens.attribution import SITES, logit_attribution_of
+from reslens.attribution import ATTRIBUTION_SITES, logit_attribution_of
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -67,7 +67,7 @@ def test_logit_attribution_sums_to_the_logit_difference(smollm2):
     model, tokenizer = smollm2
     arch = adapter(model)
     text = "The Eiffel Tower is located in the city of"
-    res = capture(arch, text, sites=SITES, dtype=torch.float32, tokenizer=tokenizer)
+    res = capture(arch, text, sites=ATTRIBUTION_SITES, dtype=torch.float32, tokenizer=tokenizer)
     dla = logit_attribution_of(res, arch, " Paris", against=" London", tokenizer=tokenizer)
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -373,9 +373,9 @@ def test_cli_trace(tmp_path, capsys):
 def test_a_multi_token_answer_is_refused_not_cut_to_its_first_token(big_vocab, tokenizer):
     prompt = "The Hound of the Baskervilles lived on the moor"
     assert len(tokenizer(" zebra")["input_ids"]) == 2
-    with pytest.raises(ValueError, match=r"answer=' zebra' is 2 tokens.*pass one token, e.g. answer=' z'"):
+    with pytest.raises(ValueError, match=r"answer=' zebra' is 2 tokens \['.*not one.*e.g. answer=' z'"):
         causal_trace(big_vocab, tokenizer, prompt, "Hound", answer=" zebra", noise=Noise(samples=2))
-    with pytest.raises(ValueError, match="answer is empty"):
+    with pytest.raises(ValueError, match="answer is an empty string"):
         causal_trace(big_vocab, tokenizer, prompt, "Hound", answer="", noise=Noise(samples=2))
 
 

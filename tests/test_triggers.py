@@ -2,12 +2,11 @@
 snapshots with corpus and model fingerprints, agreement, and the memories command."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import VOCAB, hook_counts, make_model
+from helpers import VOCAB, hook_counts, make_model, shared_corpus
 from reslens import kv_memory as kv
 from reslens._corpus import sentences
 from reslens._saving import read_safetensors, write_safetensors
@@ -398,9 +397,6 @@ def test_agreement_plot_draws_the_same_panels_on_given_axes(model):
 
 # --- the command and the embedded model ------------------------------------------------------------
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"  # ../shared/corpus, as in CI
-
-
 def test_memories_command(tmp_path, capsys):
     from reslens.cli import main
 
@@ -473,8 +469,8 @@ def test_embedded_values_agree_with_triggers_above_chance():
     more often than a random token would (1/|V|)."""
     import reslens
 
+    book = shared_corpus() / "46-a-christmas-carol.txt"
     model, tokenizer = reslens.load_model()
-    book = CORPUS / "46-a-christmas-carol.txt"
     index = kv.mine_triggers(model, tokenizer, book, max_tokens=20_000, progress=False)
     result = kv.agreement(index, model)
     assert float(result.agreement.max()) > 20 * result.baseline

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_choice, check_ids, check_mask
+from reslens._text import html_table
 
 __all__ = ["Batch", "tokenize", "pad_ids", "pad_token_id", "as_batch", "positions_from_mask"]
 
@@ -94,6 +95,15 @@ class Batch:
     def __repr__(self) -> str:
         n_real = int(self.lengths.sum())
         return f"Batch({len(self)} sequences x {self.input_ids.shape[1]} positions, {n_real} real tokens)"
+
+    def _repr_html_(self) -> str:
+        """The first 10 sequences: real tokens, start tokens, and the real ids (the first 24)."""
+        rows = []
+        for seq in range(min(10, len(self))):
+            ids = self.input_ids[seq][self.attention_mask[seq]].tolist()
+            shown = " ".join(map(str, ids[:24])) + (" …" if len(ids) > 24 else "")
+            rows.append((seq, len(ids), int(self.special_mask[seq].sum()), shown))
+        return html_table(repr(self), ("seq", "real tokens", "start tokens", "ids"), rows)
 
     @property
     def lengths(self) -> torch.Tensor:

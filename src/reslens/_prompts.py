@@ -23,7 +23,7 @@ from reslens._tokens import decode_each, text_pieces
 from reslens.arch import Arch
 
 __all__ = ["encode", "text_ids", "prompt_pieces", "subject_span", "token_span", "check_prompt_ids",
-           "check_span", "prompt_ids", "answer_id", "answer_ids"]
+           "check_span", "prompt_ids", "answer_ids"]
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -153,14 +153,3 @@ def answer_ids(tokenizer: Any, answer: Any, *, name: str = "answer") -> list[int
         raise ValueError(f"{name}={answer!r} tokenizes to no tokens")
     return ids
 
-
-def answer_id(tokenizer: Any, answer: Any) -> int:
-    """The id of an answer that is exactly one token; a longer answer is refused (its tokens are named)."""
-    ids = answer_ids(tokenizer, answer)
-    if len(ids) != 1:
-        pieces = [tokenizer.decode([i]) for i in ids]
-        raise ValueError(
-            f"answer={answer!r} is {len(ids)} tokens {pieces}; a causal trace measures the probability "
-            f"of one token: pass one token, e.g. answer={pieces[0]!r} (its first)"
-        )
-    return ids[0]

@@ -1,6 +1,7 @@
-"""Small output helpers shared by results and figures.
+"""The display vocabulary every result shares: token text in a cell, pandas on demand, HTML tables.
 
-Token text in a table cell, the optional pandas import, and HTML cell colours.
+One :func:`html_table` renders every result's ``_repr_html_`` that is a table, and one
+:func:`pandas` imports the optional ``frame`` extra for every ``to_frame``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import html
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["cell_text", "pandas", "blue", "html_table"]
+__all__ = ["cell_text", "show", "head_label", "pandas", "blue", "html_table"]
 
 
 def cell_text(token: str, width: int) -> str:
@@ -24,12 +25,22 @@ def cell_text(token: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def pandas() -> Any:
-    """The pandas module, imported on first use (it is the optional ``frame`` extra)."""
+def show(token: str) -> str:
+    """A token as it reads in a table: escaped when it has outer spaces or unprintable characters."""
+    return repr(token)[1:-1] if token.strip() != token or not token.isprintable() else token
+
+
+def head_label(layer: int, head: int) -> str:
+    """``"layer.head"``, e.g. ``"5.1"``."""
+    return f"{layer}.{head}"
+
+
+def pandas(what: str = "to_frame") -> Any:
+    """The pandas module, imported on first use (an ImportError says that ``what`` needs it)."""
     try:
         import pandas as pd
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError('to_frame needs pandas: pip install "reslens[frame]"') from error
+        raise ImportError(f'{what} needs pandas, an optional extra: pip install "reslens[frame]"') from error
     return pd
 
 
@@ -51,8 +62,16 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def html_table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A small HTML table with a bold title above it (for ``_repr_html_``)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def html_table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]], *, note: str = "") -> str:
+    """A small HTML table under a bold ``title`` (and a plain ``note`` beside it), for ``_repr_html_``.
+
+    Every cell is escaped text; a float shows 4 significant digits and NaN an empty cell. An empty
+    ``header`` draws no header row (a table of ``name, value`` pairs).
+
+    >>> html_table("T", ("a", "b"), [(1, 0.123456)], note="(nats)")
+    '<div><b>T</b> (nats)<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>0.1235</td></tr></table></div>'
+    """
+    head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<div><b>{html.escape(title)}</b><table><tr>{head}</tr>{body}</table></div>"
+    shown = f" {html.escape(note)}" if note else ""
+    return f"<div><b>{html.escape(title)}</b>{shown}<table>{head}{body}</table></div>"

@@ -28,30 +28,30 @@ from typing import Any
 import torch
 
 from reslens._checks import check_int, check_position
-from reslens._inputs import as_batch, encode
+from reslens._inputs import as_batch
 from reslens._saving import Saveable
-from reslens._text import html_table, pandas
-from reslens._tokens import token_strings
+from reslens._text import head_label, html_table, pandas
+from reslens._tokens import token_ids, token_strings
 from reslens.arch import Arch, adapter
-from reslens.heads._format import head_label
 from reslens.heads.scores import HeadScores
 from reslens.hooks import _capture
 from reslens.residuals import Residuals
 
-__all__ = ["LogitAttribution", "KINDS", "SITES", "logit_attribution", "logit_attribution_of"]
+__all__ = ["LogitAttribution", "PIECE_KINDS", "ATTRIBUTION_SITES", "logit_attribution",
+           "logit_attribution_of"]
 
 #: The kinds of piece, in the order they appear (``unembed_bias`` only with an LM-head bias).
-KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "norm_bias", "unembed_bias")
+PIECE_KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "norm_bias", "unembed_bias")
 _PER_LAYER = ("head", "attn_bias", "mlp")
 #: The sites :func:`logit_attribution_of` reads.
-SITES = ("resid", "attn_z", "mlp_out", "logits")
+ATTRIBUTION_SITES = ("resid", "attn_z", "mlp_out", "logits")
 
 
 @dataclass(frozen=True)
 class LogitAttribution(Saveable):
     """The final logit (or logit difference) at one position per sequence, split into pieces.
 
-    Piece ``c`` is described by ``kind[c]`` (one of :data:`KINDS`), ``layer[c]`` (-1 where not
+    Piece ``c`` is described by ``kind[c]`` (one of :data:`PIECE_KINDS`), ``layer[c]`` (-1 where not
     per layer) and ``head[c]`` (-1 where not a head); ``labels`` are derived from them
     (``"embed"``, ``"pos_embed"``, ``"l.h"``, ``"attn_bias l"``, ``"mlp l"``, ``"norm_bias"``,
     ``"unembed_bias"``). In order: the embedding pieces, then per layer every head, the
@@ -84,9 +84,9 @@ class LogitAttribution(Saveable):
         if tuple(self.contributions.shape) != (batch, n):
             got = tuple(self.contributions.shape)
             raise ValueError(f"contributions has shape {got}; expected {(batch, n)}")
-        unknown = sorted(set(self.kind) - set(KINDS))
+        unknown = sorted(set(self.kind) - set(PIECE_KINDS))
         if unknown:
-            raise ValueError(f"kind holds unknown piece kinds {unknown}; known: {', '.join(KINDS)}")
+            raise ValueError(f"kind holds unknown piece kinds {unknown}; known: {', '.join(PIECE_KINDS)}")
         for name in ("layer", "head"):
             if tuple(getattr(self, name).shape) != (n,):
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}; expected {(n,)}")
@@ -206,44 +206,10 @@ class LogitAttribution(Saveable):
 # --- computing it -------------------------------------------------------------------------------
 
 
-def _token_ids(value: Any, n: int, d_vocab: int, tokenizer: Any, name: str) -> torch.Tensor:
-    """One token id per sequence ``[n]`` from an int, a one-token string, or a sequence/tensor of ids."""
-    expected = "a token id, a one-token string, or one id per sequence"
-    if isinstance(value, str):
-        if tokenizer is None:
-            raise TypeError(f"{name}={value!r} is text, so tokenizer= is required")
-        ids = encode(tokenizer, value)
-        if len(ids) != 1:
-            raise ValueError(
-                f"{name}={value!r} is {len(ids)} tokens ({ids}); give text of exactly one token, or an id"
-            )
-        value = ids[0]
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be {expected}; got a bool")
-    if isinstance(value, int):
-        ids = torch.full((n,), value, dtype=torch.long)
-    else:
-        try:
-            ids = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"{name} must be {expected}; got {type(value).__name__}") from error
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
-        ids = ids.long().reshape(-1) if ids.ndim == 0 else ids.long()
-        if ids.ndim != 1 or len(ids) not in (1, n):
-            raise ValueError(
-                f"{name} must be one id or {n} ids (one per sequence); got shape {tuple(ids.shape)}"
-            )
-        ids = ids.expand(n).clone()
-    if int(ids.min()) < 0 or int(ids.max()) >= d_vocab:
-        raise ValueError(f"{name} contains a token id outside the vocabulary 0..{d_vocab - 1}")
-    return ids
-
-
 def _check_residuals(residuals: Any, arch: Arch) -> None:
     if not isinstance(residuals, Residuals):
         raise TypeError(f"residuals must be reslens Residuals (from capture); got {type(residuals).__name__}")
-    residuals.require(*SITES, what="logit_attribution_of")
+    residuals.require(*ATTRIBUTION_SITES, what="logit_attribution_of")
     if residuals.blocks != tuple(range(arch.n_layer)) or arch.n_layer not in residuals.layers:
         raise ValueError(
             f"logit_attribution_of needs every block (0..{arch.n_layer - 1}) and resid layer {arch.n_layer}; "
@@ -296,15 +262,16 @@ def logit_attribution_of(
     """Direct logit attribution of captured residuals (no forward): see :func:`logit_attribution`.
 
     ``residuals`` must hold ``resid`` (layer ``n_layer``), ``attn_z`` and ``mlp_out`` of every
-    block, and ``logits``, as ``capture(model, inputs, sites=reslens.attribution.SITES)`` records;
-    ``arch``: the model or its adapter.
+    block, and ``logits``, as ``capture(model, inputs, sites=ATTRIBUTION_SITES)`` records
+    (:data:`reslens.attribution.ATTRIBUTION_SITES`); ``arch``: the model or its adapter.
     """
     arch = adapter(arch)
     _check_residuals(residuals, arch)
     n = residuals.attention_mask.shape[0]
     pos = check_position(position, residuals.attention_mask)
-    target_ids = _token_ids(target, n, arch.d_vocab, tokenizer, "target")
-    against_ids = None if against is None else _token_ids(against, n, arch.d_vocab, tokenizer, "against")
+    vocab = dict(d_vocab=arch.d_vocab, tokenizer=tokenizer)
+    target_ids = token_ids(target, n, name="target", **vocab)
+    against_ids = None if against is None else token_ids(against, n, name="against", **vocab)
     rows = torch.arange(n, device=pos.device)
     with torch.no_grad():
         pieces, kind, layer, head = _pieces(arch, residuals, rows, pos)  # [B, C-1, d]
@@ -351,7 +318,7 @@ def logit_attribution(
     position (see :class:`LogitAttribution`; the pieces sum to the model's logit exactly).
 
     ``inputs``: ids ``[batch, pos]``, a Batch, or text with ``tokenizer=``. ``target`` /
-    ``against``: a token id, a one-token string (with ``tokenizer=``), or one id per
+    ``against``: a token id, a one-token string (with ``tokenizer=``), or one such token per
     sequence. ``position``: an index of the (padded) ``pos`` axis, negatives from its end,
     ``None`` (default) for each sequence's last real token; it must be a real token in every
     sequence. Computed in float32 from activations captured in float32; for a
@@ -370,9 +337,10 @@ def logit_attribution(
     batch = as_batch(inputs, arch, tokenizer)
     # check the cheap arguments before the forward
     check_position(position, batch.attention_mask)
-    _token_ids(target, len(batch), arch.d_vocab, tokenizer, "target")
+    token_ids(target, len(batch), d_vocab=arch.d_vocab, tokenizer=tokenizer, name="target")
     if against is not None:
-        _token_ids(against, len(batch), arch.d_vocab, tokenizer, "against")
-    residuals = _capture(arch, batch, sites=SITES, layers=tuple(range(arch.n_layer + 1)), dtype=torch.float32)
+        token_ids(against, len(batch), d_vocab=arch.d_vocab, tokenizer=tokenizer, name="against")
+    residuals = _capture(arch, batch, sites=ATTRIBUTION_SITES, layers=tuple(range(arch.n_layer + 1)),
+                         dtype=torch.float32)
     return logit_attribution_of(residuals, arch, target, against=against, position=position,
                                 tokenizer=tokenizer)

@@ -367,16 +367,13 @@ def _memories_text(args: argparse.Namespace) -> int:
 
     import reslens
     from reslens import kv_memory as kv
+    from reslens._tokens import token_id
     from reslens.arch import adapter
 
     model, tokenizer = reslens.load_model(args.model, device=args.device)
     arch = adapter(model)
-    token = None
-    if args.token is not None:
-        ids = tokenizer(args.token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ValueError(f"--token must be one token; {args.token!r} is {len(ids)} tokens")
-        token = ids[0]
+    token = None if args.token is None else token_id(args.token, d_vocab=arch.d_vocab, tokenizer=tokenizer,
+                                                     name="--token")
     ids = tokenizer(args.text, add_special_tokens=False)["input_ids"][-arch.n_ctx :]
     if not ids:
         raise ValueError("the text is empty")
@@ -384,7 +381,7 @@ def _memories_text(args: argparse.Namespace) -> int:
     layers = range(arch.n_layer) if args.layer is None else [args.layer]
     last = tokenizer.decode(ids[-1:])
     for layer in layers:
-        c = kv.contributions(arch, residuals, layer, token=token, through_final_norm=token is not None)
+        c = kv.contributions_of(residuals, arch, layer, token=token, through_final_norm=token is not None)
         top = c.top(args.top)
         names = kv.value_tokens(arch, layer, [m.neuron for m in top], k=5, tokenizer=tokenizer)
         score = "|m|·‖v‖" if token is None else f"Δlogit {args.token!r} (final norm linearised)"

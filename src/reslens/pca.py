@@ -17,7 +17,6 @@ residual ends up.
 from __future__ import annotations
 
 import hashlib
-import html
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,7 +28,7 @@ from reslens._inputs import as_batch, pad_token_id
 from reslens._pca_samples import experiment_stacks, model_top1, sample_windows
 from reslens._residual_pca import ResidualPCA
 from reslens._saving import Saveable
-from reslens._text import pandas
+from reslens._text import html_table, pandas
 from reslens.arch import Arch, adapter
 from reslens.hooks import _capture
 from reslens.residuals import Residuals
@@ -113,8 +112,7 @@ class TrajectoryPCAResult(Saveable):
                 ("PC1 explained variance (mean)", f"{float(evr.mean()):.3f}"),
                 ("PC1 top token = final prediction", f"{float(self.match.double().mean()):.3f}"),
                 ("(without the final norm)", f"{float(self.match_raw.double().mean()):.3f}")]
-        body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
-        return f"<div><b>{html.escape(repr(self))}</b><table>{body}</table></div>"
+        return html_table(repr(self), (), rows)
 
 
 def _rank_of(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -327,9 +325,7 @@ class ConditionResult(Saveable):
         return f"ConditionResult(n={self.match.shape[0]}, pc1_evr_mean={evr:.3f}, match_rate={rate:.3f})"
 
     def _repr_html_(self) -> str:
-        rows = zip(_SUMMARY, self.summary_row())
-        cells = "".join(f"<tr><th>{k}</th><td>{v:.3f}</td></tr>" for k, v in rows)
-        return f"<div><b>{html.escape(repr(self))}</b><table>{cells}</table></div>"
+        return html_table(repr(self), (), [(k, f"{v:.3f}") for k, v in zip(_SUMMARY, self.summary_row())])
 
 
 _SUMMARY = ("pc1_evr_mean", "pc1_evr_std", "match_rate", "match_rate_raw", "match_rate_flipped",
@@ -409,11 +405,9 @@ class PCAExperiment(Saveable):
         return f"PCAExperiment(n={self.n}, seed={self.seed}, conditions={[c for c, _, _ in CONDITIONS]})"
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ("condition", *_SUMMARY))
-        cells = {name: "".join(f"<td>{v:.3f}</td>" for v in self.condition(name).summary_row())
-                 for name, _, _ in CONDITIONS}
-        body = "".join(f"<tr><th>{name}</th>{row}</tr>" for name, row in cells.items())
-        return f"<div><b>{html.escape(repr(self))}</b><table><tr>{head}</tr>{body}</table></div>"
+        rows = [(name, *(f"{v:.3f}" for v in self.condition(name).summary_row()))
+                for name, _, _ in CONDITIONS]
+        return html_table(repr(self), ("condition", *_SUMMARY), rows)
 
 
 def pca_experiment(

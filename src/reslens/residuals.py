@@ -27,13 +27,13 @@ logits        ``[batch, pos, d_vocab]``               the model's logits
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from reslens._checks import check_dtype, check_sites
 from reslens._saving import Saveable
+from reslens._text import html_table
 
 __all__ = ["SITES", "BLOCK_SITES", "Residuals"]
 
@@ -192,12 +192,5 @@ class Residuals(Saveable):
 
     def _repr_html_(self) -> str:
         batch, n_pos = self.shape
-        body = "".join(
-            f"<tr><td><code>{html.escape(s)}</code></td><td>{html.escape(d)}</td></tr>"
-            for s, d in self._summary()
-        )
-        return (
-            f"<div><b>Residuals</b>: {batch} sequences x {n_pos} positions, "
-            f"{int(self.attention_mask.sum())} real tokens"
-            f"<table><tr><th>site</th><th>shape, dtype, layers</th></tr>{body}</table></div>"
-        )
+        note = f"{batch} sequences x {n_pos} positions, {int(self.attention_mask.sum())} real tokens"
+        return html_table("Residuals", ("site", "shape, dtype, layers"), self._summary(), note=note)

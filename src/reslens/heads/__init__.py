@@ -11,7 +11,7 @@ which reads these heads, is :mod:`reslens.attribution`, a floor above. Heads are
 
 from __future__ import annotations
 
-from reslens.heads._format import head_label
+from reslens._text import head_label
 from reslens.heads.circuits import EFFECTIVE_EMBEDDINGS, OVSummary, ov_circuit, ov_eigen_summary, qk_circuit
 from reslens.heads.composition import (
     COMPOSITION_KINDS,

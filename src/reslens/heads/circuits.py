@@ -28,7 +28,7 @@ import torch
 from reslens._checks import check_bool, check_choice, check_int
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
-from reslens.heads._format import head_label
+from reslens._text import head_label
 from reslens.heads.composition import (
     COMPOSITION_KINDS,
     CompositionByOffset,

@@ -25,8 +25,7 @@ import torch
 from reslens._checks import check_bool, check_choice, check_int
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
-from reslens._text import html_table, pandas
-from reslens.heads._format import head_label
+from reslens._text import head_label, html_table, pandas
 from reslens.heads.scores import HeadScores
 
 __all__ = ["CompositionScores", "CompositionByOffset", "COMPOSITION_KINDS", "composition_scores",

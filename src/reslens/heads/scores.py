@@ -23,8 +23,7 @@ from reslens._checks import check_int
 from reslens._inputs import Batch, as_batch
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
-from reslens._text import html_table, pandas
-from reslens.heads._format import head_label
+from reslens._text import head_label, html_table, pandas
 from reslens.hooks import _capture
 from reslens.residuals import Residuals
 

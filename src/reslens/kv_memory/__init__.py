@@ -5,7 +5,8 @@ so triggers are mined by ``|m|`` with the sign kept, the agreement reads a value
 where its top trigger wrote ``-v``, and deletion neurons are classified by the up key.
 
 - :mod:`~reslens.kv_memory.memories`: keys, values, coefficients, a position's MLP output split
-  into its memories (:func:`contributions`), coefficient edits (:func:`edit_coefficients`)
+  into its memories (:func:`contributions` on text or ids; :func:`contributions_of` on captured
+  residuals), coefficient edits (:func:`edit_coefficients`)
 - :mod:`~reslens.kv_memory.neurons`: readings of the weights alone: values in vocabulary
   space (:func:`value_tokens`), key-value cosines (:func:`deletion_neurons`)
 - :mod:`~reslens.kv_memory.triggers`: the :class:`TriggerIndex` and its :class:`Trigger` records
@@ -20,6 +21,7 @@ from reslens.kv_memory.memories import (
     MemoryContributions,
     coefficients,
     contributions,
+    contributions_of,
     edit_coefficients,
     keys,
     values,
@@ -29,7 +31,8 @@ from reslens.kv_memory.neurons import DeletionNeurons, ValueTokens, deletion_neu
 from reslens.kv_memory.triggers import Trigger, TriggerIndex
 
 __all__ = [
-    "keys", "values", "coefficients", "contributions", "MemoryContributions", "Memory", "value_tokens",
-    "ValueTokens", "mine_triggers", "TriggerIndex", "Trigger", "agreement", "KeyValueAgreement",
-    "deletion_neurons", "DeletionNeurons", "edit_coefficients", "model_fingerprint", "UNITS",
+    "keys", "values", "coefficients", "contributions", "contributions_of", "MemoryContributions", "Memory",
+    "value_tokens", "ValueTokens", "mine_triggers", "TriggerIndex", "Trigger", "agreement",
+    "KeyValueAgreement", "deletion_neurons", "DeletionNeurons", "edit_coefficients", "model_fingerprint",
+    "UNITS",
 ]

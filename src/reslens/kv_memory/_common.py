@@ -1,16 +1,15 @@
-"""Helpers shared by the key-value memory modules: neuron indices, HTML tables, pandas."""
+"""Neuron indices, checked once for every key-value memory module."""
 
 from __future__ import annotations
 
-import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from reslens._checks import check_int
 
-__all__ = ["check_neurons", "html_table", "pandas"]
+__all__ = ["check_neurons"]
 
 
 def check_neurons(neurons: Any, d_mlp: int, name: str = "neurons") -> torch.Tensor:
@@ -42,18 +41,3 @@ def check_neurons(neurons: Any, d_mlp: int, name: str = "neurons") -> torch.Tens
         check_int(item, label, low=0, high=d_mlp - 1)
     return torch.tensor(items, dtype=torch.long)
 
-
-def html_table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A small HTML table (escaped) under a bold title, for ``_repr_html_``."""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<div><b>{html.escape(title)}</b><table><tr>{head}</tr>{body}</table></div>"
-
-
-def pandas(what: str) -> Any:
-    """The pandas module, or an ImportError saying how to install the optional extra."""
-    try:
-        import pandas as pd
-    except ImportError as error:
-        raise ImportError(f'{what} needs pandas, an optional extra: pip install "reslens[frame]"') from error
-    return pd

@@ -16,7 +16,7 @@ import torch
 from reslens._checks import check_bool, check_int
 from reslens._saving import Saveable
 from reslens.arch import adapter
-from reslens.kv_memory._common import html_table, pandas
+from reslens._text import html_table, pandas
 from reslens.kv_memory.mining import model_fingerprint
 from reslens.kv_memory.neurons import convention, vocab_scores
 from reslens.kv_memory.triggers import TriggerIndex

@@ -24,14 +24,18 @@ from typing import Any
 import torch
 
 from reslens._checks import check_block, check_bool, check_choice, check_float, check_int, check_position
+from reslens._inputs import as_batch
 from reslens._saving import Saveable
+from reslens._text import html_table, pandas
+from reslens._tokens import token_id
 from reslens.arch import Arch, adapter
-from reslens.hooks import Patch, patch
-from reslens.kv_memory._common import check_neurons, html_table, pandas
+from reslens.hooks import Patch, capture, patch
+from reslens.kv_memory._common import check_neurons
 from reslens.residuals import Residuals
 
 __all__ = [
-    "keys", "values", "coefficients", "Memory", "MemoryContributions", "contributions", "edit_coefficients",
+    "keys", "values", "coefficients", "Memory", "MemoryContributions", "contributions", "contributions_of",
+    "edit_coefficients",
 ]
 
 
@@ -77,6 +81,11 @@ class Memory:
     neuron: int
     coefficient: float
     score: float
+
+    def _repr_html_(self) -> str:
+        rows = [("neuron", f"L{self.layer}N{self.neuron}"), ("coefficient m", self.coefficient),
+                ("score", self.score)]
+        return html_table("Memory", (), rows)
 
 
 @dataclass(frozen=True, repr=False)
@@ -171,25 +180,26 @@ class MemoryContributions(Saveable):
         return html_table(f"MemoryContributions: {self._describe()}", ("neuron", "m", "score"), rows)
 
 
-def _check_contribution_options(arch: Arch, token: Any, rank_by: Any, through_final_norm: Any) -> str:
-    """``rank_by`` resolved (``"magnitude"`` without a token, else ``"token"``), the rest checked."""
+def _check_contribution_options(arch: Arch, token: Any, tokenizer: Any, rank_by: Any,
+                                through_final_norm: Any) -> tuple[int | None, str]:
+    """``(token id or None, rank_by)``; no ``rank_by``: ``"magnitude"`` without a token, else ``"token"``."""
     if token is not None:
-        check_int(token, "token", low=0, high=arch.d_vocab - 1)
+        token = token_id(token, d_vocab=arch.d_vocab, tokenizer=tokenizer, name="token")
     check_bool(through_final_norm, "through_final_norm")
     if rank_by is None:
         rank_by = "magnitude" if token is None else "token"
     check_choice(rank_by, ("magnitude", "token"), "rank_by")
     if rank_by == "token" and token is None:
-        raise ValueError("rank_by='token' needs token= (the vocabulary id whose logit the memories push)")
+        raise ValueError("rank_by='token' needs token= (the token whose logit the memories push: an id, or "
+                         "its text with tokenizer=)")
     if through_final_norm and token is None:
         raise ValueError("through_final_norm=True needs token= (it linearises the final norm for that "
                          "token's logit)")
-    return rank_by  # type: ignore[return-value]
+    return token, rank_by
 
 
-def _position(residuals: Residuals, seq: Any, position: Any) -> tuple[int, int]:
+def _position(mask: torch.Tensor, seq: Any, position: Any) -> tuple[int, int]:
     """``(seq, index on the padded pos axis)`` with reslens's one meaning of ``position``."""
-    mask = residuals.attention_mask
     batch, n_pos = mask.shape
     seq = check_int(seq, "seq", low=-batch, high=batch - 1) % batch
     try:
@@ -204,41 +214,38 @@ def _position(residuals: Residuals, seq: Any, position: Any) -> tuple[int, int]:
         ) from None
 
 
-def contributions(
-    model: Any,
+def contributions_of(
     residuals: Residuals,
+    arch: Any,
     layer: int,
     position: int | None = None,
     *,
     seq: int = 0,
-    token: int | None = None,
+    token: Any = None,
+    tokenizer: Any = None,
     rank_by: str | None = None,
     through_final_norm: bool = False,
 ) -> MemoryContributions:
-    """Split block ``layer``'s MLP output at one position into its memories ``m_i v_i``.
+    """Block ``layer``'s MLP output at one position of captured residuals, split into its memories.
 
-    ``position`` has reslens's one meaning: an index of the padded ``pos`` axis of
-    ``residuals`` (negatives count from its end), or ``None`` (the default) for sequence
-    ``seq``'s last real token; a padding position is refused. ``rank_by="magnitude"`` orders
-    by ``|m_i|·‖v_i‖``; ``rank_by="token"`` (the default when ``token`` is given) by the
-    effect on ``token``'s logit, raw (``m_i v_i · W_U[token]``) or, with
-    ``through_final_norm=True``, through the final norm linearised at this position (needs
-    ``resid`` captured at layer ``n_layer``). Reads ``residuals`` only: no forward runs.
+    No forward runs: ``residuals`` must hold ``mlp_act`` at block ``layer`` (and ``resid`` at layer
+    ``n_layer`` for ``through_final_norm=True``); ``arch``: the model or its adapter. The options are
+    :func:`contributions`'s.
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> from reslens.hooks import capture
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()
     >>> res = capture(model, torch.tensor([[1, 2, 3]]), sites=("mlp_act", "mlp_out"))
-    >>> c = contributions(model, res, layer=1)
+    >>> c = contributions_of(res, model, layer=1)
     >>> torch.allclose(c.total(), res.mlp_out[1, 0, -1], atol=1e-5)
     True
     """
-    arch = adapter(model)
+    arch = adapter(arch)
     block = check_block(layer, arch.n_layer)
     act = coefficients(residuals, block)
-    seq, pos = _position(residuals, seq, position)
-    rank_by = _check_contribution_options(arch, token, rank_by, through_final_norm)
+    seq, pos = _position(residuals.attention_mask, seq, position)
+    token, rank_by = _check_contribution_options(arch, token, tokenizer, rank_by, through_final_norm)
     weights = arch.mlp_weights(block)
     with torch.no_grad():
         m = act[seq, pos].float()  # [d_mlp]
@@ -265,6 +272,54 @@ def contributions(
         token=token, token_effect=None if effect is None else effect.cpu(),
         through_final_norm=through_final_norm,
     )
+
+
+def contributions(
+    model: Any,
+    inputs: Any,
+    layer: int,
+    position: int | None = None,
+    *,
+    seq: int = 0,
+    token: Any = None,
+    tokenizer: Any = None,
+    rank_by: str | None = None,
+    through_final_norm: bool = False,
+) -> MemoryContributions:
+    """Split block ``layer``'s MLP output at one position of ``inputs`` into its memories ``m_i v_i``.
+
+    ``inputs``: ids ``[batch, pos]``, a :class:`~reslens.Batch`, or text with ``tokenizer=``.
+    ``position`` has reslens's one meaning: an index of the padded ``pos`` axis (negatives count
+    from its end), or ``None`` (the default) for sequence ``seq``'s last real token; a padding
+    position is refused. ``rank_by="magnitude"`` orders by ``|m_i|·‖v_i‖``; ``rank_by="token"``
+    (the default when ``token`` is given) by the effect on ``token``'s logit, raw
+    (``m_i v_i · W_U[token]``) or, with ``through_final_norm=True``, through the final norm
+    linearised at this position. ``token``: an id, or one token's text with ``tokenizer=``
+    (e.g. ``" Paris"``). Captures what it needs, then :func:`contributions_of` (with a capture of
+    your own, call that).
+
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).eval()
+    >>> c = contributions(model, torch.tensor([[1, 2, 3]]), layer=1, token=7)
+    >>> c.rank_by, c.position, len(c.top(3))
+    ('token', 2, 3)
+    """
+    arch = adapter(model)
+    if isinstance(inputs, Residuals):
+        raise TypeError("contributions(model, inputs, layer) captures its inputs; for captured Residuals "
+                        "call contributions_of(residuals, arch, layer)")
+    block = check_block(layer, arch.n_layer)
+    batch = as_batch(inputs, arch, tokenizer)
+    # the cheap arguments are checked before the forward
+    _position(batch.attention_mask, seq, position)
+    _check_contribution_options(arch, token, tokenizer, rank_by, through_final_norm)
+    if through_final_norm:
+        residuals = capture(arch, batch, sites=("mlp_act", "resid"), layers=[block, arch.n_layer])
+    else:
+        residuals = capture(arch, batch, sites="mlp_act", layers=[block])
+    return contributions_of(residuals, arch, block, position, seq=seq, token=token, tokenizer=tokenizer,
+                            rank_by=rank_by, through_final_norm=through_final_norm)
 
 
 def _final_resid(arch: Arch, residuals: Residuals, seq: int, pos: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ from reslens._checks import check_block, check_bool, check_float, check_int
 from reslens._saving import Saveable
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
-from reslens.kv_memory._common import check_neurons, html_table, pandas
+from reslens._text import html_table, pandas
+from reslens.kv_memory._common import check_neurons
 
 __all__ = ["ValueTokens", "value_tokens", "DeletionNeurons", "deletion_neurons", "vocab_scores", "convention"]
 

@@ -17,8 +17,8 @@ import torch
 from reslens._checks import check_choice, check_int
 from reslens._corpus import UNITS
 from reslens._saving import Saveable
+from reslens._text import html_table, pandas
 from reslens._tokens import decode_each
-from reslens.kv_memory._common import html_table, pandas
 
 __all__ = ["Trigger", "TriggerIndex"]
 
@@ -40,6 +40,20 @@ class Trigger:
     position: int
     prefix: tuple[int, ...]
     next_token: int | None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(map(str, self.prefix[-4:]))
+        prefix = f"[{'…, ' if len(self.prefix) > 4 else ''}{shown}] ({len(self.prefix)} ids)"
+        return (f"Trigger(rank={self.rank}, score={self.score:+.4g}, example={self.example}, "
+                f"position={self.position}, prefix={prefix}, next_token={self.next_token})")
+
+    def _repr_html_(self) -> str:
+        """The fields; the prefix as ids (its last 16; decode them with the tokenizer mined with)."""
+        ids = " ".join(map(str, self.prefix[-16:]))
+        rows = [("rank", self.rank), ("score", self.score), ("example", self.example),
+                ("position", self.position), ("prefix ids", ("… " if len(self.prefix) > 16 else "") + ids),
+                ("next token id", "none (end of example)" if self.next_token is None else self.next_token)]
+        return html_table("Trigger", (), rows)
 
 
 @dataclass(frozen=True, repr=False)

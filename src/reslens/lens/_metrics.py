@@ -16,10 +16,14 @@ Two reducers compute the same metrics (definitions in :mod:`reslens.lens`):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from reslens._text import html_table
+from reslens._tokens import token_id
 
 __all__ = ["resolve_targets",
            "Reference", "BLOCK_OUTPUTS", "FLOAT_ROWS", "SUB_ROWS", "reducer", "reference", "reduce_rows",
@@ -42,6 +46,17 @@ class Reference:
     entropy: torch.Tensor  # [c]
     top1: torch.Tensor  # [c]
     finite: torch.Tensor  # [c] bool: the final logits are finite
+
+    def __repr__(self) -> str:
+        c, vocab = self.logp.shape
+        return f"Reference(positions={c}, vocab={vocab}, finite={int(self.finite.sum())})"
+
+    def _repr_html_(self) -> str:
+        """The first 20 positions: the final top-1 id, its probability and the entropy (nats)."""
+        p_top1 = self.p.gather(-1, self.top1[:, None]).squeeze(-1)
+        rows = [(i, int(self.top1[i]), float(p_top1[i]), float(self.entropy[i]))
+                for i in range(min(20, len(self.top1)))]
+        return html_table(repr(self), ("position", "top-1 id", "p(top-1)", "entropy"), rows)
 
 
 def _block_metrics(
@@ -230,20 +245,26 @@ def convergence(top1: torch.Tensor, final_top1: torch.Tensor, rows: list[tuple[s
     return torch.where(final_top1 >= 0, out, -1)
 
 
-def resolve_targets(targets: Any, input_ids: torch.Tensor, mask: torch.Tensor,
-                     d_vocab: int) -> torch.Tensor | None:
-    """``[B, P]`` target ids (-1 = none) from ``"next"``, an integer id tensor, or None."""
+def resolve_targets(targets: Any, input_ids: torch.Tensor, mask: torch.Tensor, d_vocab: int,
+                    tokenizer: Any = None) -> torch.Tensor | None:
+    """``[B, P]`` target ids (-1 = none) from ``"next"``, one token, an integer id tensor, or None.
+
+    One token (an id, or one token's text with ``tokenizer``: :func:`reslens._tokens.token_id`) is the
+    target at every real position.
+    """
     if targets is None:
         return None
-    if isinstance(targets, str):
-        if targets != "next":
-            raise ValueError(f"targets must be 'next', a [batch, pos] id tensor or None; got {targets!r}")
+    if isinstance(targets, str) and targets == "next":
         nxt = torch.full_like(input_ids, -1)
         nxt[:, :-1] = torch.where(mask[:, 1:] & mask[:, :-1], input_ids[:, 1:], -1)
         return nxt
+    one = isinstance(targets, torch.Tensor) and targets.ndim == 0
+    if one or isinstance(targets, (str, numbers.Integral)):
+        target = token_id(targets, d_vocab=d_vocab, tokenizer=tokenizer, name="targets")
+        return torch.where(mask, target, -1)
     if not isinstance(targets, torch.Tensor):
-        raise TypeError("targets must be 'next', a [batch, pos] id tensor or None; "
-                        f"got {type(targets).__name__}")
+        raise TypeError("targets must be 'next', one token (an id, or its text with tokenizer=), a "
+                        f"[batch, pos] id tensor or None; got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must hold integer token ids (-1 = none); got dtype {targets.dtype}")
     if tuple(targets.shape) != tuple(input_ids.shape):

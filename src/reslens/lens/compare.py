@@ -8,7 +8,6 @@ token (``-mean log p(next)``, nats) and the top-1 agreement with the final layer
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from reslens._checks import check_bool, check_int
 from reslens._inputs import pad_ids
 from reslens._saving import Saveable
-from reslens._text import pandas
+from reslens._text import html_table, pandas
 from reslens.arch import adapter
 from reslens.lens.values import as_lens
 from reslens.lens._data import corpus_windows
@@ -86,25 +85,12 @@ class LensComparison(Saveable):
         return plot_lens_comparison(self, ax=ax)
 
     def _repr_html_(self) -> str:
-        head = (
-            "<tr><th>layer</th>"
-            + "".join(f"<th>{html.escape(n)} KL</th><th>{html.escape(n)} CE</th>" for n in self.lenses)
-            + "</tr>"
-        )
-        body = "".join(
-            f"<tr><td>{layer}</td>"
-            + "".join(
-                f"<td>{float(self.kl_final_layer[k, r]):.3f}</td>"
-                f"<td>{float(self.cross_entropy[k, r]):.3f}</td>"
-                for k in range(len(self.lenses))
-            )
-            + "</tr>"
-            for r, layer in enumerate(self.layers)
-        )
-        return (
-            f"<div><b>{html.escape(repr(self))}</b> (nats; KL = KL(final ‖ lens), CE = cross-entropy "
-            f"with the next token)<table>{head}{body}</table></div>"
-        )
+        header = ("layer", *(f"{n} {what}" for n in self.lenses for what in ("KL", "CE")))
+        rows = [(layer, *(f"{float(t[k, r]):.3f}" for k in range(len(self.lenses))
+                          for t in (self.kl_final_layer, self.cross_entropy)))
+                for r, layer in enumerate(self.layers)]
+        note = "(nats; KL = KL(final ‖ lens), CE = cross-entropy with the next token)"
+        return html_table(repr(self), header, rows, note=note)
 
     def __repr__(self) -> str:
         return (

@@ -153,11 +153,6 @@ class LensResult(Saveable):
             return str(int(token_id))
         return self.token_strings.get(int(token_id), str(int(token_id)))
 
-    def input_tokens(self, seq: int = 0) -> list[str]:
-        """The real input tokens of sequence ``seq``."""
-        mask = self.attention_mask[seq]
-        return [self.token(i) for i in self.input_ids[seq][mask].tolist()]
-
     # --- output ---------------------------------------------------------------------------
 
     def to_frame(self):
@@ -354,7 +349,7 @@ def _lens(residuals: Residuals, arch: Arch, *, layers: Any, sites: Any, top_k: i
     _check_residuals(residuals, arch)
     sites, kept, lens = _check_options(arch, sites, layers, top_k, chunk_size, fused, lens)
     input_ids, mask = residuals.input_ids.to(arch.device), residuals.attention_mask.to(arch.device)
-    target_ids = resolve_targets(targets, input_ids, mask, arch.d_vocab)
+    target_ids = resolve_targets(targets, input_ids, mask, arch.d_vocab, tokenizer)
     rows = _lens_rows(residuals.layers if kept is None else kept, sites, arch.n_layer)
     return _lens_of(residuals, arch, rows=rows, lens=lens, target_ids=target_ids, top_k=top_k,
                     chunk_size=chunk_size, fused=fused, tokenizer=tokenizer, warn=warn, stacklevel=4)
@@ -464,7 +459,8 @@ def logit_lens(
     ``inputs``: ids ``[batch, pos]``, a :class:`~reslens.Batch`, or text with
     ``tokenizer=``. ``layers`` (0..n_layer, default all) and ``sites`` (``"resid"``,
     ``"resid_mid"``) choose the lens rows; ``targets`` is ``"next"`` (the actual next
-    token), a ``[batch, pos]`` integer id tensor (-1 = none), or None. ``chunk_size`` is how many
+    token), one token at every position (an id, or its text with ``tokenizer=``, e.g. ``" Paris"``),
+    a ``[batch, pos]`` integer id tensor (-1 = none), or None. ``chunk_size`` is how many
     (row, position) pairs are unembedded at once: peak extra memory is about
     ``chunk_size x d_vocab x 4`` bytes plus the final layer's distribution for those positions
     (blocks hold at least 32 positions per row, so a smaller ``chunk_size`` is rounded up).
@@ -488,7 +484,7 @@ def logit_lens(
     kept = tuple(range(arch.n_layer + 1)) if kept is None else kept
     batch = as_batch(inputs, arch, tokenizer)
     # everything is checked before the forward, once
-    target_ids = resolve_targets(targets, batch.input_ids, batch.attention_mask, arch.d_vocab)
+    target_ids = resolve_targets(targets, batch.input_ids, batch.attention_mask, arch.d_vocab, tokenizer)
     rows = _lens_rows(kept, sites, arch.n_layer)
     res = _capture(arch, batch, sites=("resid", *(s for s in sites if s != "resid")),
                    layers=tuple(sorted({*kept, arch.n_layer})))

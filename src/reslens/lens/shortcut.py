@@ -23,6 +23,7 @@ import torch
 
 from reslens._checks import check_bool, check_float, check_int
 from reslens._distributed import Shard, shard_of, units_of
+from reslens._text import html_table
 from reslens.arch import adapter
 from reslens.lens.values import LinearShortcut
 from reslens.lens._data import corpus_windows, model_name, residual_batches
@@ -45,6 +46,16 @@ class ShortcutMoments:
         self.mean_y = torch.zeros(d_model, **f64)  # [d]
         self.m2_xx = torch.zeros(n_layer, d_model, d_model, **f64)  # [L, d, d]: sum (x - mean)(x - mean)^T
         self.m2_xy = torch.zeros(n_layer, d_model, d_model, **f64)  # [L, d_in, d_out]
+
+    def __repr__(self) -> str:
+        n_layer, d_model = self.mean_x.shape
+        return f"ShortcutMoments(n_layer={n_layer}, d_model={d_model}, tokens={self.n})"
+
+    def _repr_html_(self) -> str:
+        n_layer, d_model = self.mean_x.shape
+        rows = [("layers", n_layer), ("d_model", d_model), ("tokens", self.n),
+                ("‖mean of the last residual‖", float(self.mean_y.norm()))]
+        return html_table(repr(self), (), rows)
 
     def add(self, resid: torch.Tensor) -> None:
         """Add ``resid: [n_layer + 1, tokens, d_model]`` (the last layer is the target)."""

@@ -14,7 +14,6 @@ samples merged (see :func:`lens_stats`), so every rank returns the one-process s
 
 from __future__ import annotations
 
-import html
 import warnings
 from dataclasses import dataclass, fields
 from typing import Any
@@ -27,7 +26,7 @@ from reslens._distributed import Shard, shard_of
 from reslens._inputs import as_batch, encode, pad_ids, pad_token_id
 from reslens.lens._metrics import VS_FINAL
 from reslens._saving import Saveable
-from reslens._text import pandas
+from reslens._text import html_table, pandas
 from reslens.arch import adapter
 from reslens.hooks import capture
 from reslens.lens.result import METRICS, LensResult, _check_lens, _lens
@@ -56,6 +55,16 @@ class MetricStats:
 
     def __repr__(self) -> str:
         return f"MetricStats({', '.join(f.name for f in fields(self))}: {tuple(self.entropy.shape)} each)"
+
+    def _repr_html_(self) -> str:
+        """One row per lens row; a quantile statistic shows its ``Q`` values in one cell."""
+        names = [f.name for f in fields(self)]
+
+        def cell(t: torch.Tensor) -> Any:
+            return float(t) if t.ndim == 0 else " ".join(f"{float(v):.3g}" for v in t)
+
+        rows = [(r, *(cell(getattr(self, n)[r]) for n in names)) for r in range(self.entropy.shape[0])]
+        return html_table(repr(self), ("row", *names), rows)
 
 
 @dataclass(frozen=True, repr=False)
@@ -135,10 +144,7 @@ class LensStats(Saveable):
     def _repr_html_(self) -> str:
         header = ("layer", "top1=final", "p(final)", "top1=input", "KL(f||l)", "entropy", "logp(next)",
                   "med rank")
-        head = "".join(f"<th>{h}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{v}</td>"
-                                        for v in row) + "</tr>" for row in self._rows())
-        return f"<div><b>{html.escape(repr(self))}</b><table><tr>{head}</tr>{body}</table></div>"
+        return html_table(repr(self), header, self._rows())
 
     def __repr__(self) -> str:
         lens = "" if self.lens_name == "logit lens" else f", lens_name={self.lens_name!r}"

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from reslens._saving import read_safetensors, write_safetensors
+from reslens._text import html_table
 
 __all__ = ["Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "load_lens", "as_lens"]
 
@@ -35,6 +36,8 @@ class Lens:
 
     kind: ClassVar[str] = "logit"
     name: ClassVar[str] = "logit lens"
+    #: how the lens reads ``resid`` layer ``l`` (below the last)
+    formula: ClassVar[str] = "W_U norm(h_l)"
 
     def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The residual ``h: [..., d_model]`` at ``resid`` layer ``layer`` as the final norm reads it."""
@@ -42,6 +45,15 @@ class Lens:
 
     def check(self, arch: Any) -> None:
         """Refuse a model this lens was not made for (a ``ValueError`` saying what differs)."""
+
+    def _rows(self) -> list[tuple[str, Any]]:
+        return [("kind", self.kind), ("reads resid layer l as", self.formula)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def _repr_html_(self) -> str:
+        return html_table(f"{self!r}: the {self.name}", (), self._rows())
 
 
 @dataclass(frozen=True)
@@ -60,8 +72,11 @@ class AffineLens(Lens):
     weight: torch.Tensor
     bias: torch.Tensor
     config: dict[str, Any] = field(default_factory=dict, compare=False)
+    kind: ClassVar[str] = "affine"
+    name: ClassVar[str] = "affine lens"
     #: whether the map is added to the residual (h + A h + b, the tuned lens) or replaces it (A h + b)
     residual: ClassVar[bool] = False
+    formula: ClassVar[str] = "W_U norm(A_l h_l + b_l)"
 
     def __post_init__(self) -> None:
         for name in ("weight", "bias"):
@@ -107,6 +122,10 @@ class AffineLens(Lens):
         meta = {"format": f"reslens.{type(self).__name__}/1", "config": json.dumps(self.config)}
         write_safetensors(path, {"weight": self.weight, "bias": self.bias}, meta)
 
+    def _rows(self) -> list[tuple[str, Any]]:
+        made = [(k, v if isinstance(v, (int, float)) else str(v)[:80]) for k, v in self.config.items()]
+        return [*super()._rows(), ("n_layer", self.n_layer), ("d_model", self.d_model), *made]
+
     def __repr__(self) -> str:
         made = ", ".join(f"{k}={v}" for k, v in self.config.items() if k in ("model", "n_tokens", "steps"))
         return (
@@ -123,6 +142,7 @@ class TunedLens(AffineLens):
     kind: ClassVar[str] = "tuned"
     name: ClassVar[str] = "tuned lens"
     residual: ClassVar[bool] = True
+    formula: ClassVar[str] = "W_U norm(h_l + A_l h_l + b_l)"
 
     @classmethod
     def identity(cls, n_layer: int, d_model: int, config: dict[str, Any] | None = None) -> TunedLens:
@@ -139,7 +159,6 @@ class LinearShortcut(AffineLens):
 
 
 _CLASSES = {cls.__name__: cls for cls in (TunedLens, LinearShortcut)}
-KINDS = ("logit", "tuned", "shortcut")
 
 
 def as_lens(lens: Any) -> Lens:

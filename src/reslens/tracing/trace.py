@@ -16,14 +16,12 @@ from typing import Any
 import torch
 
 from reslens._checks import check_choice, check_float, check_int
-from reslens._prompts import answer_id as _answer_id
 from reslens._prompts import check_prompt_ids, check_span, prompt_ids, prompt_pieces, subject_span
 from reslens._saving import Saveable
-from reslens._text import html_table, pandas
-from reslens._tokens import decode_each
+from reslens._text import html_table, pandas, show
+from reslens._tokens import decode_each, token_id
 from reslens.arch import Arch, adapter
 from reslens.tracing._engine import Engine, draw_noise
-from reslens.tracing._format import show
 
 __all__ = ["KINDS", "Noise", "TraceResult", "causal_trace", "causal_trace_ids", "restored_prob",
            "embedding_std", "window_layers"]
@@ -62,6 +60,13 @@ class Noise:
             check_choice(std, ("vocab",), "embedding_std")
         elif std is not None:
             object.__setattr__(self, "embedding_std", check_float(std, "embedding_std", low=0.0))
+
+    def _repr_html_(self) -> str:
+        std = {None: "the subject tokens' embedding std", "vocab": "the whole token embedding's std"}
+        rows = [("samples", self.samples), ("scale", self.scale),
+                ("embedding_std", std.get(self.embedding_std, self.embedding_std)),  # type: ignore[arg-type]
+                ("seed", self.seed)]
+        return html_table("Noise", (), rows)
 
 
 _LEGACY_NOISE = ("samples", "embedding_std", "seed")
@@ -163,7 +168,7 @@ def restored_prob(model: Any, input_ids: Any, subject_span: tuple[int, int], ans
     arch = adapter(model)
     ids = check_prompt_ids(arch, input_ids)
     span = check_span(subject_span, ids.shape[0])
-    answer_id = check_int(answer_id, "answer_id", low=0, high=arch.d_vocab - 1)
+    answer_id = token_id(answer_id, d_vocab=arch.d_vocab, name="answer_id")
     restoration = _check_restoration(arch, restore, ids.shape[0])
     engine, _ = _engine(arch, ids, span, answer_id, noise)
     return float(engine.run([restoration], batch_size=engine.samples)[0])
@@ -359,7 +364,7 @@ def causal_trace_ids(model: Any, input_ids: Any, subject_span: tuple[int, int], 
     if answer_id is None:
         with torch.no_grad():
             answer_id = int(arch.unembed(arch.final_hidden(ids[None])[0, -1]).argmax())
-    answer_id = check_int(answer_id, "answer_id", low=0, high=arch.d_vocab - 1)
+    answer_id = token_id(answer_id, d_vocab=arch.d_vocab, name="answer_id")
 
     engine, std = _engine(arch, ids, span, answer_id, noise)
     clean = engine.clean_prob()
@@ -382,13 +387,13 @@ def causal_trace_ids(model: Any, input_ids: Any, subject_span: tuple[int, int], 
     )
 
 
-def causal_trace(model: Any, tokenizer: Any, prompt: str, subject: str, *, answer: str | None = None,
+def causal_trace(model: Any, tokenizer: Any, prompt: str, subject: str, *, answer: str | int | None = None,
                  kind: str = "resid", window: int = 10, noise: Noise | float = Noise(), batch_size: int = 256,
                  progress: bool = False, **legacy: Any) -> TraceResult:
     """Causal trace (ROME) of ``prompt``: corrupt ``subject``, restore each (layer, token) cell.
 
-    ``answer``: the token whose probability is measured, exactly one token written as it
-    follows the prompt (e.g. ``" Holmes"``; an answer of several tokens is refused);
+    ``answer``: the token whose probability is measured, its text as it follows the prompt
+    (e.g. ``" Holmes"``; it must be exactly one token, an answer of several is refused) or its id;
     ``None`` = the model's own top-1. ``kind``: ``"resid"`` restores single block outputs,
     ``"mlp"`` / ``"attn"`` windows of ``window`` MLP / attention outputs (ROME: ``l - 5 .. l + 4``
     for ``window=10``, clipped). ``noise``: a :class:`Noise` (``samples`` draws of std
@@ -402,7 +407,8 @@ def causal_trace(model: Any, tokenizer: Any, prompt: str, subject: str, *, answe
     arch = adapter(model)
     ids = prompt_ids(arch, tokenizer, prompt)
     span = subject_span(tokenizer, prompt, subject)
-    answer_id = None if answer is None else _answer_id(tokenizer, answer)
+    answer_id = None if answer is None else token_id(answer, d_vocab=arch.d_vocab, tokenizer=tokenizer,
+                                                     name="answer")
     return causal_trace_ids(
         arch, torch.tensor(ids), span, answer_id=answer_id, kind=kind, window=window, noise=noise,
         batch_size=batch_size, progress=progress, tokenizer=tokenizer,
