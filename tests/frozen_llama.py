@@ -365,7 +365,7 @@ def _kv(model: Any, tokenizer: Any, sizes: dict[str, Any]) -> dict[str, torch.Te
         ("token_raw", dict(layer=last, position=None, seq=1, token=said)),
         ("token_final_norm", dict(layer=last, position=3, token=said, through_final_norm=True)),
     ):
-        c = kv.contributions(model, res, **kwargs)
+        c = kv.contributions_of(res, model, **kwargs)
         _put_all(out, f"kv/contributions/{name}", c, _CONTRIBUTION_FIELDS)
         _put_big(out, f"kv/contributions/{name}/total", c.total())
     return out
