@@ -102,6 +102,9 @@ class Arch:
     positional: Literal["learned", "rotary"] = "learned"
     gated_mlp: bool = False
     prepend_bos: bool = False
+    #: patterns (``re.search``) of checkpoint keys that older saves of the family hold and that carry
+    #: no weight (buffers since dropped); any other key the model does not use makes loading refuse
+    legacy_checkpoint_keys: tuple[str, ...] = ()
     model: nn.Module
 
     @property

@@ -41,6 +41,7 @@ class GPT2(Arch):
     positional = "learned"
     gated_mlp = False
     prepend_bos = False
+    legacy_checkpoint_keys = (r"\.attn\.masked_bias$",)  # the attention mask's fill value (transformers 3)
 
     def __post_init__(self) -> None:
         from transformers import GPT2LMHeadModel, GPT2Model
