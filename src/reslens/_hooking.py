@@ -5,12 +5,33 @@ The private machinery under :mod:`reslens.hooks` (which alone decides where hook
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Any
 
 import torch
 
-__all__ = ["_StopForward", "_SiteBuffer", "_ThreadHooks"]
+__all__ = ["_StopForward", "_SiteBuffer", "_ThreadHooks", "cache_length", "takes_start"]
+
+
+def cache_length(cache: Any) -> int:
+    """How many tokens a KV cache already holds (0 for none).
+
+    That is the whole-sequence position of the first token of a forward that continues the cache
+    (``model.generate()`` with ``use_cache=True`` runs each new token alone).
+    """
+    if cache is None:
+        return 0
+    return int(getattr(cache, "get_seq_length", lambda: 0)())
+
+
+def takes_start(fn: Any) -> bool:
+    """Whether ``fn`` has a parameter ``start`` (by keyword) for the position of its tensor's first entry."""
+    try:
+        param = inspect.signature(fn).parameters.get("start")
+    except (TypeError, ValueError):  # a builtin without a readable signature
+        return False
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
 class _StopForward(Exception):
@@ -70,13 +91,16 @@ class _ThreadHooks:
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def _add_post(self, module: Any, callback: Any) -> None:
-        """``callback(output)`` after ``module`` runs; it may return a new output."""
+    def _add_post(self, module: Any, callback: Any, always_call: bool = False) -> None:
+        """``callback(output)`` after ``module`` runs; it may return a new output.
+
+        ``always_call``: also when the forward raised (``output`` is then ``None``).
+        """
 
         def hook(m, args, out):
             return callback(out) if self._mine() else None
 
-        self._handles.append(module.register_forward_hook(hook))
+        self._handles.append(module.register_forward_hook(hook, always_call=always_call))
 
     def _remove(self) -> None:
         while self._handles:

@@ -464,20 +464,30 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``reslens`` command and return its exit code (2, with one line on stderr, for bad input)."""
+    """Run the ``reslens`` command and return its exit code (2, with one line on stderr, for bad input).
+
+    Bad input is what reslens refuses (:func:`reslens._errors.is_refusal`); any other exception is a
+    bug and keeps its traceback.
+    """
     args = _parser().parse_args(argv)
     try:
         _check_args(args)
         figure = getattr(args, "figure", None) if args.command == "memories" else getattr(args, "out", None)
         if figure is not None:
-            import matplotlib
-
+            try:
+                import matplotlib
+            except ImportError:
+                raise _UsageError('a figure needs matplotlib: pip install "reslens[plot]"') from None
             matplotlib.use("Agg")
         handlers = {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
                     "download": _download}
         handler = handlers[args.command]
         return handler(args)
     except (ValueError, TypeError, OSError, ImportError) as error:
+        from reslens._errors import is_refusal
+
+        if not is_refusal(error):
+            raise  # a bug (or a library's own failure): its traceback, not a usage message
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"reslens {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_device, check_dtype, check_layers, check_sites
-from reslens._hooking import _SiteBuffer, _StopForward, _ThreadHooks
+from reslens._hooking import _SiteBuffer, _StopForward, _ThreadHooks, cache_length, takes_start
 from reslens._inputs import Batch, as_batch
 from reslens.arch import adapter
 from reslens.residuals import BLOCK_SITES, SITES, Residuals
@@ -262,8 +262,7 @@ class Trace(_ThreadHooks):
 
     def _on_forward_start(self, args: tuple, kwargs: dict) -> None:
         inputs = self.arch.forward_inputs(args, kwargs)
-        cache = inputs.cache
-        if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
+        if cache_length(inputs.cache) > 0:
             raise ValueError(
                 "reslens records whole forward passes; this one continues a KV cache "
                 "(pass the full sequence with use_cache=False)"
@@ -443,10 +442,27 @@ class Patch(_ThreadHooks):
                     f"edits names ({site!r}, {layer}) twice (negative and positive layer numbers?)"
                 )
             self.edits[(site, layer)] = fn
+        self._with_start = {key for key, fn in self.edits.items() if takes_start(fn)}
+        self._start = 0  # the whole-sequence position of this forward's first token
+
+    def _on_forward_start(self, args: tuple, kwargs: dict) -> None:
+        self._start = cache_length(self.arch.forward_inputs(args, kwargs).cache)
+        blind = [key for key in self.edits if key not in self._with_start]
+        if self._start > 0 and blind:
+            raise ValueError(
+                f"this forward continues a KV cache of {self._start} tokens (as model.generate() runs "
+                f"with use_cache=True), so the edits of {blind} would see only the new tokens, the "
+                "first at pos 0; give each function a parameter `start` (it then gets the position "
+                "of its tensor's first entry in the whole sequence) or run with use_cache=False"
+            )
+
+    def _on_forward_end(self, out: Any) -> None:
+        self._start = 0  # a block run alone (outside a body forward) starts at its own first position
 
     def _apply(self, site: str, layer: int, t: torch.Tensor) -> torch.Tensor:
         x = t.to(self._device)  # a dispatched model's layer may run elsewhere: the function sees arch.device
-        out = self.edits[(site, layer)](x)
+        fn = self.edits[(site, layer)]
+        out = fn(x, start=self._start) if (site, layer) in self._with_start else fn(x)
         if out is None:  # edited in place
             return t if x is t else x.to(t.device)
         if not isinstance(out, torch.Tensor) or out.shape != t.shape:
@@ -476,6 +492,8 @@ class Patch(_ThreadHooks):
             raise RuntimeError("this patch is already active")
         self._thread = threading.get_ident()
         try:
+            self._add_pre(self.arch.body, self._on_forward_start)
+            self._add_post(self.arch.body, self._on_forward_end, always_call=True)
             for site, layer in self.edits:
                 self._register(site, layer)
         except BaseException:
@@ -498,9 +516,12 @@ def patch(model: Any, edits: Mapping[tuple[str, int], Any]) -> Patch:
     computed it and returns the tensor to use instead (or ``None`` after editing it in
     place). Sites: ``resid`` (layer ``l`` = the input of block ``l``, ``n_layer`` = the input
     of the final norm; layer 0 is the embedding), ``attn_out``, ``mlp_out``, ``mlp_act``.
-    Gradients flow through the functions, so they may add trainable tensors. A trace active
-    on the model records the patched values, whichever was entered first. Only forwards of
-    the thread that entered the patch are changed.
+    A function with a parameter ``start`` is called ``fn(t, start=s)``, ``s`` the position of
+    ``t[:, 0]`` in the whole sequence: 0, or the tokens a KV cache holds when the forward continues
+    one (``model.generate()``, whose steps see only the new token). A forward that continues a
+    cache is refused while any function lacks ``start``. Gradients flow through the functions,
+    so they may add trainable tensors. A trace active on the model records the patched values,
+    whichever was entered first. Only forwards of the thread that entered the patch are changed.
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel

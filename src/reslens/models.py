@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from importlib import resources
 from pathlib import Path
+
 import torch
 
 from reslens._checks import check_dtype
+from reslens._errors import ModelFileError
 from reslens._distributed import local_device
 
-__all__ = ["load_model", "embedded_model_dir"]
+__all__ = ["load_model", "embedded_model_dir", "ModelFileError"]
 
 
 @contextlib.contextmanager
@@ -38,10 +41,26 @@ def _quiet_progress():
 def _hub_error(name: object, error: Exception) -> OSError:
     return OSError(
         f"could not load {name!r} with from_pretrained: the HuggingFace hub may be unreachable "
-        f"from here ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        f"from here ({error.__class__.__name__}: {_first_line(error)}). "
         "Pass a local directory that holds the model (config.json, weights, tokenizer files), "
         "or call reslens.load_model() with no name for the embedded offline model."
     )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(": ") if text else type(error).__name__
+
+
+def _repair(name: object) -> str:
+    """What to do about a damaged model folder, by where it came from."""
+    if name is None:
+        return "reinstall reslens"
+    if isinstance(name, str) and name in _known_models():
+        from reslens.hub import repair_hint
+
+        return repair_hint(name)
+    return "save the model there again (save_pretrained writes config.json, the weights and the tokenizer)"
 
 
 def _load_config(name: object, source: str | Path, local_only: bool):
@@ -54,7 +73,9 @@ def _load_config(name: object, source: str | Path, local_only: bool):
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     except OSError as error:
         if isinstance(source, Path):
-            raise
+            raise ModelFileError(
+                f"cannot read {source / 'config.json'} ({_first_line(error)}); {_repair(name)}"
+            ) from error
         raise _hub_error(name, error) from error
     except ValueError as error:
         raise ValueError(f"cannot read the config of {str(source)!r}: {error}") from None
@@ -64,6 +85,67 @@ def _load_config(name: object, source: str | Path, local_only: bool):
             f"{', '.join(sorted(FAMILIES))}"
         )
     return config
+
+
+_TOKENIZER_FILES = "the tokenizer files saved with the model (tokenizer.json, tokenizer.model or vocab.json)"
+
+
+def _load_tokenizer(name: object, source: str | Path, local_only: bool):
+    """The checkpoint's tokenizer; an empty one (a folder without tokenizer files) is refused."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError, TypeError) as error:
+        if isinstance(source, Path):
+            raise ModelFileError(
+                f"cannot read a tokenizer from {source} ({_first_line(error)}); the folder needs "
+                f"{_TOKENIZER_FILES}; {_repair(name)}"
+            ) from error
+        if isinstance(error, OSError):
+            raise _hub_error(name, error) from error
+        raise ValueError(f"cannot build the tokenizer of {name!r}: {_first_line(error)}") from error
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise ModelFileError(
+            f"{source} holds no tokenizer: transformers built an empty one, which reads 'hello world' as "
+            f"no tokens; the folder needs {_TOKENIZER_FILES}; {_repair(name)}"
+        )
+    return tokenizer
+
+
+def _damaged(name: object, folder: Path, error: Exception) -> ModelFileError:
+    """The error for weights ``from_pretrained`` could not read from ``folder``, naming the bad file."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):  # reads and checks the header only
+                pass
+        except (OSError, SafetensorError) as bad:
+            return ModelFileError(f"{file} is truncated or corrupt ({_first_line(bad)}); {_repair(name)}")
+    return ModelFileError(
+        f"cannot load the weights in {folder} ({type(error).__name__}: {_first_line(error)}); {_repair(name)}"
+    )
+
+
+def _check_keys(label: str, config, info: dict) -> None:
+    """Refuse a checkpoint that lacks weights of the model or carries weights the model does not use."""
+    from reslens.arch import FAMILIES
+
+    legacy = [re.compile(p) for p in FAMILIES[config.model_type].legacy_checkpoint_keys]
+    missing = list(info.get("missing_keys", ()))
+    unused = sorted(k for k in info.get("unexpected_keys", ()) if not any(p.search(k) for p in legacy))
+    mismatch = f"the checkpoint does not match its config.json (model_type={config.model_type!r})"
+    if missing:
+        raise ValueError(
+            f"{label!r} lacks {len(missing)} of the model's weights (e.g. {', '.join(missing[:3])}); "
+            f"{mismatch}, so reslens refuses a partly random model"
+        )
+    if unused:
+        raise ValueError(
+            f"{label!r} carries {len(unused)} weights the {config.model_type} model does not use (e.g. "
+            f"{', '.join(unused[:3])}); {mismatch}, so reslens refuses a model that would run without them"
+        )
 
 
 def _known_models() -> tuple[str, ...]:
@@ -77,18 +159,22 @@ def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dt
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from reslens.arch import FAMILIES
-    from reslens.hub import _need_gguf_extra
+    from reslens.hub import _need_gguf_extra, check_gguf
 
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
+    check_gguf(path, str(path), "give the path of a model saved as GGUF")
     _need_gguf_extra()
     folder, file = str(path.parent), path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=file)
-    if config.model_type not in FAMILIES:
-        raise TypeError(f"{str(path)!r} holds a {config.model_type!r} model; reslens supports the families "
-                        f"{', '.join(sorted(FAMILIES))}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype or torch.float32)
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=file)
+        if config.model_type not in FAMILIES:
+            raise TypeError(f"{str(path)!r} holds a {config.model_type!r} model; reslens supports the "
+                            f"families {', '.join(sorted(FAMILIES))}")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as error:
+        raise ModelFileError(f"cannot read {path} as a GGUF model ({_first_line(error)})") from error
     if device is not None:
         model = model.to(local_device(device))
     return model.eval(), tokenizer
@@ -116,12 +202,16 @@ def load_model(
       cannot be reached the error says so and suggests a local path or the default.
 
     A checkpoint of an unsupported family is refused (``TypeError``) before its weights load, and one
-    that lacks weights is refused (``ValueError``) rather than returned partly random.
+    that lacks weights of the model, or carries weights the model does not use, is refused
+    (``ValueError``) rather than returned partly random. A folder that cannot be read right (no
+    tokenizer files, a truncated or corrupt file) is refused with a ``ModelFileError`` (an ``OSError``)
+    that names the file and how to repair it (``reslens download NAME --force`` for a cached model).
 
     ``device="cuda"`` under ``torchrun`` means this rank's GPU (``cuda:LOCAL_RANK``), so a
     data-parallel script puts one model on each GPU without a code change.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     check_dtype(dtype)
     if name is not None and not isinstance(name, (str, os.PathLike)):
@@ -156,23 +246,24 @@ def load_model(
         local_only = False
 
     config = _load_config(name, source, local_only)
+    tokenizer = _load_tokenizer(name, source, local_only)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         with _quiet_progress():
             model, info = AutoModelForCausalLM.from_pretrained(
                 source, config=config, dtype=dtype, local_files_only=local_only, output_loading_info=True
             )
-    except OSError as error:
+    except (OSError, ValueError, SafetensorError) as error:
         if isinstance(source, Path):
-            raise
-        raise _hub_error(name, error) from error
-    missing = list(info.get("missing_keys", ()))
-    if missing:
-        raise ValueError(
-            f"{str(name if name is not None else source)!r} lacks {len(missing)} of the model's weights "
-            f"(e.g. {', '.join(missing[:3])}); the checkpoint does not match its config.json "
-            f"(model_type={config.model_type!r}), so reslens refuses a partly random model"
-        )
+            raise _damaged(name, source, error) from error
+        if isinstance(error, OSError):
+            raise _hub_error(name, error) from error
+        if isinstance(error, SafetensorError):
+            raise ModelFileError(
+                f"cannot read the weights of {name!r} ({_first_line(error)}); fetch them again with "
+                f"transformers' from_pretrained({name!r}, force_download=True)"
+            ) from error
+        raise
+    _check_keys(str(name if name is not None else source), config, info)
     if device is not None:
         model = model.to(local_device(device))
     model.eval()

@@ -43,6 +43,9 @@ class Arch(Modules, abc.ABC):
     (:class:`~reslens.arch._layout.Modules`). Weights come back as views of what HuggingFace stores.
     """
 
+    #: patterns (``re.search``) of checkpoint keys that older saves of the family hold and that carry
+    #: no weight (buffers since dropped); any other key the model does not use makes loading refuse
+    legacy_checkpoint_keys: tuple[str, ...] = ()
     model: nn.Module
 
     # --- what the family is: data, set by each adapter as class attributes -------------------

@@ -57,6 +57,7 @@ class GPT2(Arch):
         mlp_out_proj="mlp.c_proj",
         body_args=("input_ids", "cache", "attention_mask", "token_type_ids", "position_ids"),
     )
+    legacy_checkpoint_keys = (r"\.attn\.masked_bias$",)  # the attention mask's fill value (transformers 3)
 
     def __post_init__(self) -> None:
         from transformers import GPT2LMHeadModel, GPT2Model

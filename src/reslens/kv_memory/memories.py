@@ -373,8 +373,10 @@ def edit_coefficients(
     """A context manager that sets chosen coefficients ``m_i`` during forwards (None = zero).
 
     ``edits = {layer: {neuron: value or None}}``; ``positions`` (indices of the ``pos`` axis,
-    negatives from its end) limits the edit, default every position. This is LM-Debugger's
-    intervention: the MLP output moves by exactly ``(value - m_i) v_i``. The edit replaces the
+    negatives from its end) limits the edit, default every position. Under a KV cache
+    (``model.generate()``) positions still count from the sequence's first token, as without
+    one; negative positions are then refused (the end moves with each new token). This is
+    LM-Debugger's intervention: the MLP output moves by exactly ``(value - m_i) v_i``. The edit replaces the
     input of the MLP output projection (the ``mlp_act`` site of :func:`reslens.hooks.patch`);
     hooks go away on exit, also on exceptions.
 
@@ -398,19 +400,24 @@ def edit_coefficients(
 
 
 def _set_coefficients(neurons: torch.Tensor, vals: torch.Tensor, positions: torch.Tensor | None):
-    def edit(act: torch.Tensor) -> torch.Tensor:  # act: [batch, pos, d_mlp]
+    def edit(act: torch.Tensor, start: int) -> torch.Tensor:  # act: [batch, pos, d_mlp], pos from start
         act = act.clone()
         v = vals.to(act.device, act.dtype)
         n = neurons.to(act.device)
         if positions is None:
             act[..., n] = v
-        else:
-            p = positions.to(act.device)
-            if bool(((p >= act.shape[1]) | (p < -act.shape[1])).any()):
-                raise ValueError(
-                    f"positions {positions.tolist()} fall outside this forward's {act.shape[1]} positions"
-                )
-            act[:, p[:, None], n[None, :]] = v
+            return act
+        p, end = positions.to(act.device), start + act.shape[1]  # end: the whole sequence's length
+        if start > 0 and bool((p < 0).any()):
+            raise ValueError(
+                f"positions {positions.tolist()} count from the end of the sequence, which moves with "
+                f"every token a KV cache adds (this forward continues a cache of {start} tokens, as "
+                "model.generate() does); pass non-negative positions or run with use_cache=False"
+            )
+        if bool(((p >= end) | (p < -end)).any()):
+            raise ValueError(f"positions {positions.tolist()} fall outside the sequence's {end} positions")
+        p = p[p >= start] - start if start > 0 else p  # under a cache, the positions this forward computes
+        act[:, p[:, None], n[None, :]] = v
         return act
 
     return edit
