@@ -7,7 +7,8 @@ and what was expected; none of them touches the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ __all__ = [
     "check_sites",
     "check_dtype",
     "check_device",
+    "check_edits",
     "check_int",
     "check_float",
     "check_bool",
@@ -228,3 +230,26 @@ def check_device(device: object, *, name: str = "device") -> torch.device | None
         return torch.device(device)  # type: ignore[arg-type]
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"{name}={device!r} is not a valid torch device ({error})") from None
+
+
+def check_edits(edits: Any, sites: tuple[str, ...], n_layer: int) -> dict[tuple[str, int], Any]:
+    """A patch's ``{(site, layer): function}``: known sites, layers in range (negatives from the end)."""
+    if not isinstance(edits, Mapping):
+        raise TypeError(f"edits must be a mapping {{(site, layer): function}}; got {type(edits).__name__}")
+    checked: dict[tuple[str, int], Any] = {}
+    for key, fn in edits.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise TypeError(f"edits keys must be (site, layer) pairs; got {key!r}")
+        site, layer = key
+        check_sites((site,), sites, name="edits site")
+        n_max = n_layer if site == "resid" else n_layer - 1
+        (layer,) = check_layers(layer, n_max, what=f"site {site!r} of a {n_layer}-layer model",
+                                name=f"edits layer for {site!r}")
+        if not callable(fn):
+            raise TypeError(
+                f"edits[({site!r}, {layer})] must be a function tensor -> tensor; got {type(fn).__name__}"
+            )
+        if (site, layer) in checked:
+            raise ValueError(f"edits names ({site!r}, {layer}) twice (negative and positive layer numbers?)")
+        checked[(site, layer)] = fn
+    return checked

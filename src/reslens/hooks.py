@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_bool, check_device, check_dtype, check_layers, check_sites
+from reslens._checks import check_bool, check_device, check_dtype, check_edits, check_layers, check_sites
 from reslens._hooking import _SiteBuffer, _StopForward, _ThreadHooks, cache_length, takes_start
 from reslens._inputs import Batch, as_batch
 from reslens.arch import adapter
@@ -415,33 +415,7 @@ class Patch(_ThreadHooks):
         super().__init__()
         self.arch = adapter(model)
         self._device = self.arch.device
-        n_layer = self.arch.n_layer
-        if not isinstance(edits, Mapping):
-            raise TypeError(
-                f"edits must be a mapping {{(site, layer): function}}; got {type(edits).__name__}"
-            )
-        self.edits: dict[tuple[str, int], Any] = {}
-        for key, fn in edits.items():
-            if not (isinstance(key, tuple) and len(key) == 2):
-                raise TypeError(f"edits keys must be (site, layer) pairs; got {key!r}")
-            site, layer = key
-            check_sites((site,), PATCH_SITES, name="edits site")
-            n_max = n_layer if site == "resid" else n_layer - 1
-            (layer,) = check_layers(
-                layer,
-                n_max,
-                what=f"site {site!r} of a {n_layer}-layer model",
-                name=f"edits layer for {site!r}",
-            )
-            if not callable(fn):
-                raise TypeError(
-                    f"edits[({site!r}, {layer})] must be a function tensor -> tensor; got {type(fn).__name__}"
-                )
-            if (site, layer) in self.edits:
-                raise ValueError(
-                    f"edits names ({site!r}, {layer}) twice (negative and positive layer numbers?)"
-                )
-            self.edits[(site, layer)] = fn
+        self.edits: dict[tuple[str, int], Any] = check_edits(edits, PATCH_SITES, self.arch.n_layer)
         self._with_start = {key for key, fn in self.edits.items() if takes_start(fn)}
         self._start = 0  # the whole-sequence position of this forward's first token
 
