@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_float, check_int
-from reslens._distributed import Shard, shard_of, units_of
+from reslens._distributed import Shard, shard_of
+from reslens._stream import chunks
 from reslens.arch import adapter
 from reslens.lens.values import LinearShortcut
 from reslens.lens._data import corpus_windows, model_name, residual_batches
@@ -150,19 +151,13 @@ def fit_shortcut(
     shard = shard_of(group)
     windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
     shard.same((len(windows), batch_size, ridge), "the number of windows, batch_size and ridge")
-    chunks = units_of(shard, [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)])
+    mine = sum(len(w) for _, chunk in shard.take(chunks(windows, batch_size)) for w in chunk)
     moments = ShortcutMoments(arch.n_layer, arch.d_model, arch.device)
-    with tqdm(
-        total=sum(len(w) for chunk in chunks for w in chunk),
-        desc="linear shortcut",
-        unit="tok",
-        unit_scale=True,
-        disable=not progress or not shard.primary,
-    ) as bar:
-        for chunk in chunks:
-            for resid in residual_batches(arch, chunk, batch_size):
-                moments.add(resid)
-                bar.update(resid.shape[1])
+    with tqdm(total=mine, desc="linear shortcut", unit="tok", unit_scale=True,
+              disable=not progress or not shard.primary) as bar:
+        for resid in residual_batches(arch, tokenizer, windows, batch_size, shard):
+            moments.add(resid)
+            bar.update(resid.shape[1])
     moments.merge(shard)
     if moments.n <= arch.d_model:
         raise ValueError(
