@@ -55,6 +55,23 @@ def _describe(key: str, frozen: torch.Tensor, now: torch.Tensor) -> str:
     return f"{key}: {int((frozen != now).sum())}/{frozen.numel()} elements differ"
 
 
+def build_note(metadata: dict[str, str]) -> str:
+    """Say so where the running torch or transformers is not the build the fixture was made with.
+
+    Bit equality is only promised on the build that made the fixture (metadata ``torch`` and
+    ``transformers``); "" when both match.
+    """
+    import transformers
+
+    notes = [
+        f"fixture made with {name} {metadata.get(name, '?')}, running {running}: "
+        "bit-exactness across builds is not guaranteed"
+        for name, running in (("torch", torch.__version__), ("transformers", transformers.__version__))
+        if metadata.get(name) != running
+    ]
+    return "\n".join(notes)
+
+
 def test_bits_equal_helper():
     x = torch.tensor([1.0, float("nan"), 0.0])
     assert bits_equal(x, x.clone())
@@ -73,7 +90,7 @@ def test_fixture_comes_from_the_frozen_commit():
 
 @pytest.mark.slow
 def test_results_are_bit_identical_to_the_frozen_fixture():
-    frozen, _ = _load_fixture()
+    frozen, metadata = _load_fixture()
     now = compute_frozen_results()
     missing, extra = sorted(frozen.keys() - now.keys()), sorted(now.keys() - frozen.keys())
     assert not missing and not extra, f"key sets differ: missing {missing}, unexpected {extra}"
@@ -84,4 +101,20 @@ def test_results_are_bit_identical_to_the_frozen_fixture():
         for key in sorted(frozen)
         if not bits_equal(frozen[key], now[key])
     ]
-    assert not failures, f"{len(failures)} of {len(frozen)} frozen results changed:\n" + "\n".join(failures)
+    note = build_note(metadata) if failures else ""
+    assert not failures, (
+        f"{len(failures)} of {len(frozen)} frozen results changed:\n" + "\n".join(failures) + f"\n{note}"
+    ).rstrip()
+
+
+def test_build_note_names_a_different_build():
+    import transformers
+
+    same = {"torch": torch.__version__, "transformers": transformers.__version__}
+    assert build_note(same) == ""
+    note = build_note({**same, "torch": "0.0.1+cpu"})
+    assert note == (
+        f"fixture made with torch 0.0.1+cpu, running {torch.__version__}: "
+        "bit-exactness across builds is not guaranteed"
+    )
+    assert "transformers" in build_note({"torch": torch.__version__})
