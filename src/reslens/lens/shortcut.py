@@ -120,8 +120,9 @@ def fit_shortcut(
     """Fit the linear shortcut of every layer ``0..n_layer-1`` to the last residual over ``corpus``.
 
     ``corpus``: a ``.txt`` file, a folder of them, a list of files or an iterable of strings,
-    read as windows of ``max_length`` tokens until ``max_tokens`` real tokens (pads and special
-    tokens never count). ``ridge``: relative ridge term (see the module docstring; default 1e-6,
+    read as windows of ``max_length`` tokens until ``max_tokens`` real tokens, each led by the
+    tokenizer's start tokens (a BOS where it adds one), which like pads are never fitted on (see
+    :mod:`reslens._stream`). ``ridge``: relative ridge term (see the module docstring; default 1e-6,
     enough to keep a degenerate direction solvable). Shows a tqdm bar unless ``progress=False``.
     One forward per batch; the solve is one ``d_model x d_model`` system per layer.
     ``group``: a torch.distributed process group; None = the default group under torchrun, else

@@ -205,8 +205,9 @@ def train_tuned_lens(
     """Train a tuned lens on ``max_tokens`` corpus tokens, ``tokens_per_step`` per optimizer step.
 
     ``corpus``: a ``.txt`` file, a folder of them, a list of files or an iterable of strings, read
-    as windows of ``max_length`` tokens (whole windows make a step: a step holds
-    ``tokens_per_step // max_length`` windows, at least one). ``optimizer``: ``"sgd"`` (the paper's
+    as windows of ``max_length`` tokens, each led by the tokenizer's start tokens (never trained on;
+    see :mod:`reslens._stream`); whole windows make a step: a step holds
+    ``tokens_per_step // max_length`` windows, at least one. ``optimizer``: ``"sgd"`` (the paper's
     code default: Nesterov momentum, ``lr`` 1.0 scaled by ``1 - momentum``) or ``"adam"``
     (``lr`` scaled by 1e-3); see the module docstring for the rest of the recipe. ``chunk_size``
     positions are unembedded at a time. ``checkpoint``: a file to save to every ``save_every`` steps
