@@ -9,6 +9,7 @@ against the actual next token (``-mean log p(next)``, nats) and the top-1 agreem
 from __future__ import annotations
 
 import html
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +165,11 @@ def compare_lenses(
     if scores[0].n_tokens == 0:
         raise ValueError("data is empty: no position was scored")
     stats = [acc.result(kept, QUANTILES, 1, lens.name) for acc, lens in zip(scores, chosen)]
+    for s in stats:
+        if int(s.n_non_finite.sum()) and shard.primary:
+            warnings.warn(f"compare_lenses: {int(s.n_non_finite.sum())} {s.lens_name} cells (layer, position) "
+                          "had non-finite logits (NaN or inf) and are left out of its scores", RuntimeWarning,
+                          stacklevel=2)
     return LensComparison(
         lenses=tuple(names),
         layers=kept,
