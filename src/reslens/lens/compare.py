@@ -166,10 +166,10 @@ def compare_lenses(
         raise ValueError("data is empty: no position was scored")
     stats = [acc.result(kept, QUANTILES, 1, lens.name) for acc, lens in zip(scores, chosen)]
     for s in stats:
-        if int(s.n_non_finite.sum()) and shard.primary:
-            warnings.warn(f"compare_lenses: {int(s.n_non_finite.sum())} {s.lens_name} cells (layer, position) "
-                          "had non-finite logits (NaN or inf) and are left out of its scores", RuntimeWarning,
-                          stacklevel=2)
+        bad = int(s.n_non_finite.sum())
+        if bad and shard.primary:
+            warnings.warn(f"compare_lenses: {bad} {s.lens_name} cells (layer, position) had non-finite "
+                          "logits (NaN or inf) and are left out of its scores", RuntimeWarning, stacklevel=2)
     return LensComparison(
         lenses=tuple(names),
         layers=kept,
