@@ -154,7 +154,8 @@ def reading_rate(args: argparse.Namespace) -> float:
     import torch
 
     import reslens
-    from reslens._corpus import corpus_texts, token_units
+    from reslens._corpus import corpus_texts
+    from reslens._stream import units
 
     torch.set_num_threads(1)
     _, tokenizer = reslens.load_model(args.model)
@@ -163,7 +164,7 @@ def reading_rate(args: argparse.Namespace) -> float:
     for _ in range(3):
         start, total = time.perf_counter(), 0
         texts, _ = corpus_texts(books)
-        for ids in token_units(tokenizer, texts, "sentence", 128):
+        for ids in units(tokenizer, texts, unit="sentence", max_length=128):
             if total + len(ids) > args.tokens:
                 break
             total += len(ids)

@@ -30,7 +30,8 @@ import torch
 
 import reslens
 from reslens import kv_memory as kv
-from reslens._corpus import corpus_texts, token_units
+from reslens._corpus import corpus_texts
+from reslens._stream import units as token_units
 from reslens._inputs import pad_ids, pad_token_id
 from reslens.arch import adapter
 
@@ -46,7 +47,7 @@ def batches_like_mining(tokenizer, max_tokens: int, batch_size: int, window: int
     """The padded batches ``mine_triggers`` forms for the first ``max_tokens`` tokens."""
     texts, _ = corpus_texts(training_books())
     units, total = [], 0
-    for ids in token_units(tokenizer, texts, "sentence", window):
+    for ids in token_units(tokenizer, texts, unit="sentence", max_length=window):
         if total + len(ids) > max_tokens:
             break
         units.append(ids)

@@ -21,7 +21,9 @@ from sklearn.decomposition import PCA
 import reslens
 from reslens import Batch, capture
 from reslens.arch import adapter
-from reslens.pca import _batched_pca, _final_prediction, _sample_windows, _stack_pca
+from reslens._pca_samples import model_top1 as _final_prediction
+from reslens._pca_samples import sample_windows as _sample_windows
+from reslens.pca import _batched_pca, _stack_pca
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "105-persuasion.txt"
 

@@ -99,14 +99,15 @@ def corpus_files(path: Path, include_held_out: bool) -> list[Path]:
 
 def books_read(files: list[Path], tokenizer, n_tokens: int, unit: str, window: int) -> list[str]:
     """The files the first ``n_tokens`` mined tokens came from (the last one possibly in part)."""
-    from reslens._corpus import token_units
+    from reslens._stream import units
 
     names, total = [], 0
     for f in files:
         if total >= n_tokens:
             break
         names.append(f.name)
-        total += sum(map(len, token_units(tokenizer, [f.read_text(encoding="utf-8")], unit, window)))
+        text = f.read_text(encoding="utf-8")
+        total += sum(map(len, units(tokenizer, [text], unit=unit, max_length=window)))
     return names
 
 

@@ -127,8 +127,11 @@ class WordTokenizer:
 
     pad_token_id, eos_token_id = None, 0
 
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [1 + sum(map(ord, w)) % (VOCAB - 1) for w in text.split()]}
+    def __call__(self, text, add_special_tokens=False):  # a string or a list of them, as HuggingFace's
+        def ids(t):
+            return [1 + sum(map(ord, w)) % (VOCAB - 1) for w in t.split()]
+
+        return {"input_ids": ids(text) if isinstance(text, str) else [ids(t) for t in text]}
 
 
 def test_experiment_runs_every_condition(model):

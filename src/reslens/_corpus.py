@@ -1,8 +1,8 @@
-"""Reading a text corpus for the dataset-scale analyses (trigger mining, ROME's key statistics).
+"""Reading text for the data-set passes: the corpus's texts, sentences, token ids and start tokens.
 
 A corpus is a text file, a folder of ``.txt`` files (read in name order), a list of files, or an
-iterable of strings; texts are streamed, one at a time, and turned into token-id units: sentences, or
-windows of the token stream that never cross from one text into the next.
+iterable of strings; texts are streamed, one at a time. :mod:`reslens._stream` cuts them into
+units (windows or sentences) and batches; this module is the text layer beneath it.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from reslens._checks import check_choice, check_int
-
-__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "start_ids", "token_units",
-           "text_windows"]
+__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "paragraph_pieces", "encode", "start_ids"]
 
 UNITS = ("sentence", "window")
 _ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Mme.", "Messrs.", "Mlle.", "Capt.", "Col.", "Prof.")
@@ -99,6 +96,17 @@ def sentences(text: str) -> list[str]:
     return out
 
 
+def paragraph_pieces(text: str, per: int = 64) -> Iterator[str]:
+    """``text`` in pieces of ``per`` paragraphs, each run of blank lines read as one blank line.
+
+    Every piece but the last ends with a blank line, so the pieces joined are the text with its
+    blank-line runs made single blank lines.
+    """
+    pieces = _PARAGRAPH.split(text)
+    for start in range(0, len(pieces), per):
+        yield "\n\n".join(pieces[start : start + per]) + ("\n\n" if start + per < len(pieces) else "")
+
+
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens.
 
@@ -125,49 +133,3 @@ def start_ids(tokenizer: Any) -> tuple[int, ...]:
         if full[n : n + len(plain)] == plain:
             return tuple(int(i) for i in full[:n])
     return ()
-
-
-def token_units(tokenizer: Any, texts: Iterable[str], unit: str, window: int) -> Iterator[list[int]]:
-    """Token-id units of 2..``window`` tokens: sentences, or windows of each text's token stream.
-
-    Sentences are cut to ``window`` tokens; windows are read from each text's token stream,
-    tokenized 64 paragraphs at a time (a text's last partial window is kept when it has 2
-    tokens or more).
-    """
-    check_choice(unit, UNITS, "unit")
-    check_int(window, "window", low=1)
-    for text in texts:
-        if unit == "sentence":
-            found = sentences(text)
-            for start in range(0, len(found), 512):
-                for ids in encode(tokenizer, found[start : start + 512]):
-                    if len(ids) >= 2:
-                        yield ids[:window]
-        else:
-            stream: list[int] = []
-            pieces = _PARAGRAPH.split(text)
-            for start in range(0, len(pieces), 64):
-                chunk = "\n\n".join(pieces[start : start + 64]) + ("\n\n" if start + 64 < len(pieces) else "")
-                stream.extend(encode(tokenizer, [chunk])[0])
-                while len(stream) >= window:
-                    yield stream[:window]
-                    stream = stream[window:]
-            if len(stream) >= 2:
-                yield stream
-
-
-def text_windows(tokenizer: Any, texts: Iterable[str], max_tokens: int, max_length: int, *,
-                 name: str = "corpus") -> list[list[int]]:
-    """Windows of at most ``max_length`` tokens, ``max_tokens`` in all (texts read only as far as needed)."""
-    if tokenizer is None:
-        raise TypeError(f"{name} holds text, so tokenizer= is required (e.g. from reslens.load_model())")
-    windows: list[list[int]] = []
-    total = 0
-    for window in token_units(tokenizer, texts, "window", max_length):
-        windows.append(window[: max_tokens - total])
-        total += len(windows[-1])
-        if total >= max_tokens:
-            break
-    if not windows or total < 2:
-        raise ValueError(f"{name} tokenizes to no window of at least 2 tokens")
-    return windows

@@ -46,9 +46,13 @@ class Shard:
     def parallel(self) -> bool:
         return self.world > 1
 
-    def take(self, units: Iterable[T]) -> Iterator[tuple[int, T]]:
-        """``(index, unit)`` for this rank's units of ``units``, each with its corpus-order number."""
-        for index, unit in enumerate(units):
+    def take(self, units: Iterable[T], first: int = 0) -> Iterator[tuple[int, T]]:
+        """``(index, unit)`` for this rank's units of ``units``, numbered in corpus order from ``first``.
+
+        The one place the sharding rule is written: rank ``r`` of ``W`` takes the units whose number
+        ``i`` has ``i % W == r``.
+        """
+        for index, unit in enumerate(units, start=first):
             if index % self.world == self.rank:
                 yield index, unit
 

@@ -1,8 +1,9 @@
 """The PCA experiment's sample: prediction positions drawn from token windows, and their residual stacks.
 
 :func:`sample_windows` cuts texts into windows and draws the positions; :func:`experiment_stacks`
-captures each chosen position's residual at every layer, one batch of windows at a time, and
-under a process group each rank captures its share of the batches (see :mod:`reslens._distributed`).
+captures each chosen position's residual at every layer, one batch of windows at a time (led by the
+tokenizer's start tokens), and under a process group each rank captures its share of the batches;
+both read :mod:`reslens._stream`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 
 from reslens._distributed import Shard
-from reslens._inputs import encode, pad_ids
+from reslens._corpus import start_ids
+from reslens._inputs import pad_token_id
+from reslens._stream import batch_of, chunks, stream, units
 from reslens.arch import Arch
-from reslens.hooks import capture
 from reslens.residuals import Residuals
 
 __all__ = ["experiment_stacks", "model_top1", "sample_windows"]
@@ -29,15 +31,17 @@ def model_top1(arch: Arch, residuals: Residuals, seq: torch.Tensor, pos: torch.T
 
 
 def sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: int, min_context: int):
-    """``n`` distinct (window, position) predictions sampled from the texts' token windows."""
+    """``n`` distinct (window, position) predictions sampled from the texts' token windows.
+
+    Windows are :func:`reslens._stream.units` of ``max_length`` tokens, every one kept (even a
+    text's last single token: windows are numbered as cut); a position counts the window's tokens
+    from 0, the tokenizer's start tokens not included.
+    """
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a string or a list of strings")
-    windows = []
-    for text in texts:
-        ids = encode(tokenizer, text)  # long texts: no "sequence length is longer than..." warning
-        windows.extend(ids[i : i + max_length] for i in range(0, len(ids), max_length))
+    windows = list(units(tokenizer, list(texts), max_length=max_length, min_length=1, name="texts"))
     candidates = [(w, p) for w, ids in enumerate(windows) for p in range(min_context, len(ids))]
     if not candidates:
         raise ValueError(f"texts hold no position with at least {min_context} tokens of context; "
@@ -49,12 +53,13 @@ def sample_windows(tokenizer: Any, texts: Any, n: int, seed: int, max_length: in
     return windows, chosen
 
 
-def experiment_stacks(arch: Arch, windows: list[list[int]], chosen: list[tuple[int, int]], pad_id: int,
-                       batch_size: int, progress: bool, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+def experiment_stacks(arch: Arch, tokenizer: Any, windows: list[list[int]], chosen: list[tuple[int, int]],
+                      batch_size: int, progress: bool, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual stacks ``[n, n_layer + 1, d_model]`` and final predictions ``[n]`` of the chosen positions.
 
-    Under a process group this rank captures the batches ``b`` with ``b % world == rank``, and
-    every rank gets all ``n``, in the order of ``chosen``.
+    The windows holding a chosen position are read in batches of ``batch_size``
+    (:func:`reslens._stream.stream`: under a process group this rank captures the batches ``b``
+    with ``b % world == rank``), and every rank gets all ``n``, in the order of ``chosen``.
     """
     from tqdm.auto import tqdm
 
@@ -65,17 +70,21 @@ def experiment_stacks(arch: Arch, windows: list[list[int]], chosen: list[tuple[i
     firsts = [0]  # the number of the first example of each window, in the order of chosen (sorted)
     for w in order:
         firsts.append(firsts[-1] + len(by_window[w]))
+    start, pad_id = start_ids(tokenizer), pad_token_id(tokenizer)
+    groups = list(chunks(order, batch_size))
+    rows = (batch_of([windows[w] for w in group], start, pad_id) for group in groups)
+    read = stream(arch, rows, sites=("resid",), shard=shard)
     stacks, finals, numbers = [], [], []
-    batches = [start for _, start in shard.take(range(0, len(order), batch_size))]
-    for start in tqdm(batches, desc="pca residuals", unit="batch", disable=not (progress and shard.primary)):
-        group = order[start : start + batch_size]
-        res = capture(arch, pad_ids([windows[w] for w in group], pad_id=pad_id), sites=("resid",))
+    for b, _, res in tqdm(read, total=len(range(shard.rank, len(groups), shard.world)), desc="pca residuals",
+                          unit="batch", disable=not (progress and shard.primary)):
+        group = groups[b]
         seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
-        pos = torch.tensor([p for w in group for p in by_window[w]])
+        pos = torch.tensor([len(start) + p for w in group for p in by_window[w]])
         stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
         finals.append(model_top1(arch, res, seq, pos))
-        numbers.append(torch.arange(firsts[start], firsts[start + len(group)]))
-    if not batches:  # a rank with no batch (more ranks than batches)
+        first = b * batch_size
+        numbers.append(torch.arange(firsts[first], firsts[first + len(group)]))
+    if not numbers:  # a rank with no batch (more ranks than batches)
         stacks.append(torch.empty(0, arch.n_layer + 1, arch.d_model, device=arch.device))
         finals.append(torch.empty(0, dtype=torch.long, device=arch.device))
         numbers.append(torch.empty(0, dtype=torch.long))

@@ -200,11 +200,14 @@ def _pca(args: argparse.Namespace) -> int:
 
 
 def _lens(args: argparse.Namespace) -> int:
-    """``reslens lens``: the logit-lens table of a text, or per-layer statistics over a file (``--stats``)."""
-    import torch
+    """``reslens lens``: the logit-lens table of a text, or per-layer statistics over a file (``--stats``).
 
+    The text is read as its tokenizer gives it to the model (start tokens first where it adds them),
+    through :mod:`reslens._stream` like every data-set pass.
+    """
     import reslens
-    from reslens._inputs import encode, pad_ids, pad_token_id
+    from reslens._corpus import encode, start_ids
+    from reslens._stream import batch_of, batches, units, window_size
     from reslens.arch import adapter
     from reslens.lens.result import logit_lens
     from reslens.lens.stats import lens_stats
@@ -220,26 +223,25 @@ def _lens(args: argparse.Namespace) -> int:
     model, tokenizer = reslens.load_model(args.model, device=args.device)
     arch = adapter(model)
     learned = None if args.lens is None else load_lens(args.lens, model=model)
-    ids = encode(tokenizer, text)  # no "longer than the maximum" warning: long texts are cut below
+    start = start_ids(tokenizer)  # the text as the tokenizer gives it to the model (a BOS where it adds one)
     if args.stats:
-        ids = ids if args.max_tokens is None else ids[: args.max_tokens]
-        size = min(args.max_length, arch.n_ctx)
-        windows = [ids[i : i + size] for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
+        size = window_size(arch, start, args.max_length)
+        windows = list(units(tokenizer, [text], max_length=size, max_tokens=args.max_tokens))
         if not windows:
             raise ValueError("the text has fewer than 2 tokens")
-        pad = pad_token_id(tokenizer)
-        batches = [pad_ids(windows[i : i + 8], pad_id=pad) for i in range(0, len(windows), 8)]
-        stats = lens_stats(arch, batches, tokenizer=tokenizer, lens=learned)
+        stats = lens_stats(arch, list(batches(tokenizer, windows, 8)), tokenizer=tokenizer, lens=learned)
         print(stats.table())
         figure = stats.plot() if args.out else None
     else:
-        if len(ids) > arch.n_ctx:
-            print(f"(the text has {len(ids)} tokens; reading its first {arch.n_ctx}, the model's context)",
-                  file=sys.stderr)
-            ids = ids[: arch.n_ctx]
+        size = window_size(arch, start, arch.n_ctx)
+        ids = encode(tokenizer, [text])[0]  # no "longer than the maximum" warning: cut below
+        if len(ids) > size:
+            print(f"(the text has {len(ids)} tokens; reading its first {size}, the model's context"
+                  + (f" after {len(start)} start token(s))" if start else ")"), file=sys.stderr)
+            ids = ids[:size]
         sites = ("resid", "resid_mid") if args.mid else ("resid",)
-        result = logit_lens(arch, torch.tensor([ids]), tokenizer=tokenizer, top_k=args.top_k, sites=sites,
-                            lens=learned)
+        result = logit_lens(arch, batch_of([ids], start, pad_id=0), tokenizer=tokenizer, top_k=args.top_k,
+                            sites=sites, lens=learned)
         print(result.table(width=args.width))
         figure = result.plot(metric=args.metric) if args.out else None
     if figure is not None:
@@ -253,7 +255,8 @@ def _heads(args: argparse.Namespace) -> int:
     Argument problems (``--seq-len``, an unreadable ``--file``) are found before the model loads.
     """
     import reslens
-    from reslens._inputs import encode, pad_ids, pad_token_id
+    from reslens._corpus import start_ids
+    from reslens._stream import batches, units, window_size
     from reslens.arch import adapter
     from reslens.heads import composition_scores, induction_scores, ov_eigen_summary, previous_token_scores
     from reslens.heads import repeated_tokens
@@ -271,12 +274,11 @@ def _heads(args: argparse.Namespace) -> int:
               f"using {seq_len})", file=sys.stderr)
     induction = induction_scores(arch, seq_len=seq_len, n=args.n, seed=args.seed)
     if text is not None:
-        ids = encode(tokenizer, text)
-        if len(ids) < 2:
-            raise ValueError(f"--file {args.file} needs at least 2 tokens; it has {len(ids)}")
-        window = min(arch.n_ctx, 128)
-        windows = [ids[i : i + window] for i in range(0, min(len(ids), 32 * window), window)]
-        previous = previous_token_scores(arch, pad_ids(windows, pad_id=pad_token_id(tokenizer)))
+        window = window_size(arch, start_ids(tokenizer), 128)  # up to 32 windows, each kept (as cut)
+        windows = list(units(tokenizer, [text], max_length=window, max_tokens=32 * window, min_length=1))
+        if sum(map(len, windows)) < 2:
+            raise ValueError(f"--file {args.file} needs at least 2 tokens; it has {sum(map(len, windows))}")
+        previous = previous_token_scores(arch, next(batches(tokenizer, windows, len(windows))))
     else:
         repeats = repeated_tokens(arch, seq_len=seq_len, n=args.n, seed=args.seed)
         previous = previous_token_scores(arch, repeats)

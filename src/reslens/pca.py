@@ -23,11 +23,13 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_choice, check_int, check_layers, check_position
+from reslens._corpus import start_ids
 from reslens._distributed import shard_of
-from reslens._inputs import as_batch, pad_token_id
+from reslens._inputs import as_batch
 from reslens._pca_samples import experiment_stacks, model_top1, sample_windows
 from reslens._residual_pca import ResidualPCA
 from reslens._saving import Saveable
+from reslens._stream import window_size
 from reslens._text import html_table, pandas
 from reslens.arch import Arch, adapter
 from reslens.hooks import _capture
@@ -426,7 +428,9 @@ def pca_experiment(
     """The "one direction is the prediction" experiment with its controls (see ``CONDITIONS``).
 
     Samples ``n`` prediction positions from ``texts`` (windows of ``max_length`` tokens, at most
-    the model's context; positions at least ``min_context`` tokens in), runs PCA across layers of
+    the model's context, each led by the start tokens the tokenizer adds — a BOS for Llama-style
+    tokenizers, none for GPT-2 or SmolLM2 —; positions at least ``min_context`` tokens of the text
+    in, counted without the start tokens, as in ``examples``), runs PCA across layers of
     each one's residual stack, and compares the conditions. Residuals are captured once per batch
     of ``batch_size`` windows.
 
@@ -441,14 +445,17 @@ def pca_experiment(
                              ("min_context", min_context, 0), ("batch_size", batch_size, 1)):
         check_int(value, name, low=low)
     check_bool(progress, "progress")
-    windows, chosen = sample_windows(tokenizer, texts, n, seed, min(max_length, arch.n_ctx), min_context)
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    size = window_size(arch, start_ids(tokenizer), max_length)
+    windows, chosen = sample_windows(tokenizer, texts, n, seed, size, min_context)
     shard = shard_of(group)
     if shard.parallel:
         read = repr(([windows[w] for w in sorted({w for w, _ in chosen})], chosen, batch_size))
         shard.same(hashlib.sha256(read.encode()).hexdigest(), "the texts and options (a hash of the sampled "
                    "windows and positions)")
-    stacks_all, final_prediction = experiment_stacks(arch, windows, chosen, pad_token_id(tokenizer),
-                                                     batch_size, progress, shard)
+    stacks_all, final_prediction = experiment_stacks(arch, tokenizer, windows, chosen, batch_size, progress,
+                                                     shard)
     results = {}
     gen = torch.Generator().manual_seed(seed)
     for name, _, options in CONDITIONS:

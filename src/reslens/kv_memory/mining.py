@@ -36,11 +36,12 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_choice, check_int, check_layers
-from reslens._corpus import UNITS, corpus_texts, start_ids, token_units
+from reslens._corpus import UNITS, corpus_texts, start_ids
 from reslens._distributed import Shard, shard_of
-from reslens._inputs import pad_ids, pad_token_id
+from reslens._inputs import pad_token_id
+from reslens._stream import ONE, batch_of, chunks, stream
+from reslens._stream import units as stream_units
 from reslens.arch import Arch, adapter
-from reslens.hooks import capture
 from reslens.kv_memory.triggers import TriggerIndex
 
 __all__ = ["mine_triggers", "model_fingerprint"]
@@ -317,30 +318,33 @@ def _resumed(resume: Any, options: tuple[Any, ...], arch: Arch, fingerprint: str
 
 def _merge_group(arch: Arch, miner: _Miner, group: list[list[int]], first: int, blocks: tuple[int, ...],
                  batch_size: int, pad_id: int, bar: Any, prefix: tuple[int, ...] = (),
-                 shard: Shard = Shard(None, 0, 1), batch_number: int = 0) -> int:
+                 shard: Shard = ONE, batch_number: int = 0) -> int:
     """Run one group in length-sorted batches and merge them; examples are numbered from ``first``.
 
     ``prefix`` (the tokenizer's start tokens, e.g. BOS) goes before every unit and is left out
     of the statistics, as pads are; positions count from the unit's first token. The run's
-    batches are numbered from ``batch_number``; this rank runs those ``shard`` owns. Returns
-    the number after this group's.
+    batches are numbered from ``batch_number``; this rank runs those ``shard`` owns
+    (:func:`reslens._stream.stream`). Returns the number after this group's.
     """
     order = sorted(range(len(group)), key=lambda i: len(group[i]))
-    n_start = len(prefix)
-    for number, start in enumerate(range(0, len(group), batch_size), start=batch_number):
-        rows = order[start : start + batch_size]
-        if number % shard.world != shard.rank:
-            bar.update(sum(len(group[i]) for i in rows))  # another rank's: the bar shows the whole run
-            continue
-        batch = pad_ids([[*prefix, *group[i]] for i in rows], pad_id=pad_id)
-        act = capture(arch, batch, sites="mlp_act", layers=blocks).mlp_act  # [L, B, P, d_mlp]
+    rows = list(chunks(order, batch_size))
+    sizes = [sum(len(group[i]) for i in r) for r in rows]  # tokens per batch: the bar shows the whole run
+    shown = 0
+    read = stream(arch, (batch_of([group[i] for i in r], prefix, pad_id) for r in rows), sites="mlp_act",
+                  layers=blocks, shard=shard, first=batch_number)
+    for number, batch, res in read:
+        b = number - batch_number
+        bar.update(sum(sizes[shown:b]))  # the other ranks' batches before this one
+        shown = b + 1
+        act = res.mlp_act  # [L, B, P, d_mlp]
         mask = batch.attention_mask.to(act.device)
-        if n_start:  # right padding: the start tokens are the first positions of every row
-            act, mask = act[:, :, n_start:], mask[:, n_start:]
-        numbered = torch.tensor([first + i for i in rows])  # examples are numbered in corpus order
-        miner.add([group[i] for i in rows], numbered, act, mask)
+        if prefix:  # right padding: the start tokens are the first positions of every row
+            act, mask = act[:, :, len(prefix):], mask[:, len(prefix):]
+        numbered = torch.tensor([first + i for i in rows[b]])  # examples are numbered in corpus order
+        miner.add([group[i] for i in rows[b]], numbered, act, mask)
         bar.update(int(mask.sum()))
-    return batch_number + -(-len(group) // batch_size)
+    bar.update(sum(sizes[shown:]))
+    return batch_number + len(rows)
 
 
 def _snapshot(miner: _Miner, shard: Shard, digest: Any, **meta: Any) -> TriggerIndex:
@@ -411,7 +415,7 @@ def mine_triggers(
     shard = shard_of(group)
     shard.same((blocks, top_k, unit, window, signed, start, batch_size, max_tokens, save_every, fingerprint,
                 description, out is None), "the mining options, model and corpus")
-    units = token_units(tokenizer, texts, unit, window)
+    units = stream_units(tokenizer, texts, unit=unit, max_length=window, paragraphs=True)
     digest = hashlib.sha256()
     resume = _resumed(resume, (blocks, top_k, unit, window, signed, start), arch, fingerprint, units, digest)
     # a resumed index's examples go to rank 0 alone, so the merge counts each once

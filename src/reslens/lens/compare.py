@@ -1,25 +1,28 @@
 """Lenses side by side on held-out text (Belrose et al. 2023, Fig. 3): KL to the final layer, cross-entropy.
 
-:func:`compare_lenses` reads the same token windows through every lens with
-:func:`reslens.lens_stats.lens_stats` (bounded memory, pads and special tokens left out) and keeps,
-per lens and layer, the mean ``KL(p_final || p_lens)``, the cross-entropy against the actual next
-token (``-mean log p(next)``, nats) and the top-1 agreement with the final layer.
+:func:`compare_lenses` captures the token windows once and reads every batch through every lens with
+the accumulator of :func:`reslens.lens_stats.lens_stats` (bounded memory, pads and special tokens
+left out), and keeps, per lens and layer, the mean ``KL(p_final || p_lens)``, the cross-entropy
+against the actual next token (``-mean log p(next)``, nats) and the top-1 agreement with the final layer.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from reslens._checks import check_bool, check_int
-from reslens._inputs import pad_ids
+from reslens._distributed import shard_of
 from reslens._saving import Saveable
 from reslens._text import html_table, pandas
 from reslens.arch import adapter
-from reslens.lens.values import as_lens
+from reslens._stream import batches
 from reslens.lens._data import corpus_windows
+from reslens.lens.stats import QUANTILES, _read
+from reslens.lens.values import as_lens
 
 __all__ = ["LensComparison", "compare_lenses"]
 
@@ -109,16 +112,20 @@ def compare_lenses(
     max_length: int = 128,
     batch_size: int = 8,
     progress: bool = True,
+    group: Any = None,
 ) -> LensComparison:
     """Score every lens in ``lenses`` on the first ``max_tokens`` tokens of ``corpus``.
 
     ``lenses``: a list of lenses (``None`` or ``"logit"`` for the logit lens, a
     :class:`~reslens.lenses.TunedLens`, a :class:`~reslens.lenses.LinearShortcut`, ...), each read
     at every ``resid`` layer. ``corpus``: a ``.txt`` file, a folder, a list of files or an iterable
-    of strings (hold out what the lenses were trained on).
+    of strings (hold out what the lenses were trained on), read in windows of ``max_length``
+    tokens led by the tokenizer's start tokens (never scored). The corpus is captured once, and
+    every batch's residuals feed every lens, so ``K`` lenses cost one forward per batch.
+    ``group``: a torch.distributed process group (None = the default group under torchrun, else
+    one process; see :mod:`reslens._distributed`): each rank reads every ``world``-th batch and
+    every rank returns the merged scores.
     """
-    from reslens.lens.stats import lens_stats
-
     arch = adapter(model)
     if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):
         raise TypeError(
@@ -134,14 +141,26 @@ def compare_lenses(
         lens.check(arch)
     check_int(batch_size, "batch_size", low=1)
     check_bool(progress, "progress")
+    shard = shard_of(group)
     windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
-    batches = [pad_ids(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
-    scores = [lens_stats(arch, batches, lens=lens, progress=progress, max_samples=1) for lens in chosen]
+    total = -(-len(windows) // batch_size)
+    kept = tuple(range(arch.n_layer + 1))
+    shard.same((kept, total), "the layers and batch count")
+    scores = _read(arch, batches(tokenizer, windows, batch_size), total, chosen, kept, 1, 384, False,
+                   progress, shard)
+    if scores[0].n_tokens == 0:
+        raise ValueError("data is empty: no position was scored")
+    stats = [acc.result(kept, QUANTILES, 1, lens.name) for acc, lens in zip(scores, chosen)]
+    for s in stats:
+        bad = int(s.n_non_finite.sum())
+        if bad and shard.primary:
+            warnings.warn(f"compare_lenses: {bad} {s.lens_name} cells (layer, position) had non-finite "
+                          "logits (NaN or inf) and are left out of its scores", RuntimeWarning, stacklevel=2)
     return LensComparison(
         lenses=tuple(names),
-        layers=scores[0].layers,
-        kl_final_layer=torch.stack([s.mean.kl_final_layer for s in scores]),
-        cross_entropy=torch.stack([-s.mean.target_logprob for s in scores]),
-        top1_agreement=torch.stack([s.top1_agreement for s in scores]),
-        n_tokens=scores[0].n_tokens,
+        layers=kept,
+        kl_final_layer=torch.stack([s.mean.kl_final_layer for s in stats]),
+        cross_entropy=torch.stack([-s.mean.target_logprob for s in stats]),
+        top1_agreement=torch.stack([s.top1_agreement for s in stats]),
+        n_tokens=stats[0].n_tokens,
     )

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_float, check_int
-from reslens._distributed import Shard, shard_of, units_of
+from reslens._distributed import Shard, shard_of
+from reslens._stream import chunks
 from reslens._text import html_table
 from reslens.arch import adapter
 from reslens.lens.values import LinearShortcut
@@ -130,8 +131,9 @@ def fit_shortcut(
     """Fit the linear shortcut of every layer ``0..n_layer-1`` to the last residual over ``corpus``.
 
     ``corpus``: a ``.txt`` file, a folder of them, a list of files or an iterable of strings,
-    read as windows of ``max_length`` tokens until ``max_tokens`` real tokens (pads and special
-    tokens never count). ``ridge``: relative ridge term (see the module docstring; default 1e-6,
+    read as windows of ``max_length`` tokens until ``max_tokens`` real tokens, each led by the
+    tokenizer's start tokens (a BOS where it adds one), which like pads are never fitted on (see
+    :mod:`reslens._stream`). ``ridge``: relative ridge term (see the module docstring; default 1e-6,
     enough to keep a degenerate direction solvable). Shows a tqdm bar unless ``progress=False``.
     One forward per batch; the solve is one ``d_model x d_model`` system per layer.
     ``group``: a torch.distributed process group; None = the default group under torchrun, else
@@ -161,19 +163,13 @@ def fit_shortcut(
     shard = shard_of(group)
     windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
     shard.same((len(windows), batch_size, ridge), "the number of windows, batch_size and ridge")
-    chunks = units_of(shard, [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)])
+    mine = sum(len(w) for _, chunk in shard.take(chunks(windows, batch_size)) for w in chunk)
     moments = ShortcutMoments(arch.n_layer, arch.d_model, arch.device)
-    with tqdm(
-        total=sum(len(w) for chunk in chunks for w in chunk),
-        desc="linear shortcut",
-        unit="tok",
-        unit_scale=True,
-        disable=not progress or not shard.primary,
-    ) as bar:
-        for chunk in chunks:
-            for resid in residual_batches(arch, chunk, batch_size):
-                moments.add(resid)
-                bar.update(resid.shape[1])
+    with tqdm(total=mine, desc="linear shortcut", unit="tok", unit_scale=True,
+              disable=not progress or not shard.primary) as bar:
+        for resid in residual_batches(arch, tokenizer, windows, batch_size, shard):
+            moments.add(resid)
+            bar.update(resid.shape[1])
     moments.merge(shard)
     if moments.n <= arch.d_model:
         raise ValueError(

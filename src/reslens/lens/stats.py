@@ -23,12 +23,12 @@ import torch
 
 from reslens._checks import check_bool, check_int, check_layers
 from reslens._distributed import Shard, shard_of
-from reslens._inputs import as_batch, encode, pad_ids, pad_token_id
+from reslens._corpus import start_ids
 from reslens.lens._metrics import VS_FINAL
 from reslens._saving import Saveable
+from reslens._stream import batches, stream, units, window_size
 from reslens._text import html_table, pandas
 from reslens.arch import adapter
-from reslens.hooks import capture
 from reslens.lens.result import METRICS, LensResult, _check_lens, _lens
 from reslens.lens.values import as_lens
 
@@ -149,28 +149,6 @@ class LensStats(Saveable):
     def __repr__(self) -> str:
         lens = "" if self.lens_name == "logit lens" else f", lens_name={self.lens_name!r}"
         return f"LensStats(layers={self.layers[0]}..{self.layers[-1]}, tokens={self.n_tokens}{lens})"
-
-
-def _windows(tokenizer: Any, data: Any, max_length: int) -> list[list[int]]:
-    """Token windows of at most ``max_length`` ids from a text or a list of texts."""
-    texts = [data] if isinstance(data, str) else list(data)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise TypeError("data must be a string, a list of strings, or an iterable of Batch / id tensors")
-    if tokenizer is None:
-        raise TypeError("text data needs tokenizer= (e.g. from reslens.load_model())")
-    windows = []
-    for text in texts:
-        ids = encode(tokenizer, text)  # long texts: no "sequence length is longer than..." warning
-        windows.extend(ids[i : i + max_length] for i in range(0, len(ids), max_length))
-    windows = [w for w in windows if len(w) >= 2]
-    if not windows:
-        raise ValueError("data holds no text of at least 2 tokens")
-    return windows
-
-
-def _batches(windows: list[list[int]], batch_size: int, pad_id: int):
-    for i in range(0, len(windows), batch_size):
-        yield pad_ids(windows[i : i + batch_size], pad_id=pad_id)
 
 
 class _Reservoir:
@@ -321,10 +299,36 @@ def _check_quantiles(quantiles: Any) -> tuple[float, ...]:
 def _input_batches(data: Any, tokenizer: Any, arch: Any, max_length: int, batch_size: int):
     """``(batches, number of them or None)`` of ``data``: texts cut into windows, or its own batches."""
     texts = [data] if isinstance(data, str) else data
-    if isinstance(data, (str, list, tuple)) and all(isinstance(t, str) for t in texts):
-        windows = _windows(tokenizer, data, min(max_length, arch.n_ctx))
-        return _batches(windows, batch_size, pad_token_id(tokenizer)), -(-len(windows) // batch_size)
-    return data, (len(data) if hasattr(data, "__len__") else None)
+    if not isinstance(data, (str, list, tuple)) or not all(isinstance(t, str) for t in texts):
+        return data, (len(data) if hasattr(data, "__len__") else None)
+    if not texts:
+        raise TypeError("data must be a string, a list of strings, or an iterable of Batch / id tensors")
+    if tokenizer is None:
+        raise TypeError("text data needs tokenizer= (e.g. from reslens.load_model())")
+    size = window_size(arch, start_ids(tokenizer), max_length)
+    windows = list(units(tokenizer, list(texts), max_length=size, name="data"))
+    if not windows:
+        raise ValueError("data holds no text of at least 2 tokens")
+    return batches(tokenizer, windows, batch_size), -(-len(windows) // batch_size)
+
+
+def _read(arch: Any, data: Any, total: int | None, lenses: list[Any], kept: tuple[int, ...], max_samples: int,
+          chunk_size: int, fused: bool, progress: bool, shard: Shard) -> list[_Sums]:
+    """Every lens's running sums over this rank's batches of ``data`` (merged), each batch captured once."""
+    from tqdm.auto import tqdm
+
+    sums = [_Sums(len(kept), max_samples, shard.rank) for _ in lenses]
+    mine = None if total is None else len(range(shard.rank, total, shard.world))
+    read = stream(arch, data, sites=("resid",), layers=sorted({*kept, arch.n_layer}), shard=shard)
+    for _, _, res in tqdm(read, total=mine, desc="lens stats", unit="batch",
+                          disable=not progress or not shard.primary):
+        for lens, acc in zip(lenses, sums):
+            acc.add(_lens(res, arch, layers=kept, sites=("resid",), top_k=1, targets="next",
+                          chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False, lens=lens),
+                    res.stat_mask)
+    for acc in sums:
+        acc.merge(shard)
+    return sums
 
 
 def lens_stats(
@@ -345,10 +349,13 @@ def lens_stats(
 ) -> LensStats:
     """Stream ``data`` through the logit lens and return per-layer statistics.
 
-    ``data``: a text, a list of texts (cut into windows of ``max_length`` tokens, at most the
-    model's context), or an iterable of :class:`~reslens.Batch` / ``[batch, pos]`` id tensors.
-    Memory stays bounded: only running sums and a sample of ``max_samples`` positions per metric
-    are kept. Pads and special tokens (``Batch.special_mask``, e.g. a BOS) are never scored. Shows
+    ``data``: a text, a list of texts, or an iterable of :class:`~reslens.Batch` / ``[batch, pos]``
+    id tensors. Texts are read as their tokenizer gives them to the model: cut into windows of
+    ``max_length`` tokens, each led by the start tokens the tokenizer adds (a BOS for Llama-style
+    tokenizers, none for GPT-2 or SmolLM2), which count in the model's context and are never
+    scored (see :mod:`reslens._stream`). Memory stays bounded: only running sums and a sample of
+    ``max_samples`` positions per metric are kept. Pads and special tokens (``Batch.special_mask``,
+    e.g. a BOS) are never scored. Each batch is checked once, when it is captured. Shows
     a tqdm progress bar unless ``progress=False``. ``fused=True`` compiles the per-row reduction
     (see :func:`~reslens.lens.logit_lens`), which pays off over a data set. ``lens``: None (the
     logit lens) or a learned lens from :mod:`reslens.lenses`.
@@ -365,8 +372,6 @@ def lens_stats(
     from a uniform sample of ``m`` values is off by about ``sqrt(q (1 - q) / m) <= 1 / (2 sqrt(m))``
     in rank (0.0016 for the default 100,000).
     """
-    from tqdm.auto import tqdm
-
     arch = adapter(model)
     kept = check_layers(layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
     quantiles = _check_quantiles(quantiles)
@@ -377,19 +382,9 @@ def lens_stats(
     check_bool(progress, "progress")
     _check_lens(lens, arch, ("resid",))
     shard = shard_of(group)
-    batches, total = _input_batches(data, tokenizer, arch, max_length, batch_size)
+    data, total = _input_batches(data, tokenizer, arch, max_length, batch_size)
     shard.same((kept, quantiles, max_samples, total), "the layers, quantiles, max_samples and batch count")
-    mine = None if total is None else len(range(shard.rank, total, shard.world))
-
-    sums = _Sums(len(kept), max_samples, shard.rank)
-    for _, batch in tqdm(shard.take(batches), total=mine, desc="lens stats", unit="batch",
-                         disable=not progress or not shard.primary):
-        batch = as_batch(batch, arch)
-        res = capture(arch, batch, sites=("resid",), layers=sorted({*kept, arch.n_layer}))
-        sums.add(_lens(res, arch, layers=kept, sites=("resid",), top_k=1, targets="next",
-                       chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False, lens=lens),
-                 res.stat_mask)
-    sums.merge(shard)
+    (sums,) = _read(arch, data, total, [lens], kept, max_samples, chunk_size, fused, progress, shard)
     if sums.n_tokens == 0:
         raise ValueError("data is empty: no position was scored")
     stats = sums.result(kept, quantiles, max_samples, as_lens(lens).name)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_choice, check_float, check_int
+from reslens._corpus import start_ids
 from reslens._distributed import Shard, shard_of, units_of
 from reslens._saving import read_safetensors, write_safetensors
 from reslens.arch import Arch, adapter
@@ -136,17 +137,20 @@ def _load_checkpoint(path: Path, translators, opt, fingerprint: str) -> tuple[in
     return int(meta["step"]), json.loads(meta["history"])
 
 
-def _step_resid(arch: Arch, windows: list[list[int]], batch_size: int) -> torch.Tensor:
+def _step_resid(arch: Arch, tokenizer: Any, windows: list[list[int]], batch_size: int) -> torch.Tensor:
     """``resid: [L + 1, n, d]`` of ``windows``' real tokens (``n = 0`` for no window)."""
     if not windows:
         return torch.zeros(arch.n_layer + 1, 0, arch.d_model, device=arch.device)
-    return torch.cat(list(residual_batches(arch, windows, batch_size)), dim=1)
+    return torch.cat(list(residual_batches(arch, tokenizer, windows, batch_size)), dim=1)
 
 
-def _train_step(arch: Arch, translators: list[torch.nn.Linear], windows: list[list[int]], batch_size: int,
-                chunk_size: int, shard: Shard) -> list[float]:
-    """This rank's part of one step's gradients, summed over the ranks; ``[L]``: the step's mean losses."""
-    resid = _step_resid(arch, units_of(shard, windows), batch_size)  # [L + 1, n, d]
+def _train_step(arch: Arch, tokenizer: Any, translators: list[torch.nn.Linear], windows: list[list[int]],
+                batch_size: int, chunk_size: int, shard: Shard) -> list[float]:
+    """This rank's part of one step's gradients, summed over the ranks; ``[L]``: the step's mean losses.
+
+    A step is a handful of windows, so the ranks share it by window (:meth:`Shard.take`), not by batch.
+    """
+    resid = _step_resid(arch, tokenizer, units_of(shard, windows), batch_size)  # [L + 1, n, d]
     if not shard.parallel:
         return _step_loss(arch, translators, resid, chunk_size, resid.shape[1])
     n = int(shard.sum(torch.tensor([resid.shape[1]], dtype=torch.float64)).item())
@@ -194,8 +198,9 @@ def train_tuned_lens(
     """Train a tuned lens on ``max_tokens`` corpus tokens, ``tokens_per_step`` per optimizer step.
 
     ``corpus``: a ``.txt`` file, a folder of them, a list of files or an iterable of strings, read
-    as windows of ``max_length`` tokens (whole windows make a step: a step holds
-    ``tokens_per_step // max_length`` windows, at least one). ``optimizer``: ``"sgd"`` (the paper's
+    as windows of ``max_length`` tokens, each led by the tokenizer's start tokens (never trained on;
+    see :mod:`reslens._stream`); whole windows make a step: a step holds
+    ``tokens_per_step // max_length`` windows, at least one. ``optimizer``: ``"sgd"`` (the paper's
     code default: Nesterov momentum, ``lr`` 1.0 scaled by ``1 - momentum``) or ``"adam"``
     (``lr`` scaled by 1e-3); see the module docstring for the rest of the recipe. ``chunk_size``
     positions are unembedded at a time. ``checkpoint``: a file to save to every ``save_every`` steps
@@ -222,7 +227,8 @@ def train_tuned_lens(
     translators = _zero_translators(arch)
     params = [p for t in translators for p in t.parameters()]
     opt = _optimizer(params, optimizer, lr, momentum, weight_decay)
-    fingerprint = _fingerprint(windows, options)
+    start_tokens = list(start_ids(tokenizer))  # part of what a checkpoint was trained on (none: as before)
+    fingerprint = _fingerprint(windows, {**options, "start_ids": start_tokens} if start_tokens else options)
     shard.same(fingerprint, "the corpus, model shape and options")
     path = None if checkpoint is None else Path(os.fspath(checkpoint)).expanduser()
     start, history = (
@@ -237,7 +243,7 @@ def train_tuned_lens(
               disable=not progress or not shard.primary) as bar:
         for step in range(start, steps):
             step_windows = windows[step * per_step : (step + 1) * per_step]
-            losses = _train_step(arch, translators, step_windows, batch_size, chunk_size, shard)
+            losses = _train_step(arch, tokenizer, translators, step_windows, batch_size, chunk_size, shard)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             for param_group, base in zip(opt.param_groups, base_lrs):
                 param_group["lr"] = base * _lr_factor(step, steps, warmup)

@@ -24,13 +24,12 @@ from typing import Any
 import torch
 
 from reslens._checks import check_block, check_finite, check_int
-from reslens._corpus import corpus_files, corpus_texts, text_windows
+from reslens._corpus import corpus_files, corpus_texts, start_ids
 from reslens._distributed import Shard, shard_of
-from reslens._inputs import pad_ids
 from reslens._saving import Saveable
+from reslens._stream import batches, limit, stream, units, window_size
 from reslens._text import html_table
 from reslens.arch import Arch, adapter
-from reslens.hooks import capture
 
 __all__ = ["SecondMoment", "mlp_key_second_moment"]
 
@@ -110,17 +109,18 @@ def _corpus_key(corpus: Any) -> tuple[Any, torch.Tensor | None, str]:
 
 
 def _windows(texts: Any, ids: torch.Tensor | None, tokenizer: Any, max_tokens: int,
-             max_length: int) -> list[list[int]]:
-    """Windows of at most ``max_length`` tokens, ``max_tokens`` in all (texts read only as far as needed)."""
-    if texts is not None:
-        return text_windows(tokenizer, texts, max_tokens, max_length, name="stats_corpus")
-    windows: list[list[int]] = []
-    left = max_tokens
-    for row in ids[:, :max_length].tolist():
-        if left <= 0:
-            break
-        windows.append(row[:left])
-        left -= len(windows[-1])
+             size: int) -> list[list[int]]:
+    """Windows of at most ``size`` tokens, ``max_tokens`` in all (texts read only as far as needed).
+
+    Texts are cut by :func:`reslens._stream.units`; id rows are cut to ``size`` and taken whole
+    (the last one cut to what is left) until ``max_tokens``.
+    """
+    if ids is not None:
+        return list(limit((row[:size] for row in ids.tolist()), max_tokens, min_length=1))
+    windows = list(units(tokenizer, texts, max_length=size, max_tokens=max_tokens, paragraphs=True,
+                         name="stats_corpus"))
+    if not windows:
+        raise ValueError("stats_corpus tokenizes to no window of at least 2 tokens")
     return windows
 
 
@@ -165,8 +165,11 @@ class SecondMoment(Saveable):
 
         ``corpus``: a text file, a folder of ``.txt`` files, an iterable of strings (these need
         ``tokenizer``), or token ids ``[n, pos]``. Texts are cut into windows of ``max_length``
-        tokens (default: the model's context) that never cross from one text into the next; at
-        most ``max_tokens`` tokens are used, and files are read only as far as that needs.
+        tokens (default: the model's context) that never cross from one text into the next, each
+        led by the start tokens the tokenizer adds (a BOS for Llama-style tokenizers; none for
+        GPT-2 or SmolLM2), which count in the context and never in the statistics (see
+        :mod:`reslens._stream`); at most ``max_tokens`` tokens are used, and files are read only
+        as far as that needs.
         With ``cache_dir`` the statistics are kept there as ``mom2-<key>.safetensors`` (key: the
         weights' content hash, the layer, the corpus and the limits) and read back by later
         calls; an unreadable or inconsistent file there is rebuilt.
@@ -185,8 +188,14 @@ class SecondMoment(Saveable):
         batch_size = check_int(batch_size, "batch_size", low=1)
         shard = shard_of(group)
         texts, ids, corpus_id = _corpus_key(corpus)
+        if texts is not None and tokenizer is None:
+            raise TypeError("stats_corpus holds text, so tokenizer= is required (e.g. from "
+                            "reslens.load_model())")
+        start = () if texts is None else start_ids(tokenizer)
+        size = window_size(arch, start, max_length)
         weights = _weights_hash(arch, layer)
-        corpus_hash = hashlib.sha1(f"{corpus_id}|{max_tokens}|{max_length}".encode()).hexdigest()
+        read = f"{corpus_id}|{max_tokens}|{size}" + (f"|start={list(start)}" if start else "")
+        corpus_hash = hashlib.sha1(read.encode()).hexdigest()
         file = None
         if cache_dir is not None:
             name = hashlib.sha1(f"{weights}|{layer}|{corpus_hash}".encode()).hexdigest()[:20]
@@ -196,9 +205,11 @@ class SecondMoment(Saveable):
             if cached is not None:
                 object.__setattr__(cached, "key", WeightsKey(arch, layer))
                 return cached
-        windows = _windows(texts, ids, tokenizer, max_tokens, max_length)
+        windows = _windows(texts, ids, tokenizer, max_tokens, size)
         shard.same((weights, corpus_hash, batch_size, len(windows)), "the weights, corpus and batch size")
-        mom2, count = _accumulate(arch, layer, windows, batch_size, progress, shard)
+        mine = len(range(shard.rank, -(-len(windows) // batch_size), shard.world))
+        read = batches(tokenizer if texts is not None else None, windows, batch_size)
+        mom2, count = _accumulate(arch, layer, read, mine, progress, shard)
         if not bool(torch.isfinite(mom2).all()):
             raise ValueError(f"the keys of layer {layer} over this corpus have a non-finite second moment "
                              "(NaN or inf: an overflow in the model's dtype?); compute it with the model in "
@@ -244,23 +255,21 @@ def _read_cached(file: Path, arch: Arch, layer: int, weights: str, corpus: str) 
     return stats
 
 
-def _accumulate(arch: Arch, layer: int, windows: list[list[int]], batch_size: int,
-                progress: bool, shard: Shard) -> tuple[torch.Tensor, int]:
-    """``(sum k k^T / n, n)`` over the real tokens of ``windows`` (float64 sums; float32 CPU result).
+def _accumulate(arch: Arch, layer: int, batches: Any, mine: int, progress: bool,
+                shard: Shard) -> tuple[torch.Tensor, int]:
+    """``(sum k k^T / n, n)`` over the real, non-special tokens of ``batches`` (float64 sums; float32 CPU).
 
-    This rank reads its share of the batches; the sums and counts are summed over the ranks.
+    This rank reads its share (``mine``) of the batches; the sums and counts are summed over the ranks.
     """
     from tqdm.auto import tqdm
 
     total = torch.zeros(arch.d_mlp, arch.d_mlp, dtype=torch.float64, device=arch.device)
     count = 0
-    starts = range(0, len(windows), batch_size)
-    for _, start in tqdm(shard.take(starts), total=len(starts[shard.rank :: shard.world]),
-                         desc=f"MLP key second moment (layer {layer})", unit="batch",
-                         disable=not progress or not shard.primary):
-        batch = pad_ids(windows[start : start + batch_size])
-        k = capture(arch, batch, sites="mlp_act", layers=layer).mlp_act[0]  # [b, pos, d_mlp]
-        k = k[batch.attention_mask.to(k.device)].double()  # [tokens, d_mlp]
+    read = stream(arch, batches, sites="mlp_act", layers=layer, shard=shard)
+    for _, _, res in tqdm(read, total=mine, desc=f"MLP key second moment (layer {layer})", unit="batch",
+                          disable=not progress or not shard.primary):
+        k = res.mlp_act[0]  # [b, pos, d_mlp]
+        k = k[res.stat_mask.to(k.device)].double()  # [tokens, d_mlp]
         total += k.T @ k
         count += k.shape[0]
     if shard.parallel:
