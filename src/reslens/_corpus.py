@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "paragraph_pieces", "encode", "start_ids"]
+__all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "start_ids"]
 
 UNITS = ("sentence", "window")
 _ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Mme.", "Messrs.", "Mlle.", "Capt.", "Col.", "Prof.")
@@ -94,17 +94,6 @@ def sentences(text: str) -> list[str]:
         if pending:
             out.append(pending)
     return out
-
-
-def paragraph_pieces(text: str, per: int = 64) -> Iterator[str]:
-    """``text`` in pieces of ``per`` paragraphs, each run of blank lines read as one blank line.
-
-    Every piece but the last ends with a blank line, so the pieces joined are the text with its
-    blank-line runs made single blank lines.
-    """
-    pieces = _PARAGRAPH.split(text)
-    for start in range(0, len(pieces), per):
-        yield "\n\n".join(pieces[start : start + per]) + ("\n\n" if start + per < len(pieces) else "")
 
 
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:

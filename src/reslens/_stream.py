@@ -12,14 +12,10 @@ accumulator and merge:
   ``max_length`` tokens; a text's last window shorter than ``min_length`` is dropped, a sentence is
   cut to ``max_length``; ``max_tokens`` keeps the first ``max_tokens`` tokens of the units, cutting
   the last unit kept (dropped when that leaves it shorter than ``min_length``).
-- Two readings of a window's text, each kept where its numbers were made: the analyses of texts
-  given in memory (:func:`~reslens.lens.lens_stats` on text, the PCA experiment, the command
-  line) encode the whole text, exactly as the tokenizer gives it; the corpus passes (the learned
-  lenses and their comparison, ROME's key statistics, mining by windows) read a text 64 paragraphs
-  at a time with each run of blank lines read as one (``paragraphs=True``), so a long book is
-  tokenized only as far as needed. The two agree on a text whose paragraphs are separated by
-  single blank lines and that has at most 64 of them; elsewhere (a book with headings set off by
-  several blank lines) they differ by a few tokens per book. Sentences are read the same way in both.
+- One reading of a text: a window's text is encoded whole, exactly as the tokenizer gives it (no
+  blank lines squeezed, no piece boundaries where a tokenizer would read its text differently), the
+  same for a text given to an analysis and for a book of a corpus; a corpus is read one text at a
+  time and only as far as ``max_tokens`` needs.
 - :func:`batches`: units padded on the right into :class:`~reslens.Batch` es, each row starting with
   the tokenizer's start tokens by its own convention (a BOS for Llama-2/3-, Mistral- or Gemma-style
   tokenizers; none for GPT-2 or SmolLM2, whose rows are the units alone), marked in
@@ -38,7 +34,7 @@ from typing import Any, TypeVar
 import torch
 
 from reslens._checks import check_choice, check_int
-from reslens._corpus import UNITS, corpus_texts, encode, paragraph_pieces, sentences, start_ids
+from reslens._corpus import UNITS, corpus_texts, encode, sentences, start_ids
 from reslens._distributed import Shard
 from reslens._inputs import Batch, pad_ids, pad_token_id
 from reslens.hooks import capture
@@ -78,15 +74,12 @@ def _windows(pieces: Iterable[list[int]], size: int, min_length: int) -> Iterato
 
 
 def units(tokenizer: Any, corpus: Any, *, unit: str = "window", max_length: int,
-          max_tokens: int | None = None, min_length: int = 2, paragraphs: bool = False,
-          name: str = "corpus") -> Iterator[list[int]]:
+          max_tokens: int | None = None, min_length: int = 2, name: str = "corpus") -> Iterator[list[int]]:
     """Token-id units of ``corpus``, texts read only as far as needed (see the module docstring).
 
     ``unit``: ``"window"`` (windows of ``max_length`` tokens of each text) or ``"sentence"``
     (sentences, tokenized 512 at a time and cut to ``max_length``). ``corpus``: anything
     :func:`reslens._corpus.corpus_texts` reads (a single text in memory goes in a list).
-    ``paragraphs``: how a window's text is read (see the module docstring): ``False``, the whole
-    text as the tokenizer gives it; ``True``, 64 paragraphs at a time, blank-line runs read as one.
     """
     check_choice(unit, UNITS, "unit")
     check_int(max_length, "max_length", low=1)
@@ -94,17 +87,15 @@ def units(tokenizer: Any, corpus: Any, *, unit: str = "window", max_length: int,
     if tokenizer is None or not callable(tokenizer):
         raise TypeError(f"{name} holds text, so tokenizer= is required (e.g. from reslens.load_model())")
     texts, _ = corpus_texts(corpus, name=name)
-    return limit(_cut(tokenizer, texts, unit, max_length, min_length, paragraphs), max_tokens, min_length)
+    return limit(_cut(tokenizer, texts, unit, max_length, min_length), max_tokens, min_length)
 
 
-def _cut(tokenizer: Any, texts: Iterable[str], unit: str, max_length: int, min_length: int,
-         paragraphs: bool) -> Iterator[list[int]]:
+def _cut(tokenizer: Any, texts: Iterable[str], unit: str, max_length: int,
+         min_length: int) -> Iterator[list[int]]:
     """The units of each text in turn (see :func:`units`)."""
     for text in texts:
         if unit == "window":
-            pieces = (encode(tokenizer, [piece])[0] for piece in paragraph_pieces(text)) if paragraphs else (
-                encode(tokenizer, [text]))
-            yield from _windows(pieces, max_length, min_length)
+            yield from _windows(encode(tokenizer, [text]), max_length, min_length)
             continue
         found = sentences(text)
         for start in range(0, len(found), 512):

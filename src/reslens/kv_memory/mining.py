@@ -415,7 +415,7 @@ def mine_triggers(
     shard = shard_of(group)
     shard.same((blocks, top_k, unit, window, signed, start, batch_size, max_tokens, save_every, fingerprint,
                 description, out is None), "the mining options, model and corpus")
-    units = stream_units(tokenizer, texts, unit=unit, max_length=window, paragraphs=True)
+    units = stream_units(tokenizer, texts, unit=unit, max_length=window)
     digest = hashlib.sha256()
     resume = _resumed(resume, (blocks, top_k, unit, window, signed, start), arch, fingerprint, units, digest)
     # a resumed index's examples go to rank 0 alone, so the merge counts each once

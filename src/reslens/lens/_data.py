@@ -33,7 +33,7 @@ def corpus_windows(
     if tokenizer is None:
         raise TypeError("corpus holds text, so tokenizer= is required (e.g. from reslens.load_model())")
     size = window_size(arch, start_ids(tokenizer), max_length)
-    windows = list(units(tokenizer, corpus, max_length=size, max_tokens=max_tokens, paragraphs=True))
+    windows = list(units(tokenizer, corpus, max_length=size, max_tokens=max_tokens))
     if not windows:
         raise ValueError("corpus tokenizes to no window of at least 2 tokens")
     return windows

@@ -117,7 +117,7 @@ def _windows(texts: Any, ids: torch.Tensor | None, tokenizer: Any, max_tokens: i
     """
     if ids is not None:
         return list(limit((row[:size] for row in ids.tolist()), max_tokens, min_length=1))
-    windows = list(units(tokenizer, texts, max_length=size, max_tokens=max_tokens, paragraphs=True,
+    windows = list(units(tokenizer, texts, max_length=size, max_tokens=max_tokens,
                          name="stats_corpus"))
     if not windows:
         raise ValueError("stats_corpus tokenizes to no window of at least 2 tokens")
