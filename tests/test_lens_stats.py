@@ -213,3 +213,11 @@ def test_lens_stats_equal_brute_force_on_a_llama_model_leaving_out_pads_and_bos(
     assert stats.top1_agreement[-1] == 1 and float(stats.mean.kl_final_layer[-1]) == 0
     with_bos = lens_stats(model, [Batch(b.input_ids, b.attention_mask) for b in batches], progress=False)
     assert with_bos.n_tokens == 31  # unmarked, the BOS positions are scored like any token
+
+
+def test_data_that_is_no_text_nor_batches_and_one_token_sequences_are_refused_by_name(model):
+    for bad in (123, torch.tensor([[1, 2, 3]]), b"bytes"):
+        with pytest.raises(TypeError, match=r"data must be a text, a list of texts, or an iterable of Batch"):
+            lens_stats(model, bad, progress=False)
+    with pytest.raises(ValueError, match=r"data holds 2 sequences of 1 real token each.*at least 2 tokens"):
+        lens_stats(model, [torch.tensor([[5], [7]])], progress=False)

@@ -293,3 +293,16 @@ def test_lens_stats_and_the_comparison_name_their_lens(tmp_path):
     scores.save(tmp_path / "cmp.safetensors")
     back = type(scores).load(tmp_path / "cmp.safetensors")
     assert back.lenses == scores.lenses and torch.equal(back.kl_final_layer, scores.kl_final_layer)
+
+
+def test_the_shortcut_refuses_a_layer_that_is_constant_over_the_corpus():
+    class Chars:  # one id per character
+        def __call__(self, texts, add_special_tokens=False, **kwargs):
+            return {"input_ids": [[3 + ord(c) % 20 for c in text] for text in texts]}
+
+    llama = make_family("llama")  # no position embedding: one repeated token is one embedding row
+    with pytest.raises(ValueError, match=r"residual at layer\(s\) \[0\] is the same at all 200 tokens"):
+        fit_shortcut(llama, ["a" * 200], tokenizer=Chars(), max_tokens=200, progress=False)
+    fitted = fit_shortcut(llama, ["abcdefghijklmnopqrstuvwxyz" * 10], tokenizer=Chars(), max_tokens=200,
+                          progress=False)
+    assert all(bool(w.isfinite().all()) for w in fitted.weight)

@@ -305,3 +305,9 @@ def test_trajectory_pca_of_non_finite_residuals_is_refused_with_the_predictions_
     with pytest.raises(ValueError, match=r"NaN or inf at the chosen positions \(predictions \[1\] of 3"):
         trajectory_pca_of(bad, model)
     assert trajectory_pca_of(bad, model, positions=0).explained_variance_ratio.isfinite().all()
+
+
+def test_the_experiment_without_a_tokenizer_says_it_needs_one(model):
+    with pytest.raises(TypeError, match=r"tokenizer must be a HuggingFace tokenizer \(the experiment reads "
+                                        r"text\).*got None"):
+        pca_experiment(model, None, "The cat sat on the mat. " * 20, n=3, progress=False)

@@ -21,6 +21,7 @@ __all__ = [
     "check_dtype",
     "check_device",
     "check_edits",
+    "check_tokenizer",
     "check_int",
     "check_float",
     "check_bool",
@@ -253,3 +254,11 @@ def check_edits(edits: Any, sites: tuple[str, ...], n_layer: int) -> dict[tuple[
             raise ValueError(f"edits names ({site!r}, {layer}) twice (negative and positive layer numbers?)")
         checked[(site, layer)] = fn
     return checked
+
+
+def check_tokenizer(tokenizer: object, *, name: str = "tokenizer", why: str = "") -> None:
+    """A HuggingFace tokenizer (anything callable on text); ``why`` says what needs one."""
+    if tokenizer is None or not callable(tokenizer):
+        need = f" ({why})" if why else ""
+        raise TypeError(f"{name} must be a HuggingFace tokenizer{need}, e.g. the second value of "
+                        f"reslens.load_model(); got {tokenizer!r}")

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from reslens._checks import check_tokenizer
+
 __all__ = ["UNITS", "corpus_files", "corpus_texts", "sentences", "encode", "start_ids"]
 
 UNITS = ("sentence", "window")
@@ -104,8 +106,7 @@ def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """
     from transformers import PreTrainedTokenizerBase
 
-    if tokenizer is None or not callable(tokenizer):
-        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    check_tokenizer(tokenizer)
     quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, **quiet)["input_ids"]]
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_bool, check_choice, check_int, check_layers, check_position
+from reslens._checks import (check_bool, check_choice, check_int, check_layers, check_position,
+                             check_tokenizer)
 from reslens._corpus import start_ids
 from reslens._distributed import shard_of
 from reslens._inputs import as_batch
@@ -445,8 +446,7 @@ def pca_experiment(
                              ("min_context", min_context, 0), ("batch_size", batch_size, 1)):
         check_int(value, name, low=low)
     check_bool(progress, "progress")
-    if tokenizer is None or not callable(tokenizer):
-        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    check_tokenizer(tokenizer, why="the experiment reads text")
     size = window_size(arch, start_ids(tokenizer), max_length)
     windows, chosen = sample_windows(tokenizer, texts, n, seed, size, min_context)
     shard = shard_of(group)

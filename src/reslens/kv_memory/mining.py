@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_bool, check_choice, check_int, check_layers
+from reslens._checks import check_bool, check_choice, check_int, check_layers, check_tokenizer
 from reslens._corpus import UNITS, corpus_texts, start_ids
 from reslens._distributed import Shard, shard_of
 from reslens._inputs import pad_token_id
@@ -256,8 +256,7 @@ def _check_options(arch: Arch, tokenizer: Any, layers: Any, top_k: Any, unit: An
     check_int(batch_size, "batch_size", low=1)
     check_int(save_every, "save_every", low=1)
     check_choice(unit, UNITS, "unit")
-    if tokenizer is None or not callable(tokenizer):
-        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    check_tokenizer(tokenizer, why="mining reads text")
     start = start_ids(tokenizer)
     room = arch.n_ctx - len(start)  # the tokenizer's start tokens go before every unit
     window = min(room, 128) if window is None else check_int(window, "window", low=2, high=room)

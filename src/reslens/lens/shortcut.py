@@ -106,11 +106,22 @@ class ShortcutMoments:
         c_xx, c_xy = self.m2_xx / self.n, self.m2_xy / self.n
         d = c_xx.shape[-1]
         scale = torch.diagonal(c_xx, dim1=1, dim2=2).sum(-1) / d  # [L]: the mean variance
+        constant = [int(i) for i in (scale <= 0).nonzero().flatten()]
+        if constant:
+            raise ValueError(
+                f"the residual at layer(s) {constant} is the same at all {self.n} tokens of the corpus "
+                "(variance 0): no map can be fitted from it; expected a corpus whose tokens vary there "
+                "(more, or more varied, text)"
+            )
         eye = torch.eye(d, dtype=c_xx.dtype, device=c_xx.device)
         # One solve per layer: torch 2.13's CPU build fails batched float64 solves of this size on 2 threads
         # (oneMKL "Parameter 6 was incorrect on entry to DLASWP"); single ones are fine.
         regular = c_xx + ridge * scale[:, None, None] * eye
-        a_t = torch.stack([torch.linalg.solve(regular[i], c_xy[i]) for i in range(len(c_xx))])  # A^T
+        try:
+            a_t = torch.stack([torch.linalg.solve(regular[i], c_xy[i]) for i in range(len(c_xx))])  # A^T
+        except torch.linalg.LinAlgError as error:
+            raise ValueError(f"ridge={ridge}: a layer's residual covariance is singular over this corpus "
+                             f"({error}); expected ridge > 0 (the default is 1e-6)") from None
         weight = a_t.transpose(1, 2)
         bias = self.mean_y[None] - (weight @ self.mean_x[:, :, None])[..., 0]
         return weight.float().cpu(), bias.float().cpu()

@@ -15,6 +15,7 @@ samples merged (see :func:`lens_stats`), so every rank returns the one-process s
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -270,6 +271,11 @@ class _Sums:
 
     def result(self, kept: tuple[int, ...], quantiles: tuple[float, ...], max_samples: int,
                lens: str) -> LensStats:
+        if self.n_tokens == 0:
+            raise ValueError("data is empty: no position was scored")
+        if self.reservoirs["target_logprob"].seen == 0:
+            raise ValueError(f"data holds {self.n_sequences} sequences of 1 real token each: no position "
+                             "has a next token to score; expected sequences of at least 2 tokens")
         levels = torch.tensor(quantiles, dtype=torch.float32)
         return LensStats(
             layers=kept,
@@ -299,6 +305,9 @@ def _check_quantiles(quantiles: Any) -> tuple[float, ...]:
 def _input_batches(data: Any, tokenizer: Any, arch: Any, max_length: int, batch_size: int):
     """``(batches, number of them or None)`` of ``data``: texts cut into windows, or its own batches."""
     texts = [data] if isinstance(data, str) else data
+    if isinstance(data, (bytes, Mapping, torch.Tensor)) or not isinstance(data, Iterable):
+        raise TypeError("data must be a text, a list of texts, or an iterable of Batch / [batch, pos] id "
+                        f"tensors; got {type(data).__name__}")
     if not isinstance(data, (str, list, tuple)) or not all(isinstance(t, str) for t in texts):
         return data, (len(data) if hasattr(data, "__len__") else None)
     if not texts:
@@ -385,8 +394,6 @@ def lens_stats(
     data, total = _input_batches(data, tokenizer, arch, max_length, batch_size)
     shard.same((kept, quantiles, max_samples, total), "the layers, quantiles, max_samples and batch count")
     (sums,) = _read(arch, data, total, [lens], kept, max_samples, chunk_size, fused, progress, shard)
-    if sums.n_tokens == 0:
-        raise ValueError("data is empty: no position was scored")
     stats = sums.result(kept, quantiles, max_samples, as_lens(lens).name)
     if int(stats.n_non_finite.sum()) and shard.primary:
         warnings.warn(f"lens_stats: {int(stats.n_non_finite.sum())} lens cells (layer, position) had "
