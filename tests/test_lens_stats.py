@@ -221,3 +221,26 @@ def test_data_that_is_no_text_nor_batches_and_one_token_sequences_are_refused_by
             lens_stats(model, bad, progress=False)
     with pytest.raises(ValueError, match=r"data holds 2 sequences of 1 real token each.*at least 2 tokens"):
         lens_stats(model, [torch.tensor([[5], [7]])], progress=False)
+
+
+def test_lens_stats_checks_its_options_once_not_per_batch(model, monkeypatch):
+    import reslens.lens.result
+    import reslens.lens.stats
+
+    calls = {}
+
+    def counted(name, check):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return check(*args, **kwargs)
+        return wrapper
+
+    for module, names in ((reslens.lens.result, ("_check_options", "_check_residuals", "check_layers")),
+                          (reslens.lens.stats, ("check_layers", "_check_lens", "_check_quantiles"))):
+        for name in names:
+            monkeypatch.setattr(module, name, counted(f"{module.__name__.split('.')[-1]}.{name}",
+                                                      getattr(module, name)))
+    batches = [torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    stats = lens_stats(model, batches, progress=False)
+    assert stats.n_sequences == 8
+    assert calls == {"stats.check_layers": 1, "stats._check_lens": 1, "stats._check_quantiles": 1}, calls

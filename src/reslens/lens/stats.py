@@ -30,7 +30,8 @@ from reslens._saving import Saveable
 from reslens._stream import batches, stream, units, window_size
 from reslens._text import html_table, pandas
 from reslens.arch import adapter
-from reslens.lens.result import METRICS, LensResult, _check_lens, _lens
+from reslens.lens._metrics import resolve_targets
+from reslens.lens.result import METRICS, LensResult, _check_lens, _lens_of, _lens_rows
 from reslens.lens.values import as_lens
 
 __all__ = ["LensStats", "MetricStats", "lens_stats", "QUANTILES"]
@@ -328,12 +329,15 @@ def _read(arch: Any, data: Any, total: int | None, lenses: list[Any], kept: tupl
 
     sums = [_Sums(len(kept), max_samples, shard.rank) for _ in lenses]
     mine = None if total is None else len(range(shard.rank, total, shard.world))
+    rows = _lens_rows(kept, ("resid",), arch.n_layer)  # the options were checked once, by the caller
     read = stream(arch, data, sites=("resid",), layers=sorted({*kept, arch.n_layer}), shard=shard)
     for _, _, res in tqdm(read, total=mine, desc="lens stats", unit="batch",
                           disable=not progress or not shard.primary):
+        mask = res.attention_mask.to(arch.device)
+        target_ids = resolve_targets("next", res.input_ids.to(arch.device), mask, arch.d_vocab)
         for lens, acc in zip(lenses, sums):
-            acc.add(_lens(res, arch, layers=kept, sites=("resid",), top_k=1, targets="next",
-                          chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False, lens=lens),
+            acc.add(_lens_of(res, arch, rows=rows, lens=lens, target_ids=target_ids, top_k=1,
+                             chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False),
                     res.stat_mask)
     for acc in sums:
         acc.merge(shard)
@@ -389,7 +393,7 @@ def lens_stats(
         check_int(value, name, low=1)
     check_bool(fused, "fused")
     check_bool(progress, "progress")
-    _check_lens(lens, arch, ("resid",))
+    lens = _check_lens(lens, arch, ("resid",))
     shard = shard_of(group)
     data, total = _input_batches(data, tokenizer, arch, max_length, batch_size)
     shard.same((kept, quantiles, max_samples, total), "the layers, quantiles, max_samples and batch count")
