@@ -76,7 +76,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from reslens import capture  # noqa: E402
 from reslens.lens import logit_lens  # noqa: E402
-from reslens.lens_stats import lens_stats  # noqa: E402
+from reslens.lens import lens_stats  # noqa: E402
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "reslens" / "data" / "embedded"
 TOP_K = 5

@@ -70,7 +70,7 @@ def _run(name: str, model, tokenizer, n: int) -> int:
 
     import reslens
     from reslens.lens import lens_stats
-    from reslens.lenses import LinearShortcut, TunedLens, compare_lenses, fit_shortcut, train_tuned_lens
+    from reslens.lens import LinearShortcut, TunedLens, compare_lenses, fit_shortcut, train_tuned_lens
 
     arch = reslens.adapter(model)
     if name == "forward":

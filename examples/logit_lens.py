@@ -28,7 +28,7 @@ import torch
 
 import reslens
 from reslens.lens import logit_lens
-from reslens.lens_stats import lens_stats
+from reslens.lens import lens_stats
 
 BOOK = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "105-persuasion.txt"
 SENTENCE = "When the old sailor came back to the inn, he asked for a glass of rum and sat by the fire."

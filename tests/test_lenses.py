@@ -306,3 +306,24 @@ def test_the_shortcut_refuses_a_layer_that_is_constant_over_the_corpus():
     fitted = fit_shortcut(llama, ["abcdefghijklmnopqrstuvwxyz" * 10], tokenizer=Chars(), max_tokens=200,
                           progress=False)
     assert all(bool(w.isfinite().all()) for w in fitted.weight)
+
+
+def test_the_wing_keeps_its_former_module_names_through_its_own_init_alone():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, reslens; cheap = 'torch' not in sys.modules\n"
+        "import reslens.lens_stats, reslens.lenses\n"
+        "from reslens.lens_stats import lens_stats, LensStats, MetricStats, QUANTILES\n"
+        "from reslens.lenses import fit_shortcut, train_tuned_lens, compare_lenses, load_lens, TunedLens\n"
+        "import reslens.lens as lens\n"
+        "assert reslens.lens_stats is reslens.lenses is lens and lens.lens_stats is lens_stats\n"
+        "assert lens_stats.__module__ == 'reslens.lens.stats'\n"
+        "assert TunedLens.__module__ == 'reslens.lens.values'\n"
+        "print(cheap)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out  # importing reslens (and the wing's table) loads no torch
+    src = Path(reslens.__file__).parent
+    assert not (src / "lens_stats.py").exists() and not (src / "lenses").exists()  # no shim modules

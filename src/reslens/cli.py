@@ -47,7 +47,7 @@ def _add_lens_parser(commands) -> None:
     lens.add_argument("--max-tokens", type=int, default=None,
                       help="--stats: use at most this many tokens of the file")
     lens.add_argument("--lens", type=Path, default=None,
-                      help="read through a learned lens: a reslens lens file (reslens.lenses) or a "
+                      help="read through a learned lens: a reslens lens file (reslens.lens) or a "
                       "tuned-lens package folder (default: the logit lens)")
     lens.add_argument("--device", default=None, help="torch device (default: cpu)")
 

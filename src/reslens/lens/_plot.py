@@ -114,7 +114,7 @@ def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positi
 
 
 def plot_lens_stats(stats, *, ax=None):
-    """Per-layer curves of a :class:`~reslens.lens_stats.LensStats` on one axes (``ax`` or a new one).
+    """Per-layer curves of a :class:`~reslens.lens.LensStats` on one axes (``ax`` or a new one).
 
     Fractions on the left axis (agreement with the final top-1, p(final top-1 token), input-token
     top-1), nats on a twin right axis (mean KL(final || layer), mean entropy). Returns the figure.
@@ -140,7 +140,7 @@ def plot_lens_stats(stats, *, ax=None):
 def plot_lens_comparison(comparison, *, ax=None):
     """Per layer, a line per lens: KL(final || lens) (log scale) beside the cross-entropy with the next token.
 
-    ``comparison``: a :class:`~reslens.lenses.LensComparison`. Two panels; with ``ax=``, the KL
+    ``comparison``: a :class:`~reslens.lens.LensComparison`. Two panels; with ``ax=``, the KL
     panel alone is drawn on that axes. Returns the figure.
     """
     if ax is None:

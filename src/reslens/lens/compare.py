@@ -1,7 +1,7 @@
 """Lenses side by side on held-out text (Belrose et al. 2023, Fig. 3): KL to the final layer, cross-entropy.
 
 :func:`compare_lenses` captures the token windows once and reads every batch through every lens with
-the accumulator of :func:`reslens.lens_stats.lens_stats` (bounded memory, pads and special tokens
+the accumulator of :func:`reslens.lens.lens_stats` (bounded memory, pads and special tokens
 left out), and keeps, per lens and layer, the mean ``KL(p_final || p_lens)``, the cross-entropy
 against the actual next token (``-mean log p(next)``, nats) and the top-1 agreement with the final layer.
 """
@@ -117,7 +117,7 @@ def compare_lenses(
     """Score every lens in ``lenses`` on the first ``max_tokens`` tokens of ``corpus``.
 
     ``lenses``: a list of lenses (``None`` or ``"logit"`` for the logit lens, a
-    :class:`~reslens.lenses.TunedLens`, a :class:`~reslens.lenses.LinearShortcut`, ...), each read
+    :class:`~reslens.lens.TunedLens`, a :class:`~reslens.lens.LinearShortcut`, ...), each read
     at every ``resid`` layer. ``corpus``: a ``.txt`` file, a folder, a list of files or an iterable
     of strings (hold out what the lenses were trained on), read in windows of ``max_length``
     tokens led by the tokenizer's start tokens (never scored). The corpus is captured once, and

@@ -393,7 +393,7 @@ def _lens_of(residuals: Residuals, arch: Arch, *, rows: list[tuple[str, int]], l
 
 
 def _check_lens(lens: Any, arch: Arch, sites: tuple[str, ...]) -> Lens:
-    """The lens as a :class:`~reslens.lenses.Lens`, checked against the model and the sites it reads."""
+    """The lens as a :class:`~reslens.lens.Lens`, checked against the model and the sites it reads."""
     lens = as_lens(lens)
     lens.check(arch)
     if lens.kind != "logit" and "resid_mid" in sites:
@@ -468,8 +468,8 @@ def logit_lens(
     of ~12-20 s on CPU, then about half the reduction time: worth it for long inputs and
     :func:`lens_stats`; on GPU it becomes a fused Triton kernel); it accumulates in float64,
     so it is at least as exact as the eager path. ``lens``: None (the logit lens) or a learned
-    lens from :mod:`reslens.lenses` (:class:`~reslens.lenses.TunedLens`,
-    :class:`~reslens.lenses.LinearShortcut`), each layer's residual translated before the final
+    lens from :mod:`reslens.lens` (:class:`~reslens.lens.TunedLens`,
+    :class:`~reslens.lens.LinearShortcut`), each layer's residual translated before the final
     norm; every metric is the same. Captures once, then :func:`lens_of`.
 
     >>> import torch

@@ -153,7 +153,7 @@ def fit_shortcut(
 
     >>> import torch, reslens
     >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> from reslens.lenses import fit_shortcut
+    >>> from reslens.lens import fit_shortcut
     >>> _ = torch.manual_seed(0)
     >>> config = GPT2Config(n_layer=2, hidden_size=8, n_head=2, vocab_size=40, bos_token_id=0, eos_token_id=0)
     >>> model = GPT2LMHeadModel(config).eval()

@@ -371,7 +371,7 @@ def lens_stats(
     e.g. a BOS) are never scored. Each batch is checked once, when it is captured. Shows
     a tqdm progress bar unless ``progress=False``. ``fused=True`` compiles the per-row reduction
     (see :func:`~reslens.lens.logit_lens`), which pays off over a data set. ``lens``: None (the
-    logit lens) or a learned lens from :mod:`reslens.lenses`.
+    logit lens) or a learned lens from :mod:`reslens.lens`.
     Non-finite lens cells are left out of every statistic, with one warning at the end.
 
     ``group``: a torch.distributed process group; None = the default group under torchrun, else

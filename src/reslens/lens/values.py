@@ -169,7 +169,7 @@ def as_lens(lens: Any) -> Lens:
         return lens
     raise TypeError(
         "lens must be None (the logit lens), 'logit', or a reslens lens (TunedLens, LinearShortcut; "
-        f"see reslens.lenses.load_lens); got {type(lens).__name__}"
+        f"see reslens.lens.load_lens); got {type(lens).__name__}"
     )
 
 
