@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from reslens._cli_checks import UsageError, check_args
+
 __all__ = ["main"]
 
 
@@ -211,12 +213,12 @@ def _lens(args: argparse.Namespace) -> int:
     from reslens.lens.values import load_lens
 
     if (args.text is None) == (args.file is None):
-        raise _UsageError("give either TEXT or --file FILE (one of them)")
+        raise UsageError("give either TEXT or --file FILE (one of them)")
     text = args.text if args.file is None else args.file.read_text(encoding="utf-8")
     if not text.strip():
-        raise _UsageError("the text is empty")
+        raise UsageError("the text is empty")
     if args.lens is not None and not args.lens.exists():
-        raise _UsageError(f"--lens {args.lens}: no such file or folder")
+        raise UsageError(f"--lens {args.lens}: no such file or folder")
     model, tokenizer = reslens.load_model(args.model, device=args.device)
     arch = adapter(model)
     learned = None if args.lens is None else load_lens(args.lens, model=model)
@@ -259,7 +261,7 @@ def _heads(args: argparse.Namespace) -> int:
     from reslens.heads import repeated_tokens
 
     if args.seq_len < 2:
-        raise _UsageError(f"--seq-len must be at least 2 (tokens per repeat); got {args.seq_len}")
+        raise UsageError(f"--seq-len must be at least 2 (tokens per repeat); got {args.seq_len}")
     text = None if args.file is None else args.file.read_text(encoding="utf-8")
     model, tokenizer = reslens.load_model(args.model, device=args.device)
     arch = adapter(model)
@@ -302,11 +304,11 @@ def _memories(args: argparse.Namespace) -> int:
     """
     modes = [args.text is not None, args.mine is not None, args.index is not None]
     if sum(modes) != 1:
-        raise _UsageError("give exactly one of TEXT, --mine CORPUS or --index FILE")
+        raise UsageError("give exactly one of TEXT, --mine CORPUS or --index FILE")
     for flag, value, mode in (("--show", args.show, "--index"), ("--out", args.out, "--mine"),
                               ("--figure", args.figure, "--mine")):
         if value is not None and not (args.index if mode == "--index" else args.mine):
-            raise _UsageError(f"{flag} goes with {mode}")
+            raise UsageError(f"{flag} goes with {mode}")
     if args.index is not None:
         return _memories_index(args)
     if args.mine is not None:
@@ -319,11 +321,11 @@ def _memories_index(args: argparse.Namespace) -> int:
     from reslens import kv_memory as kv
 
     if args.show is None:
-        raise _UsageError("--index: say which key with --show LAYER.KEY (e.g. 3.17)")
+        raise UsageError("--index: say which key with --show LAYER.KEY (e.g. 3.17)")
     try:
         layer, key = (int(part) for part in args.show.split("."))
     except ValueError:
-        raise _UsageError(f"--show must look like LAYER.KEY (e.g. 3.17); got {args.show!r}") from None
+        raise UsageError(f"--show must look like LAYER.KEY (e.g. 3.17); got {args.show!r}") from None
     index = kv.TriggerIndex.load(args.index)
     index.triggers(layer, key, 1)  # an unmined layer or a key out of range is refused here, before the model
     model, tokenizer = reslens.load_model(args.model, device=args.device)
@@ -339,7 +341,7 @@ def _memories_mine(args: argparse.Namespace) -> int:
     from reslens._distributed import shard_of
 
     if args.out is None:
-        raise _UsageError("--mine: say where to save the index with --out FILE (e.g. index.safetensors)")
+        raise UsageError("--mine: say where to save the index with --out FILE (e.g. index.safetensors)")
     corpus_files(args.mine, name="--mine")
     primary = shard_of().primary  # under torchrun every rank mines its share; rank 0 alone reports
     resume = None
@@ -394,75 +396,6 @@ def _memories_text(args: argparse.Namespace) -> int:
     return 0
 
 
-#: integer options that must be positive, in every subcommand that has them
-_POSITIVE = ("top_k", "top", "n", "max_length", "max_tokens", "samples", "width", "batch_size", "window")
-#: path options read as text files
-_INPUT_FILES = ("file",)
-#: path options written at the end (checked before the work starts)
-_OUTPUT_FILES = ("out", "figure")
-
-
-class _UsageError(ValueError):
-    """An argument problem found before any model loads."""
-
-
-def _check_text_file(path: Path, flag: str) -> None:
-    if not path.exists():
-        raise _UsageError(f"--{flag} {path}: no such file")
-    if path.is_dir():
-        raise _UsageError(f"--{flag} {path}: is a folder; give a plain-text file")
-    with open(path, "rb") as handle:
-        head = handle.read(8192)
-    try:
-        if b"\0" in head:
-            raise UnicodeDecodeError("utf-8", head, 0, 1, "NUL byte")
-        # a multi-byte character may be cut at the end of the first 8 kB: judge what comes before it
-        (head if len(head) < 8192 else head[:8180]).decode("utf-8", errors="strict")
-    except UnicodeDecodeError:
-        raise _UsageError(f"--{flag} {path}: not a UTF-8 text file") from None
-
-
-def _check_output(path: Path, flag: str) -> None:
-    import os
-
-    if path.is_dir():
-        raise _UsageError(f"--{flag} {path}: is a folder; give a file name such as {path / 'figure.png'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise _UsageError(f"--{flag} {path}: {existing} is not a writable folder")
-
-
-def _check_device(device: str | None) -> None:
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise _UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise _UsageError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model, before the subcommand's work starts."""
-    for name in _POSITIVE:
-        value = getattr(args, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
-            raise _UsageError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
-    for name in _INPUT_FILES:
-        if getattr(args, name, None) is not None:
-            _check_text_file(getattr(args, name), name)
-    for name in _OUTPUT_FILES:
-        if isinstance(getattr(args, name, None), Path):
-            _check_output(getattr(args, name), name)
-    _check_device(getattr(args, "device", None))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the ``reslens`` command and return its exit code (2, with one line on stderr, for bad input).
 
@@ -471,13 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        _check_args(args)
+        check_args(args)
         figure = getattr(args, "figure", None) if args.command == "memories" else getattr(args, "out", None)
         if figure is not None:
             try:
                 import matplotlib
             except ImportError:
-                raise _UsageError('a figure needs matplotlib: pip install "reslens[plot]"') from None
+                raise UsageError('a figure needs matplotlib: pip install "reslens[plot]"') from None
             matplotlib.use("Agg")
         handlers = {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
                     "download": _download}
