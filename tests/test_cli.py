@@ -1,5 +1,7 @@
 """The reslens command on a tiny local model (the embedded one is exercised in test_embedded)."""
 
+from pathlib import Path
+
 import pytest
 
 from reslens.cli import main
@@ -165,3 +167,25 @@ def test_help_returns_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert "usage: reslens" in out and out.strip().endswith("NO TORCH")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lens", "Mr Holmes looked at the letter.", "--out", "{new}/lens.png"],
+        ["lens", "--file", "{tmp}/book.txt", "--stats", "--max-length", "16", "--out", "{new}/stats.png"],
+        ["pca", "--file", "{tmp}/book.txt", "--n", "6", "--max-length", "16", "--out", "{new}/pca.png"],
+        ["heads", "--seq-len", "5", "--n", "2", "--out", "{new}/heads.png"],
+        ["trace", "Mr Holmes looked", "--subject", "Holmes", "--samples", "2", "--out", "{new}/trace.png"],
+        ["memories", "--mine", "{tmp}/book.txt", "--max-tokens", "200", "--out", "{new}/index.safetensors",
+         "--figure", "{new}/deeper/agreement.png"],
+    ],
+)
+def test_every_output_path_gets_its_folder_made(argv, local_dir, tmp_path, capsys):
+    """``--out NEW_DIR/x.png`` makes the folder, as every reslens save does (it used to fail after the work)."""
+    (tmp_path / "book.txt").write_text("The old sailor came back to the inn and asked for rum. " * 20)
+    new = tmp_path / "new" / "folder"
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{new}", str(new)) for a in argv]
+    assert main([*args, "--model", str(local_dir)]) == 0, capsys.readouterr().err
+    written = [Path(a) for a in args if a.startswith(str(new))]
+    assert written and all(path.is_file() and path.stat().st_size > 0 for path in written)

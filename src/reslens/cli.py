@@ -22,7 +22,8 @@ __all__ = ["main"]
 
 
 def _save(figure, path: Path) -> None:
-    """Write a matplotlib figure as PNG and say so on stderr."""
+    """Write a matplotlib figure as PNG (its folder made first, as every reslens save does) and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150, bbox_inches="tight")
     print(f"wrote {path}", file=sys.stderr)
 
