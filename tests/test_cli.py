@@ -131,6 +131,10 @@ def test_pca_prints_the_experiment_table(local_dir, tmp_path, capsys):
         (["heads", "--top", "0"], "--top must be a positive integer"),
         (["trace", "prompt", "--subject", "p", "--samples", "0"], "--samples must be a positive integer"),
         (["memories", "text", "--top", "0"], "--top must be a positive integer"),
+        (["lens", "--file", "{tmp}/book.txt", "--stats", "--max-length", "1"],
+         "--max-length must be at least 2 (tokens per window: a prediction needs a token before it); got 1"),
+        (["pca", "--file", "{tmp}/book.txt", "--max-length", "8"], "--max-length must be at least 9"),
+        (["heads", "--seq-len", "1"], "--seq-len must be at least 2 (random tokens per repeat); got 1"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_code_2(argv, message, tmp_path, capsys, monkeypatch):

@@ -14,6 +14,15 @@ __all__ = ["UsageError", "check_args"]
 
 #: integer options that must be positive, in every subcommand that has them
 _POSITIVE = ("top_k", "top", "n", "max_length", "max_tokens", "samples", "width", "batch_size", "window")
+#: the context every prediction the ``pca`` command samples has before it (``pca_experiment``'s ``min_context``)
+PCA_CONTEXT = 8
+#: integer options with a larger minimum, by subcommand: ``(least value, why)``
+_AT_LEAST = {
+    ("lens", "max_length"): (2, "tokens per window: a prediction needs a token before it"),
+    ("pca", "max_length"): (PCA_CONTEXT + 1, f"tokens per window: each prediction has {PCA_CONTEXT} tokens "
+                                             "of context before it"),
+    ("heads", "seq_len"): (2, "random tokens per repeat"),
+}
 #: path options read as text files
 _INPUT_FILES = ("file",)
 #: path options written at the end (checked before the work starts)
@@ -72,6 +81,10 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+    for (command, name), (low, why) in _AT_LEAST.items():
+        value = getattr(args, name, None) if args.command == command else None
+        if isinstance(value, int) and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low} ({why}); got {value}")
     for name in _INPUT_FILES:
         if getattr(args, name, None) is not None:
             _check_text_file(getattr(args, name), name)

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reslens._cli_checks import UsageError, check_args
+from reslens._cli_checks import PCA_CONTEXT, UsageError, check_args
 
 __all__ = ["main"]
 
@@ -195,7 +195,8 @@ def _pca(args: argparse.Namespace) -> int:
 
     text = args.file.read_text(encoding="utf-8")
     model, tokenizer = reslens.load_model(args.model, device=args.device)
-    experiment = pca_experiment(model, tokenizer, text, n=args.n, seed=args.seed, max_length=args.max_length)
+    experiment = pca_experiment(model, tokenizer, text, n=args.n, seed=args.seed, max_length=args.max_length,
+                                min_context=PCA_CONTEXT)
     print(experiment.table())
     if args.out is not None:
         _save(experiment.plot(), args.out)
@@ -261,8 +262,6 @@ def _heads(args: argparse.Namespace) -> int:
     from reslens.heads import composition_scores, induction_scores, ov_eigen_summary, previous_token_scores
     from reslens.heads import repeated_tokens
 
-    if args.seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2 (tokens per repeat); got {args.seq_len}")
     text = None if args.file is None else args.file.read_text(encoding="utf-8")
     model, tokenizer = reslens.load_model(args.model, device=args.device)
     arch = adapter(model)
