@@ -116,6 +116,20 @@ def test_bad_arguments(model, ids, kwargs, error, match):
     assert hook_counts(model) == before
 
 
+def test_a_device_this_machine_lacks_is_named_before_any_hook(model, ids, monkeypatch):
+    """``device="cuda"`` without CUDA says so (it used to fail deep in the hook: "Torch not compiled ...")."""
+    before = hook_counts(model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available on this machine.*device='cpu'"):
+        capture(model, ids, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:3': this machine has 1 CUDA device\(s\) \(cuda:0..cuda:0\)"):
+        capture(model, ids, device="cuda:3")
+    assert hook_counts(model) == before
+
+
 def test_non_gpt2_model_is_rejected(ids):
     with pytest.raises(TypeError, match="supported family.*gpt2.*Linear"):
         capture(torch.nn.Linear(3, 3), ids)

@@ -46,6 +46,13 @@ def test_bad_arguments():
         reslens.load_model(123)
 
 
+def test_a_device_this_machine_lacks_is_refused_before_loading(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="device='cuda': CUDA is not available on this machine"):
+        reslens.load_model(device="cuda")
+
+
 def test_unreachable_hub_suggests_a_local_path_or_the_default():
     code = "\n".join(["import reslens", "try:", "    reslens.load_model('gpt2-no-such-model')",
                       "except OSError as e:", "    print(e)", ""])

@@ -227,9 +227,21 @@ def check_device(device: object, *, name: str = "device") -> torch.device | None
     if device is None:
         return None
     try:
-        return torch.device(device)  # type: ignore[arg-type]
+        checked = torch.device(device)  # type: ignore[arg-type]
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"{name}={device!r} is not a valid torch device ({error})") from None
+    if checked.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}={device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use {name}='cpu', or None for the model's own device")
+        if checked.index is not None and checked.index >= count:
+            raise ValueError(f"{name}={device!r}: this machine has {count} CUDA device(s) "
+                             f"(cuda:0..cuda:{count - 1})")
+    if checked.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={device!r}: MPS is not available on this machine; use {name}='cpu', or None "
+                         "for the model's own device")
+    return checked
 
 
 def check_edits(edits: Any, sites: tuple[str, ...], n_layer: int) -> dict[tuple[str, int], Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from reslens._checks import check_dtype
+from reslens._checks import check_device, check_dtype
 from reslens._errors import ModelFileError
 from reslens._distributed import local_device
 
@@ -214,6 +214,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_dtype(dtype)
+    check_device(device)
     if name is not None and not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model name, a local path or None; got {type(name).__name__}")
 
