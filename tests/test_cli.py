@@ -186,7 +186,7 @@ def test_help_returns_without_importing_torch():
     ],
 )
 def test_every_output_path_gets_its_folder_made(argv, local_dir, tmp_path, capsys):
-    """``--out NEW_DIR/x.png`` makes the folder, as every reslens save does (it used to fail after the work)."""
+    """``--out NEW_DIR/x.png`` makes the folder, as every reslens save does (it failed after the work)."""
     (tmp_path / "book.txt").write_text("The old sailor came back to the inn and asked for rum. " * 20)
     new = tmp_path / "new" / "folder"
     args = [a.replace("{tmp}", str(tmp_path)).replace("{new}", str(new)) for a in argv]

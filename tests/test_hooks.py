@@ -157,7 +157,8 @@ def test_trace_records_a_forward_the_user_runs(model, ids):
 def test_a_forward_with_logits_to_keep_inside_a_trace_says_so(family_model):
     """``logits_to_keep=1`` keeps one position of logits: named, with what to do (it was a shape error)."""
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"logits for 1 of the 6 positions.*logits_to_keep.*leave 'logits' out"):
+    refused = r"logits for 1 of the 6 positions.*logits_to_keep.*leave 'logits' out"
+    with pytest.raises(ValueError, match=refused):
         with trace(family_model, sites=("resid", "logits")):
             family_model(ids, logits_to_keep=1)
     with trace(family_model, sites=("resid", "logits")) as tr:  # every position: recorded as before

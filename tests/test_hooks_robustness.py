@@ -121,11 +121,11 @@ def test_a_device_this_machine_lacks_is_named_before_any_hook(model, ids, monkey
     before = hook_counts(model)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available on this machine.*device='cpu'"):
+    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available on this.*'cpu'"):
         capture(model, ids, device="cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ValueError, match=r"device='cuda:3': this machine has 1 CUDA device\(s\) \(cuda:0..cuda:0\)"):
+    with pytest.raises(ValueError, match=r"device='cuda:3': this machine has 1 CUDA device\(s\) \(cuda:0"):
         capture(model, ids, device="cuda:3")
     assert hook_counts(model) == before
 

@@ -27,6 +27,7 @@ __all__ = [
     "check_choice",
     "check_position",
     "check_finite",
+    "check_residuals_fit",
 ]
 
 
@@ -239,8 +240,8 @@ def check_device(device: object, *, name: str = "device") -> torch.device | None
             raise ValueError(f"{name}={device!r}: this machine has {count} CUDA device(s) "
                              f"(cuda:0..cuda:{count - 1})")
     if checked.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{name}={device!r}: MPS is not available on this machine; use {name}='cpu', or None "
-                         "for the model's own device")
+        raise ValueError(f"{name}={device!r}: MPS is not available on this machine; use {name}='cpu', "
+                         "or None for the model's own device")
     return checked
 
 
@@ -265,3 +266,43 @@ def check_edits(edits: Any, sites: tuple[str, ...], n_layer: int) -> dict[tuple[
             raise ValueError(f"edits names ({site!r}, {layer}) twice (negative and positive layer numbers?)")
         checked[(site, layer)] = fn
     return checked
+
+
+def _recorded_sizes(residuals: Any) -> list[tuple[str, int]]:
+    """``(what, size)`` pairs that a capture records about its model: widths, the deepest layer, ids."""
+    def last(site: str) -> int | None:
+        t = getattr(residuals, site, None)
+        return None if t is None else int(t.shape[-1])
+
+    sizes = [(f"{site} width (d_model)", last(site))
+             for site in ("resid", "resid_mid", "attn_out", "mlp_out", "final")]
+    sizes += [(f"{site} width (d_mlp)", last(site)) for site in ("mlp_act", "mlp_up", "mlp_gate")]
+    sizes += [("logits width (d_vocab)", last("logits"))]
+    pattern = getattr(residuals, "attn_pattern", None)
+    sizes += [("attn_pattern heads (n_head)", None if pattern is None else int(pattern.shape[2]))]
+    return [(what, size) for what, size in sizes if size is not None]
+
+
+def check_residuals_fit(residuals: Any, arch: Any, *, name: str = "residuals") -> None:
+    """Captured ``residuals`` whose recorded sizes are those of ``arch``'s model (not another model's).
+
+    Compares every width a capture records (``d_model``, ``d_mlp``, ``d_vocab``, heads), its layers and
+    blocks, and its token ids with the model's.
+    """
+    want = {"d_model": arch.d_model, "d_mlp": arch.d_mlp, "d_vocab": arch.d_vocab, "n_head": arch.n_head}
+    found = [(what, size, want[what[what.index("(") + 1 : -1]]) for what, size in _recorded_sizes(residuals)]
+    if getattr(residuals, "resid", None) is not None:
+        found.append(("deepest resid layer", max(residuals.layers, default=0), arch.n_layer))
+    found.append(("deepest block", max(residuals.blocks, default=-1), arch.n_layer - 1))
+    ids = getattr(residuals, "input_ids", None)
+    if ids is not None and ids.numel():
+        found.append(("largest token id", int(ids.max()), arch.d_vocab - 1))
+    for what, got, expected in found:
+        bad = got > expected if what.startswith(("deepest", "largest")) else got != expected
+        if bad:
+            bound = "at most " if what.startswith(("deepest", "largest")) else ""
+            raise ValueError(
+                f"{name} were captured from another model: their {what} is {got}, where this "
+                f"{arch.n_layer}-layer model (d_model {arch.d_model}, d_mlp {arch.d_mlp}) has "
+                f"{bound}{expected}; capture them from this model (reslens.capture(model, ...))"
+            )

@@ -14,7 +14,7 @@ __all__ = ["UsageError", "check_args"]
 
 #: integer options that must be positive, in every subcommand that has them
 _POSITIVE = ("top_k", "top", "n", "max_length", "max_tokens", "samples", "width", "batch_size", "window")
-#: the context every prediction the ``pca`` command samples has before it (``pca_experiment``'s ``min_context``)
+#: the tokens of context before each prediction the ``pca`` command samples (``pca_experiment``'s min_context)
 PCA_CONTEXT = 8
 #: integer options with a larger minimum, by subcommand: ``(least value, why)``
 _AT_LEAST = {

@@ -35,10 +35,10 @@ def every_position(logits: torch.Tensor, inputs: tuple) -> torch.Tensor:
     read = input_ids if input_ids is not None else attention_mask
     if read is not None and logits.ndim == 3 and logits.shape[1] != read.shape[-1]:
         raise ValueError(
-            f"the model returned logits for {logits.shape[1]} of the {read.shape[-1]} positions it read: it was "
-            "called with logits_to_keep (as generate() calls it), and reslens records the logits of every "
-            "position; inside a trace call the model without logits_to_keep (or with logits_to_keep=0), "
-            "or leave 'logits' out of sites"
+            f"the model returned logits for {logits.shape[1]} of the {read.shape[-1]} positions it read: it "
+            "was called with logits_to_keep (as generate() calls it), and reslens records the logits of "
+            "every position; inside a trace call the model without logits_to_keep (or with "
+            "logits_to_keep=0), or leave 'logits' out of sites"
         )
     return logits
 

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_device, check_dtype, check_edits, check_layers, check_sites
-from reslens._hooking import _SiteBuffer, _StopForward, _ThreadHooks, cache_length, every_position, takes_start
+from reslens._hooking import (_SiteBuffer, _StopForward, _ThreadHooks, cache_length, every_position,
+                              takes_start)
 from reslens._inputs import Batch, as_batch
 from reslens.arch import adapter
 from reslens.residuals import BLOCK_SITES, SITES, Residuals
