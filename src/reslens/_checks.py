@@ -7,6 +7,7 @@ and what was expected; none of them touches the model.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,8 @@ __all__ = [
     "check_position",
     "check_finite",
     "check_residuals_fit",
+    "available_memory",
+    "check_memory",
 ]
 
 
@@ -306,3 +309,43 @@ def check_residuals_fit(residuals: Any, arch: Any, *, name: str = "residuals") -
                 f"{arch.n_layer}-layer model (d_model {arch.d_model}, d_mlp {arch.d_mlp}) has "
                 f"{bound}{expected}; capture them from this model (reslens.capture(model, ...))"
             )
+
+
+def available_memory(device: object) -> int | None:
+    """Bytes free for new tensors on ``device``: a GPU's free memory, the system's available one for the CPU.
+
+    ``None`` where it cannot be told (another device type, no ``/proc/meminfo`` nor ``sysconf``).
+    """
+    device = torch.device(device)  # type: ignore[arg-type]
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError, ValueError):
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GB"
+    return f"{n / 2**20:.1f} MB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MB"
+
+
+def check_memory(n_bytes: int, device: object, *, what: str, fix: str) -> None:
+    """Refuse work whose tensors (``n_bytes``, an estimate) would not fit in ``device``'s free memory."""
+    free = available_memory(device)
+    if free is not None and n_bytes > free:
+        raise ValueError(f"{what} needs about {_bytes(n_bytes)}, and {torch.device(device)} has "  # type: ignore[arg-type]
+                         f"{_bytes(free)} free; {fix}")
