@@ -199,7 +199,7 @@ def _is_texts(inputs: Any) -> bool:
     )
 
 
-def _caller_stacklevel() -> int:
+def caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside reslens, for a warning raised by the caller of this."""
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1
@@ -242,7 +242,7 @@ def _warn_unmasked_pads(input_ids: torch.Tensor, arch: Any, tokenizer: Any) -> N
             f"pad tokens (id {pad}): they are read as real tokens. Pass the attention_mask with them (a "
             "tokenizer output, or a reslens Batch), or text with tokenizer= (reslens.tokenize pads and "
             "masks)",
-            UserWarning, stacklevel=_caller_stacklevel(),
+            UserWarning, stacklevel=caller_stacklevel(),
         )
 
 
