@@ -10,6 +10,7 @@ The embedded default lives in ``reslens/data/embedded/`` (``config.json``,
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import re
 from importlib import resources
@@ -38,13 +39,36 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
-def _hub_error(name: object, error: Exception) -> OSError:
+def _did_you_mean(name: object) -> str:
+    """``" (did you mean 'smollm2'?)"`` for a name close to one reslens knows, else ``""``."""
+    close = difflib.get_close_matches(str(name).lower(), _known_models(), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _hub_error(name: object, error: Exception | str) -> OSError:
+    why = error if isinstance(error, str) else f"{error.__class__.__name__}: {_first_line(error)}"
     return OSError(
-        f"could not load {name!r} with from_pretrained: the HuggingFace hub may be unreachable "
-        f"from here ({error.__class__.__name__}: {_first_line(error)}). "
-        "Pass a local directory that holds the model (config.json, weights, tokenizer files), "
-        "or call reslens.load_model() with no name for the embedded offline model."
+        f"could not load {name!r}: it is neither a model reslens knows ({', '.join(_known_models())}) nor a "
+        f"local path{_did_you_mean(name)}, and as a HuggingFace hub name it could not be fetched: the hub "
+        f"may be unreachable from here ({why}). Pass a local directory that holds the model (config.json, "
+        "weights, tokenizer files), or call reslens.load_model() with no name for the embedded offline model."
     )
+
+
+def _remote(name: str) -> bool:
+    """``local_only`` for a hub name: refused at once when the hub is unreachable and the name not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from reslens.hub import hub_unreachable
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id: from_pretrained says why
+        return False
+    why = hub_unreachable()
+    if why is not None and not cached:
+        raise _hub_error(name, why)
+    return why is not None  # cached: read from the cache, without the hub's retries
 
 
 def _first_line(error: BaseException) -> str:
@@ -244,7 +268,7 @@ def load_model(
         if looks_local and not path.exists():
             raise FileNotFoundError(f"name={str(name)!r} looks like a local path, but nothing is there")
         source = path if path.exists() else str(name)
-        local_only = False
+        local_only = False if path.exists() else _remote(str(name))
 
     config = _load_config(name, source, local_only)
     tokenizer = _load_tokenizer(name, source, local_only)
