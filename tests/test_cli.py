@@ -37,8 +37,9 @@ def test_lens_prints_the_table_and_writes_the_figure(local_dir, tmp_path, capsys
     )
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    assert lines[0] == "logit lens: top-1 token per layer"
-    assert lines[3].startswith("next") and any(line.startswith("input") for line in lines)
+    assert lines[0] == f"model: {local_dir} (gpt2, 3 layers x 32)"
+    assert lines[1] == "logit lens: top-1 token per layer"
+    assert lines[4].startswith("next") and any(line.startswith("input") for line in lines)
     assert "Holmes" in printed and "L3" in printed and "L0" in printed
     assert all(len(line) <= 100 for line in lines)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -54,7 +55,7 @@ def test_lens_reads_through_a_learned_lens(local_dir, tmp_path, capsys):
     lens.save(tmp_path / "tuned.safetensors")
     argv = ["lens", "Mr Holmes looked at the letter.", "--model", str(local_dir), "--lens"]
     assert main([*argv, str(tmp_path / "tuned.safetensors")]) == 0
-    assert capsys.readouterr().out.startswith("tuned lens: top-1 token per layer")
+    assert capsys.readouterr().out.splitlines()[1] == "tuned lens: top-1 token per layer"
     assert main([*argv, str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "--lens" in err and "no such file" in err
@@ -76,7 +77,7 @@ def test_stats_over_a_file(local_dir, tmp_path, capsys):
         main(["lens", "--file", str(text), "--stats", "--model", str(local_dir), "--max-length", "16"]) == 0
     )
     printed = capsys.readouterr().out
-    assert "top1=final" in printed and len(printed.splitlines()) == 3 + 4
+    assert "top1=final" in printed and len(printed.splitlines()) == 1 + 3 + 4
 
 
 def test_text_and_file_are_exclusive(local_dir, tmp_path, capsys):
@@ -193,3 +194,13 @@ def test_every_output_path_gets_its_folder_made(argv, local_dir, tmp_path, capsy
     assert main([*args, "--model", str(local_dir)]) == 0, capsys.readouterr().err
     written = [Path(a) for a in args if a.startswith(str(new))]
     assert written and all(path.is_file() and path.stat().st_size > 0 for path in written)
+    # and every output names its model first (the default 4-layer toy used to be silent)
+    assert capsys.readouterr().out.splitlines()[0] == f"model: {local_dir} (gpt2, 3 layers x 32)"
+
+
+def test_the_embedded_default_says_what_it_is(capsys):
+    for argv in (["lens", "Hello there"], ["memories", "Hello there", "--layer", "0", "--top", "2"]):
+        assert main(argv) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first == ("model: embedded GPT-2 (4 layers x 128; a weak CPU-trained stand-in: --model "
+                         "smollm2 for a real one)")

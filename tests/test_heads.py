@@ -476,7 +476,7 @@ def test_patterns_that_would_not_fit_in_memory_are_refused_before_any_forward(mo
                        r"smaller seq_len or n \(got seq_len=20, n=10\)"):
         heads.induction_scores(model, seq_len=20, n=10)
     with pytest.raises(ValueError, match=r"3 x 40 tokens.*needs about 0.4 MB.*give fewer or shorter seq"):
-        heads.previous_token_scores(model, torch.zeros(3, 40, dtype=torch.long))
+        heads.previous_token_scores(model, torch.ones(3, 40, dtype=torch.long))
     assert hook_counts(model) == before
     heads.induction_scores(model, seq_len=8, n=4)  # small enough: scored as before
     assert main(["heads", "--seq-len", "5000"]) == 2  # capped to the context of 128, then refused: one line

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from reslens._cli_checks import PCA_CONTEXT, UsageError, check_args
@@ -26,6 +27,19 @@ def _save(figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150, bbox_inches="tight")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace):
+    """``(model, tokenizer)`` of ``--model`` on ``--device``; a first line of output names the model."""
+    import os
+
+    import reslens
+    from reslens.models import describe_model
+
+    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first rank alone reports
+        print(f"model: {describe_model(model, args.model)}")
+    return model, tokenizer
 
 
 def _add_lens_parser(commands) -> None:
@@ -165,14 +179,13 @@ def _add_trace_parser(commands) -> None:
 def _trace(args: argparse.Namespace) -> int:
     import torch
 
-    import reslens
     from reslens.tracing import Noise, causal_trace
 
     try:  # checked before the model loads
         noise = Noise(samples=args.samples, scale=args.noise, seed=args.seed)
     except ValueError as error:
         raise ValueError(f"--samples/--noise/--seed: {error}") from None
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     try:
         result = causal_trace(model, tokenizer, args.prompt, args.subject, answer=args.answer, kind=args.kind,
                               window=args.window, noise=noise)
@@ -190,11 +203,10 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _pca(args: argparse.Namespace) -> int:
-    import reslens
     from reslens.pca import pca_experiment
 
     text = args.file.read_text(encoding="utf-8")
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     experiment = pca_experiment(model, tokenizer, text, n=args.n, seed=args.seed, max_length=args.max_length,
                                 min_context=PCA_CONTEXT)
     print(experiment.table())
@@ -207,7 +219,6 @@ def _lens(args: argparse.Namespace) -> int:
     """``reslens lens``: the logit-lens table of a text, or per-layer statistics over a file (``--stats``)."""
     import torch
 
-    import reslens
     from reslens._inputs import encode, pad_ids, pad_token_id
     from reslens.arch import adapter
     from reslens.lens.result import logit_lens
@@ -221,7 +232,7 @@ def _lens(args: argparse.Namespace) -> int:
         raise UsageError("the text is empty")
     if args.lens is not None and not args.lens.exists():
         raise UsageError(f"--lens {args.lens}: no such file or folder")
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     arch = adapter(model)
     learned = None if args.lens is None else load_lens(args.lens, model=model)
     ids = encode(tokenizer, text)  # no "longer than the maximum" warning: long texts are cut below
@@ -256,14 +267,13 @@ def _heads(args: argparse.Namespace) -> int:
 
     Argument problems (``--seq-len``, an unreadable ``--file``) are found before the model loads.
     """
-    import reslens
     from reslens._inputs import encode, pad_ids, pad_token_id
     from reslens.arch import adapter
     from reslens.heads import composition_scores, induction_scores, ov_eigen_summary, previous_token_scores
     from reslens.heads import repeated_tokens
 
     text = None if args.file is None else args.file.read_text(encoding="utf-8")
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     arch = adapter(model)
     seq_len = min(args.seq_len, arch.n_ctx // 2)
     if seq_len < 2:
@@ -317,7 +327,6 @@ def _memories(args: argparse.Namespace) -> int:
 
 
 def _memories_index(args: argparse.Namespace) -> int:
-    import reslens
     from reslens import kv_memory as kv
 
     if args.show is None:
@@ -328,14 +337,13 @@ def _memories_index(args: argparse.Namespace) -> int:
         raise UsageError(f"--show must look like LAYER.KEY (e.g. 3.17); got {args.show!r}") from None
     index = kv.TriggerIndex.load(args.index)
     index.triggers(layer, key, 1)  # an unmined layer or a key out of range is refused here, before the model
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     index.show(layer, key, n=args.n, tokenizer=tokenizer)
     print(kv.value_tokens(model, layer, [key], k=10, tokenizer=tokenizer).table())
     return 0
 
 
 def _memories_mine(args: argparse.Namespace) -> int:
-    import reslens
     from reslens import kv_memory as kv
     from reslens._corpus import corpus_files
     from reslens._distributed import shard_of
@@ -350,7 +358,7 @@ def _memories_mine(args: argparse.Namespace) -> int:
         if primary:
             print(f"resuming {args.out}: {resume.describe()}, mined on "
                   f"{resume.model_name or 'an unnamed model'}", file=sys.stderr)
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     index = kv.mine_triggers(model, tokenizer, args.mine, top_k=args.top_k, unit=args.unit,
                              batch_size=args.batch_size, max_tokens=args.max_tokens, resume=resume,
                              out=args.out)
@@ -372,7 +380,7 @@ def _memories_text(args: argparse.Namespace) -> int:
     from reslens._tokens import token_id
     from reslens.arch import adapter
 
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     arch = adapter(model)
     token = None if args.token is None else token_id(args.token, d_vocab=arch.d_vocab, tokenizer=tokenizer,
                                                      name="--token")
@@ -414,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
             matplotlib.use("Agg")
         handlers = {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
                     "download": _download}
-        handler = handlers[args.command]
-        return handler(args)
+        with warnings.catch_warnings():  # a warning is one line too, naming the command
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"reslens {args.command}: warning: {message}", file=sys.stderr)
+            return handlers[args.command](args)
     except (ValueError, TypeError, OSError, ImportError) as error:
         from reslens._errors import is_refusal
 

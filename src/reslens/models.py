@@ -22,7 +22,7 @@ from reslens._checks import check_device, check_dtype
 from reslens._errors import ModelFileError
 from reslens._distributed import local_device
 
-__all__ = ["load_model", "embedded_model_dir", "ModelFileError"]
+__all__ = ["load_model", "embedded_model_dir", "describe_model", "ModelFileError"]
 
 
 @contextlib.contextmanager
@@ -207,6 +207,26 @@ def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dt
 def embedded_model_dir() -> Path:
     """The folder inside the installed package that holds the embedded default model."""
     return Path(str(resources.files("reslens") / "data" / "embedded"))
+
+
+def describe_model(model, name: str | os.PathLike | None = None) -> str:
+    """One line naming the model a result came from, as ``load_model(name)`` loaded it.
+
+    ``"embedded GPT-2 (4 layers x 128; a weak CPU-trained stand-in, ...)"`` for ``name=None``;
+    ``"smollm2: SmolLM2-135M-Instruct (llama, 30 layers x 576)"`` for a name reslens knows; else the
+    name or path, the family and the size.
+    """
+    from reslens.arch import adapter
+
+    arch = adapter(model)
+    size = f"{arch.n_layer} layers x {arch.d_model}"
+    if name is None:
+        return f"embedded GPT-2 ({size}; a weak CPU-trained stand-in: --model smollm2 for a real one)"
+    if isinstance(name, str) and name in _known_models():
+        from reslens.hub import KNOWN
+
+        return f"{name}: {KNOWN[name].description.split(' (')[0]} ({arch.family}, {size})"
+    return f"{name} ({arch.family}, {size})"
 
 
 def load_model(
