@@ -204,3 +204,11 @@ def test_the_embedded_default_says_what_it_is(capsys):
         first = capsys.readouterr().out.splitlines()[0]
         assert first == ("model: embedded GPT-2 (4 layers x 128; a weak CPU-trained stand-in: --model "
                          "smollm2 for a real one)")
+
+
+def test_a_warning_is_one_line_naming_the_command(capsys):
+    argv = ["trace", "The capital of France is", "--subject", "France", "--answer", "the", "--samples", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("reslens trace: warning: answer='the' has p=") and "did you mean answer=' the'?" in err
+    assert err.count("\n") == 1 and "UserWarning" not in err
