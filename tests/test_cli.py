@@ -210,5 +210,6 @@ def test_a_warning_is_one_line_naming_the_command(capsys):
     argv = ["trace", "The capital of France is", "--subject", "France", "--answer", "the", "--samples", "2"]
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert err.startswith("reslens trace: warning: answer='the' has p=") and "did you mean answer=' the'?" in err
+    assert err.startswith("reslens trace: warning: answer='the' has p=")
+    assert "did you mean answer=' the'?" in err
     assert err.count("\n") == 1 and "UserWarning" not in err
