@@ -1,5 +1,7 @@
 """The reslens command on a tiny local model (the embedded one is exercised in test_embedded)."""
 
+from pathlib import Path
+
 import pytest
 
 from reslens.cli import main
@@ -35,8 +37,9 @@ def test_lens_prints_the_table_and_writes_the_figure(local_dir, tmp_path, capsys
     )
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    assert lines[0] == "logit lens: top-1 token per layer"
-    assert lines[3].startswith("next") and any(line.startswith("input") for line in lines)
+    assert lines[0] == f"model: {local_dir} (gpt2, 3 layers x 32)"
+    assert lines[1] == "logit lens: top-1 token per layer"
+    assert lines[4].startswith("next") and any(line.startswith("input") for line in lines)
     assert "Holmes" in printed and "L3" in printed and "L0" in printed
     assert all(len(line) <= 100 for line in lines)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -52,7 +55,7 @@ def test_lens_reads_through_a_learned_lens(local_dir, tmp_path, capsys):
     lens.save(tmp_path / "tuned.safetensors")
     argv = ["lens", "Mr Holmes looked at the letter.", "--model", str(local_dir), "--lens"]
     assert main([*argv, str(tmp_path / "tuned.safetensors")]) == 0
-    assert capsys.readouterr().out.startswith("tuned lens: top-1 token per layer")
+    assert capsys.readouterr().out.splitlines()[1] == "tuned lens: top-1 token per layer"
     assert main([*argv, str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "--lens" in err and "no such file" in err
@@ -74,7 +77,7 @@ def test_stats_over_a_file(local_dir, tmp_path, capsys):
         main(["lens", "--file", str(text), "--stats", "--model", str(local_dir), "--max-length", "16"]) == 0
     )
     printed = capsys.readouterr().out
-    assert "top1=final" in printed and len(printed.splitlines()) == 3 + 4
+    assert "top1=final" in printed and len(printed.splitlines()) == 1 + 3 + 4
 
 
 def test_text_and_file_are_exclusive(local_dir, tmp_path, capsys):
@@ -129,6 +132,10 @@ def test_pca_prints_the_experiment_table(local_dir, tmp_path, capsys):
         (["heads", "--top", "0"], "--top must be a positive integer"),
         (["trace", "prompt", "--subject", "p", "--samples", "0"], "--samples must be a positive integer"),
         (["memories", "text", "--top", "0"], "--top must be a positive integer"),
+        (["lens", "--file", "{tmp}/book.txt", "--stats", "--max-length", "1"],
+         "--max-length must be at least 2 (tokens per window: a prediction needs a token before it); got 1"),
+        (["pca", "--file", "{tmp}/book.txt", "--max-length", "8"], "--max-length must be at least 9"),
+        (["heads", "--seq-len", "1"], "--seq-len must be at least 2 (random tokens per repeat); got 1"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_code_2(argv, message, tmp_path, capsys, monkeypatch):
@@ -165,3 +172,44 @@ def test_help_returns_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert "usage: reslens" in out and out.strip().endswith("NO TORCH")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lens", "Mr Holmes looked at the letter.", "--out", "{new}/lens.png"],
+        ["lens", "--file", "{tmp}/book.txt", "--stats", "--max-length", "16", "--out", "{new}/stats.png"],
+        ["pca", "--file", "{tmp}/book.txt", "--n", "6", "--max-length", "16", "--out", "{new}/pca.png"],
+        ["heads", "--seq-len", "5", "--n", "2", "--out", "{new}/heads.png"],
+        ["trace", "Mr Holmes looked", "--subject", "Holmes", "--samples", "2", "--out", "{new}/trace.png"],
+        ["memories", "--mine", "{tmp}/book.txt", "--max-tokens", "200", "--out", "{new}/index.safetensors",
+         "--figure", "{new}/deeper/agreement.png"],
+    ],
+)
+def test_every_output_path_gets_its_folder_made(argv, local_dir, tmp_path, capsys):
+    """``--out NEW_DIR/x.png`` makes the folder, as every reslens save does (it failed after the work)."""
+    (tmp_path / "book.txt").write_text("The old sailor came back to the inn and asked for rum. " * 20)
+    new = tmp_path / "new" / "folder"
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{new}", str(new)) for a in argv]
+    assert main([*args, "--model", str(local_dir)]) == 0, capsys.readouterr().err
+    written = [Path(a) for a in args if a.startswith(str(new))]
+    assert written and all(path.is_file() and path.stat().st_size > 0 for path in written)
+    # and every output names its model first (the default 4-layer toy used to be silent)
+    assert capsys.readouterr().out.splitlines()[0] == f"model: {local_dir} (gpt2, 3 layers x 32)"
+
+
+def test_the_embedded_default_says_what_it_is(capsys):
+    for argv in (["lens", "Hello there"], ["memories", "Hello there", "--layer", "0", "--top", "2"]):
+        assert main(argv) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first == ("model: embedded GPT-2 (4 layers x 128; a weak CPU-trained stand-in: --model "
+                         "smollm2 for a real one)")
+
+
+def test_a_warning_is_one_line_naming_the_command(capsys):
+    argv = ["trace", "The capital of France is", "--subject", "France", "--answer", "the", "--samples", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("reslens trace: warning: answer='the' has p=")
+    assert "did you mean answer=' the'?" in err
+    assert err.count("\n") == 1 and "UserWarning" not in err

@@ -463,6 +463,28 @@ def test_cli_heads_refuses_bad_arguments_before_the_work(argv, match, capsys):
     assert len(err) == 1 and match in err[0] and "Traceback" not in err[0]
 
 
+def test_patterns_that_would_not_fit_in_memory_are_refused_before_any_forward(model, monkeypatch, capsys):
+    """The patterns' size is checked against the device's free memory (``reslens heads --seq-len 5000`` on
+    SmolLM2 tried to allocate 72 GB and died with a traceback); here the free memory is made small."""
+    import reslens._checks
+    from reslens.cli import main
+
+    monkeypatch.setattr(reslens._checks, "available_memory", lambda device: 300_000, raising=False)
+    before = hook_counts(model)
+    with pytest.raises(ValueError, match=r"attention patterns of 10 x 40 tokens \(3 layers x 4 heads x "
+                       r"40x40 positions, float32\) needs about 1.5 MB, and cpu has 0.3 MB free; use a "
+                       r"smaller seq_len or n \(got seq_len=20, n=10\)"):
+        heads.induction_scores(model, seq_len=20, n=10)
+    with pytest.raises(ValueError, match=r"3 x 40 tokens.*needs about 0.4 MB.*give fewer or shorter seq"):
+        heads.previous_token_scores(model, torch.ones(3, 40, dtype=torch.long))
+    assert hook_counts(model) == before
+    heads.induction_scores(model, seq_len=8, n=4)  # small enough: scored as before
+    assert main(["heads", "--seq-len", "5000"]) == 2  # capped to the context of 128, then refused: one line
+    err = capsys.readouterr().err
+    assert "using 64" in err and "reslens heads: error: capturing the attention patterns" in err
+    assert "seq_len=64, n=10" in err and "Traceback" not in err
+
+
 @pytest.fixture(scope="module")
 def embedded():
     import reslens

@@ -154,6 +154,21 @@ def test_trace_records_a_forward_the_user_runs(model, ids):
     assert torch.equal(res.input_ids, ids)
 
 
+def test_a_forward_with_logits_to_keep_inside_a_trace_says_so(family_model):
+    """``logits_to_keep=1`` keeps one position of logits: named, with what to do (it was a shape error)."""
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    refused = r"logits for 1 of the 6 positions.*logits_to_keep.*leave 'logits' out"
+    with pytest.raises(ValueError, match=refused):
+        with trace(family_model, sites=("resid", "logits")):
+            family_model(ids, logits_to_keep=1)
+    with trace(family_model, sites=("resid", "logits")) as tr:  # every position: recorded as before
+        out = family_model(ids, logits_to_keep=0)
+    assert torch.equal(tr.residuals.logits, out.logits)
+    with trace(family_model, sites="resid") as tr:  # no logits asked for: nothing to refuse
+        family_model(ids, logits_to_keep=1)
+    assert tr.residuals.resid.shape[2] == 6
+
+
 def test_trace_before_any_forward_says_so(model):
     with trace(model) as tr:
         pass

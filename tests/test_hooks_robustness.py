@@ -116,6 +116,59 @@ def test_bad_arguments(model, ids, kwargs, error, match):
     assert hook_counts(model) == before
 
 
+def test_a_device_this_machine_lacks_is_named_before_any_hook(model, ids, monkeypatch):
+    """``device="cuda"`` without CUDA says so (it used to fail deep in the hook: "Torch not compiled ...")."""
+    before = hook_counts(model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available on this.*'cpu'"):
+        capture(model, ids, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:3': this machine has 1 CUDA device\(s\) \(cuda:0"):
+        capture(model, ids, device="cuda:3")
+    assert hook_counts(model) == before
+
+
+def test_pads_given_without_a_mask_are_named(ids):
+    """A padded ``input_ids`` tensor passed alone is read with its pads as tokens: a run of the pad id at a
+    row's start or end warns (it used to pass silently); a single end-of-text id, a mask, or a pad id
+    inside a row does not."""
+    import warnings
+
+    from reslens._inputs import as_batch
+    from reslens.arch import adapter
+
+    gpt2 = adapter(make_model())  # no pad id: padded with its end-of-text id 0, also a real token
+    padded = ids.clone()
+    padded[1, -3:] = 0
+    for inputs in (padded, {"input_ids": padded}, padded.flip(-1)):  # right, a mapping, left
+        with pytest.warns(UserWarning, match=r"without an attention_mask, and row 1 starts or ends with 3 "
+                          r"pad tokens \(id 0\): they are read as real tokens. Pass the attention_mask"):
+            as_batch(inputs, gpt2)
+    one_eos = ids.clone()
+    one_eos[:, -1], one_eos[:, 0] = 0, 5
+    one_eos[:, 1:-1] = one_eos[:, 1:-1].clamp(min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_batch(one_eos, gpt2)  # a text that ends with one end-of-text token
+        as_batch({"input_ids": padded, "attention_mask": padded != 0}, gpt2)
+        as_batch(Batch.from_ids(padded), gpt2)  # a Batch says what is real
+    dedicated = adapter(make_model(pad_token_id=7))  # a pad id of its own: one is enough
+    tail = one_eos.clone()
+    tail[2, -1] = 7
+    with pytest.warns(UserWarning, match=r"row 2 starts or ends with 1 pad tokens \(id 7\)"):
+        as_batch(tail, dedicated)
+    tail[2, -1], tail[2, 4] = 5, 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_batch(tail, dedicated)  # inside a row: a real token
+    tokenizer = type("Tok", (), {"pad_token_id": 9, "eos_token_id": 0})()
+    tail[0, :1] = 9
+    with pytest.warns(UserWarning, match=r"row 0 starts or ends with 1 pad tokens \(id 9\)"):
+        as_batch(tail, dedicated, tokenizer)  # the tokenizer's pad id comes first
+
+
 def test_non_gpt2_model_is_rejected(ids):
     with pytest.raises(TypeError, match="supported family.*gpt2.*Linear"):
         capture(torch.nn.Linear(3, 3), ids)

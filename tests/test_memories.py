@@ -28,6 +28,24 @@ def test_public_names_of_today_still_import():
     assert callable(kv.contributions) and kv.UNITS == ("sentence", "window")
 
 
+@pytest.mark.parametrize(
+    "sites, other, what",
+    [  # the acts come from a 3-layer model, d_model 32, d_mlp 128
+        (("mlp_act", "resid"), dict(n_layer=2), r"deepest resid layer is 3, where .* at most 2"),
+        (("mlp_act",), dict(n_layer=2), r"deepest block is 2, where this 2-layer model .* at most 1"),
+        (("mlp_act",), dict(n_inner=64), r"mlp_act width \(d_mlp\) is 128, .* has 64"),
+        (("mlp_act", "resid"), dict(n_embd=16, n_head=2, n_inner=128),
+         r"resid width \(d_model\) is 32, .* has 16"),
+    ],
+)
+def test_contributions_of_residuals_from_another_model_is_refused(ids, sites, other, what):
+    """Residuals record their model's sizes; another model's are named, not read as this one's (the first
+    two were read silently, the others failed on a matrix product or not at all)."""
+    acts = capture(make_model(), ids, sites=sites)
+    with pytest.raises(ValueError, match=f"residuals were captured from another model: their {what}"):
+        kv.contributions_of(acts, make_model(seed=1, **other), 1)
+
+
 def test_contributions_captures_then_calls_the_pure_form(model, ids, acts):
     """``contributions(model, inputs, ...)`` is ``contributions_of(capture(...), model, ...)``, exactly, and
     captures only what it needs (the forward stops after the block unless the final norm is read)."""

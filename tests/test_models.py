@@ -46,6 +46,13 @@ def test_bad_arguments():
         reslens.load_model(123)
 
 
+def test_a_device_this_machine_lacks_is_refused_before_loading(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="device='cuda': CUDA is not available on this machine"):
+        reslens.load_model(device="cuda")
+
+
 def test_unreachable_hub_suggests_a_local_path_or_the_default():
     code = "\n".join(["import reslens", "try:", "    reslens.load_model('gpt2-no-such-model')",
                       "except OSError as e:", "    print(e)", ""])
@@ -54,6 +61,43 @@ def test_unreachable_hub_suggests_a_local_path_or_the_default():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     ).stdout
     assert "hub may be unreachable" in out and "local directory" in out and "load_model() with no name" in out
+
+
+def _load_in_a_process(name: str, **env: str) -> tuple[str, float]:
+    """``load_model(name)``'s outcome in a new process (hub settings are read at import) and its time."""
+    import time
+
+    code = "\n".join(["import reslens", "try:", f"    reslens.load_model({name!r}); print('loaded')",
+                      "except OSError as e:", "    print(e)", ""])
+    clean = {k: v for k, v in os.environ.items()
+             if "PROXY" not in k.upper() and not k.startswith("HF_HUB_OFFLINE")}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**clean, **env}).stdout
+    return out, time.perf_counter() - start
+
+
+def test_a_mistyped_name_fails_at_once_with_the_closest_known_one(tmp_path):
+    """``load_model("smolm2")`` spent ~25 s in the hub's retries; a hub that does not answer is found at once
+    (here one whose port refuses connections) and the closest name reslens knows is suggested."""
+    out, seconds = _load_in_a_process("smolm2", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))
+    assert "could not load 'smolm2': it is neither a model reslens knows (smollm2) nor a local path " \
+        "(did you mean 'smollm2'?)" in out
+    assert "127.0.0.1:9 does not answer" in out and "local directory" in out
+    assert seconds < 20, seconds
+
+
+def test_a_cached_hub_model_loads_without_the_hub(tmp_path):
+    """A hub name in the HuggingFace cache loads from it when the hub does not answer, without retries."""
+    snapshot = tmp_path / "hub" / "models--someone--tiny-gpt2" / "snapshots" / ("0" * 40)
+    make_model(vocab_size=50257).save_pretrained(snapshot)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (snapshot / name).write_bytes((embedded_model_dir() / name).read_bytes())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    out, seconds = _load_in_a_process("someone/tiny-gpt2", HF_ENDPOINT="http://127.0.0.1:9",
+                                      HF_HOME=str(tmp_path))
+    assert out.strip() == "loaded" and seconds < 20, (out, seconds)
 
 
 def test_another_familys_checkpoint_is_refused_before_loading(tmp_path):

@@ -250,6 +250,7 @@ def test_result_frame_table_save_load_and_plot(sharp, prompt_ids, tmp_path):
         TraceResult(**{**result.__dict__, "restored_prob": torch.zeros(3, 4)})
 
 
+@pytest.mark.filterwarnings("ignore:answer=' house' is far from the model's own prediction")  # a random model
 def test_string_api_finds_the_subject_and_answer(big_vocab, tokenizer):
     prompt = "The Hound of the Baskervilles lived on the moor"
     start, end = subject_span(tokenizer, prompt, "Hound of the")
@@ -549,3 +550,43 @@ def test_a_tokenizer_that_puts_a_bos_first_gets_it_in_the_trace_outside_the_subj
 def test_a_negative_deprecated_noise_number_names_noise(sharp, prompt_ids):
     with pytest.raises(ValueError, match=r"^noise=-1.0 is out of range"):
         causal_trace_ids(sharp, prompt_ids, SPAN, kind="mlp", window=2, noise=-1.0)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    import reslens
+
+    return reslens.load_model()
+
+
+def test_an_answer_the_model_hardly_expects_is_named_with_the_spaced_form(embedded):
+    """``answer="the"`` (no leading space) and an answer far from the model's prediction used to run as if
+    fine; the spaced form is suggested when the model gives it ten times the probability."""
+    import warnings
+
+    from reslens.rome import rank_one_edit
+
+    model, tokenizer = embedded
+    noise = Noise(samples=2)
+    with pytest.warns(UserWarning, match=r"answer='the' has p=.* \(rank \d{3,}\) after the prompt, while "
+                      r"' the', with the leading space a word takes after a prompt, has p=.*did you mean "
+                      r"answer=' the'\?"):
+        causal_trace(model, tokenizer, "The capital of France is", "France", answer="the", noise=noise)
+    with pytest.warns(UserWarning, match=r"answer=' the' is far from the model's own prediction: p=.*, rank "
+                      r"\d{3,} \(its top-1 is ' Fang'.*leave answer=None"):
+        causal_trace(model, tokenizer, "said White", "White", answer=" the", noise=noise)
+    with pytest.raises(ValueError, match=r"answer='Fang' is 2 tokens.*answer=' Fang' is one"):
+        causal_trace(model, tokenizer, "said White", "White", answer="Fang", noise=noise)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        causal_trace(model, tokenizer, "said White", "White", answer=" Fang", noise=noise)  # its top-1
+        causal_trace(model, tokenizer, "said White", "White", noise=noise)
+    # ROME's new answer is improbable by design: only the missing space is named
+    edit = dict(layer=1, context_templates=["{}"], second_moment="not one")
+    with pytest.warns(UserWarning, match=r"new_answer='the' has p=.*did you mean new_answer=' the'\?"):
+        with pytest.raises(TypeError):
+            rank_one_edit(model, tokenizer, "The capital of France is", "France", "the", **edit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError):
+            rank_one_edit(model, tokenizer, "The capital of France is", "France", " Rome", **edit)

@@ -419,7 +419,8 @@ def test_memories_command(tmp_path, capsys):
     assert "agreement" in captured.out and figure.read_bytes()[:4] == b"\x89PNG"
     assert main(["memories", "--index", str(out), "--show", "2.7", "--n", "3"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("L2N7: top 3") and printed.count("[[") == 3
+    assert printed.startswith("model: embedded GPT-2 (4 layers") and printed.count("[[") == 3
+    assert printed.splitlines()[1].startswith("L2N7: top 3")
 
     other = tmp_path / "other.txt"
     other.write_text("A different book entirely, with other words. " * 40, encoding="utf-8")

@@ -7,6 +7,7 @@ and what was expected; none of them touches the model.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,9 @@ __all__ = [
     "check_choice",
     "check_position",
     "check_finite",
+    "check_residuals_fit",
+    "available_memory",
+    "check_memory",
 ]
 
 
@@ -228,9 +232,21 @@ def check_device(device: object, *, name: str = "device") -> torch.device | None
     if device is None:
         return None
     try:
-        return torch.device(device)  # type: ignore[arg-type]
+        checked = torch.device(device)  # type: ignore[arg-type]
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"{name}={device!r} is not a valid torch device ({error})") from None
+    if checked.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}={device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use {name}='cpu', or None for the model's own device")
+        if checked.index is not None and checked.index >= count:
+            raise ValueError(f"{name}={device!r}: this machine has {count} CUDA device(s) "
+                             f"(cuda:0..cuda:{count - 1})")
+    if checked.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={device!r}: MPS is not available on this machine; use {name}='cpu', "
+                         "or None for the model's own device")
+    return checked
 
 
 def check_edits(edits: Any, sites: tuple[str, ...], n_layer: int) -> dict[tuple[str, int], Any]:
@@ -262,3 +278,81 @@ def check_tokenizer(tokenizer: object, *, name: str = "tokenizer", why: str = ""
         need = f" ({why})" if why else ""
         raise TypeError(f"{name} must be a HuggingFace tokenizer{need}, e.g. the second value of "
                         f"reslens.load_model(); got {tokenizer!r}")
+def _recorded_sizes(residuals: Any) -> list[tuple[str, int]]:
+    """``(what, size)`` pairs that a capture records about its model: widths, the deepest layer, ids."""
+    def last(site: str) -> int | None:
+        t = getattr(residuals, site, None)
+        return None if t is None else int(t.shape[-1])
+
+    sizes = [(f"{site} width (d_model)", last(site))
+             for site in ("resid", "resid_mid", "attn_out", "mlp_out", "final")]
+    sizes += [(f"{site} width (d_mlp)", last(site)) for site in ("mlp_act", "mlp_up", "mlp_gate")]
+    sizes += [("logits width (d_vocab)", last("logits"))]
+    pattern = getattr(residuals, "attn_pattern", None)
+    sizes += [("attn_pattern heads (n_head)", None if pattern is None else int(pattern.shape[2]))]
+    return [(what, size) for what, size in sizes if size is not None]
+
+
+def check_residuals_fit(residuals: Any, arch: Any, *, name: str = "residuals") -> None:
+    """Captured ``residuals`` whose recorded sizes are those of ``arch``'s model (not another model's).
+
+    Compares every width a capture records (``d_model``, ``d_mlp``, ``d_vocab``, heads), its layers and
+    blocks, and its token ids with the model's.
+    """
+    want = {"d_model": arch.d_model, "d_mlp": arch.d_mlp, "d_vocab": arch.d_vocab, "n_head": arch.n_head}
+    found = [(what, size, want[what[what.index("(") + 1 : -1]]) for what, size in _recorded_sizes(residuals)]
+    if getattr(residuals, "resid", None) is not None:
+        found.append(("deepest resid layer", max(residuals.layers, default=0), arch.n_layer))
+    found.append(("deepest block", max(residuals.blocks, default=-1), arch.n_layer - 1))
+    ids = getattr(residuals, "input_ids", None)
+    if ids is not None and ids.numel():
+        found.append(("largest token id", int(ids.max()), arch.d_vocab - 1))
+    for what, got, expected in found:
+        bad = got > expected if what.startswith(("deepest", "largest")) else got != expected
+        if bad:
+            bound = "at most " if what.startswith(("deepest", "largest")) else ""
+            raise ValueError(
+                f"{name} were captured from another model: their {what} is {got}, where this "
+                f"{arch.n_layer}-layer model (d_model {arch.d_model}, d_mlp {arch.d_mlp}) has "
+                f"{bound}{expected}; capture them from this model (reslens.capture(model, ...))"
+            )
+
+
+def available_memory(device: object) -> int | None:
+    """Bytes free for new tensors on ``device``: a GPU's free memory, the system's available one for the CPU.
+
+    ``None`` where it cannot be told (another device type, no ``/proc/meminfo`` nor ``sysconf``).
+    """
+    device = torch.device(device)  # type: ignore[arg-type]
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError, ValueError):
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GB"
+    return f"{n / 2**20:.1f} MB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MB"
+
+
+def check_memory(n_bytes: int, device: object, *, what: str, fix: str) -> None:
+    """Refuse work whose tensors (``n_bytes``, an estimate) would not fit in ``device``'s free memory."""
+    free = available_memory(device)
+    if free is not None and n_bytes > free:
+        raise ValueError(f"{what} needs about {_bytes(n_bytes)}, and {torch.device(device)} has "  # type: ignore[arg-type]
+                         f"{_bytes(free)} free; {fix}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["_StopForward", "_SiteBuffer", "_ThreadHooks", "cache_length", "takes_start"]
+__all__ = ["_StopForward", "_SiteBuffer", "_ThreadHooks", "cache_length", "takes_start", "every_position"]
 
 
 def cache_length(cache: Any) -> int:
@@ -23,6 +23,24 @@ def cache_length(cache: Any) -> int:
     if cache is None:
         return 0
     return int(getattr(cache, "get_seq_length", lambda: 0)())
+
+
+def every_position(logits: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    """The ``logits [batch, pos, d_vocab]`` of a traced forward, refused when they skip positions it read.
+
+    ``inputs``: the forward's ``(input_ids, attention_mask, position_ids)``. A model called with
+    ``logits_to_keep=k`` (as ``generate()`` calls it) computes the last ``k`` positions only.
+    """
+    input_ids, attention_mask, _ = inputs
+    read = input_ids if input_ids is not None else attention_mask
+    if read is not None and logits.ndim == 3 and logits.shape[1] != read.shape[-1]:
+        raise ValueError(
+            f"the model returned logits for {logits.shape[1]} of the {read.shape[-1]} positions it read: it "
+            "was called with logits_to_keep (as generate() calls it), and reslens records the logits of "
+            "every position; inside a trace call the model without logits_to_keep (or with "
+            "logits_to_keep=0), or leave 'logits' out of sites"
+        )
+    return logits
 
 
 def takes_start(fn: Any) -> bool:

@@ -6,6 +6,9 @@ was given (ids, a Batch, a tokenizer output, text) into a checked Batch on the m
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -196,6 +199,53 @@ def _is_texts(inputs: Any) -> bool:
     )
 
 
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside reslens, for a warning raised by the caller of this."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _special_ids(tokenizer: Any, config: Any, *names: str) -> set[int]:
+    found: set[int] = set()
+    for source in (tokenizer, config):
+        for name in names:
+            value = getattr(source, name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]  # Llama 3 lists its end ids
+            found.update(v for v in values if isinstance(v, int))
+    return found
+
+
+def _warn_unmasked_pads(input_ids: torch.Tensor, arch: Any, tokenizer: Any) -> None:
+    """Warn when ids given without a mask start or end with a run of the pad id: the pads count as tokens.
+
+    The pad id is the tokenizer's, else the model config's, else the end-of-text id (GPT-2 has no pad
+    and is padded with it). A pad id that is also a real token (end-of-text, start, unknown: GPT-2's and
+    SmolLM2's are) counts only as a run of two or more, since a text may end with one such token.
+    """
+    config = getattr(arch, "config", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = getattr(config, "pad_token_id", None) if pad is None else pad
+    if pad is None:
+        pad = min(_special_ids(tokenizer, config, "eos_token_id"), default=None)
+    if not isinstance(pad, int) or input_ids.ndim != 2 or input_ids.numel() == 0:
+        return
+    shared = pad in _special_ids(tokenizer, config, "eos_token_id", "bos_token_id", "unk_token_id")
+    is_pad = (input_ids == pad).long()  # [batch, pos]
+    run = torch.maximum(is_pad.cumprod(-1).sum(-1), is_pad.flip(-1).cumprod(-1).sum(-1))  # [batch]
+    if int(run.max()) >= (2 if shared else 1):
+        row = int(run.argmax())
+        warnings.warn(
+            f"input_ids came without an attention_mask, and row {row} starts or ends with {int(run[row])} "
+            f"pad tokens (id {pad}): they are read as real tokens. Pass the attention_mask with them (a "
+            "tokenizer output, or a reslens Batch), or text with tokenizer= (reslens.tokenize pads and "
+            "masks)",
+            UserWarning, stacklevel=caller_stacklevel(),
+        )
+
+
 def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
     """Turn ids, a :class:`Batch`, a tokenizer output mapping, or text into a checked Batch.
 
@@ -208,6 +258,7 @@ def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
         check_ids(batch.input_ids, d_vocab=d_vocab, n_ctx=n_ctx)
     elif isinstance(inputs, torch.Tensor):
         batch = Batch.from_ids(check_ids(inputs, d_vocab=d_vocab, n_ctx=n_ctx))
+        _warn_unmasked_pads(batch.input_ids, arch, tokenizer)
     elif isinstance(inputs, Mapping) and "input_ids" in inputs:
         ids = inputs["input_ids"]
         ids = torch.as_tensor(ids) if not isinstance(ids, torch.Tensor) else ids
@@ -216,6 +267,8 @@ def as_batch(inputs: Any, arch: Any, tokenizer: Any = None) -> Batch:
             check_ids(ids, d_vocab=d_vocab, n_ctx=n_ctx),
             torch.as_tensor(mask) if mask is not None else None,
         )
+        if mask is None:
+            _warn_unmasked_pads(batch.input_ids, arch, tokenizer)
     elif _is_texts(inputs):
         if tokenizer is None:
             raise TypeError("inputs are text, so tokenizer= is required (e.g. from reslens.load_model())")

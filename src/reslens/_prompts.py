@@ -12,18 +12,25 @@ as indices into :func:`text_ids` (so a start token is never part of the subject)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 from reslens._checks import check_int
 from reslens._corpus import start_ids
+from reslens._inputs import caller_stacklevel
 from reslens._inputs import encode as _encode_text
-from reslens._tokens import decode_each, text_pieces
+from reslens._tokens import decode_each, readable, text_pieces
 from reslens.arch import Arch
 
 __all__ = ["encode", "text_ids", "prompt_pieces", "subject_span", "token_span", "check_prompt_ids",
-           "check_span", "prompt_ids", "answer_ids"]
+           "check_span", "prompt_ids", "answer_ids", "warn_unlikely_answer"]
+
+#: an answer the model gives less than this probability, at a rank of at least ``_FAR_RANK``, is "far"
+_FAR_P, _FAR_RANK = 0.01, 10
+#: the spaced answer is suggested when the model gives it this many times the probability
+_SPACED_RATIO = 10
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -153,3 +160,40 @@ def answer_ids(tokenizer: Any, answer: Any, *, name: str = "answer") -> list[int
         raise ValueError(f"{name}={answer!r} tokenizes to no tokens")
     return ids
 
+
+def warn_unlikely_answer(arch: Arch, tokenizer: Any, prompt: str, ids: list[int], answer: Any,
+                         answer_id: int, *, name: str = "answer", known: bool = True) -> None:
+    """Warn when an answer looks mistyped: its first token ``answer_id`` is one the model hardly expects.
+
+    ``answer`` (its text, or an id) follows ``prompt`` (read as ``ids``). Text without the leading space
+    a word takes after a prompt (``"Paris"`` for ``" Paris"``) is named, with the spaced form, when the
+    model gives the spaced form's first token at least ten times the probability. With ``known=True``
+    (causal tracing, which measures what the model knows; not ROME's new answer) an answer far from the
+    model's own prediction (p < 1% and rank >= 10) is named too, with the model's top-1.
+    """
+    with torch.no_grad():
+        logits = arch.unembed(arch.final_hidden(torch.tensor([ids], device=arch.device))[0, -1]).float()
+    probs = logits.softmax(-1)
+
+    def p_rank(i: int) -> tuple[float, int]:
+        return float(probs[i]), int((logits > logits[i]).sum())
+
+    p, rank = p_rank(answer_id)
+    if isinstance(answer, str) and not answer[:1].isspace() and not prompt[-1:].isspace():
+        spaced = encode(tokenizer, " " + answer)
+        if spaced and spaced[0] != answer_id and p_rank(spaced[0])[0] >= _SPACED_RATIO * p:
+            p_spaced, rank_spaced = p_rank(spaced[0])
+            warnings.warn(
+                f"{name}={answer!r} has p={p:.3g} (rank {rank}) after the prompt, while {' ' + answer!r}, "
+                f"with the leading space a word takes after a prompt, has p={p_spaced:.3g} (rank "
+                f"{rank_spaced}); did you mean {name}={' ' + answer!r}?", UserWarning,
+                stacklevel=caller_stacklevel())
+            return
+    if known and p < _FAR_P and rank >= _FAR_RANK:
+        top = int(logits.argmax())
+        shown = answer if isinstance(answer, str) else readable(tokenizer, answer_id)
+        warnings.warn(
+            f"{name}={shown!r} is far from the model's own prediction: p={p:.3g}, rank {rank} (its top-1 is "
+            f"{readable(tokenizer, top)!r}, p={float(probs[top]):.3g}), so the clean run barely gives it and "
+            f"its effects will be small; check the answer, or leave {name}=None to use the model's top-1",
+            UserWarning, stacklevel=caller_stacklevel())

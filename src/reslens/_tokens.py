@@ -56,6 +56,8 @@ def _one_token(text: str, tokenizer: Any, name: str) -> int:
     if len(ids) != 1:
         pieces = [readable(tokenizer, i) for i in ids]
         first = f", e.g. {name}={pieces[0]!r} (its first)" if pieces else ""
+        if not text[:1].isspace() and len(encode(tokenizer, " " + text)) == 1:
+            first = f"; with the leading space a word takes after a prompt, {name}={' ' + text!r} is one"
         raise ValueError(f"{name}={text!r} is {len(ids)} tokens {pieces}, not one: give the text of exactly "
                          f"one token or its id{first}")
     return ids[0]

@@ -14,15 +14,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
+
+from reslens._cli_checks import PCA_CONTEXT, UsageError, check_args
 
 __all__ = ["main"]
 
 
 def _save(figure, path: Path) -> None:
-    """Write a matplotlib figure as PNG and say so on stderr."""
+    """Write a matplotlib figure as PNG (its folder made first, as every reslens save does) and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150, bbox_inches="tight")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace):
+    """``(model, tokenizer)`` of ``--model`` on ``--device``; a first line of output names the model."""
+    import os
+
+    import reslens
+    from reslens.models import describe_model
+
+    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first rank alone reports
+        print(f"model: {describe_model(model, args.model)}")
+    return model, tokenizer
 
 
 def _add_lens_parser(commands) -> None:
@@ -162,14 +179,13 @@ def _add_trace_parser(commands) -> None:
 def _trace(args: argparse.Namespace) -> int:
     import torch
 
-    import reslens
     from reslens.tracing import Noise, causal_trace
 
     try:  # checked before the model loads
         noise = Noise(samples=args.samples, scale=args.noise, seed=args.seed)
     except ValueError as error:
         raise ValueError(f"--samples/--noise/--seed: {error}") from None
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     try:
         result = causal_trace(model, tokenizer, args.prompt, args.subject, answer=args.answer, kind=args.kind,
                               window=args.window, noise=noise)
@@ -187,12 +203,12 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _pca(args: argparse.Namespace) -> int:
-    import reslens
     from reslens.pca import pca_experiment
 
     text = args.file.read_text(encoding="utf-8")
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
-    experiment = pca_experiment(model, tokenizer, text, n=args.n, seed=args.seed, max_length=args.max_length)
+    model, tokenizer = _load(args)
+    experiment = pca_experiment(model, tokenizer, text, n=args.n, seed=args.seed, max_length=args.max_length,
+                                min_context=PCA_CONTEXT)
     print(experiment.table())
     if args.out is not None:
         _save(experiment.plot(), args.out)
@@ -205,7 +221,6 @@ def _lens(args: argparse.Namespace) -> int:
     The text is read as its tokenizer gives it to the model (start tokens first where it adds them),
     through :mod:`reslens._stream` like every data-set pass.
     """
-    import reslens
     from reslens._corpus import encode, start_ids
     from reslens._stream import batch_of, batches, units, window_size
     from reslens.arch import adapter
@@ -214,13 +229,13 @@ def _lens(args: argparse.Namespace) -> int:
     from reslens.lens.values import load_lens
 
     if (args.text is None) == (args.file is None):
-        raise _UsageError("give either TEXT or --file FILE (one of them)")
+        raise UsageError("give either TEXT or --file FILE (one of them)")
     text = args.text if args.file is None else args.file.read_text(encoding="utf-8")
     if not text.strip():
-        raise _UsageError("the text is empty")
+        raise UsageError("the text is empty")
     if args.lens is not None and not args.lens.exists():
-        raise _UsageError(f"--lens {args.lens}: no such file or folder")
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+        raise UsageError(f"--lens {args.lens}: no such file or folder")
+    model, tokenizer = _load(args)
     arch = adapter(model)
     learned = None if args.lens is None else load_lens(args.lens, model=model)
     start = start_ids(tokenizer)  # the text as the tokenizer gives it to the model (a BOS where it adds one)
@@ -254,17 +269,14 @@ def _heads(args: argparse.Namespace) -> int:
 
     Argument problems (``--seq-len``, an unreadable ``--file``) are found before the model loads.
     """
-    import reslens
     from reslens._corpus import start_ids
     from reslens._stream import batches, units, window_size
     from reslens.arch import adapter
     from reslens.heads import composition_scores, induction_scores, ov_eigen_summary, previous_token_scores
     from reslens.heads import repeated_tokens
 
-    if args.seq_len < 2:
-        raise _UsageError(f"--seq-len must be at least 2 (tokens per repeat); got {args.seq_len}")
     text = None if args.file is None else args.file.read_text(encoding="utf-8")
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     arch = adapter(model)
     seq_len = min(args.seq_len, arch.n_ctx // 2)
     if seq_len < 2:
@@ -304,11 +316,11 @@ def _memories(args: argparse.Namespace) -> int:
     """
     modes = [args.text is not None, args.mine is not None, args.index is not None]
     if sum(modes) != 1:
-        raise _UsageError("give exactly one of TEXT, --mine CORPUS or --index FILE")
+        raise UsageError("give exactly one of TEXT, --mine CORPUS or --index FILE")
     for flag, value, mode in (("--show", args.show, "--index"), ("--out", args.out, "--mine"),
                               ("--figure", args.figure, "--mine")):
         if value is not None and not (args.index if mode == "--index" else args.mine):
-            raise _UsageError(f"{flag} goes with {mode}")
+            raise UsageError(f"{flag} goes with {mode}")
     if args.index is not None:
         return _memories_index(args)
     if args.mine is not None:
@@ -317,31 +329,29 @@ def _memories(args: argparse.Namespace) -> int:
 
 
 def _memories_index(args: argparse.Namespace) -> int:
-    import reslens
     from reslens import kv_memory as kv
 
     if args.show is None:
-        raise _UsageError("--index: say which key with --show LAYER.KEY (e.g. 3.17)")
+        raise UsageError("--index: say which key with --show LAYER.KEY (e.g. 3.17)")
     try:
         layer, key = (int(part) for part in args.show.split("."))
     except ValueError:
-        raise _UsageError(f"--show must look like LAYER.KEY (e.g. 3.17); got {args.show!r}") from None
+        raise UsageError(f"--show must look like LAYER.KEY (e.g. 3.17); got {args.show!r}") from None
     index = kv.TriggerIndex.load(args.index)
     index.triggers(layer, key, 1)  # an unmined layer or a key out of range is refused here, before the model
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     index.show(layer, key, n=args.n, tokenizer=tokenizer)
     print(kv.value_tokens(model, layer, [key], k=10, tokenizer=tokenizer).table())
     return 0
 
 
 def _memories_mine(args: argparse.Namespace) -> int:
-    import reslens
     from reslens import kv_memory as kv
     from reslens._corpus import corpus_files
     from reslens._distributed import shard_of
 
     if args.out is None:
-        raise _UsageError("--mine: say where to save the index with --out FILE (e.g. index.safetensors)")
+        raise UsageError("--mine: say where to save the index with --out FILE (e.g. index.safetensors)")
     corpus_files(args.mine, name="--mine")
     primary = shard_of().primary  # under torchrun every rank mines its share; rank 0 alone reports
     resume = None
@@ -350,7 +360,7 @@ def _memories_mine(args: argparse.Namespace) -> int:
         if primary:
             print(f"resuming {args.out}: {resume.describe()}, mined on "
                   f"{resume.model_name or 'an unnamed model'}", file=sys.stderr)
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     index = kv.mine_triggers(model, tokenizer, args.mine, top_k=args.top_k, unit=args.unit,
                              batch_size=args.batch_size, max_tokens=args.max_tokens, resume=resume,
                              out=args.out)
@@ -372,7 +382,7 @@ def _memories_text(args: argparse.Namespace) -> int:
     from reslens._tokens import token_id
     from reslens.arch import adapter
 
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
+    model, tokenizer = _load(args)
     arch = adapter(model)
     token = None if args.token is None else token_id(args.token, d_vocab=arch.d_vocab, tokenizer=tokenizer,
                                                      name="--token")
@@ -396,75 +406,6 @@ def _memories_text(args: argparse.Namespace) -> int:
     return 0
 
 
-#: integer options that must be positive, in every subcommand that has them
-_POSITIVE = ("top_k", "top", "n", "max_length", "max_tokens", "samples", "width", "batch_size", "window")
-#: path options read as text files
-_INPUT_FILES = ("file",)
-#: path options written at the end (checked before the work starts)
-_OUTPUT_FILES = ("out", "figure")
-
-
-class _UsageError(ValueError):
-    """An argument problem found before any model loads."""
-
-
-def _check_text_file(path: Path, flag: str) -> None:
-    if not path.exists():
-        raise _UsageError(f"--{flag} {path}: no such file")
-    if path.is_dir():
-        raise _UsageError(f"--{flag} {path}: is a folder; give a plain-text file")
-    with open(path, "rb") as handle:
-        head = handle.read(8192)
-    try:
-        if b"\0" in head:
-            raise UnicodeDecodeError("utf-8", head, 0, 1, "NUL byte")
-        # a multi-byte character may be cut at the end of the first 8 kB: judge what comes before it
-        (head if len(head) < 8192 else head[:8180]).decode("utf-8", errors="strict")
-    except UnicodeDecodeError:
-        raise _UsageError(f"--{flag} {path}: not a UTF-8 text file") from None
-
-
-def _check_output(path: Path, flag: str) -> None:
-    import os
-
-    if path.is_dir():
-        raise _UsageError(f"--{flag} {path}: is a folder; give a file name such as {path / 'figure.png'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise _UsageError(f"--{flag} {path}: {existing} is not a writable folder")
-
-
-def _check_device(device: str | None) -> None:
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise _UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise _UsageError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model, before the subcommand's work starts."""
-    for name in _POSITIVE:
-        value = getattr(args, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
-            raise _UsageError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
-    for name in _INPUT_FILES:
-        if getattr(args, name, None) is not None:
-            _check_text_file(getattr(args, name), name)
-    for name in _OUTPUT_FILES:
-        if isinstance(getattr(args, name, None), Path):
-            _check_output(getattr(args, name), name)
-    _check_device(getattr(args, "device", None))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the ``reslens`` command and return its exit code (2, with one line on stderr, for bad input).
 
@@ -473,18 +414,20 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        _check_args(args)
+        check_args(args)
         figure = getattr(args, "figure", None) if args.command == "memories" else getattr(args, "out", None)
         if figure is not None:
             try:
                 import matplotlib
             except ImportError:
-                raise _UsageError('a figure needs matplotlib: pip install "reslens[plot]"') from None
+                raise UsageError('a figure needs matplotlib: pip install "reslens[plot]"') from None
             matplotlib.use("Agg")
         handlers = {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
                     "download": _download}
-        handler = handlers[args.command]
-        return handler(args)
+        with warnings.catch_warnings():  # a warning is one line too, naming the command
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"reslens {args.command}: warning: {message}", file=sys.stderr)
+            return handlers[args.command](args)
     except (ValueError, TypeError, OSError, ImportError) as error:
         from reslens._errors import is_refusal
 

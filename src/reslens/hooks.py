@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from reslens._checks import check_bool, check_device, check_dtype, check_edits, check_layers, check_sites
-from reslens._hooking import _SiteBuffer, _StopForward, _ThreadHooks, cache_length, takes_start
+from reslens._hooking import (_SiteBuffer, _StopForward, _ThreadHooks, cache_length, every_position,
+                              takes_start)
 from reslens._inputs import Batch, as_batch
 from reslens.arch import adapter
 from reslens.residuals import BLOCK_SITES, SITES, Residuals
@@ -238,7 +239,8 @@ class Trace(_ThreadHooks):
         if "final" in self.sites or ("logits" in self.sites and a.lm_head is None):
             points.append((a.final_norm_module, "post", self._on_final))
         if "logits" in self.sites and a.lm_head is not None:
-            points.append((a.lm_head, "post", lambda out: self._store("logits", 0, out)))
+            points.append((a.lm_head, "post",
+                           lambda out: self._store("logits", 0, every_position(out, self._inputs))))
         return points
 
     def _pattern_callback(self, i: int, spec: Any) -> Any:

@@ -30,7 +30,8 @@ from pathlib import Path
 from reslens._errors import ModelFileError
 from reslens._text import html_table
 
-__all__ = ["KNOWN", "cache_dir", "model_dir", "is_cached", "download", "repair_hint", "check_gguf"]
+__all__ = ["KNOWN", "cache_dir", "model_dir", "is_cached", "download", "repair_hint", "check_gguf",
+           "hub_unreachable"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,3 +249,30 @@ def download(name: str = "smollm2", *, progress: bool = True, force: bool = Fals
         os.replace(out, final)
     logger.info("%s is ready in %s", name, final)
     return final
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the HuggingFace hub cannot be reached from here, found at once; ``None`` when it may be.
+
+    ``HF_HUB_OFFLINE`` says so; otherwise one TCP connection to the hub's host (``HF_ENDPOINT``), or to
+    the HTTPS proxy in front of it, must open within ``timeout`` seconds. It is asked only before a
+    name reslens does not know is sent to the hub, whose own retries take about 25 s to give up.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), None)
+    url = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as error:
+        return f"{'the proxy ' if proxy else ''}{host}:{port} does not answer: {error.strerror or error}"

@@ -10,6 +10,7 @@ The embedded default lives in ``reslens/data/embedded/`` (``config.json``,
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import re
 from importlib import resources
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from reslens._checks import check_dtype
+from reslens._checks import check_device, check_dtype
 from reslens._errors import ModelFileError
 from reslens._distributed import local_device
 
-__all__ = ["load_model", "embedded_model_dir", "ModelFileError"]
+__all__ = ["load_model", "embedded_model_dir", "describe_model", "ModelFileError"]
 
 
 @contextlib.contextmanager
@@ -38,13 +39,36 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
-def _hub_error(name: object, error: Exception) -> OSError:
+def _did_you_mean(name: object) -> str:
+    """``" (did you mean 'smollm2'?)"`` for a name close to one reslens knows, else ``""``."""
+    close = difflib.get_close_matches(str(name).lower(), _known_models(), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _hub_error(name: object, error: Exception | str) -> OSError:
+    why = error if isinstance(error, str) else f"{error.__class__.__name__}: {_first_line(error)}"
     return OSError(
-        f"could not load {name!r} with from_pretrained: the HuggingFace hub may be unreachable "
-        f"from here ({error.__class__.__name__}: {_first_line(error)}). "
-        "Pass a local directory that holds the model (config.json, weights, tokenizer files), "
-        "or call reslens.load_model() with no name for the embedded offline model."
+        f"could not load {name!r}: it is neither a model reslens knows ({', '.join(_known_models())}) nor a "
+        f"local path{_did_you_mean(name)}, and as a HuggingFace hub name it could not be fetched: the hub "
+        f"may be unreachable from here ({why}). Pass a local directory that holds the model (config.json, "
+        "weights, tokenizer files), or call reslens.load_model() with no name for the embedded offline model."
     )
+
+
+def _remote(name: str) -> bool:
+    """``local_only`` for a hub name: refused at once when the hub is unreachable and the name not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from reslens.hub import hub_unreachable
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id: from_pretrained says why
+        return False
+    why = hub_unreachable()
+    if why is not None and not cached:
+        raise _hub_error(name, why)
+    return why is not None  # cached: read from the cache, without the hub's retries
 
 
 def _first_line(error: BaseException) -> str:
@@ -185,6 +209,26 @@ def embedded_model_dir() -> Path:
     return Path(str(resources.files("reslens") / "data" / "embedded"))
 
 
+def describe_model(model, name: str | os.PathLike | None = None) -> str:
+    """One line naming the model a result came from, as ``load_model(name)`` loaded it.
+
+    ``"embedded GPT-2 (4 layers x 128; a weak CPU-trained stand-in, ...)"`` for ``name=None``;
+    ``"smollm2: SmolLM2-135M-Instruct (llama, 30 layers x 576)"`` for a name reslens knows; else the
+    name or path, the family and the size.
+    """
+    from reslens.arch import adapter
+
+    arch = adapter(model)
+    size = f"{arch.n_layer} layers x {arch.d_model}"
+    if name is None:
+        return f"embedded GPT-2 ({size}; a weak CPU-trained stand-in: --model smollm2 for a real one)"
+    if isinstance(name, str) and name in _known_models():
+        from reslens.hub import KNOWN
+
+        return f"{name}: {KNOWN[name].description.split(' (')[0]} ({arch.family}, {size})"
+    return f"{name} ({arch.family}, {size})"
+
+
 def load_model(
     name: str | os.PathLike | None = None,
     *,
@@ -214,6 +258,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_dtype(dtype)
+    check_device(device)
     if name is not None and not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model name, a local path or None; got {type(name).__name__}")
 
@@ -243,7 +288,7 @@ def load_model(
         if looks_local and not path.exists():
             raise FileNotFoundError(f"name={str(name)!r} looks like a local path, but nothing is there")
         source = path if path.exists() else str(name)
-        local_only = False
+        local_only = False if path.exists() else _remote(str(name))
 
     config = _load_config(name, source, local_only)
     tokenizer = _load_tokenizer(name, source, local_only)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_int
+from reslens._checks import check_int, check_memory
 from reslens._inputs import Batch, as_batch
 from reslens._saving import Saveable
 from reslens.arch import Arch, adapter
@@ -113,9 +113,18 @@ class HeadScores(Saveable):
 # --- capturing patterns ---------------------------------------------------------------------
 
 
-def _capture_patterns(arch: Arch, inputs: Any, tokenizer: Any) -> Residuals:
-    """One forward that records ``attn_pattern`` (float32) for every block of ``inputs``."""
+def _capture_patterns(arch: Arch, inputs: Any, tokenizer: Any, *,
+                      fix: str = "give fewer or shorter sequences") -> Residuals:
+    """One forward that records ``attn_pattern`` (float32) for every block of ``inputs``.
+
+    Refused first, saying what to do (``fix``), when the patterns would not fit in the model's device.
+    """
     batch = as_batch(inputs, arch, tokenizer)
+    n, n_pos = batch.input_ids.shape
+    # every block's [n, head, pos, pos] kept, and about three more while a block's are computed
+    need = (arch.n_layer + 3) * n * arch.n_head * n_pos * n_pos * 4
+    check_memory(need, arch.device, fix=fix, what=f"capturing the attention patterns of {n} x {n_pos} tokens "
+                 f"({arch.n_layer} layers x {arch.n_head} heads x {n_pos}x{n_pos} positions, float32)")
     return _capture(arch, batch, sites=("attn_pattern",), layers=tuple(range(arch.n_layer + 1)),
                     dtype=torch.float32)
 
@@ -278,7 +287,8 @@ def induction_scores(
                        "layers; their heads cannot see the earlier copy and score 0", seq_len, min(windows))
     special = torch.zeros(ids.shape, dtype=torch.bool)
     special[:, 0] = bos_token_id is not None
-    residuals = _capture_patterns(arch, Batch(ids, torch.ones_like(special), special_mask=special), None)
+    residuals = _capture_patterns(arch, Batch(ids, torch.ones_like(special), special_mask=special), None,
+                                  fix=f"use a smaller seq_len or n (got seq_len={seq_len}, n={n})")
     scores = induction_scores_of(residuals, seq_len=seq_len, start=0 if bos_token_id is None else 1)
     how = (f"mean attention from i to i-{seq_len}+1 over the second repeat; {n} x {seq_len} random tokens, "
            f"seed {seed}" + ("" if bos_token_id is None else f", BOS {bos_token_id} first"))

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_block, check_bool, check_choice, check_float, check_int, check_position
+from reslens._checks import (check_block, check_bool, check_choice, check_float, check_int, check_position,
+                             check_residuals_fit)
 from reslens._inputs import as_batch
 from reslens._saving import Saveable
 from reslens._text import html_table, pandas
@@ -244,6 +245,7 @@ def contributions_of(
     arch = adapter(arch)
     block = check_block(layer, arch.n_layer)
     act = coefficients(residuals, block)
+    check_residuals_fit(residuals, arch)
     seq, pos = _position(residuals.attention_mask, seq, position)
     token, rank_by = _check_contribution_options(arch, token, tokenizer, rank_by, through_final_norm)
     weights = arch.mlp_weights(block)

@@ -27,6 +27,7 @@ from reslens._prompts import (
     subject_span,
     text_ids,
     token_span,
+    warn_unlikely_answer,
 )
 from reslens._text import html_table
 from reslens.arch import Arch, adapter
@@ -486,6 +487,8 @@ def rank_one_edit(model: Any, tokenizer: Any, prompt: str, subject: str, new_ans
     prompt_ids(arch, tokenizer, prompt)
     subject_span(tokenizer, prompt, subject)
     answer = answer_ids(tokenizer, new_answer, name="new_answer")
+    warn_unlikely_answer(arch, tokenizer, prompt, text_ids(tokenizer, prompt), new_answer, answer[0],
+                         name="new_answer", known=False)
     templates = _templates(arch, tokenizer, context_templates, template_shapes, check_int(seed, "seed"))
     contexts = _contexts(arch, tokenizer, templates, prompt, subject, len(answer))
     kl_text = f"{subject} is a"

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from reslens._checks import check_choice, check_float, check_int
-from reslens._prompts import check_prompt_ids, check_span, prompt_ids, prompt_pieces, subject_span
+from reslens._prompts import (check_prompt_ids, check_span, prompt_ids, prompt_pieces, subject_span,
+                              warn_unlikely_answer)
 from reslens._saving import Saveable
 from reslens._text import html_table, pandas, show
 from reslens._tokens import decode_each, token_id
@@ -409,6 +410,8 @@ def causal_trace(model: Any, tokenizer: Any, prompt: str, subject: str, *, answe
     span = subject_span(tokenizer, prompt, subject)
     answer_id = None if answer is None else token_id(answer, d_vocab=arch.d_vocab, tokenizer=tokenizer,
                                                      name="answer")
+    if answer_id is not None:
+        warn_unlikely_answer(arch, tokenizer, prompt, ids, answer, answer_id)
     return causal_trace_ids(
         arch, torch.tensor(ids), span, answer_id=answer_id, kind=kind, window=window, noise=noise,
         batch_size=batch_size, progress=progress, tokenizer=tokenizer,
