@@ -154,10 +154,10 @@ def test_a_gguf_path_that_is_not_gguf_is_refused(tmp_path, capsys):
 
 
 def test_a_bug_inside_reslens_keeps_its_traceback(tmp_path, monkeypatch):
-    import reslens._inputs
+    import reslens._corpus
 
     folder = _save(make_model(vocab_size=50257), tmp_path / "gpt2")
-    monkeypatch.setattr(reslens._inputs, "encode", lambda tokenizer, text: None)  # a bug: no ids
+    monkeypatch.setattr(reslens._corpus, "encode", lambda tokenizer, texts: None)  # a bug: no ids
     with pytest.raises(TypeError):  # raised by an operation inside reslens, not by a check
         main(["lens", "hello there", "--model", str(folder)])
 

@@ -205,13 +205,14 @@ def test_the_command_line_reads_the_start_token(model, tok, folder, capsys, tmp_
     from reslens.cli import main
 
     assert main(["lens", TEXTS[0], "--model", str(folder)]) == 0
-    shown = capsys.readouterr().out
+    named, shown = capsys.readouterr().out.split("\n", 1)  # the first line names the model
+    assert named.startswith(f"model: {folder}")
     assert shown.strip() == logit_lens(model, TEXTS[0], tokenizer=tok).table(width=100).strip()
     (long,) = make_texts(1, 60, 60, seed=5)
     (tmp_path / "book.txt").write_text(long)
     assert main(["lens", "--file", str(tmp_path / "book.txt"), "--stats", "--max-length", "16",
                  "--model", str(folder)]) == 0
-    shown = capsys.readouterr().out
+    shown = capsys.readouterr().out.split("\n", 1)[1]
     stats = lens_stats(model, long, tokenizer=tok, max_length=16, progress=False)
     assert shown.strip() == stats.table().strip()
 
