@@ -253,7 +253,7 @@ def test_weights_digest_is_cached_and_sees_in_place_edits(monkeypatch):
     a = adapter(model)
     calls = []
     real_digest = _digest.digest
-    monkeypatch.setattr(_digest, "digest", lambda tensors, **kw: calls.append(1) or real_digest(tensors, **kw))
+    monkeypatch.setattr(_digest, "digest", lambda ts, **kw: calls.append(1) or real_digest(ts, **kw))
     first, whole = a.weights_digest(1), a.weights_digest()
     assert adapter(model).weights_digest(1) == first and a.weights_digest() == whole and len(calls) == 2
     with torch.no_grad():
@@ -278,7 +278,7 @@ def test_the_fingerprint_names_the_weights_any_dtype_and_sees_edits(family_model
     a = adapter(family_model)
     calls = []
     real_digest = _digest.digest
-    monkeypatch.setattr(_digest, "digest", lambda tensors, **kw: calls.append(1) or real_digest(tensors, **kw))
+    monkeypatch.setattr(_digest, "digest", lambda ts, **kw: calls.append(1) or real_digest(ts, **kw))
     first = a.fingerprint
     assert len(first) == 64 and adapter(family_model).fingerprint == first and len(calls) == 1  # cached
     assert adapter(copy.deepcopy(family_model).to(torch.bfloat16)).fingerprint == first  # one checkpoint
