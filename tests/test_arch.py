@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Model
 
-from helpers import make_model
+from helpers import make_family, make_model
 from reslens.arch import GPT2, Arch, Norm, adapter
 from reslens.hooks import capture
 
@@ -253,7 +253,7 @@ def test_weights_digest_is_cached_and_sees_in_place_edits(monkeypatch):
     a = adapter(model)
     calls = []
     real_digest = _digest.digest
-    monkeypatch.setattr(_digest, "digest", lambda tensors: calls.append(1) or real_digest(tensors))
+    monkeypatch.setattr(_digest, "digest", lambda ts, **kw: calls.append(1) or real_digest(ts, **kw))
     first, whole = a.weights_digest(1), a.weights_digest()
     assert adapter(model).weights_digest(1) == first and a.weights_digest() == whole and len(calls) == 2
     with torch.no_grad():
@@ -268,6 +268,25 @@ def test_weights_digest_is_cached_and_sees_in_place_edits(monkeypatch):
         a.mlp_out_param(0)[0, 0] = before
     assert a.weights_digest(1) == first  # the content, not the history
     assert make_model(seed=1).lm_head is not None and adapter(make_model(seed=1)).weights_digest(1) != first
+
+
+def test_the_fingerprint_names_the_weights_any_dtype_and_sees_edits(family_model, monkeypatch):
+    import copy
+
+    from reslens.arch import _digest
+
+    a = adapter(family_model)
+    calls = []
+    real_digest = _digest.digest
+    monkeypatch.setattr(_digest, "digest", lambda ts, **kw: calls.append(1) or real_digest(ts, **kw))
+    first = a.fingerprint
+    assert len(first) == 64 and adapter(family_model).fingerprint == first and len(calls) == 1  # cached
+    assert adapter(copy.deepcopy(family_model).to(torch.bfloat16)).fingerprint == first  # one checkpoint
+    other = make_family(a.config.model_type, seed=1)  # the same shape, other weights
+    assert adapter(other).fingerprint != first
+    with torch.no_grad():
+        a.W_U[0, 0] += 1.0  # the unembedding, changed in place
+    assert a.fingerprint != first and len(calls) >= 3
 
 
 @pytest.mark.parametrize("bad", [-1, 3, 1.0, True, "1"])

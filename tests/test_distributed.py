@@ -75,6 +75,8 @@ def test_shard_of_alone_is_one_process():
     assert [i for i, _ in alone.take("abc")] == [0, 1, 2] and alone.primary and not alone.parallel
     t = torch.ones(3, dtype=torch.float64)
     assert alone.sum(t) is t and alone.cat(t) is t and alone.gather_objects(5) == [5]
+    with pytest.raises(ValueError, match="^bad$"), alone.together():  # alone: the error as it is
+        raise ValueError("bad")
 
 
 @needs_gloo
@@ -257,3 +259,34 @@ def test_under_torchrun_a_plain_cuda_device_is_the_local_rank_s_gpu(monkeypatch)
         monkeypatch.setenv(name, value)
     assert local_device("cuda") == torch.device("cuda", 1) == local_device(torch.device("cuda"))
     assert local_device("cuda:0") == "cuda:0" and local_device("cpu") == "cpu" and local_device(None) is None
+
+
+REFUSED = {  # case -> what rank 1 alone was given, as every rank must report it
+    "lens_stats": "on rank 1 of 2: quantiles must be levels strictly between 0 and 1; got (2.0,)",
+    "fit_shortcut": "on rank 1 of 2: ridge=-1.0 is out of range",
+    "train_tuned_lens": "on rank 1 of 2: optimizer",
+    "compare_lenses": "on rank 1 of 2: lenses is empty",
+    "second_moment": "on rank 1 of 2: layer",
+    "pca_experiment": "on rank 1 of 2: n=0",
+    "mine_triggers": "on rank 1 of 2: top_k=0",
+    "trace_many": "on rank 1 of 2: kind",
+    "a bad batch mid-pass": "on rank 1 of 2: ",
+    "lens_stats, other weights": "the ranks hold different models (rank 0: ",
+    "fit_shortcut, other weights": "the ranks hold different models (rank 0: ",
+    "lens_stats, another lens": "the ranks were given different lenses (rank 0: tuned lens (fingerprint ",
+}
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_what_one_rank_refuses_every_rank_refuses_at_once_with_the_same_error(tmp_path):
+    out = _torchrun("refusals", tmp_path)
+    seen = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
+    assert list(seen[0]) == list(REFUSED) == list(seen[1])
+    for case, expected in REFUSED.items():
+        first, second = seen[0][case], seen[1][case]
+        assert first["raised"] == second["raised"] == "ValueError", (case, first, second)
+        assert first["message"] == second["message"] and first["message"].startswith(expected), (case, first)
+        assert first["seconds"] < 15 and second["seconds"] < 15, (case, first, second)  # no rank left waiting
+    assert "different models (rank 0: " in seen[0]["lens_stats, other weights"]["message"]
+    assert "fingerprint" in seen[0]["lens_stats, other weights"]["message"]

@@ -216,9 +216,54 @@ def test_a_lens_saved_by_the_tuned_lens_package_reads_the_same(family):
     with pytest.raises(ValueError, match="made for 2 layers of d_model 16"):
         load_lens(folder, model=make_family(family))
     with torch.no_grad():
-        model.lm_head.weight[0, 0] += 1.0
-    with pytest.warns(RuntimeWarning, match="hash differs"):
+        model.lm_head.weight[0, 0] += 1.0  # another model now, by the package's hash of the unembedding
+    refused = "fitted on .*hash of the unembedding .*; it is used with"
+    with pytest.raises(ValueError, match=f"{folder.name}: this tuned lens .*{refused}"):
         load_lens(folder, model=model)
+    with pytest.raises(ValueError, match=refused):  # loaded without model=: refused where it is used
+        lens_of(res, model, lens=lens)
+    with pytest.raises(ValueError, match=refused):
+        logit_lens(model, expected["input_ids"], lens=lens)
+
+
+def test_a_lens_fitted_on_another_model_of_the_same_shape_is_refused_wherever_it_is_used(tmp_path):
+    import copy
+
+    fitted_on, other = make_family("llama"), make_family("llama", seed=1)  # the same shape, other weights
+    shortcut = fit_shortcut(fitted_on, [_text(5, 300)], tokenizer=Chars(), progress=False)
+    made, used = reslens.adapter(fitted_on).fingerprint[:12], reslens.adapter(other).fingerprint[:12]
+    assert shortcut.config["model_fingerprint"][:12] == made
+    shortcut.save(tmp_path / "lens.safetensors")
+    lens = load_lens(tmp_path / "lens.safetensors")
+    refused = (f"this linear shortcut was fitted on LlamaForCausalLM \\(fingerprint {made}\\); it is used "
+               f"with LlamaForCausalLM \\(fingerprint {used}\\)")
+    with pytest.raises(ValueError, match="lens.safetensors: " + refused):
+        load_lens(tmp_path / "lens.safetensors", model=other)
+    res = reslens.capture(other, IDS, sites=("resid",))
+    data = dict(tokenizer=Chars(), progress=False)
+    for use in (lambda: logit_lens(other, IDS, lens=lens), lambda: lens_of(res, other, lens=lens),
+                lambda: lens_stats(other, [_text(4, 100)], lens=lens, **data),
+                lambda: compare_lenses(other, [_text(4, 100)], [None, lens], **data)):
+        with pytest.raises(ValueError, match=refused):
+            use()
+    # the model it was fitted on, in float32 or bfloat16, reads it; a lens built by hand has no fingerprint
+    load_lens(tmp_path / "lens.safetensors", model=fitted_on)
+    logit_lens(copy.deepcopy(fitted_on).to(torch.bfloat16), IDS, lens=lens)
+    logit_lens(other, IDS, lens=LinearShortcut(lens.weight, lens.bias, {"model": "mine"}))
+
+
+def test_a_tuned_lens_checkpoint_resumes_only_on_the_model_that_wrote_it(tmp_path):
+    model_a, model_b = make_family("gpt2"), make_family("gpt2", seed=1)  # the same shape, other weights
+    kwargs = dict(tokenizer=Chars(), max_tokens=256, tokens_per_step=64, max_length=32, progress=False,
+                  checkpoint=tmp_path / "a.ckpt.safetensors")
+    lens = train_tuned_lens(model_a, [_text(6)], **kwargs)
+    assert lens.config["model_fingerprint"] == reslens.adapter(model_a).fingerprint
+    made, used = reslens.adapter(model_a).fingerprint[:12], reslens.adapter(model_b).fingerprint[:12]
+    with pytest.raises(ValueError, match=f"was trained on GPT2LMHeadModel \\(fingerprint {made}\\); this run "
+                                         f"trains GPT2LMHeadModel \\(fingerprint {used}\\)"):
+        train_tuned_lens(model_b, [_text(6)], **kwargs)
+    again = train_tuned_lens(model_a, [_text(6)], **kwargs)  # the model that wrote it resumes (all done)
+    assert torch.equal(again.weight, lens.weight)
 
 
 def test_a_tuned_lens_folder_is_read_without_unpickling_objects(tmp_path):

@@ -17,8 +17,11 @@ Collectives run on the CPU for gloo and on the current CUDA device for NCCL.
 
 from __future__ import annotations
 
+import operator
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -107,11 +110,77 @@ class Shard:
         if any(v != values[0] for v in values):
             raise ValueError(f"the ranks disagree on {name}: {values}; every rank must be given the same")
 
+    def same_model(self, arch: Any, lenses: Sequence[Any] = ()) -> None:
+        """Refuse (on every rank) a run whose ranks hold different weights or were given different lenses.
+
+        Compares the model's :attr:`~reslens.arch.Arch.fingerprint` and each lens's ``fingerprint``
+        (before any merge: a merge of different models' numbers would be a silent mixture).
+        """
+        if not self.parallel:
+            return
+        name = arch.checkpoint_name or type(arch.model).__name__
+        held = self.gather_objects((name, arch.fingerprint))
+        if any(h[1] != held[0][1] for h in held):
+            ranks = ", ".join(f"rank {r}: {n} (fingerprint {f[:12]})" for r, (n, f) in enumerate(held))
+            raise ValueError(f"the ranks hold different models ({ranks}); every rank must load the same "
+                             "weights")
+        given = self.gather_objects([(lens.name, lens.fingerprint) for lens in lenses])
+        if any(g != given[0] for g in given):
+            ranks = "; ".join(f"rank {r}: " + ", ".join(f"{n} (fingerprint {f[:12]})" for n, f in g)
+                              for r, g in enumerate(given))
+            raise ValueError(f"the ranks were given different lenses ({ranks}); every rank must be given "
+                             "the same lens= values")
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Run the block on every rank, and fail on every rank if it fails on one.
+
+        Wrap what a rank does alone before a collective (checking its arguments, reading its corpus,
+        its share of the batches): on exit every rank tells the others whether its block raised (one
+        ``all_gather_object``), and if any did, every rank raises the first failing rank's error (its
+        type, and its message led by ``"on rank r of W: "``), instead of the others waiting in the next
+        collective until the process group times out. Alone it is the block as it is.
+        """
+        if not self.parallel:
+            yield
+            return
+        try:
+            yield
+        except Exception as error:
+            self._fail_together(error)
+            raise
+        self._fail_together(None)
+
+    def _fail_together(self, error: BaseException | None) -> None:
+        """Raise on every rank the first failing rank's error (``error``: this rank's, or None)."""
+        told = None if error is None else (_sendable(type(error)), str(error))
+        failed = [(rank, e) for rank, e in enumerate(self.gather_objects(told)) if e is not None]
+        if not failed:
+            return
+        rank, (cls, message) = failed[0]
+        text = f"on rank {rank} of {self.world}: {message}"
+        if len(failed) > 1:
+            text += f" (ranks {', '.join(str(r) for r, _ in failed)} failed; this is rank {rank}'s error)"
+        try:
+            raised = cls(text)
+        except Exception:  # an error class that does not take one message
+            raised = RuntimeError(f"{cls.__name__}: {text}")
+        raise raised from error
+
     def barrier(self) -> None:
         if self.parallel:
             import torch.distributed as dist
 
             dist.barrier(group=self.group)
+
+
+def _sendable(cls: type) -> type:
+    """``cls`` if another process finds it by its module and name (as it is sent), else ``RuntimeError``."""
+    try:
+        found = operator.attrgetter(cls.__qualname__)(sys.modules[cls.__module__])
+    except (AttributeError, KeyError):
+        return RuntimeError
+    return cls if found is cls else RuntimeError
 
 
 def shard_of(group: Any = None) -> Shard:

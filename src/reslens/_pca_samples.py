@@ -75,15 +75,16 @@ def experiment_stacks(arch: Arch, tokenizer: Any, windows: list[list[int]], chos
     rows = (batch_of([windows[w] for w in group], start, pad_id) for group in groups)
     read = stream(arch, rows, sites=("resid",), shard=shard)
     stacks, finals, numbers = [], [], []
-    for b, _, res in tqdm(read, total=len(range(shard.rank, len(groups), shard.world)), desc="pca residuals",
-                          unit="batch", disable=not (progress and shard.primary)):
-        group = groups[b]
-        seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
-        pos = torch.tensor([len(start) + p for w in group for p in by_window[w]])
-        stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
-        finals.append(model_top1(arch, res, seq, pos))
-        first = b * batch_size
-        numbers.append(torch.arange(firsts[first], firsts[first + len(group)]))
+    with shard.together():  # a batch that fails on one rank stops every rank at the gather
+        for b, _, res in tqdm(read, total=len(range(shard.rank, len(groups), shard.world)),
+                              desc="pca residuals", unit="batch", disable=not (progress and shard.primary)):
+            group = groups[b]
+            seq = torch.tensor([row for row, w in enumerate(group) for _ in by_window[w]])
+            pos = torch.tensor([len(start) + p for w in group for p in by_window[w]])
+            stacks.append(res.resid[:, seq, pos].transpose(0, 1))  # [e, n_layer + 1, d_model]
+            finals.append(model_top1(arch, res, seq, pos))
+            first = b * batch_size
+            numbers.append(torch.arange(firsts[first], firsts[first + len(group)]))
     if not numbers:  # a rank with no batch (more ranks than batches)
         stacks.append(torch.empty(0, arch.n_layer + 1, arch.d_model, device=arch.device))
         finals.append(torch.empty(0, dtype=torch.long, device=arch.device))

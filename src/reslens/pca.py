@@ -441,19 +441,21 @@ def pca_experiment(
     and every rank runs the (cheap) per-example PCA on all of them, so every rank returns the
     one-process result. Every rank must be given the same texts and options (checked).
     """
-    arch = adapter(model)
-    for name, value, low in (("n", n, 1), ("seed", seed, None), ("max_length", max_length, 1),
-                             ("min_context", min_context, 0), ("batch_size", batch_size, 1)):
-        check_int(value, name, low=low)
-    check_bool(progress, "progress")
-    check_tokenizer(tokenizer, why="the experiment reads text")
-    size = window_size(arch, start_ids(tokenizer), max_length)
-    windows, chosen = sample_windows(tokenizer, texts, n, seed, size, min_context)
     shard = shard_of(group)
+    with shard.together():  # an argument refused on one rank is refused on every rank
+        arch = adapter(model)
+        for name, value, low in (("n", n, 1), ("seed", seed, None), ("max_length", max_length, 1),
+                                 ("min_context", min_context, 0), ("batch_size", batch_size, 1)):
+            check_int(value, name, low=low)
+        check_bool(progress, "progress")
+        check_tokenizer(tokenizer, why="the experiment reads text")
+        size = window_size(arch, start_ids(tokenizer), max_length)
+        windows, chosen = sample_windows(tokenizer, texts, n, seed, size, min_context)
     if shard.parallel:
         read = repr(([windows[w] for w in sorted({w for w, _ in chosen})], chosen, batch_size))
         shard.same(hashlib.sha256(read.encode()).hexdigest(), "the texts and options (a hash of the sampled "
                    "windows and positions)")
+        shard.same_model(arch)
     stacks_all, final_prediction = experiment_stacks(arch, tokenizer, windows, chosen, batch_size, progress,
                                                      shard)
     results = {}

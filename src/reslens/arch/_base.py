@@ -425,6 +425,29 @@ class Arch(Modules, abc.ABC):
         tensors = [_offload.real(self.model, module, name) for module, name in sources]
         return _digest.cached_digest(self.model, layer, tensors)
 
+    @property
+    def fingerprint(self) -> str:
+        """Which model this is, cheaply: SHA-256 (hex) of the family, the sizes and a sample of weights.
+
+        The sample: the unembedding (the LM head's weight and bias; a bare body's embedding), the final
+        norm and every parameter of the first and last blocks, each as every ``step``-th row (at most
+        2**20 numbers a tensor) rounded to bfloat16 (:mod:`reslens.arch._digest`). So a float32 and a
+        bfloat16 copy of one checkpoint share it, and another checkpoint, revision or fine-tune of the
+        same shape has another; it is an identity, not a checksum of every weight
+        (:meth:`weights_digest` is). Hashed once per model object and cached (about 30 ms for
+        SmolLM2-135M on a CPU), again when one of those tensors is replaced or changed in place.
+        Everything made from a model (a fitted lens, a training checkpoint, a data-parallel merge)
+        carries or compares it.
+        """
+        head = self.lm_head if self.lm_head is not None else self.embed_module
+        sources = [(head, name) for name, _ in head.named_parameters(recurse=False)]
+        for module in (self.final_norm_module, self.blocks[0], self.blocks[-1]):
+            sources += [(module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+                        for name, _ in module.named_parameters()]
+        tensors = [_offload.real(self.model, module, name) for module, name in sources]
+        prefix = f"reslens.fingerprint/1|{self.family}|{self.n_layer}|{self.d_model}|{self.d_vocab}|"
+        return _digest.cached_digest(self.model, "fingerprint", tensors, prefix=prefix, sample=True)
+
     @abc.abstractmethod
     def start_token(self, tokenizer: Any) -> int | None:
         """The id a document starts after (GPT-2: end-of-text; Llama: BOS), or ``None``."""

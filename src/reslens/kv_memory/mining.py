@@ -249,8 +249,10 @@ def _unit_groups(units: Iterable[list[int]], *, n_tokens: int, max_tokens: int |
 
 def _check_options(arch: Arch, tokenizer: Any, layers: Any, top_k: Any, unit: Any, window: Any,
                    batch_size: Any, max_tokens: Any, save_every: Any, progress: Any,
-                   signed: Any) -> tuple[tuple[int, ...], int, bool, tuple[int, ...]]:
-    """``(blocks, window, signed, start ids)`` after checking every mining option."""
+                   signed: Any, out: Any) -> tuple[tuple[int, ...], int, bool, tuple[int, ...]]:
+    """``(blocks, window, signed, start ids)`` after checking every mining option (and ``out``)."""
+    if out is not None:
+        _check_out(out)
     blocks = check_layers(layers, arch.n_layer - 1, what=f"a {arch.n_layer}-layer model's blocks")
     check_int(top_k, "top_k", low=1)
     check_int(batch_size, "batch_size", low=1)
@@ -404,19 +406,19 @@ def mine_triggers(
     """
     from tqdm.auto import tqdm
 
-    arch = adapter(model)
-    blocks, window, signed, start = _check_options(arch, tokenizer, layers, top_k, unit, window, batch_size,
-                                                   max_tokens, save_every, progress, signed)
-    if out is not None:
-        _check_out(out)
-    texts, description = corpus_texts(corpus)
-    fingerprint = model_fingerprint(arch, blocks)
     shard = shard_of(group)
+    with shard.together():  # an argument refused on one rank is refused on every rank
+        arch = adapter(model)
+        blocks, window, signed, start = _check_options(arch, tokenizer, layers, top_k, unit, window,
+                                                       batch_size, max_tokens, save_every, progress, signed,
+                                                       out)
+        (texts, description), fingerprint = corpus_texts(corpus), model_fingerprint(arch, blocks)
     shard.same((blocks, top_k, unit, window, signed, start, batch_size, max_tokens, save_every, fingerprint,
                 description, out is None), "the mining options, model and corpus")
-    units = stream_units(tokenizer, texts, unit=unit, max_length=window)
-    digest = hashlib.sha256()
-    resume = _resumed(resume, (blocks, top_k, unit, window, signed, start), arch, fingerprint, units, digest)
+    units, digest = stream_units(tokenizer, texts, unit=unit, max_length=window), hashlib.sha256()
+    with shard.together():  # an index refused (or unreadable) on one rank stops every rank
+        resume = _resumed(resume, (blocks, top_k, unit, window, signed, start), arch, fingerprint, units,
+                          digest)
     # a resumed index's examples go to rank 0 alone, so the merge counts each once
     miner = _Miner(len(blocks), arch.d_mlp, top_k, resume if shard.primary else None, signed)
     n_examples, n_tokens = (resume.n_examples, resume.n_tokens) if resume is not None else (0, 0)

@@ -23,14 +23,25 @@ __all__ = ["read_folder", "unembed_hash"]
 def unembed_hash(arch: Any) -> str:
     """The ``tuned-lens`` package's ``Unembed.unembedding_hash`` (``utils.tensor_hash``).
 
-    SHA-256 of numpy's printed summary of the float32 ``W_U`` at one decimal: a coarse identity of
-    the model (robust to dtype), not a checksum.
+    SHA-256 of numpy's printed summary of the float32 ``W_U`` at one decimal: numpy prints only the
+    corners of a large array (its first and last 3 rows and columns), so the hash reads 36 numbers at
+    one decimal. A hash that differs says another model (a dtype change almost never moves one of those
+    numbers across a rounding boundary); an equal one says little (a fine-tune keeps its base's
+    corners). Cached per model while ``W_U`` is unchanged.
     """
     import numpy as np
 
-    return hashlib.sha256(
-        np.array_str(arch.W_U.detach().cpu().float().numpy(), precision=1).encode()
-    ).hexdigest()
+    from reslens.arch import _digest
+
+    w_u = arch.W_U
+
+    def compute() -> str:
+        # numpy's default print options, whatever the user set: the package hashed under them
+        with np.printoptions(precision=1, threshold=1000, edgeitems=3, linewidth=75, suppress=False,
+                             floatmode="maxprec", sign="-"):
+            return hashlib.sha256(np.array_str(w_u.detach().cpu().float().numpy()).encode()).hexdigest()
+
+    return _digest.cached(arch.model, "tuned-lens unembed_hash", [w_u], compute)
 
 
 def read_folder(folder: Path, cls: type) -> Any:

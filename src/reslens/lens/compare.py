@@ -102,6 +102,23 @@ class LensComparison(Saveable):
         )
 
 
+def _check_lenses(lenses: Any, arch: Any) -> list[Any]:
+    """``lenses`` as lens values, each checked against the model, no two of a kind."""
+    if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):
+        raise TypeError(
+            f"lenses must be a list of lenses (None for the logit lens); got {type(lenses).__name__}"
+        )
+    chosen = [as_lens(lens) for lens in lenses]
+    if not chosen:
+        raise ValueError("lenses is empty; give at least one lens (None for the logit lens)")
+    names = [lens.name for lens in chosen]
+    if len(set(names)) != len(names):
+        raise ValueError(f"lenses has two of the same kind ({names}); compare different kinds, or call twice")
+    for lens in chosen:
+        lens.check(arch)
+    return chosen
+
+
 def compare_lenses(
     model: Any,
     corpus: Any,
@@ -126,26 +143,18 @@ def compare_lenses(
     one process; see :mod:`reslens._distributed`): each rank reads every ``world``-th batch and
     every rank returns the merged scores.
     """
-    arch = adapter(model)
-    if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):
-        raise TypeError(
-            f"lenses must be a list of lenses (None for the logit lens); got {type(lenses).__name__}"
-        )
-    chosen = [as_lens(lens) for lens in lenses]
-    if not chosen:
-        raise ValueError("lenses is empty; give at least one lens (None for the logit lens)")
-    names = [lens.name for lens in chosen]
-    if len(set(names)) != len(names):
-        raise ValueError(f"lenses has two of the same kind ({names}); compare different kinds, or call twice")
-    for lens in chosen:
-        lens.check(arch)
-    check_int(batch_size, "batch_size", low=1)
-    check_bool(progress, "progress")
     shard = shard_of(group)
-    windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
+    with shard.together():  # an argument refused on one rank is refused on every rank
+        arch = adapter(model)
+        chosen = _check_lenses(lenses, arch)
+        check_int(batch_size, "batch_size", low=1)
+        check_bool(progress, "progress")
+        windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
+    names = [lens.name for lens in chosen]
     total = -(-len(windows) // batch_size)
     kept = tuple(range(arch.n_layer + 1))
     shard.same((kept, total), "the layers and batch count")
+    shard.same_model(arch, chosen)
     scores = _read(arch, batches(tokenizer, windows, batch_size), total, chosen, kept, 1, 384, False,
                    progress, shard)
     stats = [acc.result(kept, QUANTILES, 1, lens.name) for acc, lens in zip(scores, chosen)]

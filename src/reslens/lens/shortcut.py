@@ -166,18 +166,20 @@ def fit_shortcut(
     """
     from tqdm.auto import tqdm
 
-    arch = adapter(model)
-    check_int(max_tokens, "max_tokens", low=2)
-    check_float(ridge, "ridge", low=0.0)
-    check_bool(progress, "progress")
-    check_int(batch_size, "batch_size", low=1)
     shard = shard_of(group)
-    windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
+    with shard.together():  # an argument refused on one rank is refused on every rank
+        arch = adapter(model)
+        check_int(max_tokens, "max_tokens", low=2)
+        check_float(ridge, "ridge", low=0.0)
+        check_bool(progress, "progress")
+        check_int(batch_size, "batch_size", low=1)
+        windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
     shard.same((len(windows), batch_size, ridge), "the number of windows, batch_size and ridge")
+    shard.same_model(arch)
     mine = sum(len(w) for _, chunk in shard.take(chunks(windows, batch_size)) for w in chunk)
     moments = ShortcutMoments(arch.n_layer, arch.d_model, arch.device)
-    with tqdm(total=mine, desc="linear shortcut", unit="tok", unit_scale=True,
-              disable=not progress or not shard.primary) as bar:
+    with shard.together(), tqdm(total=mine, desc="linear shortcut", unit="tok", unit_scale=True,
+                                disable=not progress or not shard.primary) as bar:
         for resid in residual_batches(arch, tokenizer, windows, batch_size, shard):
             moments.add(resid)
             bar.update(resid.shape[1])
@@ -190,6 +192,7 @@ def fit_shortcut(
     weight, bias = moments.solve(ridge)
     config = {
         "model": model_name(arch),
+        "model_fingerprint": arch.fingerprint,
         "n_tokens": moments.n,
         "ridge": ridge,
         "max_length": max_length,

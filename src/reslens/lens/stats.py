@@ -32,7 +32,6 @@ from reslens._text import html_table, pandas
 from reslens.arch import adapter
 from reslens.lens._metrics import resolve_targets
 from reslens.lens.result import METRICS, LensResult, _check_lens, _lens_of, _lens_rows
-from reslens.lens.values import as_lens
 
 __all__ = ["LensStats", "MetricStats", "lens_stats", "QUANTILES"]
 
@@ -331,14 +330,15 @@ def _read(arch: Any, data: Any, total: int | None, lenses: list[Any], kept: tupl
     mine = None if total is None else len(range(shard.rank, total, shard.world))
     rows = _lens_rows(kept, ("resid",), arch.n_layer)  # the options were checked once, by the caller
     read = stream(arch, data, sites=("resid",), layers=sorted({*kept, arch.n_layer}), shard=shard)
-    for _, _, res in tqdm(read, total=mine, desc="lens stats", unit="batch",
-                          disable=not progress or not shard.primary):
-        mask = res.attention_mask.to(arch.device)
-        target_ids = resolve_targets("next", res.input_ids.to(arch.device), mask, arch.d_vocab)
-        for lens, acc in zip(lenses, sums):
-            acc.add(_lens_of(res, arch, rows=rows, lens=lens, target_ids=target_ids, top_k=1,
-                             chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False),
-                    res.stat_mask)
+    with shard.together():  # a batch that fails on one rank stops every rank at the merge
+        for _, _, res in tqdm(read, total=mine, desc="lens stats", unit="batch",
+                              disable=not progress or not shard.primary):
+            mask = res.attention_mask.to(arch.device)
+            target_ids = resolve_targets("next", res.input_ids.to(arch.device), mask, arch.d_vocab)
+            for lens, acc in zip(lenses, sums):
+                acc.add(_lens_of(res, arch, rows=rows, lens=lens, target_ids=target_ids, top_k=1,
+                                 chunk_size=chunk_size, fused=fused, tokenizer=None, warn=False),
+                        res.stat_mask)
     for acc in sums:
         acc.merge(shard)
     return sums
@@ -385,20 +385,22 @@ def lens_stats(
     from a uniform sample of ``m`` values is off by about ``sqrt(q (1 - q) / m) <= 1 / (2 sqrt(m))``
     in rank (0.0016 for the default 100,000).
     """
-    arch = adapter(model)
-    kept = check_layers(layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
-    quantiles = _check_quantiles(quantiles)
-    for name, value in (("max_length", max_length), ("batch_size", batch_size), ("max_samples", max_samples),
-                        ("chunk_size", chunk_size)):
-        check_int(value, name, low=1)
-    check_bool(fused, "fused")
-    check_bool(progress, "progress")
-    lens = _check_lens(lens, arch, ("resid",))
     shard = shard_of(group)
-    data, total = _input_batches(data, tokenizer, arch, max_length, batch_size)
+    with shard.together():  # an argument refused on one rank is refused on every rank
+        arch = adapter(model)
+        kept = check_layers(layers, arch.n_layer, what=f"a {arch.n_layer}-layer model's residual stream")
+        quantiles = _check_quantiles(quantiles)
+        for name, value in (("max_length", max_length), ("batch_size", batch_size),
+                            ("max_samples", max_samples), ("chunk_size", chunk_size)):
+            check_int(value, name, low=1)
+        check_bool(fused, "fused")
+        check_bool(progress, "progress")
+        lens = _check_lens(lens, arch, ("resid",))
+        data, total = _input_batches(data, tokenizer, arch, max_length, batch_size)
     shard.same((kept, quantiles, max_samples, total), "the layers, quantiles, max_samples and batch count")
+    shard.same_model(arch, [lens])
     (sums,) = _read(arch, data, total, [lens], kept, max_samples, chunk_size, fused, progress, shard)
-    stats = sums.result(kept, quantiles, max_samples, as_lens(lens).name)
+    stats = sums.result(kept, quantiles, max_samples, lens.name)
     if int(stats.n_non_finite.sum()) and shard.primary:
         warnings.warn(f"lens_stats: {int(stats.n_non_finite.sum())} lens cells (layer, position) had "
                       "non-finite logits (NaN or inf) and are left out of the statistics; per layer: "

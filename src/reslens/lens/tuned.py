@@ -95,7 +95,9 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def _fingerprint(windows: list[list[int]], options: dict[str, Any]) -> str:
+def _fingerprint(windows: list[list[int]], options: dict[str, Any], start: list[int]) -> str:
+    """What a checkpoint was trained on: the windows, the options and the start tokens (none: as before)."""
+    options = {**options, "start_ids": start} if start else options
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for w in windows:
         digest.update(torch.tensor(w, dtype=torch.int64).numpy().tobytes())
@@ -103,7 +105,7 @@ def _fingerprint(windows: list[list[int]], options: dict[str, Any]) -> str:
 
 
 def _save_checkpoint(
-    path: Path, translators, opt, step: int, fingerprint: str, history: list[list[float]]
+    path: Path, translators, opt, step: int, fingerprint: str, history: list[list[float]], arch: Arch
 ) -> None:
     tensors = {
         "weight": torch.stack([t.weight.detach() for t in translators]),
@@ -113,12 +115,35 @@ def _save_checkpoint(
         for key, value in opt.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"opt.{i}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
-    meta = {"format": _FORMAT, "step": str(step), "fingerprint": fingerprint, "history": json.dumps(history)}
+    meta = {"format": _FORMAT, "step": str(step), "fingerprint": fingerprint, "history": json.dumps(history),
+            "model": model_name(arch), "model_fingerprint": arch.fingerprint}
     write_safetensors(path, tensors, meta)
 
 
-def _load_checkpoint(path: Path, translators, opt, fingerprint: str) -> tuple[int, list[list[float]]]:
+def _check_model(path: Path, meta: dict[str, str], arch: Arch) -> None:
+    """Refuse a checkpoint another model's training wrote (its fingerprint names the model)."""
+    made = meta.get("model_fingerprint")
+    if made == arch.fingerprint:
+        return
+    where = f"checkpoint {os.fspath(path)!r}"
+    if not made:
+        raise ValueError(f"{where} records no model fingerprint (an older reslens wrote it), so it cannot "
+                         "say which model's translators it holds; give another checkpoint path to start "
+                         "afresh")
+    raise ValueError(
+        f"{where} was trained on {meta.get('model') or 'another model'} (fingerprint {made[:12]}); this run "
+        f"trains {model_name(arch)} (fingerprint {arch.fingerprint[:12]}): resuming would continue another "
+        "model's translators. Give that model, or another checkpoint path to start afresh"
+    )
+
+
+def _load_checkpoint(path: Path | None, translators, opt, fingerprint: str,
+                     arch: Arch) -> tuple[int, list[list[float]]]:
+    """``(step, loss history)`` the checkpoint at ``path`` resumes from (``(0, [])``: none there)."""
+    if path is None or not path.exists():
+        return 0, []
     tensors, meta = read_safetensors(path, _FORMAT, what="reslens tuned-lens checkpoint")
+    _check_model(path, meta, arch)
     if meta.get("fingerprint") != fingerprint:
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} was made with another corpus, model shape or options; "
@@ -215,11 +240,12 @@ def train_tuned_lens(
     """
     from tqdm.auto import tqdm
 
-    arch = adapter(model)
-    _check_options(tokens_per_step, optimizer, lr, momentum, weight_decay, chunk_size, save_every, progress,
-                   batch_size)
     shard = shard_of(group)
-    windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
+    with shard.together():  # an argument refused on one rank is refused on every rank
+        arch = adapter(model)
+        _check_options(tokens_per_step, optimizer, lr, momentum, weight_decay, chunk_size, save_every,
+                       progress, batch_size)
+        windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
     per_step = max(1, tokens_per_step // min(max_length, arch.n_ctx))
     options = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                "tokens_per_step": tokens_per_step, "max_length": max_length, "n_layer": arch.n_layer,
@@ -227,15 +253,13 @@ def train_tuned_lens(
     translators = _zero_translators(arch)
     params = [p for t in translators for p in t.parameters()]
     opt = _optimizer(params, optimizer, lr, momentum, weight_decay)
-    start_tokens = list(start_ids(tokenizer))  # part of what a checkpoint was trained on (none: as before)
-    fingerprint = _fingerprint(windows, {**options, "start_ids": start_tokens} if start_tokens else options)
+    fingerprint = _fingerprint(windows, options, list(start_ids(tokenizer)))
     shard.same(fingerprint, "the corpus, model shape and options")
+    shard.same_model(arch)
     path = None if checkpoint is None else Path(os.fspath(checkpoint)).expanduser()
-    start, history = (
-        (0, [])
-        if path is None or not path.exists()
-        else _load_checkpoint(path, translators, opt, fingerprint)
-    )
+    with shard.together():  # a checkpoint refused (or unreadable) on one rank stops every rank
+        start, history = _load_checkpoint(path, translators, opt, fingerprint, arch)
+    shard.same(start, "the step checkpoint= resumes from (is it on a file system every rank sees?)")
     steps = -(-len(windows) // per_step)
     warmup = min(1000, steps // 5) if optimizer == "adam" else 0
     base_lrs = [param_group["lr"] for param_group in opt.param_groups]
@@ -254,10 +278,11 @@ def train_tuned_lens(
             bar.update(1)
             if path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
                 if shard.primary:
-                    _save_checkpoint(path, translators, opt, step + 1, fingerprint, history)
+                    _save_checkpoint(path, translators, opt, step + 1, fingerprint, history, arch)
                 shard.barrier()
     weight = torch.stack([t.weight.detach().cpu() for t in translators])
     bias = torch.stack([t.bias.detach().cpu() for t in translators])
-    config = {"model": model_name(arch), "n_tokens": sum(map(len, windows)), "steps": steps, **options,
+    config = {"model": model_name(arch), "model_fingerprint": arch.fingerprint,
+              "n_tokens": sum(map(len, windows)), "steps": steps, **options,
               "loss": history, "recipe": "Belrose et al. 2023 / tuned-lens train_loop (float32)"}  # fmt: skip
     return TunedLens(weight, bias, config)

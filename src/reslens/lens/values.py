@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,6 +45,11 @@ class Lens:
     def check(self, arch: Any) -> None:
         """Refuse a model this lens was not made for (a ``ValueError`` saying what differs)."""
 
+    @property
+    def fingerprint(self) -> str:
+        """What this lens is, as a string equal for equal lenses (data-parallel ranks compare it)."""
+        return self.kind
+
     def _rows(self) -> list[tuple[str, Any]]:
         return [("kind", self.kind), ("reads resid layer l as", self.formula)]
 
@@ -66,7 +70,9 @@ class AffineLens(Lens):
     """One affine map per ``resid`` layer ``0..n_layer-1``; ``resid n_layer`` is read as it is.
 
     - ``weight: [n_layer, d_model, d_model]`` (``[out, in]``, as ``nn.Linear``), ``bias: [n_layer, d_model]``
-    - ``config``: JSON-able facts about how it was made (model, tokens, recipe), kept when saved
+    - ``config``: JSON-able facts about how it was made (model, tokens, recipe), kept when saved;
+      ``config["model_fingerprint"]``: the :attr:`~reslens.arch.Arch.fingerprint` of the model it was
+      fitted on, checked wherever the lens is used (:meth:`check`)
     """
 
     weight: torch.Tensor
@@ -111,11 +117,45 @@ class AffineLens(Lens):
         return h + mapped if self.residual else mapped
 
     def check(self, arch: Any) -> None:
+        """Refuse another shape, and another model than the one this lens was fitted on (when it says).
+
+        A lens fitted by reslens carries its model's :attr:`~reslens.arch.Arch.fingerprint` in
+        ``config["model_fingerprint"]``; a ``tuned-lens`` package folder, the package's hash of the
+        unembedding (``config["unembed_hash"]``). A lens built by hand without either is taken as it is.
+        """
         if (self.n_layer, self.d_model) != (arch.n_layer, arch.d_model):
             raise ValueError(
                 f"this {self.name} was made for {self.n_layer} layers of d_model {self.d_model}; "
                 f"the model has {arch.n_layer} layers of d_model {arch.d_model}"
             )
+        made, package = self.config.get("model_fingerprint"), self.config.get("unembed_hash")
+        if made:
+            if made != arch.fingerprint:
+                self._refuse(arch, f"fingerprint {made[:12]}", f"fingerprint {arch.fingerprint[:12]}")
+        elif package:
+            from reslens.lens._tuned_lens_format import unembed_hash
+
+            ours = unembed_hash(arch)
+            if ours != package:
+                what = "the tuned-lens package's hash of the unembedding"
+                self._refuse(arch, f"{what} {package[:12]}", f"{ours[:12]}")
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the kind and the translators' bytes (``weight``, ``bias``)."""
+        from reslens.arch._digest import digest
+
+        return digest([self.weight, self.bias], prefix=f"{self.kind}|")
+
+    def _refuse(self, arch: Any, made: str, used: str) -> None:
+        source = self.config.get("source")
+        raise ValueError(
+            f"this {self.name}{f' ({source})' if source else ''} was fitted on "
+            f"{self.config.get('model') or 'another model'} ({made}); it is used with "
+            f"{arch.checkpoint_name or type(arch.model).__name__} ({used}): a learned lens reads only the "
+            "model it was fitted on. Fit one on this model (reslens.lenses.fit_shortcut, "
+            "train_tuned_lens), or load this lens's model"
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file (atomically): ``weight``, ``bias`` and the config as JSON metadata."""
@@ -179,8 +219,9 @@ def load_lens(path: str | os.PathLike, *, model: Any = None) -> AffineLens:
     The ``tuned-lens`` format is a folder with ``config.json`` and ``params.pt`` (a state dict
     ``{i}.weight``, ``{i}.bias``), read with ``torch.load(weights_only=True)``: only tensors are
     unpickled, never code (:mod:`reslens.lens._tuned_lens_format`). With ``model=``, the
-    lens is checked against it (layers, width; for a ``tuned-lens`` folder also the package's hash
-    of the unembedding, a warning if it differs).
+    lens is checked against it as every use checks it (:meth:`AffineLens.check`: layers, width, and
+    the model it was fitted on: the fingerprint a reslens file records, or a ``tuned-lens`` folder's
+    hash of the unembedding); a ``ValueError`` names both models.
     """
     shown = os.fspath(path)
     p = Path(shown).expanduser()
@@ -206,16 +247,8 @@ def load_lens(path: str | os.PathLike, *, model: Any = None) -> AffineLens:
     if model is not None:
         from reslens.arch import adapter
 
-        arch = adapter(model)
-        lens.check(arch)
-        expected = lens.config.get("unembed_hash")
-        from reslens.lens._tuned_lens_format import unembed_hash
-
-        if expected and unembed_hash(arch) != expected:
-            warnings.warn(
-                f"{shown}: the unembedding's hash differs from the one this lens was trained with "
-                "(another model or revision?)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        try:
+            lens.check(adapter(model))
+        except ValueError as error:
+            raise ValueError(f"{shown}: {error}") from None
     return lens

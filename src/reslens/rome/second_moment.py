@@ -179,33 +179,35 @@ class SecondMoment(Saveable):
         batch of ``batch_size`` windows; every rank returns the merged statistics, which rank 0
         alone writes to ``cache_dir`` (the others wait for it).
         """
-        arch = adapter(model)
-        layer = check_block(layer, arch.n_layer)
-        max_tokens = check_int(max_tokens, "max_tokens", low=1)
-        if max_length is not None:
-            max_length = min(check_int(max_length, "max_length", low=1), arch.n_ctx)
-        max_length = arch.n_ctx if max_length is None else max_length
-        batch_size = check_int(batch_size, "batch_size", low=1)
         shard = shard_of(group)
-        texts, ids, corpus_id = _corpus_key(corpus)
-        if texts is not None and tokenizer is None:
-            raise TypeError("stats_corpus holds text, so tokenizer= is required (e.g. from "
-                            "reslens.load_model())")
-        start = () if texts is None else start_ids(tokenizer)
-        size = window_size(arch, start, max_length)
-        weights = _weights_hash(arch, layer)
-        read = f"{corpus_id}|{max_tokens}|{size}" + (f"|start={list(start)}" if start else "")
-        corpus_hash = hashlib.sha1(read.encode()).hexdigest()
-        file = None
-        if cache_dir is not None:
-            name = hashlib.sha1(f"{weights}|{layer}|{corpus_hash}".encode()).hexdigest()[:20]
-            file = Path(cache_dir).expanduser() / f"mom2-{name}.safetensors"
-            cached = _read_cached(file, arch, layer, weights, corpus_hash)
+        with shard.together():  # an argument refused on one rank is refused on every rank
+            arch = adapter(model)
+            layer = check_block(layer, arch.n_layer)
+            max_tokens = check_int(max_tokens, "max_tokens", low=1)
+            if max_length is not None:
+                max_length = min(check_int(max_length, "max_length", low=1), arch.n_ctx)
+            max_length = arch.n_ctx if max_length is None else max_length
+            batch_size = check_int(batch_size, "batch_size", low=1)
+            texts, ids, corpus_id = _corpus_key(corpus)
+            if texts is not None and tokenizer is None:
+                raise TypeError("stats_corpus holds text, so tokenizer= is required (e.g. from "
+                                "reslens.load_model())")
+            start = () if texts is None else start_ids(tokenizer)
+            size = window_size(arch, start, max_length)
+            weights = _weights_hash(arch, layer)
+            read = f"{corpus_id}|{max_tokens}|{size}" + (f"|start={list(start)}" if start else "")
+            corpus_hash = hashlib.sha1(read.encode()).hexdigest()
+            file = None if cache_dir is None else Path(cache_dir).expanduser() / (
+                "mom2-" + hashlib.sha1(f"{weights}|{layer}|{corpus_hash}".encode()).hexdigest()[:20]
+                + ".safetensors")
+            cached = None if file is None else _read_cached(file, arch, layer, weights, corpus_hash)
+        if file is not None:
             shard.same(cached is not None, f"whether {os.fspath(file)!r} holds these statistics")
             if cached is not None:
                 object.__setattr__(cached, "key", WeightsKey(arch, layer))
                 return cached
-        windows = _windows(texts, ids, tokenizer, max_tokens, size)
+        with shard.together():
+            windows = _windows(texts, ids, tokenizer, max_tokens, size)
         shard.same((weights, corpus_hash, batch_size, len(windows)), "the weights, corpus and batch size")
         mine = len(range(shard.rank, -(-len(windows) // batch_size), shard.world))
         read = batches(tokenizer if texts is not None else None, windows, batch_size)
@@ -266,12 +268,13 @@ def _accumulate(arch: Arch, layer: int, batches: Any, mine: int, progress: bool,
     total = torch.zeros(arch.d_mlp, arch.d_mlp, dtype=torch.float64, device=arch.device)
     count = 0
     read = stream(arch, batches, sites="mlp_act", layers=layer, shard=shard)
-    for _, _, res in tqdm(read, total=mine, desc=f"MLP key second moment (layer {layer})", unit="batch",
-                          disable=not progress or not shard.primary):
-        k = res.mlp_act[0]  # [b, pos, d_mlp]
-        k = k[res.stat_mask.to(k.device)].double()  # [tokens, d_mlp]
-        total += k.T @ k
-        count += k.shape[0]
+    with shard.together():  # a batch that fails on one rank stops every rank at the merge
+        for _, _, res in tqdm(read, total=mine, desc=f"MLP key second moment (layer {layer})", unit="batch",
+                              disable=not progress or not shard.primary):
+            k = res.mlp_act[0]  # [b, pos, d_mlp]
+            k = k[res.stat_mask.to(k.device)].double()  # [tokens, d_mlp]
+            total += k.T @ k
+            count += k.shape[0]
     if shard.parallel:
         total = shard.sum(total)
         count = int(shard.sum(torch.tensor([count], dtype=torch.float64)).item())

@@ -274,31 +274,34 @@ def trace_many(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str, str |
     """
     from tqdm.auto import tqdm
 
-    noise = noise_of(noise, legacy, "trace_many")
-    arch = adapter(model)
-    kind = check_choice(kind, KINDS, "kind")
-    window = check_int(window, "window", low=1)
-    require_correct = check_bool(require_correct, "require_correct")
-    prepared = _prepare(arch, tokenizer, facts)
-    if noise.embedding_std is None:
-        subjects = [i for ids, (s, e), _, _ in prepared for i in ids[s:e]]
-        noise = replace(noise, embedding_std=embedding_std(arch, subjects))
-
     shard = shard_of(group)
+    with shard.together():  # an argument refused on one rank is refused on every rank
+        noise = noise_of(noise, legacy, "trace_many")
+        arch = adapter(model)
+        kind = check_choice(kind, KINDS, "kind")
+        window = check_int(window, "window", low=1)
+        require_correct = check_bool(require_correct, "require_correct")
+        prepared = _prepare(arch, tokenizer, facts)
+        if noise.embedding_std is None:
+            subjects = [i for ids, (s, e), _, _ in prepared for i in ids[s:e]]
+            noise = replace(noise, embedding_std=embedding_std(arch, subjects))
+
     facts_read = [(ids, span, answer) for ids, span, answer, _ in prepared]
     shard.same((facts_read, kind, window, noise, require_correct), "the facts and tracing options")
+    shard.same_model(arch)
     traced: list[tuple[int, TraceResult | None]] = []  # (fact, its trace or None = skipped)
     facts_bar = tqdm(list(shard.take(prepared)), desc=f"causal traces ({kind})", unit="fact",
                      disable=not (progress and shard.primary))
-    for i, (ids, span, answer, prompt) in facts_bar:
-        if answer is not None and require_correct and not _gives(arch, ids, answer):
-            traced.append((i, None))
-            continue
-        traced.append((i, causal_trace_ids(
-            arch, torch.tensor(ids), span, answer_id=None if answer is None else answer[0], kind=kind,
-            window=window, noise=noise, batch_size=batch_size, tokenizer=tokenizer,
-            token_strings=prompt_pieces(tokenizer, prompt, ids),
-        )))
+    with shard.together():  # a fact that fails on one rank stops every rank at the gather
+        for i, (ids, span, answer, prompt) in facts_bar:
+            if answer is not None and require_correct and not _gives(arch, ids, answer):
+                traced.append((i, None))
+                continue
+            traced.append((i, causal_trace_ids(
+                arch, torch.tensor(ids), span, answer_id=None if answer is None else answer[0], kind=kind,
+                window=window, noise=noise, batch_size=batch_size, tokenizer=tokenizer,
+                token_strings=prompt_pieces(tokenizer, prompt, ids),
+            )))
     if shard.parallel:  # every rank's traces, in fact order
         traced = sorted((pair for part in shard.gather_objects(traced) for pair in part), key=lambda p: p[0])
     results = [r for _, r in traced if r is not None]
