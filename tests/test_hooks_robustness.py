@@ -154,15 +154,15 @@ def test_pads_given_without_a_mask_are_named(ids):
         as_batch(one_eos, gpt2)  # a text that ends with one end-of-text token
         as_batch({"input_ids": padded, "attention_mask": padded != 0}, gpt2)
         as_batch(Batch.from_ids(padded), gpt2)  # a Batch says what is real
-    dedicated = adapter(make_model(pad_token_id=7))  # a pad id of its own: one is enough
+    dedicated = adapter(make_model(pad_token_id=7))  # a pad id only the config names: two are needed
     tail = one_eos.clone()
-    tail[2, -1] = 7
-    with pytest.warns(UserWarning, match=r"row 2 starts or ends with 1 pad tokens \(id 7\)"):
+    tail[2, -2:] = 7
+    with pytest.warns(UserWarning, match=r"row 2 starts or ends with 2 pad tokens \(id 7\)"):
         as_batch(tail, dedicated)
-    tail[2, -1], tail[2, 4] = 5, 7
+    tail[2, -2], tail[2, 4] = 5, 7
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        as_batch(tail, dedicated)  # inside a row: a real token
+        as_batch(tail, dedicated)  # one at the end (the config's pad id may be any token), one inside a row
     tokenizer = type("Tok", (), {"pad_token_id": 9, "eos_token_id": 0})()
     tail[0, :1] = 9
     with pytest.warns(UserWarning, match=r"row 0 starts or ends with 1 pad tokens \(id 9\)"):

@@ -222,17 +222,19 @@ def _warn_unmasked_pads(input_ids: torch.Tensor, arch: Any, tokenizer: Any) -> N
     """Warn when ids given without a mask start or end with a run of the pad id: the pads count as tokens.
 
     The pad id is the tokenizer's, else the model config's, else the end-of-text id (GPT-2 has no pad
-    and is padded with it). A pad id that is also a real token (end-of-text, start, unknown: GPT-2's and
-    SmolLM2's are) counts only as a run of two or more, since a text may end with one such token.
+    and is padded with it). One pad is enough only for a tokenizer's own pad token; a pad id that is
+    also a real token (end-of-text, start, unknown: GPT-2's and SmolLM2's are), or that only the model
+    config names (it may be any token), counts only as a run of two or more.
     """
     config = getattr(arch, "config", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = getattr(config, "pad_token_id", None) if pad is None else pad
+    own = getattr(tokenizer, "pad_token_id", None)
+    pad = getattr(config, "pad_token_id", None) if own is None else own
     if pad is None:
         pad = min(_special_ids(tokenizer, config, "eos_token_id"), default=None)
     if not isinstance(pad, int) or input_ids.ndim != 2 or input_ids.numel() == 0:
         return
-    shared = pad in _special_ids(tokenizer, config, "eos_token_id", "bos_token_id", "unk_token_id")
+    shared = own is None or pad in _special_ids(tokenizer, config, "eos_token_id", "bos_token_id",
+                                                "unk_token_id")
     is_pad = (input_ids == pad).long()  # [batch, pos]
     run = torch.maximum(is_pad.cumprod(-1).sum(-1), is_pad.flip(-1).cumprod(-1).sum(-1))  # [batch]
     if int(run.max()) >= (2 if shared else 1):
