@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_choice, check_ids, check_mask
+from reslens._checks import check_choice, check_ids, check_mask, check_tokenizer
 from reslens._text import html_table
 
 __all__ = ["Batch", "tokenize", "pad_ids", "pad_token_id", "as_batch", "positions_from_mask"]
@@ -143,8 +143,7 @@ def tokenize(tokenizer: Any, texts: str | Sequence[str], *, padding_side: str = 
         raise ValueError("texts is empty; give at least one string")
     check_choice(padding_side, ("left", "right"), "padding_side")
     check_choice(special_tokens, (None, True, False), "special_tokens")
-    if tokenizer is None or not callable(tokenizer):
-        raise TypeError("tokenizer must be a HuggingFace tokenizer (pass tokenizer= with text inputs)")
+    check_tokenizer(tokenizer, why="texts are tokenized")
     encoded, n_special = [], []
     for text in texts:
         plain = encode(tokenizer, text)

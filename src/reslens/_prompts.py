@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from reslens._checks import check_int
+from reslens._checks import check_int, check_tokenizer
 from reslens._corpus import start_ids
 from reslens._inputs import caller_stacklevel
 from reslens._inputs import encode as _encode_text
@@ -35,8 +35,7 @@ _SPACED_RATIO = 10
 
 def encode(tokenizer: Any, text: str) -> list[int]:
     """The token ids of ``text`` without special tokens."""
-    if tokenizer is None or not callable(tokenizer):
-        raise TypeError("tokenizer must be a HuggingFace tokenizer (e.g. from reslens.load_model())")
+    check_tokenizer(tokenizer)
     return _encode_text(tokenizer, text)
 
 
