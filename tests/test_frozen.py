@@ -89,9 +89,8 @@ def test_fixture_comes_from_the_frozen_commit():
 
 
 @pytest.mark.slow
-def test_results_are_bit_identical_to_the_frozen_fixture():
-    frozen, metadata = _load_fixture()
-    now = compute_frozen_results()
+def assert_bit_identical(frozen: dict, metadata: dict, now: dict, label: str = "") -> None:
+    """Every key of ``now`` is a contiguous CPU tensor bit-equal to ``frozen``'s; a failure says the build."""
     missing, extra = sorted(frozen.keys() - now.keys()), sorted(now.keys() - frozen.keys())
     assert not missing and not extra, f"key sets differ: missing {missing}, unexpected {extra}"
     for key, value in now.items():
@@ -102,9 +101,13 @@ def test_results_are_bit_identical_to_the_frozen_fixture():
         if not bits_equal(frozen[key], now[key])
     ]
     note = build_note(metadata) if failures else ""
-    assert not failures, (
-        f"{len(failures)} of {len(frozen)} frozen results changed:\n" + "\n".join(failures) + f"\n{note}"
-    ).rstrip()
+    changed = f"{label}{len(failures)} of {len(frozen)} frozen results changed:\n"
+    assert not failures, (changed + "\n".join(failures) + f"\n{note}").rstrip()
+
+
+def test_results_are_bit_identical_to_the_frozen_fixture():
+    frozen, metadata = _load_fixture()
+    assert_bit_identical(frozen, metadata, compute_frozen_results())
 
 
 def test_build_note_names_a_different_build():

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from frozen_llama import _put_big, compute_llama_frozen, tiny_llama
-from test_frozen import _describe, bits_equal, build_note
+from test_frozen import assert_bit_identical, bits_equal
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FROZEN_COMMIT = "8098230634cf40e8238e4cb485ec59470eef23fb"
@@ -29,22 +29,7 @@ def _load_fixture(kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def _assert_bit_identical(kind: str, compute=compute_llama_frozen, load=_load_fixture) -> None:
     frozen, metadata = load(kind)
-    now = compute(kind)
-    missing, extra = sorted(frozen.keys() - now.keys()), sorted(now.keys() - frozen.keys())
-    assert not missing and not extra, f"key sets differ: missing {missing}, unexpected {extra}"
-    for key, value in now.items():
-        assert value.device.type == "cpu" and value.is_contiguous(), f"{key} is not a contiguous CPU tensor"
-    failures = [
-        _describe(key, frozen[key], now[key])
-        for key in sorted(frozen)
-        if not bits_equal(frozen[key], now[key])
-    ]
-    note = build_note(metadata) if failures else ""
-    assert not failures, (
-        f"{kind}: {len(failures)} of {len(frozen)} frozen results changed:\n"
-        + "\n".join(failures)
-        + f"\n{note}"
-    ).rstrip()
+    assert_bit_identical(frozen, metadata, compute(kind), label=f"{kind}: ")
 
 
 @pytest.mark.parametrize("kind", ["llama", "smollm2"])
