@@ -153,6 +153,41 @@ class Arch(Modules, abc.ABC):
             raise ValueError(f"which must be 'attn', 'mlp' or 'final'; got {which!r}")
         return self.norm_of(module)
 
+    def out_norm(self, which: Literal["attn", "mlp"], layer: int) -> Norm | None:
+        """The norm a sublayer's output passes before it is added to the residual, or ``None``.
+
+        Gemma 2/3 (four norms a block) and OLMo 2 (norms after each sublayer): ``attn_out`` and
+        ``mlp_out`` are this norm's outputs, what enters the residual.
+        """
+        if which not in ("attn", "mlp"):
+            raise ValueError(f"which must be 'attn' or 'mlp'; got {which!r}")
+        module = self.attn_out_norm(layer) if which == "attn" else self.mlp_out_norm(layer)
+        return None if module is None else self.norm_of(module)
+
+    def attn_output(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """``attn_out [..., d_model]`` (float32) of the heads' outputs ``attn_z [..., n_head * d_head]``.
+
+        ``Σ_h z_h @ W_O[h] + b_O``, through :meth:`out_norm` where the family has one.
+        """
+        w_o = self.W_O(layer).detach().float().to(z.device)  # [H, dh, d]
+        out = torch.einsum("...hd,hde->...e", self.split_heads(z.float()), w_o)
+        b_o = self.b_O(layer)
+        out = out if b_o is None else out + b_o.detach().float().to(z.device)
+        norm = self.out_norm("attn", layer)
+        return out if norm is None else norm(out).float()
+
+    def mlp_output(self, layer: int, act: torch.Tensor) -> torch.Tensor:
+        """``mlp_out [..., d_model]`` (float32) of ``mlp_act [..., d_mlp]``: ``Σ_i m_i v_i + b_out``, normed.
+
+        Through :meth:`out_norm` where the family has one.
+        """
+        weights = self.mlp_weights(layer)
+        out = act.float() @ weights.W_out.detach().float().to(act.device)
+        if weights.b_out is not None:
+            out = out + weights.b_out.detach().float().to(act.device)
+        norm = self.out_norm("mlp", layer)
+        return out if norm is None else norm(out).float()
+
     @abc.abstractmethod
     def norm_of(self, module: nn.Module) -> Norm:
         """One of the family's norm modules as data (its own tensors, detached, never copied)."""

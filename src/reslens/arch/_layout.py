@@ -48,6 +48,10 @@ class Layout:
     mlp_gate_proj: str | None = None  # mlp_gate = its output; None without a gate
     pos_embed: str | None = None  # learned position embeddings; None when positions are not added
     lm_head: str = "lm_head"
+    attn_out_norm: str | None = None  # a norm on the attention output before it is added (Gemma 2/3)
+    mlp_out_norm: str | None = None  # a norm on the MLP's output before it is added
+    parallel: bool = False  # both sublayers read the block's input (GPT-NeoX, GPT-J); else sequential
+    cache_arg: str = "cache"  # the block forward's keyword for its KV cache
 
 
 class Modules:
@@ -119,6 +123,16 @@ class Modules:
     def mlp_gate_proj(self, layer: int) -> nn.Module | None:
         """The MLP's gate projection (``mlp_gate`` is its output), or ``None`` without a gate."""
         path = self.layout.mlp_gate_proj
+        return None if path is None else self._in_block(layer, path)
+
+    def attn_out_norm(self, layer: int) -> nn.Module | None:
+        """The norm the attention's output passes before it joins the residual, or ``None``."""
+        path = self.layout.attn_out_norm
+        return None if path is None else self._in_block(layer, path)
+
+    def mlp_out_norm(self, layer: int) -> nn.Module | None:
+        """The norm the MLP's output passes before it joins the residual, or ``None``."""
+        path = self.layout.mlp_out_norm
         return None if path is None else self._in_block(layer, path)
 
     def mlp_out_proj(self, layer: int) -> nn.Module:
