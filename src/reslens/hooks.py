@@ -196,61 +196,51 @@ class Trace(_ThreadHooks):
                     (module, "pre", lambda args, kwargs, i=i: self._store("resid", i, hidden(args, kwargs)))
                 )
         for i, block in enumerate(self.blocks):
-            if "resid_mid" in self.sites:
-                points.append(
-                    (
-                        a.mlp_norm(block),
-                        "pre",
-                        lambda args, kwargs, i=i: self._store("resid_mid", i, hidden(args, kwargs)),
-                    )
-                )
-            if "attn_out" in self.sites:
-                points.append((a.attn(block), "post", lambda out, i=i: self._store("attn_out", i, out[0])))
-            if "attn_pattern" in self.sites:
-                spec = a.pattern_hook(block)
-                points.append((spec.module, spec.kind, self._pattern_callback(i, spec)))
-            if "attn_z" in self.sites:
-                points.append(
-                    (
-                        a.attn_out_proj(block),
-                        "pre",
-                        lambda args, kwargs, i=i: self._store("attn_z", i, hidden(args, kwargs)),
-                    )
-                )
-            if "mlp_act" in self.sites:
-                points.append(
-                    (
-                        a.mlp_out_proj(block),
-                        "pre",
-                        lambda args, kwargs, i=i: self._store("mlp_act", i, hidden(args, kwargs)),
-                    )
-                )
-            if "mlp_out" in self.sites:
-                points.append((a.mlp(block), "post", lambda out, i=i: self._store("mlp_out", i, out)))
-            if "mlp_up" in self.sites:
-                points.append((a.mlp_in_proj(block), "post", lambda out, i=i: self._store("mlp_up", i, out)))
-            if "mlp_gate" in self.sites:
-                gate = a.mlp_gate_proj(block)
-                if gate is None:
-                    raise ValueError(
-                        f"site 'mlp_gate' needs a gated MLP; this {a.family} model's MLP has no gate"
-                    )
-                points.append((gate, "post", lambda out, i=i: self._store("mlp_gate", i, out)))
+            for site in self.sites:
+                if site in ("resid", "final", "logits"):
+                    continue
+                if site == "resid_mid" and a.layout.parallel:
+                    points += self._parallel_mid(i, block)
+                    continue
+                spec = a.site_hook(site, block)
+                points.append((spec.module, spec.kind, self._site_callback(site, i, spec)))
         if "final" in self.sites or ("logits" in self.sites and a.lm_head is None):
             points.append((a.final_norm_module, "post", self._on_final))
         if "logits" in self.sites and a.lm_head is not None:
-            points.append((a.lm_head, "post",
-                           lambda out: self._store("logits", 0, every_position(out, self._inputs))))
+            points.append((a.lm_head, "post", lambda out: self._store(
+                "logits", 0, a.softcap_logits(every_position(out, self._inputs)))))
         return points
 
-    def _pattern_callback(self, i: int, spec: Any) -> Any:
+    def _site_callback(self, site: str, i: int, spec: Any) -> Any:
         def store(payload: Any) -> None:
-            mask = self._inputs[1]
-            self._store("attn_pattern", i, spec.pattern(payload, mask))
+            t = spec.pattern(payload, self._inputs[1])
+            if t.ndim == 2:  # read from flattened tokens (the experts of a mixture of experts)
+                t = t.view(*self._batch_shape(), t.shape[-1])
+            self._store(site, i, t)
 
         if spec.kind == "pre":
             return lambda args, kwargs: store((args, kwargs))
         return store
+
+    def _batch_shape(self) -> tuple[int, int]:
+        input_ids, attention_mask, _ = self._inputs
+        return tuple((input_ids if input_ids is not None else attention_mask).shape)
+
+    def _parallel_mid(self, i: int, block: int) -> list[tuple[Any, str, Any]]:
+        """``resid_mid`` of a parallel block (GPT-NeoX): ``resid + attn_out``, which no module computes.
+
+        Both sublayers read the block's input, so this is the residual with the attention's output added
+        and the MLP's not yet: what a sequential block would give its MLP (this one's MLP never reads it).
+        """
+        held: dict[str, torch.Tensor] = {}
+        attn = self.arch.site_hook("attn_out", block)
+
+        def on_attn(out: Any) -> None:
+            self._store("resid_mid", i, held.pop("resid") + attn.pattern(out, None))
+
+        return [(self.arch.blocks[block], "pre",
+                 lambda args, kwargs: held.__setitem__("resid", self.arch.hidden_of(args, kwargs))),
+                (attn.module, attn.kind, on_attn)]
 
     def _on_final(self, out: torch.Tensor) -> None:
         if "logits" in self.sites and self.arch.lm_head is None:
@@ -418,6 +408,8 @@ class Patch(_ThreadHooks):
         self.arch = adapter(model)
         self._device = self.arch.device
         self.edits: dict[tuple[str, int], Any] = check_edits(edits, PATCH_SITES, self.arch.n_layer)
+        if any(site == "mlp_act" for site, _ in self.edits):
+            self.arch.require("patch_mlp_act")
         self._with_start = {key for key, fn in self.edits.items() if takes_start(fn)}
         self._start = 0  # the whole-sequence position of this forward's first token
 
@@ -454,14 +446,19 @@ class Patch(_ThreadHooks):
         def replace_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             return a.with_hidden(args, kwargs, self._apply(site, layer, a.hidden_of(args, kwargs)))
 
+        def replace_output(out: Any) -> Any:
+            if isinstance(out, tuple):
+                return (self._apply(site, layer, out[0]), *out[1:])
+            return self._apply(site, layer, out)
+
         if site == "resid":
             self._add_pre(a.final_norm_module if layer == a.n_layer else a.blocks[layer], replace_input)
-        elif site == "mlp_act":
-            self._add_pre(a.mlp_out_proj(layer), replace_input)
-        elif site == "attn_out":
-            self._add_post(a.attn(layer), lambda out: (self._apply(site, layer, out[0]), *out[1:]))
+            return
+        spec = a.site_hook(site, layer)  # attn_out, mlp_out: post-hooks; mlp_act: a pre-hook
+        if spec.kind == "pre":
+            self._add_pre(spec.module, replace_input)
         else:
-            self._add_post(a.mlp(layer), lambda out: self._apply(site, layer, out))
+            self._add_post(spec.module, replace_output)
 
     def __enter__(self) -> Patch:
         if self._handles:

@@ -139,6 +139,93 @@ class Arch(Modules, abc.ABC):
     def pattern_hook(self, layer: int) -> PatternHook:
         """Where and how ``attn_pattern`` of ``layer`` is recomputed from one hook's payload."""
 
+    # --- where each per-block site is read ----------------------------------------------------
+
+    def site_hook(self, site: str, layer: int) -> PatternHook:
+        """Where and how the per-block ``site`` of ``layer`` is read: a hook and its payload -> the tensor.
+
+        ``attn_out`` / ``mlp_out``: what enters the residual (the output norm's output where the family
+        has one); ``resid_mid``: the MLP's (or its norm's) input in a sequential block; ``attn_z``: the
+        output projection's input; ``mlp_act`` :meth:`mlp_act_hook`; ``mlp_up`` / ``mlp_gate``: the key
+        projections' outputs (halves of a fused one); ``attn_pattern``: :meth:`pattern_hook`.
+        """
+        def first(out: Any, key_mask: Any) -> torch.Tensor:
+            return out[0] if isinstance(out, tuple) else out
+
+        def hidden(payload: Any, key_mask: Any) -> torch.Tensor:
+            return self.hidden_of(*payload)
+
+        if site in ("attn_out", "mlp_out"):
+            norm = self.attn_out_norm(layer) if site == "attn_out" else self.mlp_out_norm(layer)
+            sublayer = self.attn(layer) if site == "attn_out" else self.mlp(layer)
+            return PatternHook(sublayer if norm is None else norm, "post", first)
+        if site == "resid_mid":
+            norm = self.mlp_norm(layer)
+            return PatternHook(self.mlp(layer) if norm is None else norm, "pre", hidden)
+        if site == "attn_z":
+            return PatternHook(self.attn_out_proj(layer), "pre", hidden)
+        if site == "mlp_act":
+            return self.mlp_act_hook(layer)
+        if site == "attn_pattern":
+            return self.pattern_hook(layer)
+        return self._key_hook(site, layer)
+
+    def _key_hook(self, site: str, layer: int) -> PatternHook:
+        if self.layout.experts is not None:
+            raise ValueError(f"site {site!r} is per expert in this {self.family} mixture of experts; "
+                             "read the routed coefficients of every (expert, neuron) with site 'mlp_act'")
+        fused = self.layout.mlp_gate_up_proj
+        if fused is not None:
+            half = 0 if site == "mlp_gate" else 1
+            module = self._in_block(layer, fused)
+            return PatternHook(module, "post", lambda out, _: out.chunk(2, dim=-1)[half])
+        module = self.mlp_in_proj(layer) if site == "mlp_up" else self.mlp_gate_proj(layer)
+        if module is None:
+            raise ValueError(f"site 'mlp_gate' needs a gated MLP; this {self.family} model's MLP has no gate")
+        return PatternHook(module, "post", lambda out, _: out)
+
+    def mlp_act_hook(self, layer: int) -> PatternHook:
+        """Where ``mlp_act`` is read: the input of the MLP's value projection."""
+        return PatternHook(self.mlp_out_proj(layer), "pre", lambda payload, _: self.hidden_of(*payload))
+
+    # --- what this family cannot give, and why ------------------------------------------------
+
+    @property
+    def limits(self) -> dict[str, str]:
+        """Analyses this model cannot give exactly, each with the reason (empty for GPT-2 and Llama)."""
+        out = {}
+        if self.layout.experts is not None:
+            out["rank_one_edit"] = (
+                "a rank-one edit changes one MLP's value projection, and this mixture of experts has one per "
+                "expert, used only where the router sends a token; ROME is not defined for it")
+            out["patch_mlp_act"] = (
+                "mlp_act of a mixture of experts is read from the experts' inputs and the router's choice; "
+                "replacing it is not supported (patch mlp_out, or resid)")
+        if self.layout.q_norm is not None:
+            out["qk_circuit"] = (
+                "queries and keys pass a norm (QK-norm) after their projections, so the QK circuit is not a "
+                "fixed bilinear form of the residual; read attention patterns (site attn_pattern) instead")
+        if self.attn_softcap is not None:
+            out.setdefault("qk_circuit", "attention scores are soft-capped (tanh), so the QK circuit is not "
+                           "a fixed bilinear form of the residual; read attention patterns instead")
+        if self.layout.attn_out_norm is not None:
+            out["ov_circuit"] = (
+                "each head's output passes a norm whose scale depends on every head at that position "
+                "before it joins the residual, so the OV circuit is not a fixed linear map; per-head pieces "
+                "of attn_out are given at their actual scale (logit attribution)")
+        return out
+
+    @property
+    def attn_softcap(self) -> float | None:
+        """The attention logit soft-cap, or ``None``."""
+        return None
+
+    def require(self, analysis: str) -> None:
+        """Raise ``ValueError`` with the reason when this model cannot give ``analysis`` (:attr:`limits`)."""
+        reason = self.limits.get(analysis)
+        if reason is not None:
+            raise ValueError(f"{analysis.replace('_', ' ')} is refused on this {self.family} model: {reason}")
+
     # --- norms, embedding, unembedding -------------------------------------------------------
 
     def norm(self, which: Literal["attn", "mlp", "final"], layer: int | None = None) -> Norm:
@@ -149,6 +236,8 @@ class Arch(Modules, abc.ABC):
             if layer is None:
                 raise ValueError(f"norm({which!r}) needs a layer")
             module = self.attn_norm(layer) if which == "attn" else self.mlp_norm(layer)
+            if module is None:  # the sublayer reads the residual itself (OLMo 2)
+                return Norm.none(self.W_E)
         else:
             raise ValueError(f"which must be 'attn', 'mlp' or 'final'; got {which!r}")
         return self.norm_of(module)
@@ -237,7 +326,23 @@ class Arch(Modules, abc.ABC):
         """
         w_u, b_u = self.W_U, self.b_U
         b_u = None if b_u is None else b_u.detach()
-        return torch.nn.functional.linear(x.to(w_u.device), w_u.detach(), b_u)
+        return self.softcap_logits(torch.nn.functional.linear(x.to(w_u.device), w_u.detach(), b_u))
+
+    @property
+    def final_softcap(self) -> float | None:
+        """Gemma 2's final-logit soft-cap ``c`` (logits become ``c · tanh(l / c)``), or ``None``."""
+        return getattr(self.config, "final_logit_softcapping", None)
+
+    def softcap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` through :attr:`final_softcap` as the LM computes it (unchanged without one)."""
+        cap = self.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    @property
+    def embed_scale(self) -> torch.Tensor | None:
+        """The factor the embedding module scales its rows by (Gemma: ``√d_model`` in the model's dtype)."""
+        scale = getattr(self.embed_module, "embed_scale", None)
+        return None if scale is None else scale.to(self.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., d_vocab]`` of raw residuals ``h [..., d_model]``: final norm, then unembedding.
@@ -259,7 +364,9 @@ class Arch(Modules, abc.ABC):
 
         ``("embed", W_E[ids])``, then ``("pos_embed", W_pos[positions])`` where positions are learned.
         """
-        pieces = [("embed", self.W_E.detach().float()[input_ids])]
+        rows = self.W_E.detach()[input_ids]
+        scale = self.embed_scale
+        pieces = [("embed", (rows if scale is None else rows * scale.to(rows.device)).float())]
         w_pos = self.W_pos
         if w_pos is not None:
             pieces.append(("pos_embed", w_pos.detach().float()[position_ids]))
@@ -388,16 +495,16 @@ class Arch(Modules, abc.ABC):
         extra = self.block_kwargs(layer, hidden, start)
         on = self._device_of(self.attn_key_proj(layer))
         cache = PrefixCache(prefix_k.to(on, hidden.dtype), prefix_v.to(on, hidden.dtype))
+        extra[self.layout.cache_arg] = cache
         with self.loaded(self.blocks[layer]):
-            out = self.blocks[layer](
-                hidden_states=hidden, attention_mask=mask, cache=cache, use_cache=False, **extra
-            )
+            out = self.blocks[layer](hidden_states=hidden, attention_mask=mask, use_cache=False, **extra)
         return out.to(self.device)
 
     # --- weight edits, and the weights cached statistics depend on --------------------------
 
     def mlp_out_param(self, layer: int) -> nn.Parameter:
         """The MLP's value weight as stored (either orientation): the weight a rank-one edit changes."""
+        self.require("rank_one_edit")
         return self.mlp_out_proj(layer).weight
 
     def mlp_out_store(self, layer: int) -> StoredParam:

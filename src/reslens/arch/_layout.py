@@ -8,6 +8,8 @@ another's only in name is a new :class:`Layout`, not new code.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -37,14 +39,14 @@ class Layout:
     embed: str
     final_norm: str
     attn: str  # attn_out = output[0]
-    attn_norm: str  # its input is resid[layer]
+    attn_norm: str | None  # its input is resid[layer]; None: the attention reads the residual (OLMo 2)
     attn_key_proj: str  # its output holds the keys (GPT-2: the fused q/k/v projection)
     attn_out_proj: str  # attn_z = its input
     mlp: str  # mlp_out = its output
-    mlp_norm: str  # resid_mid = its input
+    mlp_norm: str | None  # resid_mid = its input (sequential blocks); None: the MLP reads the residual
     mlp_in_proj: str  # mlp_up = its output (the up keys; GPT-2's only keys)
     mlp_out_proj: str  # mlp_act = its input (the values)
-    body_args: tuple[str, ...]  # the body forward's leading positional parameters, in order
+    body_args: tuple[str, ...] = ()  # the body forward's leading positional parameters (): read its signature
     mlp_gate_proj: str | None = None  # mlp_gate = its output; None without a gate
     pos_embed: str | None = None  # learned position embeddings; None when positions are not added
     lm_head: str = "lm_head"
@@ -52,6 +54,27 @@ class Layout:
     mlp_out_norm: str | None = None  # a norm on the MLP's output before it is added
     parallel: bool = False  # both sublayers read the block's input (GPT-NeoX, GPT-J); else sequential
     cache_arg: str = "cache"  # the block forward's keyword for its KV cache
+    # "layernorm"; "rms" (cast, then γ: Llama); "rms_upcast" (γ in float32: OLMo 2); "rms_gemma" (1 + w)
+    norm_style: str = "rms"
+    q_proj: str | None = None  # separate q/k/v projections (under the block) ...
+    k_proj: str | None = None
+    v_proj: str | None = None
+    qkv_proj: str | None = None  # ... or one fused projection: [q; k; v] (Phi-3) or per head (qkv_per_head)
+    qkv_per_head: bool = False  # GPT-NeoX: the fused output is [q_h k_h v_h] for each head h in turn
+    q_norm: str | None = None  # QK-norm modules, per head (Qwen3, Gemma 3) or over the projection (OLMo 2)
+    k_norm: str | None = None
+    qk_norm_per_head: bool = True
+    mlp_gate_up_proj: str | None = None  # a fused [gate; up] projection (Phi-3)
+    experts: str | None = None  # routed experts with 3-D gate_up_proj / down_proj (Mixtral, OLMoE, Qwen3-MoE)
+    router: str | None = None  # their router: returns (logits, top-k weights, top-k indices)
+    mlp_act_fn: str = "act_fn"  # the MLP's (or the experts') activation attribute
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(body_type: type) -> tuple[str, ...]:
+    """The body forward's parameters in order, a cache under either of its names called ``"cache"``."""
+    names = list(inspect.signature(body_type.forward).parameters)[1:]
+    return tuple("cache" if name in ("past_key_values", "cache") else name for name in names)
 
 
 class Modules:
@@ -96,9 +119,10 @@ class Modules:
         """The attention module: ``attn_out`` is its ``output[0]``."""
         return self._in_block(layer, self.layout.attn)
 
-    def attn_norm(self, layer: int) -> nn.Module:
-        """The norm before attention: its input is ``resid[layer]``."""
-        return self._in_block(layer, self.layout.attn_norm)
+    def attn_norm(self, layer: int) -> nn.Module | None:
+        """The norm before attention (its input is ``resid[layer]``), or ``None`` where there is none."""
+        path = self.layout.attn_norm
+        return None if path is None else self._in_block(layer, path)
 
     def attn_key_proj(self, layer: int) -> nn.Module:
         """The projection whose output holds the keys (GPT-2's fused q/k/v projection)."""
@@ -112,9 +136,10 @@ class Modules:
         """The MLP: ``mlp_out`` is its output."""
         return self._in_block(layer, self.layout.mlp)
 
-    def mlp_norm(self, layer: int) -> nn.Module:
-        """The norm before the MLP: ``resid_mid`` is its input."""
-        return self._in_block(layer, self.layout.mlp_norm)
+    def mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm before the MLP, or ``None`` where there is none."""
+        path = self.layout.mlp_norm
+        return None if path is None else self._in_block(layer, path)
 
     def mlp_in_proj(self, layer: int) -> nn.Module:
         """The MLP's (up) key projection: ``mlp_up`` is its output (GPT-2's only keys)."""
@@ -141,7 +166,7 @@ class Modules:
 
     def forward_inputs(self, args: tuple, kwargs: dict) -> ForwardInputs:
         """The inputs of one call of the body, by keyword or by the positions ``layout.body_args`` gives."""
-        order = self.layout.body_args
+        order = self.layout.body_args or _parameters(type(self.body))
 
         def arg(name: str) -> Any:
             index = order.index(name)

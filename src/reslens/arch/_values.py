@@ -34,13 +34,27 @@ class MLPWeights:
     W_out: torch.Tensor  # [d_mlp, d_model]: the values
     b_out: torch.Tensor | None  # [d_model]
     act: Callable[[torch.Tensor], torch.Tensor]
+    #: MoE: the router's weight on each expert ``[..., n_expert]`` of ``x̂``; memory ``i`` belongs to
+    #: expert ``i // (d_mlp / n_expert)`` and its coefficient includes that weight
+    route: Callable[[torch.Tensor], torch.Tensor] | None = None
+    n_expert: int = 1
 
     @property
     def gated(self) -> bool:
         return self.W_gate is not None
 
-    def coefficients(self, x_normed: torch.Tensor) -> torch.Tensor:
-        """``m [..., d_mlp]`` of normed MLP inputs ``x̂ [..., d_model]``, in float32."""
+    def coefficients(self, x_normed: torch.Tensor, route: bool = True) -> torch.Tensor:
+        """``m [..., d_mlp]`` of normed MLP inputs ``x̂ [..., d_model]``, in float32.
+
+        For experts, times the router's weight on each memory's expert (``route=False``: without it).
+        """
+        m = self._keys(x_normed)
+        if self.route is None or not route:
+            return m
+        weights = self.route(x_normed).float()  # [..., n_expert]
+        return m * weights.repeat_interleave(m.shape[-1] // self.n_expert, dim=-1)
+
+    def _keys(self, x_normed: torch.Tensor) -> torch.Tensor:
         x = x_normed.float()
         pre = x @ self.W_in.float().T
         if self.b_in is not None:
