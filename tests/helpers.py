@@ -32,24 +32,51 @@ def make_model(seed: int = 0, cls=GPT2LMHeadModel, **overrides):
     return cls(make_config(**overrides)).eval()
 
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+#: every family reslens reads, one tiny random config each (see make_family)
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "gpt_neox",
+            "gpt_neox_seq", "phi3", "mixtral", "olmoe", "qwen3_moe")
+
+
+def _family_classes(family: str):
+    """(config class, causal LM class, body class, config overrides) of a rotary family."""
+    import transformers as tf
+
+    experts = dict(num_experts=4, num_experts_per_tok=2)
+    specific = {
+        "llama": ("Llama", dict(tie_word_embeddings=False)),
+        "mistral": ("Mistral", dict(sliding_window=4, tie_word_embeddings=False)),
+        "qwen2": ("Qwen2", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+        "qwen3": ("Qwen3", dict(head_dim=8, tie_word_embeddings=False)),
+        "gemma": ("Gemma", dict(head_dim=8, hidden_activation="gelu_pytorch_tanh")),
+        "gemma2": ("Gemma2", dict(head_dim=8, query_pre_attn_scalar=6, sliding_window=4,
+                                  attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+        "gemma3": ("Gemma3Text", dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+        "olmo2": ("Olmo2", dict(tie_word_embeddings=False)),
+        "gpt_neox": ("GPTNeoX", dict(rotary_pct=0.5, use_parallel_residual=True, tie_word_embeddings=False,
+                                    layer_norm_eps=1e-5, attention_bias=True)),
+        "gpt_neox_seq": ("GPTNeoX", dict(rotary_pct=0.25, use_parallel_residual=False,
+                                        tie_word_embeddings=False, layer_norm_eps=1e-5)),
+        "phi3": ("Phi3", dict(partial_rotary_factor=0.5, tie_word_embeddings=False, pad_token_id=0)),
+        "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+        "olmoe": ("Olmoe", dict(**experts, tie_word_embeddings=False)),
+        "qwen3_moe": ("Qwen3Moe", dict(**experts, head_dim=8, moe_intermediate_size=16, decoder_sparse_step=1,
+                                      mlp_only_layers=[], norm_topk_prob=True)),
+    }
+    name, extra = specific[family]
+    model_name = name.removesuffix("Text")
+    return (getattr(tf, f"{name}Config"), getattr(tf, f"{model_name}ForCausalLM"),
+            getattr(tf, f"{name}Model"), extra)
 
 
 def make_family(family: str, seed: int = 0, bare: bool = False, **overrides):
-    """A tiny seeded random model of ``family``: GPT-2; Llama with grouped-query attention and an untied
-    head; Mistral with a small sliding window; Qwen2 with q/k/v biases and a tied head."""
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        LlamaModel,
-        MistralConfig,
-        MistralForCausalLM,
-        MistralModel,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen2Model,
-    )
-
+    """A tiny seeded random model of ``family`` (:data:`FAMILIES`): GPT-2; Llama with grouped-query attention
+    and an untied head; Mistral with a small sliding window; Qwen2 with q/k/v biases and a tied head; Qwen3
+    (QK-norm); Gemma 1/2/3 (sandwich norms, soft-caps, local/global rotary); OLMo 2; GPT-NeoX parallel and
+    sequential (partial rotary); Phi-3 (fused projections, partial rotary); Mixtral, OLMoE, Qwen3-MoE."""
     if family == "gpt2":
         from transformers import GPT2Model
 
@@ -67,23 +94,10 @@ def make_family(family: str, seed: int = 0, bare: bool = False, **overrides):
         pad_token_id=0,
         rms_norm_eps=1e-5,
     )
-    specific = {
-        "llama": (LlamaConfig, LlamaForCausalLM, LlamaModel, dict(tie_word_embeddings=False)),
-        "mistral": (
-            MistralConfig,
-            MistralForCausalLM,
-            MistralModel,
-            dict(sliding_window=4, tie_word_embeddings=False),
-        ),
-        "qwen2": (
-            Qwen2Config,
-            Qwen2ForCausalLM,
-            Qwen2Model,
-            dict(tie_word_embeddings=True, num_key_value_heads=4),
-        ),
-    }
-    config_cls, lm_cls, body_cls, extra = specific[family]
+    config_cls, lm_cls, body_cls, extra = _family_classes(family)
     kwargs = {**common, **extra, **overrides}
+    if family == "gemma3":
+        lm_cls = __import__("transformers").Gemma3ForCausalLM
     torch.manual_seed(seed)
     model = (body_cls if bare else lm_cls)(config_cls(**kwargs)).eval()
     with (

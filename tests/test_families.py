@@ -1,5 +1,6 @@
-"""Every capture site and guarantee of reslens.hooks, and the adapter contract, on every supported family:
-tiny random GPT-2, Llama (GQA, untied head), Mistral (sliding window 4), Qwen2 (q/k/v biases, tied head)."""
+"""Every capture site and guarantee of reslens.hooks, and the adapter contract, on every supported family
+(helpers.FAMILIES: GPT-2, Llama, Mistral, Qwen2/3, Gemma 1/2/3, OLMo 2, GPT-NeoX parallel and sequential,
+Phi-3, Mixtral, OLMoE, Qwen3-MoE), each a tiny random model with its family's traps switched on."""
 
 import copy
 
@@ -41,23 +42,37 @@ def test_decomposition_identities(family_model, ids):
 
 def test_mlp_sites_and_weights_rebuild_the_mlp(family_model, ids):
     a = adapter(family_model)
-    sites = ("resid_mid", "mlp_act", "mlp_up", "mlp_out") + (("mlp_gate",) if a.gated_mlp else ())
-    res = capture(family_model, ids, sites=sites)
+    moe = a.layout.experts is not None
+    keys = () if moe else ("mlp_up",) + (("mlp_gate",) if a.gated_mlp else ())
+    res = capture(family_model, ids, sites=("resid", "resid_mid", "mlp_act", "mlp_out") + keys)
     with torch.no_grad():
         for layer in range(a.n_layer):
             w = a.mlp_weights(layer)
-            assert w.W_in.shape == w.W_out.shape == (a.d_mlp, a.d_model) and w.gated == a.gated_mlp
-            b_out = 0 if w.b_out is None else w.b_out
-            torch.testing.assert_close(res.mlp_act[layer] @ w.W_out + b_out, res.mlp_out[layer], **ATOL)
-            x_hat = a.norm("mlp", layer)(res.resid_mid[layer])
+            assert w.W_in.shape == w.W_out.shape == (a.d_mlp, a.d_model) and w.gated == (a.gated_mlp or moe)
+            torch.testing.assert_close(a.mlp_output(layer, res.mlp_act[layer]), res.mlp_out[layer], **ATOL)
+            # the MLP reads the block's input in a parallel block, the residual after attention otherwise
+            source = res.resid[layer] if a.layout.parallel else res.resid_mid[layer]
+            x_hat = a.norm("mlp", layer)(source)
             torch.testing.assert_close(w.coefficients(x_hat), res.mlp_act[layer], **ATOL)
-            torch.testing.assert_close(w.forward(x_hat), res.mlp_out[layer], **ATOL)
-            if a.gated_mlp:
+            out_norm = a.out_norm("mlp", layer)
+            rebuilt = w.forward(x_hat) if out_norm is None else out_norm(w.forward(x_hat))
+            torch.testing.assert_close(rebuilt, res.mlp_out[layer], **ATOL)
+            if moe:  # every token's coefficients are zero outside the experts the router chose for it
+                used = res.mlp_act[layer].view(*ids.shape, w.n_expert, -1).abs().amax(-1) > 0
+                assert int(used.sum(-1).max()) <= family_model.config.num_experts_per_tok
+            elif a.gated_mlp:
                 torch.testing.assert_close(
                     w.act(res.mlp_gate[layer]) * res.mlp_up[layer], res.mlp_act[layer], **ATOL
                 )
             else:
                 torch.testing.assert_close(w.act(res.mlp_up[layer]), res.mlp_act[layer], **ATOL)
+    if moe:
+        for site in ("mlp_up", "mlp_gate"):
+            with pytest.raises(ValueError, match="per expert"):
+                capture(family_model, ids, sites=(site,))
+        with pytest.raises(ValueError, match="patch mlp act is refused"):
+            patch(family_model, {("mlp_act", 0): torch.zeros_like})
+        assert hook_counts(family_model) == {}
 
 
 def test_mlp_gate_on_an_ungated_model_is_refused(ids):
@@ -68,7 +83,8 @@ def test_mlp_gate_on_an_ungated_model_is_refused(ids):
 
 
 def test_attn_pattern_equals_eager_attention_while_the_model_stays_on_sdpa(family_model, ids):
-    assert family_model.config._attn_implementation == "sdpa"
+    impl = family_model.config._attn_implementation
+    assert impl == ("eager" if family_model.config.model_type == "gemma2" else "sdpa")  # Gemma 2: soft-caps
     eager = copy.deepcopy(family_model)
     eager.set_attn_implementation("eager")
     mask = torch.ones_like(ids)
@@ -77,7 +93,7 @@ def test_attn_pattern_equals_eager_attention_while_the_model_stays_on_sdpa(famil
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # reslens counts positions from the mask
         expected = eager(ids, attention_mask=mask, position_ids=positions, output_attentions=True).attentions
     res = capture(family_model, {"input_ids": ids, "attention_mask": mask}, sites=("attn_pattern",))
-    assert family_model.config._attn_implementation == "sdpa"
+    assert family_model.config._attn_implementation == impl
     for layer, att in enumerate(expected):
         real = mask.bool()
         # compare the rows of real queries (HF leaves the rows of padded queries arbitrary)
@@ -109,7 +125,8 @@ def test_padding_gives_each_sequence_its_solo_numbers(family_model, side):
 def test_nothing_is_left_changed(family_model, ids):
     before = model_state(family_model)
     capture(family_model, ids, sites=("resid", "attn_pattern", "mlp_act", "logits"))
-    with patch(family_model, {("mlp_act", 1): torch.zeros_like}), trace(family_model, sites=("resid",)):
+    site = "mlp_out" if adapter(family_model).layout.experts is not None else "mlp_act"  # MoE: refused
+    with patch(family_model, {(site, 1): torch.zeros_like}), trace(family_model, sites=("resid",)):
         with torch.no_grad():
             family_model(ids)
     with pytest.raises(RuntimeError, match="boom"):
@@ -129,9 +146,10 @@ def test_per_head_weights_rebuild_attn_out_and_values(family_model, ids):
         for layer in range(a.n_layer):
             z = a.split_heads(res.attn_z[layer])  # [batch, pos, head, d_head]
             b_o = 0 if a.b_O(layer) is None else a.b_O(layer)
-            torch.testing.assert_close(
-                torch.einsum("bphe,hed->bpd", z, a.W_O(layer)) + b_o, res.attn_out[layer], **ATOL
-            )
+            out = torch.einsum("bphe,hed->bpd", z, a.W_O(layer)) + b_o
+            norm = a.out_norm("attn", layer)  # Gemma 2/3, OLMo 2: the heads' sum passes a norm
+            torch.testing.assert_close(out if norm is None else norm(out), res.attn_out[layer], **ATOL)
+            torch.testing.assert_close(a.attn_output(layer, res.attn_z[layer]), res.attn_out[layer], **ATOL)
             h = a.norm("attn", layer)(res.resid[layer])
             v = torch.einsum("bpd,hde->bhpe", h, a.W_V(layer))
             if a.b_V(layer) is not None:
@@ -146,6 +164,10 @@ def test_per_head_weights_rebuild_attn_out_and_values(family_model, ids):
 
 def test_rotation_gives_the_attention_scores(family_model, ids):
     a = adapter(family_model)
+    if "qk_circuit" in a.limits:  # QK-norm or soft-capped scores: no fixed bilinear form to test
+        with pytest.raises(ValueError, match="qk circuit is refused on this .* model: .*(norm|soft-capped)"):
+            a.require("qk_circuit")
+        return
     res = capture(family_model, ids, sites=("resid", "attn_pattern"))
     layer, batch, query = 1, 0, 7
     with torch.no_grad():
@@ -197,8 +219,17 @@ def test_norm_is_the_module_and_rank_one_delta_has_the_stored_orientation(family
             ("final", a.final_norm_module),
         ):
             norm = a.norm(which, 1)
-            assert norm.centred == (a.family == "gpt2") and (norm.bias is None) == (a.family != "gpt2")
-            assert torch.equal(norm(x), module(x))
+            layer_norm = a.family in ("gpt2", "gpt_neox")
+            assert norm.centred == layer_norm and (norm.bias is None) == (not layer_norm)
+            assert torch.equal(norm(x), x if module is None else module(x))  # OLMo 2: no norm before
+        for which in ("attn", "mlp"):
+            module = a.attn_out_norm(1) if which == "attn" else a.mlp_out_norm(1)
+            if module is not None:
+                assert torch.equal(a.out_norm(which, 1)(x), module(x))
+    if a.layout.experts is not None:
+        with pytest.raises(ValueError, match="rank one edit is refused .* one per expert"):
+            a.mlp_out_param(1)
+        return
     u, v = torch.randn(a.d_mlp), torch.randn(a.d_model)
     delta = a.rank_one_delta(u, v)
     assert delta.shape == a.mlp_out_param(1).shape

@@ -8,6 +8,8 @@ from reslens.arch._base import Arch
 from reslens.arch._layout import Layout
 from reslens.arch._norm import Norm
 from reslens.arch._values import ForwardInputs, MLPWeights, PatternHook
+from reslens.arch.decoder import Decoder
+from reslens.arch.families import FAMILY_ADAPTERS
 from reslens.arch.gpt2 import GPT2
 from reslens.arch.llama import Llama
 
@@ -18,6 +20,7 @@ __all__ = [
     "MLPWeights",
     "Norm",
     "PatternHook",
+    "Decoder",
     "GPT2",
     "Llama",
     "adapter",
@@ -25,7 +28,8 @@ __all__ = [
 ]
 
 #: ``config.model_type`` -> adapter class.
-FAMILIES: dict[str, type[Arch]] = {"gpt2": GPT2, "llama": Llama, "mistral": Llama, "qwen2": Llama}
+FAMILIES: dict[str, type[Arch]] = {"gpt2": GPT2, "llama": Llama, "mistral": Llama, "qwen2": Llama,
+                                   **FAMILY_ADAPTERS}
 
 
 def adapter(model: Any) -> Arch:

@@ -68,7 +68,8 @@ class Arch(Modules, abc.ABC):
     @property
     def gated_mlp(self) -> bool:
         """Whether the MLP has a gate (a ``mlp_gate`` site, :attr:`MLPWeights.W_gate`)."""
-        return self.layout.mlp_gate_proj is not None
+        layout = self.layout
+        return any(p is not None for p in (layout.mlp_gate_proj, layout.mlp_gate_up_proj, layout.experts))
 
     @property
     def config(self) -> Any:
