@@ -14,7 +14,11 @@ By family: GPT-2 has ``pos_embed``, ``attn_bias`` and ``norm_bias`` pieces; the 
 position vector (position acts inside attention, so its effect is part of the head pieces);
 RMSNorm has no bias and does not centre, so ``σ = sqrt(mean(x²) + eps)`` and the reader is
 ``γ ⊙ u``; Qwen2's value bias is inside each head's ``z``. A tied head (``W_U = W_E``) or an
-untied one makes no difference to the method.
+untied one makes no difference to the method. Where the heads' sum passes a norm before it joins
+the residual (Gemma 2/3, OLMo 2), the head pieces go through it linearised at its actual scale
+(:meth:`~reslens.arch.Arch.attn_pieces`), so they still sum exactly; Gemma's embedding piece carries
+its ``√d_model`` scale. Under a final-logit soft-cap (Gemma 2) the pieces sum to the logit before the
+cap (``logit`` is that one), since ``c · tanh(l / c)`` is not a sum.
 
 :func:`logit_attribution_of` reads captured :class:`~reslens.residuals.Residuals` (sites
 ``resid``, ``attn_z``, ``mlp_out``, ``logits``); :func:`logit_attribution` captures them.
@@ -236,17 +240,14 @@ def _pieces(arch: Arch, residuals: Residuals, rows: torch.Tensor, pos: torch.Ten
     for name, tensor in arch.embedding_components(ids.to(arch.device), positions.to(arch.device)):
         parts.append(tensor.float()[:, None])
         kind.append(name), layer.append(-1), head.append(-1)
-    n = len(rows)
     for block in range(arch.n_layer):
-        z = arch.split_heads(residuals.attn_z[block, rows, pos])  # [B, H, dh]
-        w_o = arch.W_O(block).detach().float().to(z.device)  # [H, dh, d]
-        parts.append(torch.einsum("bhe,hed->bhd", z, w_o))  # [B, H, d]
+        heads, bias = arch.attn_pieces(block, residuals.attn_z[block, rows, pos])  # [B, H, d], [B, d]
+        parts.append(heads)
         kind += ["head"] * arch.n_head
         layer += [block] * arch.n_head
         head += list(range(arch.n_head))
-        b_o = arch.b_O(block)
-        if b_o is not None:
-            parts.append(b_o.detach().float()[None, None].expand(n, 1, -1))
+        if bias is not None:
+            parts.append(bias[:, None])
             kind.append("attn_bias"), layer.append(block), head.append(-1)
         parts.append(residuals.mlp_out[block, rows, pos][:, None])
         kind.append("mlp"), layer.append(block), head.append(-1)
@@ -293,6 +294,8 @@ def logit_attribution_of(
             contributions.append((b[t] - (b[a] if a is not None else 0))[:, None])
             kind.append("unembed_bias"), layer.append(-1), head.append(-1)
         logits = residuals.logits[rows, pos].to(device)  # [B, V]
+        if arch.final_softcap is not None:  # Gemma 2: the pieces sum to the logit before its soft-cap
+            logits = arch.unembed_raw(norm(x.to(arch.dtype)))
         logit = logits.gather(1, t[:, None]).squeeze(1)
         if a is not None:
             logit = logit - logits.gather(1, a[:, None]).squeeze(1)

@@ -27,6 +27,8 @@ from torch import nn
 
 from reslens.arch import _digest, _offload
 from reslens.arch._layout import Layout, Modules
+from reslens.arch._pieces import Pieces
+from reslens.arch._sites import Sites
 from reslens.arch._norm import Norm
 from reslens.arch._offload import StoredParam
 from reslens.arch._values import MLPWeights, PatternHook, PrefixCache
@@ -34,7 +36,7 @@ from reslens.arch._values import MLPWeights, PatternHook, PrefixCache
 __all__ = ["Arch"]
 
 
-class Arch(Modules, abc.ABC):
+class Arch(Modules, Sites, Pieces, abc.ABC):
     """A read-only, role-named view of one HuggingFace decoder-only LM.
 
     A family adapter sets :attr:`family`, :attr:`positional` and :attr:`layout` as class attributes
@@ -140,93 +142,6 @@ class Arch(Modules, abc.ABC):
     def pattern_hook(self, layer: int) -> PatternHook:
         """Where and how ``attn_pattern`` of ``layer`` is recomputed from one hook's payload."""
 
-    # --- where each per-block site is read ----------------------------------------------------
-
-    def site_hook(self, site: str, layer: int) -> PatternHook:
-        """Where and how the per-block ``site`` of ``layer`` is read: a hook and its payload -> the tensor.
-
-        ``attn_out`` / ``mlp_out``: what enters the residual (the output norm's output where the family
-        has one); ``resid_mid``: the MLP's (or its norm's) input in a sequential block; ``attn_z``: the
-        output projection's input; ``mlp_act`` :meth:`mlp_act_hook`; ``mlp_up`` / ``mlp_gate``: the key
-        projections' outputs (halves of a fused one); ``attn_pattern``: :meth:`pattern_hook`.
-        """
-        def first(out: Any, key_mask: Any) -> torch.Tensor:
-            return out[0] if isinstance(out, tuple) else out
-
-        def hidden(payload: Any, key_mask: Any) -> torch.Tensor:
-            return self.hidden_of(*payload)
-
-        if site in ("attn_out", "mlp_out"):
-            norm = self.attn_out_norm(layer) if site == "attn_out" else self.mlp_out_norm(layer)
-            sublayer = self.attn(layer) if site == "attn_out" else self.mlp(layer)
-            return PatternHook(sublayer if norm is None else norm, "post", first)
-        if site == "resid_mid":
-            norm = self.mlp_norm(layer)
-            return PatternHook(self.mlp(layer) if norm is None else norm, "pre", hidden)
-        if site == "attn_z":
-            return PatternHook(self.attn_out_proj(layer), "pre", hidden)
-        if site == "mlp_act":
-            return self.mlp_act_hook(layer)
-        if site == "attn_pattern":
-            return self.pattern_hook(layer)
-        return self._key_hook(site, layer)
-
-    def _key_hook(self, site: str, layer: int) -> PatternHook:
-        if self.layout.experts is not None:
-            raise ValueError(f"site {site!r} is per expert in this {self.family} mixture of experts; "
-                             "read the routed coefficients of every (expert, neuron) with site 'mlp_act'")
-        fused = self.layout.mlp_gate_up_proj
-        if fused is not None:
-            half = 0 if site == "mlp_gate" else 1
-            module = self._in_block(layer, fused)
-            return PatternHook(module, "post", lambda out, _: out.chunk(2, dim=-1)[half])
-        module = self.mlp_in_proj(layer) if site == "mlp_up" else self.mlp_gate_proj(layer)
-        if module is None:
-            raise ValueError(f"site 'mlp_gate' needs a gated MLP; this {self.family} model's MLP has no gate")
-        return PatternHook(module, "post", lambda out, _: out)
-
-    def mlp_act_hook(self, layer: int) -> PatternHook:
-        """Where ``mlp_act`` is read: the input of the MLP's value projection."""
-        return PatternHook(self.mlp_out_proj(layer), "pre", lambda payload, _: self.hidden_of(*payload))
-
-    # --- what this family cannot give, and why ------------------------------------------------
-
-    @property
-    def limits(self) -> dict[str, str]:
-        """Analyses this model cannot give exactly, each with the reason (empty for GPT-2 and Llama)."""
-        out = {}
-        if self.layout.experts is not None:
-            out["rank_one_edit"] = (
-                "a rank-one edit changes one MLP's value projection, and this mixture of experts has one per "
-                "expert, used only where the router sends a token; ROME is not defined for it")
-            out["patch_mlp_act"] = (
-                "mlp_act of a mixture of experts is read from the experts' inputs and the router's choice; "
-                "replacing it is not supported (patch mlp_out, or resid)")
-        if self.layout.q_norm is not None:
-            out["qk_circuit"] = (
-                "queries and keys pass a norm (QK-norm) after their projections, so the QK circuit is not a "
-                "fixed bilinear form of the residual; read attention patterns (site attn_pattern) instead")
-        if self.attn_softcap is not None:
-            out.setdefault("qk_circuit", "attention scores are soft-capped (tanh), so the QK circuit is not "
-                           "a fixed bilinear form of the residual; read attention patterns instead")
-        if self.layout.attn_out_norm is not None:
-            out["ov_circuit"] = (
-                "each head's output passes a norm whose scale depends on every head at that position "
-                "before it joins the residual, so the OV circuit is not a fixed linear map; per-head pieces "
-                "of attn_out are given at their actual scale (logit attribution)")
-        return out
-
-    @property
-    def attn_softcap(self) -> float | None:
-        """The attention logit soft-cap, or ``None``."""
-        return None
-
-    def require(self, analysis: str) -> None:
-        """Raise ``ValueError`` with the reason when this model cannot give ``analysis`` (:attr:`limits`)."""
-        reason = self.limits.get(analysis)
-        if reason is not None:
-            raise ValueError(f"{analysis.replace('_', ' ')} is refused on this {self.family} model: {reason}")
-
     # --- norms, embedding, unembedding -------------------------------------------------------
 
     def norm(self, which: Literal["attn", "mlp", "final"], layer: int | None = None) -> Norm:
@@ -243,41 +158,6 @@ class Arch(Modules, abc.ABC):
             raise ValueError(f"which must be 'attn', 'mlp' or 'final'; got {which!r}")
         return self.norm_of(module)
 
-    def out_norm(self, which: Literal["attn", "mlp"], layer: int) -> Norm | None:
-        """The norm a sublayer's output passes before it is added to the residual, or ``None``.
-
-        Gemma 2/3 (four norms a block) and OLMo 2 (norms after each sublayer): ``attn_out`` and
-        ``mlp_out`` are this norm's outputs, what enters the residual.
-        """
-        if which not in ("attn", "mlp"):
-            raise ValueError(f"which must be 'attn' or 'mlp'; got {which!r}")
-        module = self.attn_out_norm(layer) if which == "attn" else self.mlp_out_norm(layer)
-        return None if module is None else self.norm_of(module)
-
-    def attn_output(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        """``attn_out [..., d_model]`` (float32) of the heads' outputs ``attn_z [..., n_head * d_head]``.
-
-        ``Σ_h z_h @ W_O[h] + b_O``, through :meth:`out_norm` where the family has one.
-        """
-        w_o = self.W_O(layer).detach().float().to(z.device)  # [H, dh, d]
-        out = torch.einsum("...hd,hde->...e", self.split_heads(z.float()), w_o)
-        b_o = self.b_O(layer)
-        out = out if b_o is None else out + b_o.detach().float().to(z.device)
-        norm = self.out_norm("attn", layer)
-        return out if norm is None else norm(out).float()
-
-    def mlp_output(self, layer: int, act: torch.Tensor) -> torch.Tensor:
-        """``mlp_out [..., d_model]`` (float32) of ``mlp_act [..., d_mlp]``: ``Σ_i m_i v_i + b_out``, normed.
-
-        Through :meth:`out_norm` where the family has one.
-        """
-        weights = self.mlp_weights(layer)
-        out = act.float() @ weights.W_out.detach().float().to(act.device)
-        if weights.b_out is not None:
-            out = out + weights.b_out.detach().float().to(act.device)
-        norm = self.out_norm("mlp", layer)
-        return out if norm is None else norm(out).float()
-
     @abc.abstractmethod
     def norm_of(self, module: nn.Module) -> Norm:
         """One of the family's norm modules as data (its own tensors, detached, never copied)."""
@@ -286,6 +166,15 @@ class Arch(Modules, abc.ABC):
     def W_E(self) -> torch.Tensor:
         """Token embeddings ``[d_vocab, d_model]``."""
         return self._real(self.embed_module)
+
+    @property
+    def W_E_in(self) -> torch.Tensor:
+        """Token embeddings as they enter the residual ``[d_vocab, d_model]``: ``W_E`` times the scale.
+
+        ``W_E`` itself (a view) where the family does not scale it; a scaled copy (Gemma) where it does.
+        """
+        scale = self.embed_scale
+        return self.W_E if scale is None else self.W_E.detach() * scale.to(self.W_E.device)
 
     @property
     def W_pos(self) -> torch.Tensor | None:
@@ -325,19 +214,7 @@ class Arch(Modules, abc.ABC):
         ``x @ W_U.T + b_U`` in ``x``'s dtype, as the LM head computes it. The weights enter as constants
         (detached): a gradient reaches ``x``, never the model's weights.
         """
-        w_u, b_u = self.W_U, self.b_U
-        b_u = None if b_u is None else b_u.detach()
-        return self.softcap_logits(torch.nn.functional.linear(x.to(w_u.device), w_u.detach(), b_u))
-
-    @property
-    def final_softcap(self) -> float | None:
-        """Gemma 2's final-logit soft-cap ``c`` (logits become ``c · tanh(l / c)``), or ``None``."""
-        return getattr(self.config, "final_logit_softcapping", None)
-
-    def softcap_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` through :attr:`final_softcap` as the LM computes it (unchanged without one)."""
-        cap = self.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return self.softcap_logits(self.unembed_raw(x))
 
     @property
     def embed_scale(self) -> torch.Tensor | None:

@@ -150,7 +150,7 @@ def _gamma(arch: Arch, layer: int, fold_ln: bool) -> torch.Tensor | None:
     """The attention norm's ``γ [d_model, 1]`` (float32) of ``layer`` when folding, else ``None``."""
     if not check_bool(fold_ln, "fold_ln"):
         return None
-    return arch.norm("attn", layer).weight.detach().float()[:, None]
+    return arch.norm("attn", layer).gamma[:, None]
 
 
 def ov_circuit(model: Any, layer: int, head: int, *, fold_ln: bool = False) -> torch.Tensor:
@@ -170,6 +170,7 @@ def ov_circuit(model: Any, layer: int, head: int, *, fold_ln: bool = False) -> t
     ((16, 16), 8)
     """
     arch = adapter(model)
+    arch.require("ov_circuit")
     layer, head = _check_head(arch, layer, head)
     gamma = _gamma(arch, layer, fold_ln)
     w_v = arch.W_V(layer)[head].detach().float()
@@ -191,6 +192,7 @@ def qk_circuit(model: Any, layer: int, head: int, *, offset: int = 0, fold_ln: b
     γ into both sides, so it acts on ``x / σ(x)`` (exact under RMSNorm).
     """
     arch = adapter(model)
+    arch.require("qk_circuit")
     layer, head = _check_head(arch, layer, head)
     check_int(offset, "offset", low=0, high=arch.n_ctx - 1)
     gamma = _gamma(arch, layer, fold_ln)
@@ -213,7 +215,7 @@ def _effective_embedding(arch: Arch, which: str) -> torch.Tensor:
     Block 0's MLP through the adapter's weights (:meth:`~reslens.arch.MLPWeights.coefficients`),
     in chunks of 4,096 rows, summed as ``(x + m @ W_out) + b_out``.
     """
-    w_e = arch.W_E.detach().float()
+    w_e = arch.W_E_in.detach().float()
     if which == "embed":
         return w_e
     norm, mlp = arch.norm("mlp", 0), arch.mlp_weights(0)
@@ -223,7 +225,11 @@ def _effective_embedding(arch: Arch, which: str) -> torch.Tensor:
     with torch.no_grad():
         for start in range(0, w_e.shape[0], 4096):
             x = w_e[start : start + 4096]
-            y = x + mlp.coefficients(norm(x)) @ w_out
+            m = mlp.coefficients(norm(x))
+            if arch.out_norm("mlp", 0) is not None:  # the MLP's output passes its norm (Gemma 2/3, OLMo 2)
+                out[start : start + 4096] = x + arch.mlp_output(0, m)
+                continue
+            y = x + m @ w_out
             out[start : start + 4096] = y if b_out is None else y + b_out
     return out
 
@@ -269,18 +275,19 @@ def ov_eigen_summary(model: Any, *, fold_ln: bool = False, effective_embedding: 
     ((2, 2, 8), True)
     """
     arch = adapter(model)
+    arch.require("ov_circuit")
     check_bool(fold_ln, "fold_ln")
     check_choice(effective_embedding, EFFECTIVE_EMBEDDINGS, "effective_embedding")
     with torch.no_grad():
-        gamma = arch.norm("final").weight.double() if fold_ln else None
-        a_embed = _unembed_gram(arch.W_U, arch.W_E, gamma)  # [d, d] float64
+        gamma = arch.norm("final").gamma.double() if fold_ln else None
+        a_embed = _unembed_gram(arch.W_U, arch.W_E_in, gamma)  # [d, d] float64
         a_eff = (a_embed if effective_embedding == "embed"
                  else _unembed_gram(arch.W_U, _effective_embedding(arch, effective_embedding), gamma))
         eigenvalues = []
         for layer in range(arch.n_layer):
             w_v = arch.W_V(layer).detach().double()  # [H, d, dh]
             if fold_ln:
-                w_v = w_v * arch.norm("attn", layer).weight.double()[None, :, None]
+                w_v = w_v * arch.norm("attn", layer).gamma.double()[None, :, None]
             w_o = arch.W_O(layer).detach().double()  # [H, dh, d]
             small = w_o @ (a_embed if layer == 0 else a_eff).to(w_o.device) @ w_v  # [H, dh, dh]
             eigenvalues.append(torch.linalg.eigvals(small).cpu())

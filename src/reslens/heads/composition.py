@@ -198,7 +198,7 @@ def _layer_factors(arch: Arch, layer: int, kind: str, fold_ln: bool, offset: int
     The reader's QK circuit at ``offset`` is ``W_Q R W_K^T`` (``"q"``) or its transpose ``W_K R^T W_Q^T``
     (``"k"``), with ``R`` folded into the key or query factor.
     """
-    gamma = arch.norm("attn", layer).weight.detach().float()[None, :, None] if fold_ln else None
+    gamma = arch.norm("attn", layer).gamma[None, :, None] if fold_ln else None
     # contiguous copies (the adapter's views are strided), as the layer-stacked weights were
     views = (arch.W_Q(layer), arch.W_K(layer), arch.W_V(layer))
     w_q, w_k, w_v = (w.detach().float().contiguous() for w in views)
@@ -234,6 +234,13 @@ def _raw_composition(arch: Arch, kind: str, fold_ln: bool, offset: int | None) -
         norms = product.square().sum(dim=(1, 4)).sqrt()  # [H, L-a-1, H]
         raw[a, :, a + 1 :] = (norms / (norm_a[a][:, None, None] * norm_b[a + 1 :][None])).cpu()
     return raw
+
+
+def _require_circuits(arch: Arch, kind: str) -> None:
+    """Composition reads the writer's OV circuit, and the reader's QK circuit for ``"q"`` / ``"k"``."""
+    arch.require("ov_circuit")
+    if kind in ("q", "k"):
+        arch.require("qk_circuit")
 
 
 def _earlier_mask(n_layer: int, n_head: int) -> torch.Tensor:
@@ -278,6 +285,7 @@ def composition_scores(
     """
     arch = adapter(model)
     _check_options(kind, COMPOSITION_KINDS, fold_ln, n_baseline, seed)
+    _require_circuits(arch, kind)
     offset = 0 if arch.positional == "rotary" and kind != "v" else None
     with torch.no_grad():
         raw = _raw_composition(arch, kind, fold_ln, offset)
@@ -391,6 +399,8 @@ def composition_by_offset(
     Returns ``scores``/``raw`` of shape ``[len(offsets), n_layer, n_head, n_layer, n_head]``.
     """
     arch = adapter(model)
+    if kind in ("q", "k"):
+        _require_circuits(arch, kind)
     if kind == "v":
         raise ValueError("kind='v': V-composition does not depend on the query-key offset; use "
                          "composition_scores(model, 'v')")

@@ -252,6 +252,9 @@ def contributions_of(
     with torch.no_grad():
         m = act[seq, pos].float()  # [d_mlp]
         values_ = weights.W_out.detach().float()  # [d_mlp, d_model]
+        factor = arch.mlp_out_factor(block, m)  # the MLP's output norm, linearised here (Gemma 2/3, OLMo 2)
+        if factor is not None:
+            values_ = values_ * factor.to(values_.device)
         norms = values_.norm(dim=-1)
         magnitude = m.abs() * norms
         effect = None
@@ -261,13 +264,15 @@ def contributions_of(
                 final = _final_resid(arch, residuals, seq, pos)
                 norm = arch.norm("final")
                 sigma = norm.scale(final)
-                direction = norm.weight.detach().float() * direction / sigma
+                direction = norm.gamma.to(direction.device) * direction / sigma
                 effect = m * (norm.centre(values_) @ direction)
             else:
                 effect = m * (values_ @ direction)
         score = magnitude if rank_by == "magnitude" else effect
         order = torch.sort(score, descending=True, stable=True).indices
         bias = torch.zeros(arch.d_model) if weights.b_out is None else weights.b_out.detach().float().cpu()
+        if factor is not None:
+            bias = bias * factor.cpu()
     return MemoryContributions(
         layer=block, seq=seq, position=pos, coefficients=m.cpu(), value_norms=norms.cpu(),
         magnitude=magnitude.cpu(), bias=bias, values=values_.cpu(), order=order.cpu(), rank_by=rank_by,

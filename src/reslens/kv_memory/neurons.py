@@ -273,7 +273,7 @@ class DeletionNeurons(Saveable):
 
 def _cosines(arch: Arch, layer: int, key: torch.Tensor, value: torch.Tensor, centred: bool) -> torch.Tensor:
     norm = arch.norm("mlp", layer)
-    reads = norm.read_direction(key) if centred else key.float() * norm.weight.float()
+    reads = norm.read_direction(key) if centred else key.float() * norm.gamma
     return torch.nn.functional.cosine_similarity(reads, value.float(), dim=-1)
 
 

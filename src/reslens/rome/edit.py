@@ -207,7 +207,13 @@ def _keys(arch: Arch, layer: int, contexts: Sequence[Context]) -> tuple[torch.Te
         res = capture(arch, ids, sites=("mlp_act", "mlp_out"), layers=layer)
         keys.append(res.mlp_act[0, 0, idx].float())
         outs.append(res.mlp_out[0, 0, idx].float())
-    return torch.stack(keys), torch.stack(outs)
+    keys_, outs_ = torch.stack(keys), torch.stack(outs)
+    if arch.out_norm("mlp", layer) is not None:  # the edit reaches the value projection's output, pre-norm
+        weights = arch.mlp_weights(layer)
+        outs_ = keys_ @ weights.W_out.detach().float().to(keys_.device)
+        if weights.b_out is not None:
+            outs_ = outs_ + weights.b_out.detach().float().to(keys_.device)
+    return keys_, outs_
 
 
 def _compute_u(mom2: torch.Tensor, k_star: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -265,6 +271,9 @@ def _compute_v(arch: Arch, layer: int, batch: _Rewrite, n_answer: int, out0: tor
                clamp_norm: float) -> tuple[torch.Tensor, list[float]]:
     """ROME's ``compute_v``: ``delta`` added to ``mlp_out`` at the subject's token, and the nll per step.
 
+    Added before the MLP's output norm where the family has one (Gemma 2/3, OLMo 2: ``mlp_raw``), since
+    the rank-one edit changes the value projection, whose output that norm then rescales.
+
     Adam on ``nll + weight_decay |delta| / |out0|^2 + kl_factor KL``, clamped to
     ``clamp_norm x |out0|``; stops early when the nll is below 0.05.
     """
@@ -272,7 +281,8 @@ def _compute_v(arch: Arch, layer: int, batch: _Rewrite, n_answer: int, out0: tor
     opt = torch.optim.Adam([delta], lr=lr)
     max_norm = clamp_norm * out0.norm()
     at = batch.at
-    edits = {("mlp_out", layer): lambda t: t + at.to(t.dtype) * delta.to(t.dtype)}
+    site = "mlp_out" if arch.out_norm("mlp", layer) is None else "mlp_raw"  # where a weight edit reaches
+    edits = {(site, layer): lambda t: t + at.to(t.dtype) * delta.to(t.dtype)}
     init_kl = None
     losses: list[float] = []
     for _ in range(steps):

@@ -114,7 +114,7 @@ def embedding_std(model: Any, token_ids: Any = None) -> float:
     >>> round(embedding_std(model), 2)  # HF initialises the token embedding with std 0.02
     0.02
     """
-    w = adapter(model).W_E.detach()
+    w = adapter(model).W_E_in.detach()  # as the rows enter the residual (Gemma scales them)
     if token_ids is not None:
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=w.device).flatten()
         if ids.numel() == 0:
