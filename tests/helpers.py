@@ -77,6 +77,7 @@ def make_family(family: str, seed: int = 0, bare: bool = False, **overrides):
     and an untied head; Mistral with a small sliding window; Qwen2 with q/k/v biases and a tied head; Qwen3
     (QK-norm); Gemma 1/2/3 (sandwich norms, soft-caps, local/global rotary); OLMo 2; GPT-NeoX parallel and
     sequential (partial rotary); Phi-3 (fused projections, partial rotary); Mixtral, OLMoE, Qwen3-MoE."""
+    family = {"gemma3_text": "gemma3"}.get(family, family)  # a config's model_type works too
     if family == "gpt2":
         from transformers import GPT2Model
 

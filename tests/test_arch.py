@@ -199,10 +199,13 @@ def test_every_abstract_member_says_what_it_returns():
 def test_roles_follow_the_layout(family_model):
     a = adapter(family_model)
     for role in ("attn", "attn_norm", "attn_key_proj", "attn_out_proj", "mlp", "mlp_norm", "mlp_in_proj",
-                 "mlp_out_proj"):
+                 "mlp_out_proj", "attn_out_norm", "mlp_out_norm"):
         path = getattr(a.layout, role)
-        assert getattr(a, role)(1) is a.blocks[1].get_submodule(path)
-    assert (a.mlp_gate_proj(0) is not None) == a.gated_mlp == (a.family != "gpt2")
+        module = getattr(a, role)(1)
+        assert module is (None if path is None else a.blocks[1].get_submodule(path)), role
+    separate_gate = a.layout.mlp_gate_up_proj is None and a.layout.experts is None
+    assert a.gated_mlp == (a.family not in ("gpt2", "gpt_neox"))
+    assert (a.mlp_gate_proj(0) is not None) == (a.gated_mlp and separate_gate)
     assert (a.W_pos is not None) == (a.positional == "learned")
 
 
