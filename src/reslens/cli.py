@@ -86,7 +86,9 @@ def _add_pca_parser(commands) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="reslens", description="See how a GPT-2 or Llama-family model builds its prediction."
+        prog="reslens",
+        description="See how a language model builds its prediction (GPT-2, Llama, Qwen, Gemma, OLMo, "
+        "Pythia, Phi-3, mixtures of experts).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
