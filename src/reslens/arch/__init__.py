@@ -32,6 +32,13 @@ FAMILIES: dict[str, type[Arch]] = {"gpt2": GPT2, "llama": Llama, "mistral": Llam
                                    **FAMILY_ADAPTERS}
 
 
+#: what to do instead, for families reslens knows it does not read
+_HINTS = {
+    "gemma3": "; pass its text model (model.model.language_model, a Gemma3TextModel) or load the checkpoint "
+    "with Gemma3ForCausalLM",
+}
+
+
 def adapter(model: Any) -> Arch:
     """The adapter of ``model`` (an :class:`Arch` is passed through unchanged).
 
@@ -45,8 +52,10 @@ def adapter(model: Any) -> Arch:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     cls = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if cls is None:
+        hint = _HINTS.get(model_type, "") if isinstance(model_type, str) else ""
         raise TypeError(
             f"model must be a HuggingFace model of a supported family ({', '.join(sorted(FAMILIES))}); got "
             f"{type(model).__name__}" + (f" with config.model_type={model_type!r}" if model_type else "")
+            + hint
         )
     return cls(model)
