@@ -34,3 +34,11 @@ def smollm2():
     from real_model import smollm2 as load
 
     return load()
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma 3 270M (the second real model), or a skip with the reason (a failure in CI)."""
+    from real_model import gemma3 as load
+
+    return load()
