@@ -30,8 +30,12 @@ class Layout:
     has no such attribute), ``blocks``, ``embed``, ``pos_embed`` and ``final_norm`` under the body, the
     roles of one block under that block, ``lm_head`` under the model. :class:`~reslens.arch.Arch` reads
     its modules by role from these, so a family whose modules differ only in name needs no code for
-    them. More of a family that is data (block layout: sequential, sandwich, post-norm or parallel;
-    fused projections; rotary fraction; embedding scale; soft-caps) belongs here when a family needs it.
+    them. The rest of what makes a family is data here too: the block (``parallel``; pre-norms that may
+    be absent; ``attn_out_norm`` / ``mlp_out_norm`` on the sublayers' outputs), the norm's style,
+    separate or fused (``qkv_proj``, ``qkv_per_head``) projections, QK-norm, gated, fused
+    (``mlp_gate_up_proj``) or routed (``experts``, ``router``) MLPs, the block's cache keyword.
+    Rotary positions, embedding scales and soft-caps are read from the model itself
+    (:mod:`reslens.arch.decoder`).
     """
 
     body: str
