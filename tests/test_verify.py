@@ -1,7 +1,8 @@
 """reslens.verify: every identity reslens relies on, checked on a model; failures named, the model as found.
 
 Tiny seeded random models of every family in helpers.FAMILIES (so a family added there is covered), a
-deliberately miswired adapter, a model changed outside its weights, and SmolLM2 in the real-model tier."""
+deliberately miswired adapter, a model changed outside its weights, the command line on a saved model,
+and SmolLM2 in the real-model tier."""
 
 import dataclasses
 import math
@@ -12,9 +13,11 @@ import torch
 from transformers import BertConfig, BertModel
 
 import reslens
-from helpers import FAMILIES, assert_same_state, hook_counts, make_family, model_state
+from helpers import FAMILIES, assert_same_state, hook_counts, make_family, make_model, model_state
 from reslens._identities import CHECKS
 from reslens.arch.llama import Llama
+from reslens.cli import main
+from reslens.models import embedded_model_dir
 from reslens.verification import ROWS, TOLERANCES, Verification, _tolerances, verify
 
 
@@ -173,6 +176,37 @@ def test_a_bare_body_has_no_logit_rows():
     not_applicable = {row.check for row in result.rows if row.passed is None}
     assert not_applicable == {"lens_logits", "lens_probs", "dla_sum"}
     assert "n/a" in result.table()
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("verify-gpt2")
+    make_model(vocab_size=50257, n_positions=32).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((embedded_model_dir() / name).read_bytes())
+    return path
+
+
+def test_cli_prints_the_table_and_exits_0(saved_dir, capsys):
+    assert main(["verify", str(saved_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model: ") and "all passed" in out and "padded texts" in out
+    assert all(f"  {name} " in out for name in ROWS)
+
+
+def test_cli_exits_1_when_a_check_fails(saved_dir, capsys, monkeypatch):
+    monkeypatch.setitem(TOLERANCES[torch.float32], "lens_probs", -1.0)  # no error is below it
+    assert main(["verify", str(saved_dir), "--n-tokens", "8"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: lens_probs" in out
+
+
+def test_cli_in_bfloat16(saved_dir, capsys):
+    assert main(["verify", str(saved_dir), "--dtype", "bfloat16"]) == 0
+    assert "bfloat16" in capsys.readouterr().out
 
 
 # --- the real model ------------------------------------------------------------------------------------
