@@ -191,14 +191,17 @@ def resid_next(run: Run) -> Worst:
 
 
 def _sublayer(run: Run, sites: tuple[str, str], rebuild: Callable[[int, torch.Tensor], Any]) -> Worst:
-    """The worst of ``rebuild(layer, capture[sites[0]])`` against ``capture[sites[1]]``, per block."""
+    """The worst of ``rebuild(layer, capture[sites[0]])`` against ``capture[sites[1]]``, per block.
+
+    ``rebuild`` gets the site as captured (``[batch, pos, ...]``); real positions are compared.
+    """
     worst = Worst()
     for label, batch in run.inputs:
         res = capture(run.arch, batch, sites=sites)
         real = res.attention_mask
         for layer in range(run.arch.n_layer):
-            given, want = (getattr(res, site)[layer][real] for site in sites)
-            worst.add(_error(rebuild(layer, given), want), f"{label}, block {layer}")
+            given, want = (getattr(res, site)[layer] for site in sites)
+            worst.add(_error(_at(rebuild(layer, given), real), want[real]), f"{label}, block {layer}")
     return worst
 
 
