@@ -23,6 +23,7 @@ _LAZY = {
     "trace": "reslens.hooks",
     "load_model": "reslens.models",
     "adapter": "reslens.arch",
+    "verify": "reslens.verification",
 }
 
 #: submodules reachable as attributes of ``reslens`` without an explicit import
@@ -39,6 +40,7 @@ _SUBMODULES = (
     "residuals",
     "rome",
     "tracing",
+    "verification",
 )
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "patch",
     "tokenize",
     "trace",
+    "verify",
     "__version__",
 ]
 

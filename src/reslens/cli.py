@@ -8,6 +8,7 @@ reslens memories --mine CORPUS --out INDEX.safetensors [--max-tokens N] [--figur
 reslens memories --index INDEX.safetensors --show L.K [--n 10]
 reslens heads [--model NAME_OR_PATH] [--file TEXT.txt] [--top K] [--out FILE.png]
 reslens trace "PROMPT" --subject S [--answer " A"] [--kind resid|mlp|attn] [--out FILE.png]
+reslens verify MODEL [--dtype float32|bfloat16|float16] [--n-tokens N] [--seed S]   (exit 1 if a check fails)
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     mem.add_argument("--device", default=None, help="torch device (default: cpu)")
     _add_trace_parser(commands)
     _add_download_parser(commands)
+    _add_verify_parser(commands)
     return parser
 
 
@@ -168,6 +170,35 @@ def _download(args: argparse.Namespace) -> int:
     known = hub.KNOWN[args.name]
     print(f"{args.name}: {known.description}\n  licence: {known.licence}\n  in {folder}")
     return 0
+
+
+def _add_verify_parser(commands) -> None:
+    verify = commands.add_parser(
+        "verify", help="check every identity reslens relies on, on a checkpoint (exit 1 if one fails)",
+        description="Run reslens's identities on MODEL (capture = hidden states, the residual decomposition, "
+        "attn_output / mlp_output, patterns = eager attention, the lens's last row = logits, padding, logit "
+        "attribution) on short inputs, and print one row per identity with its worst error and tolerance.")
+    verify.add_argument("model", help="a known name (smollm2) or a local folder or hub name of a causal LM")
+    verify.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="load the weights in this dtype (default: as the checkpoint stores them)")
+    verify.add_argument("--n-tokens", type=int, default=12, help="tokens per random run (default 12)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random runs (default 0)")
+    verify.add_argument("--device", default=None, help="torch device (default: cpu)")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """``reslens verify MODEL``: the table, and exit code 1 when a check fails."""
+    import torch
+
+    import reslens
+    from reslens.models import describe_model
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    model, tokenizer = reslens.load_model(args.model, device=args.device, dtype=dtype)
+    print(f"model: {describe_model(model, args.model)}")
+    result = reslens.verify(model, tokenizer, n_tokens=args.n_tokens, seed=args.seed)
+    print(result.table())
+    return 0 if result.passed else 1
 
 
 def _add_trace_parser(commands) -> None:
@@ -440,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError('a figure needs matplotlib: pip install "reslens[plot]"') from None
             matplotlib.use("Agg")
         handlers = {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
-                    "download": _download}
+                    "verify": _verify, "download": _download}
         with warnings.catch_warnings():  # a warning is one line too, naming the command
             warnings.showwarning = lambda message, *_, **__: print(
                 f"reslens {args.command}: warning: {message}", file=sys.stderr)
