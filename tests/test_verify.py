@@ -35,6 +35,14 @@ class MLPIsAttention(Llama):
     layout = dataclasses.replace(Llama.layout, mlp="self_attn")
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class MLPWeightsRaise(Llama):
+    """A broken Llama adapter: reading the MLP's weights raises."""
+
+    def mlp_weights(self, layer):
+        raise RuntimeError("the MLP's weights cannot be read")
+
+
 def _rows_ok(result: Verification) -> None:
     assert [row.check for row in result.rows] == list(ROWS)
     bad = [row for row in result.rows if row.passed is not True]
@@ -86,14 +94,19 @@ def test_a_miswired_adapter_fails_the_check_it_breaks_and_only_that():
     assert hook_counts(model) == {}
 
 
+def test_a_misread_sublayer_fails_the_rows_that_read_it():
+    result = verify(MLPIsAttention(make_family("llama")))  # mlp_out read at the attention's output
+    assert {"resid_next", "mlp_output"} <= set(result.failed)
+    for check in ("hidden_states", "resid_mid", "attn_output", "attn_pattern", "lens_logits"):
+        assert result.row(check).passed, result.table()
+
+
 def test_a_check_that_raises_is_a_failed_row_and_the_others_still_run():
     model = make_family("llama")
     before = model_state(model)
-    result = verify(MLPIsAttention(model))  # capturing mlp_out raises: the attention returns a tuple
-    assert {"resid_next", "mlp_output"} <= set(result.failed)
-    assert math.isnan(result.row("mlp_output").error) and "Error" in result.row("mlp_output").detail
-    for check in ("hidden_states", "resid_mid", "attn_output", "attn_pattern", "lens_logits"):
-        assert result.row(check).passed, result.table()
+    result = verify(MLPWeightsRaise(model))
+    assert result.failed == ("mlp_output",), result.table()
+    assert math.isnan(result.row("mlp_output").error) and "RuntimeError" in result.row("mlp_output").detail
     assert hook_counts(model) == {}
     assert_same_state(before, model_state(model))
 
