@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 
 import matplotlib
@@ -173,11 +174,19 @@ def test_to_frame_without_pandas_names_the_extra(model, monkeypatch):
 
 
 def _dense_full_ov(arch, layer: int, head: int, embedding: torch.Tensor, fold_ln: bool) -> torch.Tensor:
+    """``embedding W_V W_O W_U^T [V, V]``; ``fold_ln``: the norms' γ (Gemma: ``1 + weight``) folded in."""
     w_v, w_o, w_u = arch.W_V(layer)[head].double(), arch.W_O(layer)[head].double(), arch.W_U.double()
     if fold_ln:
-        w_v = arch.norm("attn", layer).weight.double()[:, None] * w_v
-        w_u = w_u * arch.norm("final").weight.double()
+        w_v = arch.norm("attn", layer).gamma.double()[:, None] * w_v
+        w_u = w_u * arch.norm("final").gamma.double()
     return embedding.double() @ w_v @ w_o @ w_u.T  # [V, V]
+
+
+def _embedded_rows(model) -> torch.Tensor:
+    """Every token's row as the model's own embedding module puts it into the residual ``[V, d]``
+    (Gemma's module scales by √d_model; the stored weight ``W_E`` is not what a head reads)."""
+    with torch.no_grad():
+        return model.get_input_embeddings()(torch.arange(model.config.vocab_size))
 
 
 def _eigen_error(small: torch.Tensor, dense_matrix: torch.Tensor) -> float:
@@ -543,6 +552,14 @@ def test_embedded_model_head_pipeline(embedded):
 
 # --- every family: scores, circuits under GQA and rotary, RMSNorm folding ------------------------
 
+
+def _assert_refused(arch, analysis: str, call) -> None:
+    """``call`` raises ``arch.require(analysis)``'s ValueError: the analysis, the family, the reason."""
+    reason = arch.limits[analysis]
+    message = f"{analysis.replace('_', ' ')} is refused on this {arch.family} model: {reason}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
 _ATOL = dict(atol=1e-5, rtol=1e-4)
 
 
@@ -738,10 +755,14 @@ def test_ov_circuits_are_per_query_head_under_gqa(family_model):
 @pytest.mark.parametrize("fold_ln", [False, True])
 def test_ov_eigenvalues_equal_the_dense_matrix_on_every_family(family_model, fold_ln):
     arch = adapter(family_model)
+    if "ov_circuit" in arch.limits:
+        _assert_refused(arch, "ov_circuit", lambda: heads.ov_eigen_summary(family_model, fold_ln=fold_ln))
+        return
     ov = heads.ov_eigen_summary(family_model, fold_ln=fold_ln)
+    embedding = _embedded_rows(family_model)
     with torch.no_grad():
         for layer, head in [(0, 1), (2, 3)]:
-            dense = _dense_full_ov(arch, layer, head, arch.W_E, fold_ln)
+            dense = _dense_full_ov(arch, layer, head, embedding, fold_ln)
             assert _eigen_error(ov.eigenvalues[layer, head], dense) < 1e-4
             lam = torch.linalg.eigvals(dense)
             assert float(ov.copying[layer, head]) == pytest.approx(float(lam.sum().real / lam.abs().sum()),
