@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+from unittest import mock
 
 import matplotlib
 import pytest
@@ -642,37 +643,40 @@ def test_induction_beyond_a_sliding_window_scores_zero_and_warns(caplog):
 def _actual_scores(family_model, res, layer: int) -> torch.Tensor:
     """Pre-softmax scores [B, H, P, P] (scaled, unmasked) from the model's own q and k.
 
-    Rotary families: q_proj / k_proj outputs captured by hooks during a forward, rotated by the model's own
-    rotary_emb and apply_rotary_pos_emb. GPT-2: q and k from the per-head weights and biases."""
+    Rotary families: the model's own rotated q and k, recorded where its attention calls the
+    ``apply_rotary_pos_emb`` of its modeling file during a forward (so fused q/k/v projections, partial
+    rotary and QK-norm are as the model computes them). GPT-2: q and k from the per-head weights, biases."""
     arch = adapter(family_model)
     if arch.positional != "rotary":
         h = arch.norm("attn", layer)(res.resid[layer])
         q = torch.einsum("bpd,hde->bhpe", h, arch.W_Q(layer)) + arch.b_Q(layer)[None, :, None]
         k = torch.einsum("bpd,hde->bhpe", h, arch.W_K(layer)) + arch.b_K(layer)[None, :, None]
         return (q @ k.transpose(-1, -2)) * arch.attn_scale(layer)
-    got = {}
-    attn = arch.attn(layer)
-    handles = [proj.register_forward_hook(lambda m, i, o, name=name: got.__setitem__(name, o.detach()))
-               for name, proj in (("q", attn.q_proj), ("k", attn.k_proj))]
-    try:
-        with torch.no_grad():
-            family_model(res.input_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    batch, n_pos = res.input_ids.shape
-    q = got["q"].view(batch, n_pos, arch.n_head, arch.d_head).transpose(1, 2)
-    k = got["k"].view(batch, n_pos, arch.n_kv_head, arch.d_head).transpose(1, 2)
-    cos, sin = arch.body.rotary_emb(q, position_ids=res.position_ids)
-    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q, k = apply(q, k, cos, sin)
+    modeling = sys.modules[type(arch.attn(layer)).__module__]
+    own, rotated = modeling.apply_rotary_pos_emb, []
+
+    def recording(*args, **kwargs):
+        rotated.append(own(*args, **kwargs))
+        return rotated[-1]
+
+    with mock.patch.object(modeling, "apply_rotary_pos_emb", recording), torch.no_grad():
+        family_model(res.input_ids, position_ids=res.position_ids)
+    assert len(rotated) == arch.n_layer  # one call per block, in order
+    q, k = rotated[layer]  # [B, H, P, dh], [B, H_kv, P, dh]
     k = k.repeat_interleave(arch.n_head // arch.n_kv_head, dim=1)
     return (q @ k.transpose(-1, -2)) * arch.attn_scale(layer)
 
 
 def test_qk_circuit_at_each_offset_reproduces_the_models_scores(family_model):
-    """Issue 13 item 4: x̂_i W_Q R(i-j) W_K^T x̂_j^T (+ the bias terms) is the model's own pre-softmax score."""
+    """Issue 13 item 4: x̂_i W_Q R(i-j) W_K^T x̂_j^T (+ the bias terms) is the model's own pre-softmax score.
+
+    Under partial rotary (GPT-NeoX, Phi-3) R rotates the first dims of each head and passes the rest through.
+    Under QK-norm or an attention soft-cap the score is no bilinear form of x̂: the circuit is refused."""
     arch = adapter(family_model)
+    if "qk_circuit" in arch.limits:
+        _assert_refused(arch, "qk_circuit", lambda: heads.qk_circuit(family_model, 1, 0, offset=3))
+        _assert_refused(arch, "qk_circuit", lambda: heads.qk_circuit(family_model, 0, 2, fold_ln=True))
+        return
     ids = _family_ids()
     res = capture(family_model, ids, sites=("resid", "attn_pattern"), dtype=torch.float32)
     layer, n_pos = 1, ids.shape[1]
