@@ -367,16 +367,53 @@ def test_circuit_helpers_match_the_weights(model):
     torch.testing.assert_close(heads.qk_circuit(model, 1, 2), arch.W_Q(1)[2] @ arch.W_K(1)[2].T)
 
 
-def test_weight_analyses_run_on_every_family(family_model):
-    ov = heads.ov_eigen_summary(family_model, fold_ln=True, effective_embedding="embed+mlp0")
-    comp = heads.composition_scores(family_model, "q", fold_ln=True, n_baseline=5)
-    arch = adapter(family_model)
-    assert ov.eigenvalues.shape == (arch.n_layer, arch.n_head, arch.d_head) and (ov.copying.abs() <= 1).all()
-    assert comp.raw.shape == (arch.n_layer, arch.n_head) * 2
-    assert not comp.raw[comp.mask].isnan().any()
+def _effective_rows(model, arch) -> torch.Tensor:
+    """``E + mlp_0(norm(E))`` [V, d] through the model's own modules (E: :func:`_embedded_rows`; the MLP's
+    output norm where it has one; a mixture of experts' block with its router)."""
+    rows = _embedded_rows(model)
     with torch.no_grad():
-        dense = _dense_full_ov(arch, 1, 3, arch.W_E, False)
-    assert _eigen_error(heads.ov_eigen_summary(family_model).eigenvalues[1, 3], dense) < 1e-4
+        norm, out_norm = arch.mlp_norm(0), arch.mlp_out_norm(0)
+        out = arch.mlp(0)(rows[None] if norm is None else norm(rows[None]))
+        out = out[0] if isinstance(out, tuple) else out
+        return rows + (out if out_norm is None else out_norm(out))[0]
+
+
+def test_weight_analyses_run_on_every_family(family_model):
+    """OV eigenvalues (γ folded, through block 0's MLP) and Q/K/V composition on every family, or the refusal.
+
+    Composition reads the writer's OV circuit and, for "q" / "k", the reader's QK circuit: it is refused with
+    the first of the two the family cannot give."""
+    arch = adapter(family_model)
+    summary = lambda: heads.ov_eigen_summary(family_model, fold_ln=True, effective_embedding="embed+mlp0")  # noqa: E731
+    if "ov_circuit" in arch.limits:
+        _assert_refused(arch, "ov_circuit", summary)
+    else:
+        ov = summary()
+        assert ov.eigenvalues.shape == (arch.n_layer, arch.n_head, arch.d_head)
+        assert (ov.copying.abs() <= 1).all()
+        with torch.no_grad():
+            dense = _dense_full_ov(arch, 1, 3, _effective_rows(family_model, arch), True)
+            assert _eigen_error(ov.eigenvalues[1, 3], dense) < 1e-4
+            dense = _dense_full_ov(arch, 1, 3, _embedded_rows(family_model), False)
+            assert _eigen_error(heads.ov_eigen_summary(family_model).eigenvalues[1, 3], dense) < 1e-4
+    for kind in ("q", "k", "v"):
+        needs = ("ov_circuit",) if kind == "v" else ("ov_circuit", "qk_circuit")
+        refused = [key for key in needs if key in arch.limits]
+        if refused:
+            _assert_refused(arch, refused[0],
+                            lambda: heads.composition_scores(family_model, kind, fold_ln=True, n_baseline=5))
+            continue
+        comp = heads.composition_scores(family_model, kind, fold_ln=True, n_baseline=5)
+        assert comp.raw.shape == (arch.n_layer, arch.n_head) * 2
+        assert not comp.raw[comp.mask].isnan().any()
+        with torch.no_grad():  # writer 0.3 into reader 2.1: the dense formula, γ folded by hand
+            gamma = arch.norm("attn", 2).gamma[:, None]
+            w_a = heads.ov_circuit(family_model, 0, 3, fold_ln=True)
+            w_b = (gamma * arch.W_V(2)[1]) @ arch.W_O(2)[1] if kind == "v" else (
+                (gamma * arch.W_Q(2)[1]) @ arch.rotation(2, 0) @ (gamma * arch.W_K(2)[1]).T)
+            w_b = w_b.T if kind == "k" else w_b
+            expected = (w_a @ w_b).norm() / (w_a.norm() * w_b.norm())
+        assert float(comp.raw[0, 3, 2, 1]) == pytest.approx(float(expected), rel=1e-4)
 
 
 # --- robustness --------------------------------------------------------------------------------
