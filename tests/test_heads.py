@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -627,22 +628,42 @@ def _brute_scores(pattern: torch.Tensor, ids: torch.Tensor, real: torch.Tensor, 
     return tuple(torch.stack(v).mean(0) for v in (prev, cur, dup))
 
 
-def test_pattern_scores_brute_force_on_every_family(family_model):
+def _eager(model):
+    """A copy of ``model`` that runs its eager attention, which can return the softmax weights."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return eager
+
+
+def _eager_patterns(eager, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own softmax attention ``[L, B, H, P, P]`` (``output_attentions=True``)."""
+    with torch.no_grad():
+        return torch.stack(eager(ids, output_attentions=True).attentions).float()
+
+
+def test_pattern_scores_brute_force_on_every_family(family_model, caplog):
+    """Previous / current / duplicate / induction scores by loops over the model's own eager attention."""
     ids = _family_ids()
     res = capture(family_model, ids, sites="attn_pattern", dtype=torch.float32)
     real = torch.ones(ids.shape, dtype=torch.bool)
-    prev, cur, dup = _brute_scores(res.attn_pattern, ids, real, real)
+    eager = _eager(family_model)
+    prev, cur, dup = _brute_scores(_eager_patterns(eager, ids), ids, real, real)
     torch.testing.assert_close(heads.previous_token_scores(family_model, ids).scores, prev)
     torch.testing.assert_close(heads.current_token_scores_of(res).scores, cur)
     torch.testing.assert_close(heads.duplicate_token_scores_of(res).scores, dup)
-    seq_len = 3  # within Mistral's window of 4, so the induction key is visible on every family
-    rep = heads.repeated_tokens(family_model, seq_len=seq_len, n=2, seed=1, bos_token_id=1)
-    pattern = heads.attention_patterns(family_model, rep)
-    query = torch.arange(1 + seq_len, 1 + 2 * seq_len)
-    expected = pattern[..., query, query - seq_len + 1].mean(dim=(1, 3))
-    induction = heads.induction_scores(family_model, seq_len=seq_len, n=2, seed=1, bos_token_id=1)
-    torch.testing.assert_close(induction.scores, expected)
-    assert (induction.scores > 0).all()
+    windows = [adapter(family_model).window(layer) for layer in range(3)]
+    for seq_len in (3, 6):  # 3: within the sliding windows of 4 (Mistral; Gemma 2/3 local layers); 6: beyond
+        rep = heads.repeated_tokens(family_model, seq_len=seq_len, n=2, seed=1, bos_token_id=1)
+        pattern = _eager_patterns(eager, rep)
+        query = torch.arange(1 + seq_len, 1 + 2 * seq_len)
+        expected = pattern[..., query, query - seq_len + 1].mean(dim=(1, 3))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="reslens.heads.scores"):
+            induction = heads.induction_scores(family_model, seq_len=seq_len, n=2, seed=1, bos_token_id=1)
+        torch.testing.assert_close(induction.scores, expected)
+        hidden = [w is not None and seq_len > w for w in windows]  # the earlier copy is out of the window
+        assert (induction.scores[hidden] == 0).all() and (induction.scores[[not h for h in hidden]] > 0).all()
+        assert ("sliding window" in caplog.text) == any(hidden)
 
 
 def test_special_positions_are_left_out_like_pads_on_every_family(family_model):
