@@ -8,11 +8,17 @@ unless ``fold_ln=True`` says so):
   circuit here is per **query** head: heads that share a key/value head share ``W_V`` but not
   ``W_O``, so their OV circuits and copying scores differ.
 - OV circuit of a head ``W_OV = W_V @ W_O``; QK circuit ``W_QK = W_Q @ R(offset) @ W_K^T`` (both
-  ``[d_model, d_model]``; ``R = I`` for learned positions); full OV circuit
-  ``W_E @ W_OV @ W_U^T`` ``[d_vocab, d_vocab]``.
-- ``fold_ln=True`` folds the norms' γ in: under RMSNorm that is all a norm does besides its
-  per-token scale (no centring, no bias), so the folded circuits act on ``x / σ(x)`` exactly; under
-  LayerNorm its centring and bias are left out.
+  ``[d_model, d_model]``; ``R = I`` for learned positions; under partial rotary, GPT-NeoX and
+  Phi-3, ``R`` rotates the first dims of each head and passes the rest through); full OV circuit
+  ``W_E_in @ W_OV @ W_U^T`` ``[d_vocab, d_vocab]``, with ``W_E_in`` the embedding rows as they
+  enter the residual (Gemma scales them by ``√d_model``).
+- ``fold_ln=True`` folds the norms' γ in (:attr:`~reslens.arch.Norm.gamma`: Gemma's ``1 + weight``):
+  under RMSNorm that is all a norm does besides its per-token scale (no centring, no bias), so the
+  folded circuits act on ``x / σ(x)`` exactly; under LayerNorm its centring and bias are left out.
+- Where a circuit is no fixed map of the residual it is refused with the reason
+  (:attr:`~reslens.arch.Arch.limits`): the QK circuit under QK-norm (Qwen3, Gemma 3, OLMo 2, OLMoE,
+  Qwen3-MoE) or an attention soft-cap (Gemma 2); the OV circuit, its eigenvalues and composition
+  where the attention output passes a norm before the residual (Gemma 2/3, OLMo 2).
 
 Q/K/V composition lives in :mod:`reslens.heads.composition` (re-exported here). Weights are
 read one layer at a time, never all layers at once in float32.
@@ -43,8 +49,8 @@ __all__ = [
     "ov_circuit", "qk_circuit", "ov_eigen_summary", "composition_scores", "composition_by_offset",
 ]
 
-#: ``"embed"``: token embeddings as stored; ``"embed+mlp0"``: heads after block 0 read
-#: ``W_E + mlp_0(norm(W_E))`` (block 0's MLP, after its norm, applied to each embedding alone).
+#: ``"embed"``: token embeddings as they enter the residual (``W_E_in``); ``"embed+mlp0"``: heads after
+#: block 0 read ``W_E_in + mlp_0(norm(W_E_in))`` (block 0's MLP, after its norm, on each embedding alone).
 EFFECTIVE_EMBEDDINGS = ("embed", "embed+mlp0")
 
 
@@ -58,9 +64,9 @@ def _check_head(arch: Arch, layer: Any, head: Any) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class OVSummary(Saveable):
-    """Eigenvalues of every head's full OV circuit ``W_E W_V W_O W_U^T`` ``[d_vocab, d_vocab]``.
+    """Eigenvalues of every head's full OV circuit ``W_E_in W_V W_O W_U^T`` ``[d_vocab, d_vocab]``.
 
-    They are computed (in float64) from the ``d_head x d_head`` matrix ``W_O (W_U^T W_E) W_V``,
+    They are computed (in float64) from the ``d_head x d_head`` matrix ``W_O (W_U^T W_E_in) W_V``,
     which has the same nonzero eigenvalues. ``eigenvalues: [n_layer, n_head, d_head]``
     (complex64, sorted by decreasing modulus); ``copying: [n_layer, n_head]`` = ``Σλ / Σ|λ|``
     in [-1, 1] (near 1: the head copies the tokens it attends to; strongly negative: it
@@ -86,7 +92,7 @@ class OVSummary(Saveable):
     @property
     def copying_scores(self) -> HeadScores:
         """The copying score as :class:`HeadScores` (``.top``, ``.plot``)."""
-        how = "Σλ/Σ|λ| of W_E W_OV W_U^T" + (", norm γ folded" if self.fold_ln else "")
+        how = "Σλ/Σ|λ| of W_E_in W_OV W_U^T" + (", norm γ folded" if self.fold_ln else "")
         if self.effective_embedding != "embed":
             how += f", embedding {self.effective_embedding}"
         return HeadScores(self.copying, "copying", how)
@@ -210,7 +216,9 @@ def qk_circuit(model: Any, layer: int, head: int, *, offset: int = 0, fold_ln: b
 
 
 def _effective_embedding(arch: Arch, which: str) -> torch.Tensor:
-    """``W_E`` (``"embed"``) or ``W_E + mlp_0(norm(W_E))`` (``"embed+mlp0"``) ``[d_vocab, d_model]`` float32.
+    """``W_E_in`` (``"embed"``) or ``W_E_in + mlp_0(norm(W_E_in))`` (``"embed+mlp0"``) ``[d_vocab, d_model]``.
+
+    Float32; ``W_E_in`` is the embedding as it enters the residual (Gemma: scaled by ``√d_model``).
 
     Block 0's MLP through the adapter's weights (:meth:`~reslens.arch.MLPWeights.coefficients`),
     in chunks of 4,096 rows, summed as ``(x + m @ W_out) + b_out``.
@@ -253,10 +261,10 @@ def _unembed_gram(w_u: torch.Tensor, embedding: torch.Tensor, gamma: torch.Tenso
 
 
 def ov_eigen_summary(model: Any, *, fold_ln: bool = False, effective_embedding: str = "embed") -> OVSummary:
-    """Eigenvalues and copying score of every head's full OV circuit ``W_E W_V W_O W_U^T``.
+    """Eigenvalues and copying score of every head's full OV circuit ``W_E_in W_V W_O W_U^T``.
 
     The ``[d_vocab, d_vocab]`` matrix is never built: its nonzero eigenvalues are those of
-    ``W_O (W_U^T W_E) W_V`` ``[d_head, d_head]``, formed and solved in float64 (``W_U^T W_E``
+    ``W_O (W_U^T W_E_in) W_V`` ``[d_head, d_head]``, formed and solved in float64 (``W_U^T W_E_in``
     once, summed over vocabulary chunks; then one layer's weights at a time). Copying score =
     ``Σλ / Σ|λ|``. One per query head: under grouped-query attention the heads sharing a
     key/value head share ``W_V`` but each has its own ``W_O``. Options, off by default:
@@ -264,9 +272,13 @@ def ov_eigen_summary(model: Any, *, fold_ln: bool = False, effective_embedding: 
     - ``fold_ln=True``: multiply ``W_V`` by the head's attention-norm γ and ``W_U`` by the
       final norm's γ (the per-token scale is ignored either way; so are LayerNorm's centring and
       bias, while RMSNorm has neither, so γ is all it folds)
-    - ``effective_embedding="embed+mlp0"``: heads after block 0 read ``W_E + mlp_0(norm(W_E))``
-      instead of ``W_E`` (block 0's attention and the position embeddings are ignored);
-      layer-0 heads always read ``W_E``
+    - ``effective_embedding="embed+mlp0"``: heads after block 0 read ``W_E_in + mlp_0(norm(W_E_in))``
+      instead of ``W_E_in`` (block 0's attention and the position embeddings are ignored; a mixture
+      of experts' MLP routes each row as the model does); layer-0 heads always read ``W_E_in``
+
+    ``W_E_in`` is the embedding as it enters the residual (Gemma: ``W_E · √d_model``, which scales
+    every eigenvalue by ``√d_model`` and leaves the copying score as it is). Refused with the
+    reason where each head's output passes a norm before the residual (Gemma 2/3, OLMo 2).
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, hidden_size=16, n_head=2, vocab_size=50))

@@ -12,6 +12,11 @@ the offset ``i - j``: both ``‖W_A W_B‖_F`` and the reader's ``‖W_B‖_F`` 
 rotary) and says so in ``CompositionScores.offset``; :func:`composition_by_offset` gives any
 offsets. With learned positions ``R = I`` and the offset changes nothing; V-composition never
 depends on it.
+
+Composition needs the writer's OV circuit, and for Q/K the reader's QK circuit: where the family
+cannot give one (:attr:`~reslens.arch.Arch.limits`: an attention output norm, Gemma 2/3 and OLMo 2;
+QK-norm or an attention soft-cap for Q/K) it is refused with that circuit's reason, the OV
+circuit's first.
 """
 
 from __future__ import annotations
@@ -267,14 +272,14 @@ def composition_scores(
     its values), as in TransformerLens's ``all_composition_scores``. Only ``a < b`` pairs are
     computed (``mask``). The random baseline (the same formula on ``n_baseline`` random
     Gaussian factors of the same shapes, seeded) is subtracted to give ``scores``.
-    ``fold_ln=True`` folds the attention norm's γ into ``W_Q``, ``W_K``, ``W_V`` (all there is to
-    fold under RMSNorm, which has no centring and no bias; LayerNorm's centring and bias are left
-    out). Weights as stored; biases are left out. Only ``d_head``-sized products are formed, one
-    layer's weights at a time, so all of GPT-2 small takes seconds on a CPU.
+    ``fold_ln=True`` folds the attention norm's γ (Gemma: ``1 + weight``) into ``W_Q``, ``W_K``,
+    ``W_V`` (all there is to fold under RMSNorm, which has no centring and no bias; LayerNorm's
+    centring and bias are left out). Weights as stored; biases are left out. Only ``d_head``-sized
+    products are formed, one layer's weights at a time, so all of GPT-2 small takes seconds on a CPU.
 
     Under rotary positions Q- and K-composition depend on the query-key offset; this reports
-    offset 0, the content-only part ``W_Q R(0) W_K^T`` (``R(0) = I`` for plain rotary), and records
-    it in ``offset``. :func:`composition_by_offset` gives other offsets. The random baseline does
+    offset 0, the content-only part ``W_Q R(0) W_K^T`` (``R(0) = I`` for plain and partial rotary),
+    and records it in ``offset``. :func:`composition_by_offset` gives other offsets. The random baseline does
     not depend on the offset (``R`` is orthogonal, so ``W_K R^T`` is as Gaussian as ``W_K``).
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
