@@ -499,6 +499,22 @@ def test_cli_heads_prints_the_top_heads_and_writes_the_figure(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_heads_on_a_family_that_refuses_the_circuits_says_why_and_gives_the_rest(tmp_path, capsys):
+    from reslens.cli import main
+
+    path = tmp_path / "gemma3"
+    make_family("gemma3").save_pretrained(path)  # QK-norm and a norm on the heads' sum: no weight circuits
+    out = tmp_path / "heads.png"
+    assert main(["heads", "--model", str(path), "--out", str(out), "--top", "3", "--n", "2",
+                 "--seq-len", "8"]) == 0
+    captured = capsys.readouterr().out
+    assert "top induction heads" in captured and "top previous-token heads" in captured
+    assert "top copying heads" not in captured
+    assert "copying scores: not given for this gemma3 model: each head's output passes a norm" in captured
+    assert "K-composition: not given for this gemma3 model" in captured
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--top", "0"], "--top"), (["--n", "-1"], "--n"), (["--seq-len", "1"], "--seq-len"),
     (["--file", "/no/such/file.txt"], "--file"),

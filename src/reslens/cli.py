@@ -342,17 +342,23 @@ def _heads(args: argparse.Namespace) -> int:
     else:
         repeats = repeated_tokens(arch, seq_len=seq_len, n=args.n, seed=args.seed)
         previous = previous_token_scores(arch, repeats)
-    copying = ov_eigen_summary(arch).copying_scores
-    k_comp = composition_scores(arch, "k")
-    for scores in (induction, previous, copying):
+    limits = arch.limits  # the weight circuits some families refuse (QK-norm, norms on the heads' sum)
+    copying = None if "ov_circuit" in limits else ov_eigen_summary(arch).copying_scores
+    refused = next((limits[key] for key in ("ov_circuit", "qk_circuit") if key in limits), None)
+    k_comp = None if refused else composition_scores(arch, "k")
+    panels = [scores for scores in (induction, previous, copying) if scores is not None]
+    for scores in panels:
         print(f"top {scores.name} heads ({scores.description}):")
         print("\n".join(f"  {label:>6}  {score:+.4f}" for label, score in scores.top(args.top)))
         print()
-    print(k_comp.table(args.top))
+    if copying is None:
+        print(f"copying scores: not given for this {arch.family} model: {limits['ov_circuit']}\n")
+    print(k_comp.table(args.top) if k_comp is not None
+          else f"K-composition: not given for this {arch.family} model: {refused}")
     if args.out is not None:
         from reslens.plot import plot_head_score_panels
 
-        _save(plot_head_score_panels([induction, previous, copying]), args.out)
+        _save(plot_head_score_panels(panels), args.out)
     return 0
 
 
