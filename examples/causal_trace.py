@@ -10,6 +10,7 @@ token) with 95% intervals over the facts (Student t), for each kind.
 
     python examples/causal_trace.py --model smollm2 --out trace_out     # 10 facts, 30 layers
     python examples/causal_trace.py                                     # the embedded 4-layer GPT-2
+    python examples/causal_trace.py --model gemma3-270m --facts 0 4 5 8 --window 6 --out trace_gemma
 
 Defaults: ``--samples 3`` (ROME: 10; on SmolLM2 the 3 x 10 traces take about 970 CPU-seconds:
 ~8 minutes on two idle cores, 20 on a shared, loaded machine), ``--window 10`` as ROME for models
@@ -81,6 +82,9 @@ def parse_args():
     parser.add_argument("--window", type=int, default=None,
                         help="MLP / attention window (default 10 as ROME; 1 for models under 20 layers)")
     parser.add_argument("--fact", type=int, default=0, help="index of the fact whose heatmaps are drawn")
+    parser.add_argument("--facts", type=int, nargs="+", default=None,
+                        help="indices of the facts to trace (default: all; --fact and the printed indices "
+                             "then count within these); a fact the model does not complete is skipped")
     parser.add_argument("--batch-size", type=int, default=512, help="rows per forward")
     return parser.parse_args()
 
@@ -104,6 +108,11 @@ def main():
     model, tokenizer = reslens.load_model(args.model)
     arch = adapter(model)
     facts = EMBEDDED_FACTS if args.model is None else FACTS
+    if args.facts is not None:
+        bad = [i for i in args.facts if not 0 <= i < len(facts)]
+        if bad:
+            raise SystemExit(f"--facts: {bad} out of range; give indices 0..{len(facts) - 1}")
+        facts = [facts[i] for i in args.facts]
     window = args.window if args.window is not None else (10 if arch.n_layer >= 20 else 1)
     noise = Noise(samples=args.samples)
     print(f"{arch}; {len(facts)} facts, {args.samples} noise samples, window {window}\n")

@@ -17,11 +17,14 @@ tokens and on a narrative text:
 then writes the figures.
 
     python examples/induction_heads.py --model smollm2 [--n 8] [--batch 2] [--out-dir DIR]
+    python examples/induction_heads.py --model gemma3-270m --n 8 --batch 2   # Gemma 3 270M
     python examples/induction_heads.py            # the embedded GPT-2 stand-in (no induction heads)
 
 The embedded GPT-2 is a provisional CPU-trained stand-in with no induction heads (its
 MODEL_CARD.md), so its numbers are near chance; SmolLM2-135M-Instruct (``--model smollm2``,
-Llama architecture, 30 layers x 9 heads, 3 key/value heads) shows the circuit.
+Llama architecture, 30 layers x 9 heads, 3 key/value heads) shows the circuit. On a model whose
+circuits are not fixed linear maps of the residual (Gemma 2/3, OLMo 2: a norm on each attention
+output; QK-norm) steps 3 and 4 print reslens's refusal instead (``arch.limits``), and the rest runs.
 """
 
 import argparse
@@ -162,6 +165,17 @@ def report_copying(arch, tokenizer, induction):
     return ov
 
 
+def refusals(arch, *analyses: str) -> list[str]:
+    """reslens's refusal of each of ``analyses`` this model cannot give exactly (see ``arch.limits``)."""
+    found = []
+    for analysis in analyses:
+        try:
+            arch.require(analysis)
+        except ValueError as refused:
+            found.append(str(refused))
+    return found
+
+
 def top_line(title: str, scores: heads.HeadScores, k: int = 5) -> str:
     return f"{title}: " + ", ".join(f"{label} {s:.3f}" for label, s in scores.top(k))
 
@@ -201,15 +215,25 @@ def main() -> None:
     previous = heads.previous_token_scores(arch, TEXT, tokenizer=tokenizer)
     print(top_line("top previous-token heads (narrative text)", previous, 8), "\n")
 
-    k_comp, _ = report_composition(arch, induction, previous)
-    ov = report_copying(arch, tokenizer, induction)
+    figures = {}
+    why = refusals(arch, "ov_circuit", "qk_circuit")  # K-composition reads the writer's OV, the reader's QK
+    if not why:
+        k_comp, _ = report_composition(arch, induction, previous)
+        figures["k_composition.png"] = k_comp.plot()
+    else:
+        print("K-composition:", *why, "", sep="\n  ")
+    copying = not refusals(arch, "ov_circuit")
+    if copying:
+        ov = report_copying(arch, tokenizer, induction)
+    else:
+        print("copying (OV) scores and deleting heads:", *refusals(arch, "ov_circuit"), sep="\n  ")
+        current = heads.current_token_scores(arch, TEXT, tokenizer=tokenizer)
+        print(top_line("top current-token heads", current), "\n")
     dla = report_attribution(arch, tokenizer, bos)
 
-    figures = {
-        "head_scores.png": plot_head_score_panels([induction, previous, ov.copying_scores]),
-        "k_composition.png": k_comp.plot(),
-        "induction_logit_attribution.png": dla.plot(),
-    }
+    figures["head_scores.png"] = plot_head_score_panels(
+        [induction, previous] + ([ov.copying_scores] if copying else []))
+    figures["induction_logit_attribution.png"] = dla.plot()
     for name, figure in figures.items():
         figure.savefig(args.out_dir / name, dpi=150, bbox_inches="tight")
     print(f"\nwrote {', '.join(figures)} to {args.out_dir} ({time.perf_counter() - began:.0f} s in all)")

@@ -12,6 +12,7 @@ Prints
     python examples/logit_lens.py                                 # the embedded 4-layer GPT-2
     python examples/logit_lens.py --model smollm2                 # SmolLM2-135M-Instruct
     python examples/logit_lens.py --model smollm2 --file book.txt --tokens 2048
+    python examples/logit_lens.py --model gemma3-270m             # Gemma 3 270M (each window led by <bos>)
 
 The default book is Persuasion, one of the corpus's three held-out books (../shared/corpus/README.md);
 reading starts ``--skip`` characters in, past the title page and contents. Cost: the lens unembeds every
@@ -35,7 +36,8 @@ SENTENCE = "When the old sailor came back to the inn, he asked for a glass of ru
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default=None,
-                    help="'smollm2', a path, or nothing for the embedded GPT-2 (see reslens.load_model)")
+                    help="'smollm2', 'gemma3-270m', a path, or nothing for the embedded GPT-2 "
+                         "(see reslens.load_model)")
 parser.add_argument("--file", type=Path, default=BOOK, help="any plain-text file (default: Persuasion)")
 parser.add_argument("--tokens", type=int, default=512, help="book tokens to score (default 512)")
 parser.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
@@ -74,7 +76,15 @@ n_windows = min(len(ids), args.tokens) // args.window
 if n_windows == 0:
     sys.exit(f"--file {args.file}: fewer than {args.window} tokens after skipping {args.skip} characters")
 windows = torch.tensor(ids[: n_windows * args.window]).view(n_windows, args.window)
-batches = [windows[i : i + 4] for i in range(0, n_windows, 4)]
+# each window led by the start tokens the tokenizer adds (Gemma's <bos>; none for GPT-2 or SmolLM2), marked
+# special so that they are never scored: the model reads a window as it reads any text
+probe = reslens.tokenize(tokenizer, "x")
+start_ids = probe.input_ids[0, : int(probe.special_mask[0].sum())]
+windows = torch.cat([start_ids.expand(n_windows, -1), windows], dim=1)
+special = torch.zeros_like(windows, dtype=torch.bool)
+special[:, : len(start_ids)] = True
+batches = [reslens.Batch(windows[i : i + 4], torch.ones_like(windows[i : i + 4], dtype=torch.bool),
+                         special_mask=special[i : i + 4]) for i in range(0, n_windows, 4)]
 start = time.perf_counter()
 stats = lens_stats(model, batches)
 print(f"\n{args.file.name}: {stats.n_tokens} tokens ({n_windows} windows of {args.window}), "
