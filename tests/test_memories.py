@@ -372,8 +372,8 @@ def test_memories_are_exact_in_every_family(family_model, ids):
         assert torch.equal(kv.values(arch, layer), w.W_out) and torch.equal(kv.keys(arch, layer), w.W_in)
         norm = arch.norm("final")
         x = acts.resid[arch.n_layer, 1, 5].float()
-        update = c.coefficients @ c.values  # the memories' part of mlp_out
-        expected = (norm.weight.float() * norm.centre(update) / norm.scale(x)) @ arch.W_U[7].float()
+        update = acts.mlp_out[layer, 1, 5].float() - c.bias  # the memories' part of mlp_out, as captured
+        expected = (norm.gamma * norm.centre(update) / norm.scale(x)) @ arch.W_U[7].float()
         torch.testing.assert_close(c.token_effect.sum(), expected, rtol=0, atol=1e-4)
     vt = kv.value_tokens(arch, 1, [0, 5], k=3, through_final_norm=True)
     scores = arch.norm("final")(arch.mlp_weights(1).W_out[[0, 5]].float()) @ arch.W_U.float().T
