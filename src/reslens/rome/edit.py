@@ -81,11 +81,8 @@ class RankOneEdit:
     - ``u: [d_mlp]`` (= ``C^-1 k* / (C^-1 k*) . k``), ``v: [d_model]`` (= ``v* - W k - b``, the
       change of the MLP output at the edited prompt's key ``k``)
     - ``key: [d_mlp]`` k* (mean key over the context templates), ``value: [d_model]`` v*
-    - where the MLP's output passes a norm before it joins the residual (Gemma 2/3, OLMo 2), ``v*``
-      and ``v`` are the value projection's output (patch site ``mlp_raw``), before that norm: after
-      the edit the prompt's ``mlp_raw`` is ``v*`` and its ``mlp_out`` is ``arch.out_norm("mlp",
-      layer)(v*)``. A mixture of experts (one value projection per expert) is refused
-      (``arch.limits["rank_one_edit"]``).
+    - under an MLP output norm (Gemma 2/3, OLMo 2) ``v*``, ``v`` are the value projection's output
+      before it (site ``mlp_raw``); the prompt's ``mlp_out`` becomes ``arch.out_norm("mlp", layer)(v*)``
     - ``nll``: the new answer's mean negative log-likelihood at each optimisation step
 
     On a model dispatched by accelerate, a layer that stays on a device is edited in place as
@@ -488,11 +485,9 @@ def rank_one_edit(model: Any, tokenizer: Any, prompt: str, subject: str, new_ans
     4. ``W' = W + u (v* - W k - b)^T`` (in the weight's stored orientation) with
        ``u = C^-1 k* / ((C^-1 k*) . k)``, ``k`` = the bare prompt's key (ROME's code; the paper
        writes ``k*`` in the denominator), so the bare prompt's MLP output becomes exactly ``v*``
-       (under an MLP output norm, Gemma 2/3 and OLMo 2: the value projection's output before that
-       norm, site ``mlp_raw``, which is what the edit reaches and where ``delta`` is optimised).
-
-    A mixture of experts is refused with the reason (``ValueError``; ``arch.limits``), before any
-    statistics or forward.
+       (under an MLP output norm, Gemma 2/3 and OLMo 2: the value projection's output before it,
+       site ``mlp_raw``, where ``delta`` is optimised). A mixture of experts is refused (``ValueError``
+       with the reason, ``arch.limits``) before any statistics or forward.
        ``ridge`` adds ``ridge x mean(diag C)`` to ``C`` before solving (0 = ROME).
 
     Returns a :class:`RankOneEdit`; use ``with edit:`` or ``edit.apply()`` / ``edit.restore()``.
