@@ -19,8 +19,18 @@ matplotlib.use("Agg")
 
 
 def _model_logit(model, ids, target, against=None, position=-1, **kwargs):
+    """The model's own logit (difference); under a final-logit soft-cap (Gemma 2) the one before the cap.
+
+    That one is HuggingFace's LM head applied to the body's output (its final norm included); the test
+    checks that capping it gives the model's logits, so the reference is the model's computation.
+    """
     with torch.no_grad():
         logits = model(ids, **kwargs).logits[:, position]
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            raw = model.lm_head(model.model(ids, **kwargs).last_hidden_state)[:, position]
+            torch.testing.assert_close(cap * torch.tanh(raw / cap), logits, atol=1e-6, rtol=1e-6)
+            logits = raw
     rows = torch.arange(len(ids))
     out = logits[rows, torch.as_tensor(target).expand(len(ids))]
     return out if against is None else out - logits[rows, torch.as_tensor(against).expand(len(ids))]
@@ -128,10 +138,15 @@ def test_components_come_from_the_adapter_on_every_family(family_model, ids):
     assert ("attn_bias" in kinds) == (arch.b_O(0) is not None)
     assert ("norm_bias" in kinds) == (arch.norm("final").bias is not None)
     assert dla.heads().shape == (3, arch.n_layer, arch.n_head)
-    if arch.family != "gpt2":  # rotary: no position piece; RMSNorm: no norm bias; no o_proj bias
-        assert kinds == {"embed", "head", "mlp"} and len(dla.kind) == 1 + arch.n_layer * (arch.n_head + 1)
+    # rotary: no position piece; RMSNorm: no norm bias; no o_proj bias except GPT-2's and NeoX's dense
+    has_bias = arch.b_O(0) is not None
+    n_global = len(arch.embedding_components(ids[:, -1], torch.zeros_like(ids[:, -1])))
+    n_global += (arch.norm("final").bias is not None) + (arch.b_U is not None)
+    assert len(dla.kind) == n_global + arch.n_layer * (arch.n_head + has_bias + 1)
+    if arch.family != "gpt2":
+        assert {"embed", "head", "mlp"} <= kinds <= {"embed", "head", "mlp", "attn_bias", "norm_bias"}
     tied = arch.W_U.data_ptr() == arch.W_E.data_ptr()
-    assert tied == (family_model.config.model_type in ("gpt2", "qwen2"))  # Llama and Mistral: untied heads
+    assert tied == family_model.config.tie_word_embeddings  # Llama, Mistral, NeoX, ...: untied heads
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -372,15 +372,60 @@ def test_memories_are_exact_in_every_family(family_model, ids):
         assert torch.equal(kv.values(arch, layer), w.W_out) and torch.equal(kv.keys(arch, layer), w.W_in)
         norm = arch.norm("final")
         x = acts.resid[arch.n_layer, 1, 5].float()
-        update = c.coefficients @ c.values  # the memories' part of mlp_out
-        expected = (norm.weight.float() * norm.centre(update) / norm.scale(x)) @ arch.W_U[7].float()
+        update = acts.mlp_out[layer, 1, 5].float() - c.bias  # the memories' part of mlp_out, as captured
+        expected = (norm.gamma * norm.centre(update) / norm.scale(x)) @ arch.W_U[7].float()
         torch.testing.assert_close(c.token_effect.sum(), expected, rtol=0, atol=1e-4)
+    # A value is read as the direction it writes: what contributions_of gives per unit coefficient at a
+    # position (v_i, or under an MLP output norm, Gemma 2/3 and OLMo 2, v_i ⊙ γ_out / σ there) up to its
+    # positive per-position scale, so raw vocabulary rankings are those of the memory's actual piece.
+    wrote = kv.contributions_of(acts, arch, 1, position=5, seq=1).values  # [d_mlp, d_model]
+    directions = kv.value_directions(arch, 1)
+    cos = torch.nn.functional.cosine_similarity(directions, wrote, dim=-1)
+    torch.testing.assert_close(cos, torch.ones(arch.d_mlp), rtol=0, atol=1e-5)
+    raw = kv.value_tokens(arch, 1, [0, 5], k=3)
+    assert torch.equal(raw.top_ids, (wrote[[0, 5]] @ arch.W_U.float().T).topk(3).indices)
     vt = kv.value_tokens(arch, 1, [0, 5], k=3, through_final_norm=True)
-    scores = arch.norm("final")(arch.mlp_weights(1).W_out[[0, 5]].float()) @ arch.W_U.float().T
+    scores = arch.norm("final")(directions[[0, 5]]) @ arch.W_U.float().T
     assert torch.equal(vt.top_ids, scores.topk(3).indices)
+    folded = arch.out_norm("mlp", 1) is not None
+    assert (raw.convention, vt.convention) == (
+        ("W_U (γ_out ⊙ v)", "W_U final_norm(γ_out ⊙ v)") if folded else ("W_U v", "W_U final_norm(v)"))
     d = kv.deletion_neurons(arch)
     assert d.cos.shape == (arch.n_layer, arch.d_mlp)
     assert (d.cos_gate is not None) == arch.gated_mlp
+    reads = arch.mlp_weights(1).W_in.float() * arch.norm("mlp", 1).gamma  # the residual direction a key reads
+    expected = torch.nn.functional.cosine_similarity(reads, wrote, dim=-1)
+    torch.testing.assert_close(d.cos[1], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "olmoe", "qwen3_moe"])
+def test_a_routed_memory_is_labelled_by_its_expert_and_neuron(family, ids, tmp_path):
+    """Memory i of a mixture of experts is neuron i % d_expert of expert i // d_expert: 'L1 E2 N5'."""
+    from helpers import make_family
+    from reslens.arch import adapter
+
+    arch = adapter(make_family(family))
+    acts = capture(arch, ids, sites=("mlp_act", "mlp_out"))
+    c = kv.contributions_of(acts, arch, 1, position=5, seq=1)
+    torch.testing.assert_close(c.total(), acts.mlp_out[1, 1, 5], rtol=0, atol=1e-5)
+    n_expert = arch.mlp_weights(1).n_expert
+    d_expert = arch.d_mlp // n_expert
+    assert (n_expert > 1) == (family != "llama")
+
+    def label(layer, i):
+        return f"L{layer} E{i // d_expert} N{i % d_expert}" if n_expert > 1 else f"L{layer}N{i}"
+
+    top = c.top(3)
+    assert [m.label for m in top] == [label(1, m.neuron) for m in top]
+    assert top[0].expert == (top[0].neuron // d_expert if n_expert > 1 else None)
+    assert label(1, top[0].neuron) in c._repr_html_()
+    c.save(tmp_path / "c.safetensors")
+    assert kv.MemoryContributions.load(tmp_path / "c.safetensors").top(1)[0].label == top[0].label
+    vt = kv.value_tokens(arch, 1, [top[0].neuron], k=2)
+    assert vt.table().splitlines()[1].startswith(label(1, top[0].neuron) + " ")
+    deletion = kv.deletion_neurons(arch)
+    layer, neuron, _ = deletion.most_negative(1)[0]
+    assert f"most negative: {label(layer, neuron)} (" in deletion.table()
 
 
 # --- gated MLPs (Llama, Mistral, Qwen2) ------------------------------------------------------------

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from helpers import assert_same_state, hook_counts, make_model, model_state
 from reslens.arch import adapter
-from reslens.hooks import capture
+from reslens.hooks import capture, patch
 from reslens.models import embedded_model_dir
 from reslens.rome import RankOneEdit, SecondMoment, mlp_key_second_moment, rank_one_edit, rank_one_edit_ids
 
@@ -312,14 +312,29 @@ def test_statistics_know_when_the_weights_under_them_changed(stats):
 
 
 def test_the_edit_is_exact_and_reversible_in_every_family(family_model):
-    """The bare prompt's MLP output becomes v* whatever the stored orientation of the weight."""
+    """The bare prompt's value-projection output becomes v* whatever the stored orientation of the weight.
+
+    That output is mlp_out itself, or (Gemma 2/3, OLMo 2) what the MLP's output norm then rescales: there
+    mlp_out becomes that norm of v*. A mixture of experts refuses the edit, before any forward.
+    """
+    arch = adapter(family_model)
     before = model_state(family_model)
+    if "rank_one_edit" in arch.limits:
+        refused = f"rank one edit is refused on this {arch.family} model: .*expert"
+        with pytest.raises(ValueError, match=refused):
+            rank_one_edit_ids(family_model, IDS, (5, 8), [3], 1, second_moment=torch.eye(arch.d_mlp), steps=3)
+        assert_same_state(before, model_state(family_model))
+        return
     stats = SecondMoment.compute(family_model, 1, CORPUS[:10])
     edit = rank_one_edit_ids(family_model, IDS, (5, 8), [3], 1, second_moment=stats, steps=3)
     assert edit.delta.shape == edit.weight.shape
-    with edit:
+    raw = []
+    with edit, patch(family_model, {("mlp_raw", 1): lambda t: raw.append(t.detach().clone())}):
         res = capture(family_model, IDS[None], sites="mlp_out", layers=1)
-        torch.testing.assert_close(res.mlp_out[0, 0, 7].float(), edit.value, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(raw[0][0, 7].float(), edit.value, rtol=1e-4, atol=1e-4)
+    norm = arch.out_norm("mlp", 1)
+    expected = edit.value if norm is None else norm(edit.value)
+    torch.testing.assert_close(res.mlp_out[0, 0, 7].float(), expected, rtol=1e-4, atol=1e-4)
     assert_same_state(before, model_state(family_model))
 
 

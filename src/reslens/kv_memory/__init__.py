@@ -7,8 +7,9 @@ where its top trigger wrote ``-v``, and deletion neurons are classified by the u
 - :mod:`~reslens.kv_memory.memories`: keys, values, coefficients, a position's MLP output split
   into its memories (:func:`contributions` on text or ids; :func:`contributions_of` on captured
   residuals), coefficient edits (:func:`edit_coefficients`)
-- :mod:`~reslens.kv_memory.neurons`: readings of the weights alone: values in vocabulary
-  space (:func:`value_tokens`), key-value cosines (:func:`deletion_neurons`)
+- :mod:`~reslens.kv_memory.neurons`: readings of the weights alone: the direction a value writes
+  (:func:`value_directions`: ``γ_out ⊙ v`` under an MLP output norm), values in vocabulary space
+  (:func:`value_tokens`), key-value cosines (:func:`deletion_neurons`)
 - :mod:`~reslens.kv_memory.triggers`: the :class:`TriggerIndex` and its :class:`Trigger` records
 - :mod:`~reslens.kv_memory.mining`: :func:`mine_triggers` over a corpus, resumable
 - :mod:`~reslens.kv_memory.kv_agreement`: :func:`agreement` of values with their keys' triggers
@@ -27,12 +28,18 @@ from reslens.kv_memory.memories import (
     values,
 )
 from reslens.kv_memory.mining import mine_triggers, model_fingerprint
-from reslens.kv_memory.neurons import DeletionNeurons, ValueTokens, deletion_neurons, value_tokens
+from reslens.kv_memory.neurons import (
+    DeletionNeurons,
+    ValueTokens,
+    deletion_neurons,
+    value_directions,
+    value_tokens,
+)
 from reslens.kv_memory.triggers import Trigger, TriggerIndex
 
 __all__ = [
     "keys", "values", "coefficients", "contributions", "contributions_of", "MemoryContributions", "Memory",
-    "value_tokens", "ValueTokens", "mine_triggers", "TriggerIndex", "Trigger", "agreement",
-    "KeyValueAgreement", "deletion_neurons", "DeletionNeurons", "edit_coefficients", "model_fingerprint",
-    "UNITS",
+    "value_tokens", "ValueTokens", "value_directions", "mine_triggers", "TriggerIndex", "Trigger",
+    "agreement", "KeyValueAgreement", "deletion_neurons", "DeletionNeurons", "edit_coefficients",
+    "model_fingerprint", "UNITS",
 ]

@@ -1,4 +1,4 @@
-"""Neuron indices, checked once for every key-value memory module."""
+"""Neuron indices, checked once for every key-value memory module, and a memory's label."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from reslens._checks import check_int
 
-__all__ = ["check_neurons"]
+__all__ = ["check_neurons", "d_expert_of", "memory_label"]
 
 
 def check_neurons(neurons: Any, d_mlp: int, name: str = "neurons") -> torch.Tensor:
@@ -41,3 +41,20 @@ def check_neurons(neurons: Any, d_mlp: int, name: str = "neurons") -> torch.Tens
         check_int(item, label, low=0, high=d_mlp - 1)
     return torch.tensor(items, dtype=torch.long)
 
+
+
+def memory_label(layer: int, neuron: int, d_expert: int = 0) -> str:
+    """``"L2N5"``; in a mixture of experts (``d_expert`` memories per expert) ``"L2 E1 N5"``.
+
+    A routed memory ``i`` of ``mlp_act`` is neuron ``i % d_expert`` of expert ``i // d_expert``;
+    ``d_expert=0`` means a dense MLP.
+    """
+    if not d_expert:
+        return f"L{layer}N{neuron}"
+    return f"L{layer} E{neuron // d_expert} N{neuron % d_expert}"
+
+
+def d_expert_of(arch: Any, layer: int) -> int:
+    """Memories per expert of block ``layer`` in a mixture of experts; 0 for a dense MLP."""
+    n_expert = arch.mlp_weights(layer).n_expert
+    return arch.d_mlp // n_expert if n_expert > 1 else 0

@@ -18,7 +18,7 @@ from reslens._saving import Saveable
 from reslens.arch import adapter
 from reslens._text import html_table, pandas
 from reslens.kv_memory.mining import model_fingerprint
-from reslens.kv_memory.neurons import convention, vocab_scores
+from reslens.kv_memory.neurons import convention, value_directions, vocab_scores
 from reslens.kv_memory.triggers import TriggerIndex
 
 __all__ = ["KeyValueAgreement", "agreement"]
@@ -180,7 +180,9 @@ def agreement(
     """Per layer, the fraction of keys whose value promotes the token after their top trigger.
 
     Values are read as ``W_U v`` (Geva et al.) or, with ``through_final_norm=True``,
-    ``W_U final_norm(v)``. The token a value promotes is its top token, or, where the top
+    ``W_U final_norm(v)``; under an MLP output norm (Gemma 2/3, OLMo 2) ``v`` is the direction the
+    value writes, ``γ_out ⊙ v`` (:func:`~reslens.kv_memory.value_directions`).
+    The token a value promotes is its top token, or, where the top
     trigger of a signed index (a gated MLP's, see :func:`~reslens.kv_memory.mine_triggers`)
     has a negative coefficient, its bottom token: ``m < 0`` writes ``-v``, whose top token is
     ``v``'s bottom one (exactly so for the raw ``W_U v``; with the final norm, RMSNorm has no
@@ -217,7 +219,8 @@ def agreement(
     return KeyValueAgreement(
         layers=index.layers, next_token=next_token, value_top=value_top, rank=rank,
         agreement=hits.float() / n_keys.clamp(min=1), n_keys=n_keys, shuffled=shuffled, d_vocab=arch.d_vocab,
-        convention=convention(through_final_norm), negative=negative, value_other=value_other,
+        convention=convention(through_final_norm, arch.out_norm("mlp", index.layers[0]) is not None),
+        negative=negative, value_other=value_other,
     )
 
 
@@ -234,10 +237,10 @@ def _value_sides(arch: Any, index: TriggerIndex, next_token: torch.Tensor, negat
     rank = torch.full((n_layers, d_mlp), -1, dtype=torch.long)
     with torch.no_grad():
         for r, layer in enumerate(index.layers):
-            values_ = arch.mlp_weights(layer).W_out
             for start in range(0, d_mlp, chunk_size):
                 part = slice(start, start + chunk_size)
-                scores = vocab_scores(arch, values_[part], through_final_norm).cpu()
+                rows = torch.arange(start, min(start + chunk_size, d_mlp))
+                scores = vocab_scores(arch, value_directions(arch, layer, rows), through_final_norm).cpu()
                 nxt, neg = next_token[r, part], negative[r, part]
                 valid = nxt >= 0
                 target = scores.gather(-1, nxt.clamp(min=0)[:, None])

@@ -13,6 +13,12 @@ A gated MLP (Llama, Mistral, Qwen2): ``m_i = act(g_i·x̂)(u_i·x̂)``; the gate
 whether the neuron fires, the up key ``u_i`` gives a signed, linear amplitude, so ``m_i`` is
 often large and negative, writing ``-v_i``. The sums, contributions and edits here are exact
 either way (no bias on a gated MLP's output projection).
+
+Where the MLP's output passes a norm before it joins the residual (Gemma 2/3, OLMo 2), a memory's
+piece of ``mlp_out`` at a position is ``m_i v_i ⊙ γ_out / σ``, the norm linearised at the actual
+scale ``σ`` of the whole output there (``arch.mlp_out_factor``), so the pieces still sum to
+``mlp_out`` exactly. A mixture of experts' memory ``i`` is neuron ``i % d_expert`` of expert
+``i // d_expert`` (its coefficient includes the router's weight), labelled ``"L2 E1 N5"``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from reslens._text import html_table, pandas
 from reslens._tokens import token_id
 from reslens.arch import Arch, adapter
 from reslens.hooks import Patch, capture, patch
-from reslens.kv_memory._common import check_neurons
+from reslens.kv_memory._common import check_neurons, d_expert_of, memory_label
 from reslens.residuals import Residuals
 
 __all__ = [
@@ -76,16 +82,30 @@ def coefficients(residuals: Residuals, layer: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Memory:
-    """One memory at one position: ``neuron``, its coefficient ``m_i`` and its ranking ``score``."""
+    """One memory at one position: ``neuron``, its coefficient ``m_i`` and its ranking ``score``.
+
+    In a mixture of experts (``d_expert`` memories per expert, 0 when dense) ``neuron`` indexes
+    ``mlp_act``: neuron ``neuron % d_expert`` of expert ``neuron // d_expert`` (:attr:`label`).
+    """
 
     layer: int
     neuron: int
     coefficient: float
     score: float
+    d_expert: int = 0
+
+    @property
+    def label(self) -> str:
+        """``"L2N5"``, or ``"L2 E1 N5"`` in a mixture of experts."""
+        return memory_label(self.layer, self.neuron, self.d_expert)
+
+    @property
+    def expert(self) -> int | None:
+        """The expert the memory belongs to (``None`` for a dense MLP)."""
+        return self.neuron // self.d_expert if self.d_expert else None
 
     def _repr_html_(self) -> str:
-        rows = [("neuron", f"L{self.layer}N{self.neuron}"), ("coefficient m", self.coefficient),
-                ("score", self.score)]
+        rows = [("neuron", self.label), ("coefficient m", self.coefficient), ("score", self.score)]
         return html_table("Memory", (), rows)
 
 
@@ -102,8 +122,11 @@ class MemoryContributions(Saveable):
       norm's scale of the final raw residual here (``through_final_norm=True``; ``centre`` is the
       identity for RMSNorm)
     - ``order: [d_mlp]``: neuron indices by ``rank_by`` (``"magnitude"`` or ``"token"``), largest first
-    - ``values: [d_mlp, d_model]``: the value vectors (float32) so ``updates`` can be formed
+    - ``values: [d_mlp, d_model]``: the value vectors (float32) so ``updates`` can be formed;
+      under an MLP output norm (Gemma 2/3, OLMo 2) what each writes at this position,
+      ``v_i ⊙ γ_out / σ`` (``value_norms`` and ``bias`` likewise)
     - ``position``: the index on the padded ``pos`` axis of sequence ``seq``
+    - ``d_expert``: memories per expert in a mixture of experts (labels ``"L2 E1 N5"``), 0 when dense
     """
 
     layer: int
@@ -119,6 +142,7 @@ class MemoryContributions(Saveable):
     token: int | None = None
     token_effect: torch.Tensor | None = None
     through_final_norm: bool = False
+    d_expert: int = 0
 
     def __post_init__(self) -> None:
         d_mlp, d_model = self.values.shape
@@ -150,7 +174,7 @@ class MemoryContributions(Saveable):
     def top(self, k: int = 10) -> list[Memory]:
         """The first ``k`` neurons of ``order``, each a :class:`Memory` (neuron, coefficient, score)."""
         check_int(k, "k", low=1)
-        return [Memory(self.layer, i, float(self.coefficients[i]), float(self.scores[i]))
+        return [Memory(self.layer, i, float(self.coefficients[i]), float(self.scores[i]), self.d_expert)
                 for i in self.order[:k].tolist()]
 
     def to_frame(self):
@@ -165,6 +189,9 @@ class MemoryContributions(Saveable):
         }
         if self.token_effect is not None:
             columns["token_effect"] = self.token_effect[idx].numpy()
+        if self.d_expert:  # a mixture of experts: neuron (of mlp_act) = expert * d_expert + expert_neuron
+            columns["expert"] = (idx // self.d_expert).numpy()
+            columns["expert_neuron"] = (idx % self.d_expert).numpy()
         return pd.DataFrame(columns)
 
     def _describe(self) -> str:
@@ -177,7 +204,7 @@ class MemoryContributions(Saveable):
         return f"MemoryContributions({self._describe()}; d_mlp={d_mlp}, d_model={d_model})"
 
     def _repr_html_(self) -> str:
-        rows = [(f"L{m.layer}N{m.neuron}", f"{m.coefficient:+.3f}", f"{m.score:+.3f}") for m in self.top(10)]
+        rows = [(m.label, f"{m.coefficient:+.3f}", f"{m.score:+.3f}") for m in self.top(10)]
         return html_table(f"MemoryContributions: {self._describe()}", ("neuron", "m", "score"), rows)
 
 
@@ -278,6 +305,7 @@ def contributions_of(
         magnitude=magnitude.cpu(), bias=bias, values=values_.cpu(), order=order.cpu(), rank_by=rank_by,
         token=token, token_effect=None if effect is None else effect.cpu(),
         through_final_norm=through_final_norm,
+        d_expert=d_expert_of(arch, block),
     )
 
 

@@ -3,6 +3,15 @@
 Each value's top and bottom tokens in vocabulary space (:func:`value_tokens`), and each
 neuron's key-value cosine (:func:`deletion_neurons`: strongly negative neurons write against
 what they read; a gated MLP's are classified by the up key, with the gate key's cosine beside it).
+
+A value is read as the direction it writes in the residual (:func:`value_directions`): the row
+``v_i`` of the value projection or, where the MLP's output passes a norm before it joins the
+residual (Gemma 2/3, OLMo 2), ``γ_out ⊙ v_i``. There a memory writes ``m_i (γ_out ⊙ v_i) / σ`` at a
+position, ``σ`` the output norm's scale of the whole MLP output there: one positive number per
+position that no single memory owns and no weight holds, so it is dropped. Rankings of
+``W_U (γ_out ⊙ v_i)`` are exactly those of what the memory writes at any position; its scores are
+that position's scores times ``σ``. A mixture of experts' memory ``i`` is neuron ``i % d_expert`` of
+expert ``i // d_expert`` and is labelled ``"L2 E1 N5"``.
 """
 
 from __future__ import annotations
@@ -17,14 +26,42 @@ from reslens._saving import Saveable
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
 from reslens._text import html_table, pandas
-from reslens.kv_memory._common import check_neurons
+from reslens.kv_memory._common import check_neurons, d_expert_of, memory_label
 
-__all__ = ["ValueTokens", "value_tokens", "DeletionNeurons", "deletion_neurons", "vocab_scores", "convention"]
+__all__ = ["ValueTokens", "value_tokens", "DeletionNeurons", "deletion_neurons", "vocab_scores", "convention",
+           "value_directions"]
 
 
-def convention(through_final_norm: bool) -> str:
-    """How a value ``v`` became vocabulary scores: ``"W_U v"`` or ``"W_U final_norm(v)"``."""
-    return "W_U final_norm(v)" if through_final_norm else "W_U v"
+def convention(through_final_norm: bool, out_norm: bool = False) -> str:
+    """How a value ``v`` became vocabulary scores: ``"W_U v"`` or ``"W_U final_norm(v)"``.
+
+    ``out_norm``: the MLP's output passes a norm first (Gemma 2/3, OLMo 2), so ``v`` is read as
+    ``γ_out ⊙ v`` (:func:`value_directions`): ``"W_U (γ_out ⊙ v)"``, ``"W_U final_norm(γ_out ⊙ v)"``.
+    """
+    v = "γ_out ⊙ v" if out_norm else "v"
+    if through_final_norm:
+        return f"W_U final_norm({v})"
+    return f"W_U ({v})" if out_norm else "W_U v"
+
+
+def value_directions(arch: Arch, layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The residual directions values of block ``layer`` write: ``[n, d_model]`` float32.
+
+    ``rows``: neuron indices ``[n]`` (``None``: all ``d_mlp``). Each is ``v_i``, the value
+    projection's row, or, under an MLP output norm (Gemma 2/3, OLMo 2), ``γ_out ⊙ v_i``: a memory's
+    piece of ``mlp_out`` is ``m_i (γ_out ⊙ v_i) / σ`` at a position, and the positive scale ``1/σ``
+    (the norm of the whole MLP output there, owned by no memory) is dropped.
+    """
+    values_ = arch.mlp_weights(layer).W_out
+    if rows is not None:
+        values_ = values_[rows.to(values_.device)]
+    values_ = values_.detach().float()
+    norm = arch.out_norm("mlp", layer)
+    if norm is None:
+        return values_
+    if norm.centred or norm.bias is not None:  # no family has one; a bias would not be a direction
+        raise NotImplementedError(f"a centred or biased MLP output norm ({arch.family}) is not read")
+    return values_ * norm.gamma.to(values_.device)
 
 
 def vocab_scores(arch: Arch, vectors: torch.Tensor, through_final_norm: bool) -> torch.Tensor:
@@ -40,9 +77,11 @@ class ValueTokens(Saveable):
     """Top and bottom vocabulary entries of value vectors (``N`` neurons, ``k`` tokens each).
 
     ``convention`` says how a value ``v`` became vocabulary scores: ``"W_U v"`` (raw, Geva et
-    al. 2021) or ``"W_U final_norm(v)"`` (the final norm applied to ``v`` alone, then the unembedding).
+    al. 2021) or ``"W_U final_norm(v)"`` (the final norm applied to ``v`` alone, then the unembedding);
+    under an MLP output norm ``v`` is read as ``γ_out ⊙ v`` (:func:`value_directions`).
 
     - ``neurons: [N]``; ``top_ids``, ``top_scores``, ``bottom_ids``, ``bottom_scores``: ``[N, k]``
+    - ``d_expert``: memories per expert in a mixture of experts (labels ``"L2 E1 N5"``), 0 when dense
     """
 
     layer: int
@@ -53,6 +92,7 @@ class ValueTokens(Saveable):
     bottom_scores: torch.Tensor
     convention: str
     token_strings: dict[int, str] | None = None
+    d_expert: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.neurons)
@@ -81,7 +121,7 @@ class ValueTokens(Saveable):
         for r, neuron in enumerate(self.neurons.tolist()):
             top = " ".join(repr(self.token(i)) for i in self.top_ids[r, :k].tolist())
             bottom = " ".join(repr(self.token(i)) for i in self.bottom_ids[r, :k].tolist())
-            lines.append(f"L{self.layer}N{neuron:<5} {top} | {bottom}")
+            lines.append(f"{memory_label(self.layer, neuron, self.d_expert):<7} {top} | {bottom}")
         return "\n".join(lines)
 
     def to_frame(self):
@@ -102,7 +142,8 @@ class ValueTokens(Saveable):
 
     def _repr_html_(self) -> str:
         k = min(5, self.top_ids.shape[1])
-        rows = [(f"L{self.layer}N{n}", " ".join(repr(self.token(i)) for i in self.top_ids[r, :k].tolist()),
+        rows = [(memory_label(self.layer, n, self.d_expert),
+                 " ".join(repr(self.token(i)) for i in self.top_ids[r, :k].tolist()),
                  " ".join(repr(self.token(i)) for i in self.bottom_ids[r, :k].tolist()))
                 for r, n in enumerate(self.neurons[:20].tolist())]
         return html_table(f"ValueTokens: layer {self.layer} values as {self.convention}",
@@ -117,7 +158,10 @@ def value_tokens(
 
     ``through_final_norm=False``: scores are ``W_U v_i`` (Geva et al. 2021); ``True``:
     ``W_U final_norm(v_i)`` (the value alone put through the final norm, as LM-Debugger-style
-    tools do). The convention is recorded in the result. ``neurons=None`` means all ``d_mlp``
+    tools do). Under an MLP output norm (Gemma 2/3, OLMo 2) ``v_i`` is the direction the value
+    writes, ``γ_out ⊙ v_i`` (:func:`value_directions`; the per-position scale ``1/σ`` of that norm
+    is dropped: rankings are what the memory writes anywhere, scores are off by that scale). The
+    convention is recorded in the result. ``neurons=None`` means all ``d_mlp``
     of them (computed ``chunk_size`` at a time). ``tokenizer`` adds token strings.
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -134,9 +178,8 @@ def value_tokens(
     check_int(chunk_size, "chunk_size", low=1)
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
-        values_ = arch.mlp_weights(block).W_out
         for start in range(0, len(idx), chunk_size):
-            rows = values_[idx[start : start + chunk_size].to(values_.device)]
+            rows = value_directions(arch, block, idx[start : start + chunk_size])
             scores = vocab_scores(arch, rows, through_final_norm)
             top = scores.topk(k, dim=-1)
             bottom = scores.topk(k, dim=-1, largest=False)
@@ -144,8 +187,9 @@ def value_tokens(
     top_ids, top_scores, bottom_ids, bottom_scores = (torch.cat(p) for p in zip(*parts))
     return ValueTokens(
         layer=block, neurons=idx, top_ids=top_ids, top_scores=top_scores, bottom_ids=bottom_ids,
-        bottom_scores=bottom_scores, convention=convention(through_final_norm),
-        token_strings=token_strings(tokenizer, top_ids, bottom_ids),
+        bottom_scores=bottom_scores,
+        convention=convention(through_final_norm, arch.out_norm("mlp", block) is not None),
+        token_strings=token_strings(tokenizer, top_ids, bottom_ids), d_expert=d_expert_of(arch, block),
     )
 
 
@@ -156,11 +200,13 @@ def value_tokens(
 class DeletionNeurons(Saveable):
     """``cos[l, i] = cos(k_i ⊙ γ, v_i)`` for every neuron: ``[n_layer, d_mlp]``.
 
-    ``γ`` is the weight of the norm before the MLP, so ``k_i ⊙ γ`` is the direction of the
+    ``γ`` is the scale of the norm before the MLP (:attr:`reslens.arch.Norm.gamma`: Gemma's
+    ``1 + w``; ones where there is none, OLMo 2), so ``k_i ⊙ γ`` is the direction of the
     residual the key reads (up to the norm's centring; with ``centred=True`` the direction is
     :meth:`reslens.arch.Norm.read_direction`, ``centre(k_i ⊙ γ)``, which LayerNorm actually
-    reads). Strongly negative neurons write against what they read: they delete it
-    (:meth:`deleting`, :meth:`counts`).
+    reads). ``v_i`` is the direction the value writes (:func:`value_directions`: ``γ_out ⊙ v_i``
+    under an MLP output norm, Gemma 2/3 and OLMo 2). Strongly negative neurons write against what
+    they read: they delete it (:meth:`deleting`, :meth:`counts`).
 
     For a gated MLP, ``m_i = act(g_i·x̂)(u_i·x̂)``, so ``k_i`` is the up key ``u_i`` (it sets
     the signed amplitude; the classification uses it) and ``cos_gate`` (``None`` for an
@@ -176,6 +222,7 @@ class DeletionNeurons(Saveable):
     cos: torch.Tensor
     centred: bool = False
     cos_gate: torch.Tensor | None = None
+    d_expert: int = 0  # memories per expert in a mixture of experts (labels "L2 E1 N5"); 0 when dense
 
     def __post_init__(self) -> None:
         if self.cos.ndim != 2:
@@ -238,7 +285,7 @@ class DeletionNeurons(Saveable):
         worst = []
         for la, n, c in self.most_negative(k):
             gate = f", gate {float(self.cos_gate[la, n]):.2f}" if self.cos_gate is not None else ""
-            worst.append(f"L{la}N{n} ({c:.2f}{gate})")
+            worst.append(f"{memory_label(la, n, self.d_expert)} ({c:.2f}{gate})")
         lines.append("most negative: " + ", ".join(worst))
         return "\n".join(lines)
 
@@ -273,14 +320,15 @@ class DeletionNeurons(Saveable):
 
 def _cosines(arch: Arch, layer: int, key: torch.Tensor, value: torch.Tensor, centred: bool) -> torch.Tensor:
     norm = arch.norm("mlp", layer)
-    reads = norm.read_direction(key) if centred else key.float() * norm.gamma
-    return torch.nn.functional.cosine_similarity(reads, value.float(), dim=-1)
+    reads = norm.read_direction(key) if centred else key.float() * norm.gamma.to(key.device)
+    return torch.nn.functional.cosine_similarity(reads, value.to(reads.device), dim=-1)
 
 
 def deletion_neurons(model: Any, *, centred: bool = False) -> DeletionNeurons:
     """Cosine between each neuron's input direction ``k_i ⊙ γ`` and its value ``v_i``, every layer.
 
-    ``γ`` is the weight of the norm before the MLP. ``centred=True`` compares
+    ``γ`` is the scale of the norm before the MLP, and ``v_i`` the direction the value writes
+    (``γ_out ⊙ v_i`` under an MLP output norm: :func:`value_directions`). ``centred=True`` compares
     ``centre(k_i ⊙ γ)`` instead (:meth:`reslens.arch.Norm.read_direction`: the direction a
     LayerNorm's reader actually reads; the same as ``False`` for RMSNorm). For a gated MLP,
     ``cos`` uses the up keys (``W_in``), which classify the neuron, and ``cos_gate`` the gate
@@ -293,8 +341,9 @@ def deletion_neurons(model: Any, *, centred: bool = False) -> DeletionNeurons:
     with torch.no_grad():
         for layer in range(arch.n_layer):
             w = arch.mlp_weights(layer)
-            cos.append(_cosines(arch, layer, w.W_in, w.W_out, centred))
+            writes = value_directions(arch, layer)
+            cos.append(_cosines(arch, layer, w.W_in, writes, centred).cpu())
             if w.W_gate is not None:
-                cos_gate.append(_cosines(arch, layer, w.W_gate, w.W_out, centred))
-    return DeletionNeurons(cos=torch.stack(cos).cpu(), centred=centred,
-                           cos_gate=torch.stack(cos_gate).cpu() if cos_gate else None)
+                cos_gate.append(_cosines(arch, layer, w.W_gate, writes, centred).cpu())
+    return DeletionNeurons(cos=torch.stack(cos), centred=centred, d_expert=d_expert_of(arch, 0),
+                           cos_gate=torch.stack(cos_gate) if cos_gate else None)

@@ -81,6 +81,8 @@ class RankOneEdit:
     - ``u: [d_mlp]`` (= ``C^-1 k* / (C^-1 k*) . k``), ``v: [d_model]`` (= ``v* - W k - b``, the
       change of the MLP output at the edited prompt's key ``k``)
     - ``key: [d_mlp]`` k* (mean key over the context templates), ``value: [d_model]`` v*
+    - under an MLP output norm (Gemma 2/3, OLMo 2) ``v*``, ``v`` are the value projection's output
+      before it (site ``mlp_raw``); the prompt's ``mlp_out`` becomes ``arch.out_norm("mlp", layer)(v*)``
     - ``nll``: the new answer's mean negative log-likelihood at each optimisation step
 
     On a model dispatched by accelerate, a layer that stays on a device is edited in place as
@@ -338,7 +340,8 @@ def _edit(arch: Arch, layer: int, key_contexts: Sequence[Context], answer: list[
 
 def _edit_args(arch: Arch, layer: Any, steps: Any, lr: Any, weight_decay: Any, kl_factor: Any,
                clamp_norm: Any, ridge: Any) -> tuple[int, float, dict]:
-    """``(layer, ridge, optimiser settings)`` checked."""
+    """``(layer, ridge, optimiser settings)`` checked; a model that cannot take the edit is refused first."""
+    arch.require("rank_one_edit")  # a mixture of experts: one value projection per expert
     optimiser = dict(
         steps=check_int(steps, "steps", low=1),
         lr=check_float(lr, "lr", low=0.0),
@@ -481,7 +484,10 @@ def rank_one_edit(model: Any, tokenizer: Any, prompt: str, subject: str, new_ans
        ROME's GPT-2 XL ones).
     4. ``W' = W + u (v* - W k - b)^T`` (in the weight's stored orientation) with
        ``u = C^-1 k* / ((C^-1 k*) . k)``, ``k`` = the bare prompt's key (ROME's code; the paper
-       writes ``k*`` in the denominator), so the bare prompt's MLP output becomes exactly ``v*``.
+       writes ``k*`` in the denominator), so the bare prompt's MLP output becomes exactly ``v*``
+       (under an MLP output norm, Gemma 2/3 and OLMo 2: the value projection's output before it,
+       site ``mlp_raw``, where ``delta`` is optimised). A mixture of experts is refused (``ValueError``
+       with the reason, ``arch.limits``) before any statistics or forward.
        ``ridge`` adds ``ridge x mean(diag C)`` to ``C`` before solving (0 = ROME).
 
     Returns a :class:`RankOneEdit`; use ``with edit:`` or ``edit.apply()`` / ``edit.restore()``.
