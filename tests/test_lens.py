@@ -508,9 +508,14 @@ def test_lens_of_residuals_stored_in_half_precision(model, ids):
 
 
 def _hf_final_norm_and_head(model):
-    """The model's own final-norm module and unembedding (plain HuggingFace, no reslens adapter)."""
-    body = model.transformer if model.config.model_type == "gpt2" else model.model
-    return (body.ln_f if model.config.model_type == "gpt2" else body.norm), model.lm_head
+    """The model's own final-norm module and logits (plain HuggingFace, no reslens adapter): its LM head,
+    then the final-logit soft-cap ``c · tanh(l / c)`` where the config has one, as Gemma 2's forward does."""
+    norm = getattr(model.get_decoder(), {"gpt2": "ln_f", "gpt_neox": "final_layer_norm"}.get(
+        model.config.model_type, "norm"))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is None:
+        return norm, model.lm_head
+    return norm, lambda h: torch.tanh(model.lm_head(h) / cap) * cap
 
 
 def _hf_lens_logits(model, ids, mask=None):

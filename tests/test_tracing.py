@@ -52,7 +52,7 @@ def per_cell_reference(model, ids, span, answer_id, kind, window, samples, noise
     arch = adapter(model)
     n_layer, n = arch.n_layer, ids.shape[0]
     start, end = span
-    std = float(arch.W_E[ids[start:end]].detach().std())
+    std = float(arch.W_E_in[ids[start:end]].detach().std())  # as rows enter the residual: Gemma scales them
     gen = torch.Generator().manual_seed(seed)
     nu = torch.randn((samples, end - start, arch.d_model), generator=gen) * noise * std
     site = {"resid": "resid", "mlp": "mlp_out", "attn": "attn_out"}[kind]
