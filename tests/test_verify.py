@@ -229,10 +229,11 @@ def test_cli_in_bfloat16(saved_dir, capsys):
 @pytest.mark.slow
 def test_verify_passes_on_smollm2(smollm2):
     model, tokenizer = smollm2
+    before = hook_counts(model)  # the session's model may carry HF's output recorders from earlier tests
     result = verify(model, tokenizer)
     _rows_ok(result)
     assert result.family == "llama" and result.inputs[-1] == "padded texts"
-    assert hook_counts(model) == {} and model.config._attn_implementation == "sdpa"
+    assert hook_counts(model) == before and model.config._attn_implementation == "sdpa"
 
 
 def test_float64_uses_float32_tolerances_and_another_dtype_needs_every_check_named():
