@@ -155,3 +155,11 @@ def shared_corpus() -> Path:
         pytest.skip(f"no corpus at {path} (a plain clone has no ../shared/corpus; set RESLENS_CORPUS to a "
                     "folder of the project's books)")
     return path
+
+
+def fake_convert(gguf_path, out, source):
+    """Stands in for the hub's GGUF conversion in download tests: the GGUF's bytes as the "weights"."""
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(gguf_path.read_bytes())
+    (out / "reslens-source.txt").write_text(source)

