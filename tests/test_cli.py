@@ -213,3 +213,31 @@ def test_a_warning_is_one_line_naming_the_command(capsys):
     assert err.startswith("reslens trace: warning: answer='the' has p=")
     assert "did you mean answer=' the'?" in err
     assert err.count("\n") == 1 and "UserWarning" not in err
+
+
+def test_glyphs_missing_from_the_font_are_one_line_not_a_warning_each(tmp_path, capsys):
+    """Gemma's vocabulary puts tokens of many scripts in a lens figure; matplotlib warns once a glyph."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from reslens.cli import _save
+
+    figure = plt.figure()
+    figure.text(0.1, 0.5, "继续访问 이유 ʐ")
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        figure.savefig(tmp_path / "raw.png")
+    if not any("missing from font" in str(w.message) for w in raw):
+        pytest.skip("matplotlib's font here has every glyph of the test text")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _save(figure, tmp_path / "lens.png")
+    plt.close(figure)
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    err = capsys.readouterr().err.splitlines()
+    assert len([line for line in err if "missing from matplotlib's font" in line]) == 1
+    assert (tmp_path / "lens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

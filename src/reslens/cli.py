@@ -25,8 +25,23 @@ __all__ = ["main"]
 
 def _save(figure, path: Path) -> None:
     """Write a matplotlib figure as PNG (its folder made first, as every reslens save does) and say so."""
+    import re
+    import warnings
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150, bbox_inches="tight")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.savefig(path, dpi=150, bbox_inches="tight")
+    missing = set()  # tokens of other scripts (Gemma's vocabulary): one line, not one warning a glyph
+    for warning in caught:
+        glyph = re.match(r"Glyph \d+ \((.*)\) missing from font\(s\) (.*)\.$", str(warning.message))
+        if glyph is None:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        else:
+            missing.add(glyph.group(1))
+    if missing:
+        print(f"reslens: {len(missing)} characters of the tokens shown are missing from matplotlib's font "
+              "and are drawn as boxes (set rcParams['font.family'] to a font that has them)", file=sys.stderr)
     print(f"wrote {path}", file=sys.stderr)
 
 
