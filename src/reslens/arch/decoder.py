@@ -243,9 +243,9 @@ class Decoder(Arch):
     def mlp_weights(self, layer: int) -> MLPWeights:
         """Keys and values as ``[d_mlp, d_model]`` rows: views for dense MLPs, every expert's rows for MoE."""
         layout = self.layout
-        act = getattr(self.mlp(layer), layout.mlp_act_fn, None)
         if layout.experts is not None:
             return self._expert_weights(layer)
+        act = getattr(self.mlp(layer), layout.mlp_act_fn, None)
         w_out = self.mlp_out_proj(layer)
         if layout.mlp_gate_up_proj is not None:  # Phi-3: gate rows first, then up rows
             fused = self._in_block(layer, layout.mlp_gate_up_proj)
@@ -286,18 +286,20 @@ class Decoder(Arch):
         """Dense: the input of the value projection. MoE: from the experts' inputs (tokens, routing)."""
         if self.layout.experts is None:
             return super().mlp_act_hook(layer)
-        m = self.d_mlp // self.n_expert
+        experts = self._in_block(layer, self.layout.experts)
 
         def coefficients(payload: Any, key_mask: torch.Tensor | None) -> torch.Tensor:
+            """``[tokens, E * m]`` float32: every expert's keys on every token, times the router's weight."""
             args, kwargs = payload
             hidden, index, weight = (list(args) + [None] * 3)[:3]
             hidden = kwargs.get("hidden_states", hidden)
             index, weight = kwargs.get("top_k_index", index), kwargs.get("top_k_weights", weight)
-            w = self.mlp_weights(layer)
             route = torch.zeros(hidden.shape[0], self.n_expert, dtype=torch.float32, device=hidden.device)
             route.scatter_(1, index, weight.float())
-            keys = w.coefficients(hidden, route=False)  # [tokens, E * m]
-            return keys * route.repeat_interleave(m, dim=-1)
+            # the stored [E, 2m, d_model] weight read in place (no per-forward copy of every expert's rows)
+            gate_up = self._real(experts, "gate_up_proj").float()
+            gate, up = torch.einsum("td,ekd->tek", hidden.float(), gate_up).chunk(2, dim=-1)  # [tokens, E, m]
+            return (experts.act_fn(gate) * up * route[..., None]).flatten(1)
 
         return PatternHook(self._in_block(layer, self.layout.experts), "pre", coefficients)
 
