@@ -163,3 +163,25 @@ def fake_convert(gguf_path, out, source):
     (out / "config.json").write_text("{}")
     (out / "model.safetensors").write_bytes(gguf_path.read_bytes())
     (out / "reslens-source.txt").write_text(source)
+
+
+def count_calls(monkeypatch, targets, *, qualified: bool = False) -> dict[str, int]:
+    """Count the calls of functions ``[(module, names)]`` through each module's own reference to them.
+
+    Keys: the function's name, or ``"module.name"`` (the module's last dotted part) with ``qualified``;
+    names a module does not have are skipped.
+    """
+    calls: dict[str, int] = {}
+
+    def counted(key, check):
+        def wrapper(*args, **kwargs):
+            calls[key] = calls.get(key, 0) + 1
+            return check(*args, **kwargs)
+        return wrapper
+
+    for module, names in targets:
+        for name in names:
+            if hasattr(module, name):
+                key = f"{module.__name__.rsplit('.', 1)[-1]}.{name}" if qualified else name
+                monkeypatch.setattr(module, name, counted(key, getattr(module, name)))
+    return calls

@@ -6,7 +6,7 @@ import torch
 
 from reslens import Batch, capture
 from reslens.lens import LensResult, lens_of, logit_lens
-from helpers import FAMILIES, VOCAB, make_family, make_model
+from helpers import FAMILIES, VOCAB, count_calls, make_family, make_model
 
 matplotlib.use("Agg")
 
@@ -182,24 +182,12 @@ def _count_checks(monkeypatch):
     import reslens.hooks
     import reslens.lens.result
 
-    calls = {}
-
-    def counted(name, check):
-        def wrapper(*args, **kwargs):
-            calls[name] = calls.get(name, 0) + 1
-            return check(*args, **kwargs)
-        return wrapper
-
-    for module, names in (
+    return count_calls(monkeypatch, (
         (reslens._inputs, ("check_ids", "check_mask")),
         (reslens.hooks, ("check_sites", "check_layers", "check_dtype", "check_device", "as_batch")),
         (reslens.lens.result, ("check_sites", "check_layers", "check_int", "check_bool", "_check_lens",
                                "_check_residuals", "resolve_targets", "as_batch", "_lens_rows")),
-    ):
-        for name in names:
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
-    return calls
+    ))
 
 
 @pytest.mark.parametrize("given", ["ids", "batch", "text"])

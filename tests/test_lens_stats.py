@@ -8,7 +8,7 @@ import torch
 
 from reslens.lens import logit_lens
 from reslens.lens_stats import LensStats, MetricStats, lens_stats
-from helpers import VOCAB
+from helpers import VOCAB, count_calls
 
 matplotlib.use("Agg")
 
@@ -227,19 +227,10 @@ def test_lens_stats_checks_its_options_once_not_per_batch(model, monkeypatch):
     import reslens.lens.result
     import reslens.lens.stats
 
-    calls = {}
-
-    def counted(name, check):
-        def wrapper(*args, **kwargs):
-            calls[name] = calls.get(name, 0) + 1
-            return check(*args, **kwargs)
-        return wrapper
-
-    for module, names in ((reslens.lens.result, ("_check_options", "_check_residuals", "check_layers")),
-                          (reslens.lens.stats, ("check_layers", "_check_lens", "_check_quantiles"))):
-        for name in names:
-            monkeypatch.setattr(module, name, counted(f"{module.__name__.split('.')[-1]}.{name}",
-                                                      getattr(module, name)))
+    calls = count_calls(monkeypatch, (
+        (reslens.lens.result, ("_check_options", "_check_residuals", "check_layers")),
+        (reslens.lens.stats, ("check_layers", "_check_lens", "_check_quantiles")),
+    ), qualified=True)
     batches = [torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     stats = lens_stats(model, batches, progress=False)
     assert stats.n_sequences == 8
