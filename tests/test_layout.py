@@ -355,7 +355,7 @@ def test_plot_imports_no_analysis_module():
 def test_logging_not_print_outside_the_cli_and_no_pickle():
     hits = []
     for path in MODULES:
-        if path.name == "cli.py":
+        if path.name == "cli.py" or path.name.startswith("_cli_"):  # the command and its parts
             continue
         tree = ast.parse(path.read_text())
         shown = {

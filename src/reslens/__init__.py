@@ -24,12 +24,14 @@ _LAZY = {
     "load_model": "reslens.models",
     "adapter": "reslens.arch",
     "verify": "reslens.verification",
+    "generate": "reslens.generation",
 }
 
 #: submodules reachable as attributes of ``reslens`` without an explicit import
 _SUBMODULES = (
     "arch",
     "attribution",
+    "generation",
     "heads",
     "hooks",
     "kv_memory",
@@ -48,6 +50,7 @@ __all__ = [
     "Residuals",
     "adapter",
     "capture",
+    "generate",
     "load_model",
     "patch",
     "tokenize",

@@ -13,7 +13,8 @@ __all__ = ["UsageError", "check_args"]
 
 
 #: integer options that must be positive, in every subcommand that has them
-_POSITIVE = ("top_k", "top", "n", "max_length", "max_tokens", "samples", "width", "batch_size", "window")
+_POSITIVE = ("top_k", "top", "n", "max_length", "max_tokens", "samples", "width", "batch_size", "window",
+             "max_new_tokens")
 #: the tokens of context before each prediction the ``pca`` command samples (``pca_experiment``'s min_context)
 PCA_CONTEXT = 8
 #: integer options with a larger minimum, by subcommand: ``(least value, why)``

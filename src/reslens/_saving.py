@@ -72,6 +72,12 @@ def write_safetensors(
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    seen: set[int] = set()
+    for key, value in tensors.items():  # safetensors refuses tensors that share memory: copy the repeats
+        storage = value.untyped_storage().data_ptr()
+        if storage in seen and value.numel():
+            tensors[key] = value.clone()
+        seen.add(storage)
     with atomic_write(path) as tmp:
         save_file(tensors, os.fspath(tmp), metadata=metadata)
 
@@ -178,8 +184,8 @@ def _build(cls: type, prefix: str, tensors: dict[str, torch.Tensor], meta: dict[
             kwargs[fl.name] = tensors[key]
         elif f"{key}.real" in tensors:
             kwargs[fl.name] = torch.complex(tensors[f"{key}.real"], tensors[f"{key}.imag"])
-        elif isinstance(hint, type) and is_dataclass(hint):
-            kwargs[fl.name] = _build(hint, key + ".", tensors, meta, path)
+        elif _record_type(hint) is not None and (meta.get(key) != "null"):
+            kwargs[fl.name] = _build(_record_type(hint), key + ".", tensors, meta, path)
         elif key in meta:
             try:
                 value = json.loads(meta[key])
@@ -192,6 +198,14 @@ def _build(cls: type, prefix: str, tensors: dict[str, torch.Tensor], meta: dict[
                 value = _tuples(value)
             kwargs[fl.name] = value
     return cls(**kwargs)
+
+
+def _record_type(hint: Any) -> type | None:
+    """The dataclass a field's annotation names (``X`` or ``X | None``), or None."""
+    for arg in (hint, *typing.get_args(hint)):
+        if isinstance(arg, type) and is_dataclass(arg):
+            return arg
+    return None
 
 
 def _tuples(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--metric M] [--lens F] [--out FILE.png]
 reslens lens --file corpus.txt --stats [--out FILE.png]
+reslens generate "PROMPT" [--max-new-tokens N] [--sample --seed S] [--lens logit|none|F] [--out FILE.png]
 reslens pca --file corpus.txt [--n 200] [--model NAME_OR_PATH] [--out FILE.png]
 reslens memories "TEXT" [--layer L] [--top 10] [--token " word"]
 reslens memories --mine CORPUS --out INDEX.safetensors [--max-tokens N] [--figure FILE.png]
@@ -19,43 +20,11 @@ import warnings
 from pathlib import Path
 
 from reslens._cli_checks import PCA_CONTEXT, UsageError, check_args
+from reslens._cli_generate import add_generate_parser, run_generate
+from reslens._cli_io import load_model_of as _load
+from reslens._cli_io import save_figure as _save
 
 __all__ = ["main"]
-
-
-def _save(figure, path: Path) -> None:
-    """Write a matplotlib figure as PNG (its folder made first, as every reslens save does) and say so."""
-    import re
-    import warnings
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        figure.savefig(path, dpi=150, bbox_inches="tight")
-    missing = set()  # tokens of other scripts (Gemma's vocabulary): one line, not one warning a glyph
-    for warning in caught:
-        glyph = re.match(r"Glyph \d+ \((.*)\) missing from font\(s\) (.*)\.$", str(warning.message))
-        if glyph is None:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-        else:
-            missing.add(glyph.group(1))
-    if missing:
-        print(f"reslens: {len(missing)} characters of the tokens shown are missing from matplotlib's font "
-              "and are drawn as boxes (set rcParams['font.family'] to a font that has them)", file=sys.stderr)
-    print(f"wrote {path}", file=sys.stderr)
-
-
-def _load(args: argparse.Namespace):
-    """``(model, tokenizer)`` of ``--model`` on ``--device``; a first line of output names the model."""
-    import os
-
-    import reslens
-    from reslens.models import describe_model
-
-    model, tokenizer = reslens.load_model(args.model, device=args.device)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first rank alone reports
-        print(f"model: {describe_model(model, args.model)}")
-    return model, tokenizer
 
 
 def _add_lens_parser(commands) -> None:
@@ -109,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_lens_parser(commands)
+    add_generate_parser(commands)
     _add_pca_parser(commands)
 
     heads = commands.add_parser(
@@ -492,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError('a figure needs matplotlib: pip install "reslens[plot]"') from None
             matplotlib.use("Agg")
         handlers = {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
-                    "verify": _verify, "download": _download}
+                    "verify": _verify, "download": _download, "generate": run_generate}
         with warnings.catch_warnings():  # a warning is one line too, naming the command
             warnings.showwarning = lambda message, *_, **__: print(
                 f"reslens {args.command}: warning: {message}", file=sys.stderr)
