@@ -124,15 +124,24 @@ class _Recorder(Trace):
                                 else 2) for site in self.sites}
 
 
-def _left_padded(batch: Batch) -> Batch:
-    """``batch`` with every row's real tokens moved to the right end (what generation needs)."""
+def _pad_id(arch: Arch, tokenizer: Any) -> int:
+    """The id generation pads with: the tokenizer's, else the model's generation config's, else 0."""
+    if tokenizer is not None:
+        return pad_token_id(tokenizer)
+    config = getattr(arch.model, "generation_config", None)
+    pad = getattr(config, "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
+
+
+def _left_padded(batch: Batch, pad: int) -> Batch:
+    """``batch`` with every row's real tokens moved to the right end (what generation needs), pads ``pad``."""
     mask = batch.attention_mask
     lengths, first = mask.sum(-1), mask.long().argmax(-1)
     starts = (mask[:, 1:] & ~mask[:, :-1]).sum(-1) + mask[:, 0].long()  # runs of real tokens per row
     if bool((starts != 1).any()):
         raise ValueError("inputs: every row needs one run of real tokens (padding only before or after it)")
     width = mask.shape[1]
-    ids, special = torch.zeros_like(batch.input_ids), torch.zeros_like(mask)
+    ids, special = torch.full_like(batch.input_ids, pad), torch.zeros_like(mask)
     new_mask = torch.zeros_like(mask)
     for row in range(mask.shape[0]):
         n, f = int(lengths[row]), int(first[row])
@@ -224,7 +233,7 @@ def generate(
         generate_kwargs["top_k"] = generate_kwargs.pop("generation_top_k")
     _check_kwargs(generate_kwargs)
     edits = _check_patches(patches)
-    batch = _left_padded(as_batch(inputs, arch, tokenizer))
+    batch = _left_padded(as_batch(inputs, arch, tokenizer), _pad_id(arch, tokenizer))
     total = batch.input_ids.shape[1] + max_new_tokens
     if total > arch.n_ctx:
         raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {batch.input_ids.shape[1]} "
@@ -246,8 +255,7 @@ def _run(arch: Arch, batch: Batch, recorder: _Recorder, edits: dict, stops: list
     model = arch.model
     logits = "logits" in recorder.sites and arch.lm_head is not None
     options = dict(max_new_tokens=max_new_tokens, use_cache=True, return_dict_in_generate=True,
-                   eos_token_id=stops or None, pad_token_id=pad_token_id(tokenizer) if tokenizer else
-                   (stops[0] if stops else 0), **kwargs)
+                   eos_token_id=stops or None, pad_token_id=_pad_id(arch, tokenizer), **kwargs)
     if logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
         options["logits_to_keep"] = 0  # every prompt position's logits, not the last only
     mask = batch.attention_mask.long()
