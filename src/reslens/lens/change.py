@@ -191,9 +191,9 @@ class LensChange(Saveable):
         })
 
     def _probs(self, row: int) -> str:
-        text = f"p({self.token(self.target)!r}) {float(self.prob[row]):.4f}"
+        text = f"p({self.token(self.target)!r}) {float(self.prob[row]):.3g}"
         if self.against_prob is not None:
-            text += f", p({self.token(self.against)!r}) {float(self.against_prob[row]):.4f}"
+            text += f", p({self.token(self.against)!r}) {float(self.against_prob[row]):.3g}"
         return text
 
     def table(self, k: int = 10) -> str:
@@ -204,12 +204,12 @@ class LensChange(Saveable):
                  f"  row {self.start}: {self._probs(self.start)}; row {self.stop}: {self._probs(self.stop)}"]
         index = {label: i for i, label in enumerate(self.labels)}
         for label, value in self.top(k):
-            lines.append(f"  {label:<14} {value:+.4f}")
+            lines.append(f"  {label:<16} {value:+.4f}")
             lines += [f"      {t}" for t in self.triggers[index[label]]]
         rest = len(self.kind) - min(k, len(self.kind))
         if rest:
             shown = sum(v for _, v in self.top(k))
-            lines.append(f"  {f'other {rest} pieces':<14} {self.total - shown:+.4f}")
+            lines.append(f"  {f'other {rest} pieces':<16} {self.total - shown:+.4f}")
         return "\n".join(lines)
 
     def plot(self, k: int = 10, *, ax=None):
