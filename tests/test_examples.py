@@ -39,6 +39,7 @@ ARGS = {
     ],
     "causal_trace.py": ["--samples", "2", "--window", "1", "--out", "{out}"],
     "rank_one_edit.py": ["--corpus", "{corpus}", "--stats-tokens", "2000"],
+    "lens_change.py": ["--memories", "2", "--top", "5", "--out-dir", "{out}"],
 }
 
 

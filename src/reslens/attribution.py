@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from reslens._checks import check_int, check_position
+from reslens._dla import block_pieces, read_direction
 from reslens._inputs import as_batch
 from reslens._saving import Saveable
 from reslens._text import head_label, html_table, pandas
@@ -241,16 +242,11 @@ def _pieces(arch: Arch, residuals: Residuals, rows: torch.Tensor, pos: torch.Ten
         parts.append(tensor.float()[:, None])
         kind.append(name), layer.append(-1), head.append(-1)
     for block in range(arch.n_layer):
-        heads, bias = arch.attn_pieces(block, residuals.attn_z[block, rows, pos])  # [B, H, d], [B, d]
-        parts.append(heads)
-        kind += ["head"] * arch.n_head
-        layer += [block] * arch.n_head
-        head += list(range(arch.n_head))
-        if bias is not None:
-            parts.append(bias[:, None])
-            kind.append("attn_bias"), layer.append(block), head.append(-1)
-        parts.append(residuals.mlp_out[block, rows, pos][:, None])
-        kind.append("mlp"), layer.append(block), head.append(-1)
+        block_parts, block_kind, block_layer, block_head = block_pieces(arch, residuals, block, rows, pos)
+        parts += block_parts
+        kind += block_kind
+        layer += block_layer
+        head += block_head
     device = parts[-1].device
     pieces = torch.cat([p.to(device) for p in parts], dim=1)
     return pieces, kind, layer, head
@@ -278,13 +274,9 @@ def logit_attribution_of(
         pieces, kind, layer, head = _pieces(arch, residuals, rows, pos)  # [B, C-1, d]
         device = pieces.device
         x = residuals.get("resid", arch.n_layer)[rows, pos].to(device)  # [B, d]: final raw residual
-        norm = arch.norm("final")
-        scale = norm.scale(x)  # [B]
-        w_u = arch.W_U.detach().float().to(device)
         t, a = target_ids.to(device), None if against_ids is None else against_ids.to(device)
-        direction = w_u[t] - (w_u[a] if a is not None else 0)  # [B, d]
-        # (γ ⊙ direction), centred for LayerNorm, on the weights' device, then back beside the pieces
-        u = norm.read_direction(direction.to(norm.weight.device)).to(device)
+        direction, u, norm = read_direction(arch, t, a, device)  # [B, d], [B, d], the final norm
+        scale = norm.scale(x)  # [B]
         contributions = [torch.einsum("bcd,bd->bc", pieces, u) / scale[:, None]]
         if norm.bias is not None:
             contributions.append((direction @ norm.bias.detach().float().to(device))[:, None])

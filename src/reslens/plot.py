@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from reslens._figures import _check_seq, _figure, _pyplot, _text_colour
-from reslens.lens._plot import LENS_PLOT_METRICS, plot_lens, plot_lens_comparison, plot_lens_stats
+from reslens.lens._plot import (LENS_PLOT_METRICS, plot_lens, plot_lens_change, plot_lens_comparison,
+                                 plot_lens_stats)
 
 __all__ = ["plot_lens", "plot_lens_stats", "plot_pca_experiment", "LENS_PLOT_METRICS",
            "plot_head_scores", "plot_head_score_panels", "plot_composition", "plot_logit_attribution",
            "plot_logit_attribution_bars",
            "plot_agreement", "plot_deletion_neurons", "plot_trace", "plot_trace_summary",
-           "plot_lens_comparison"]
+           "plot_lens_comparison", "plot_lens_change"]
 
 
 def plot_pca_experiment(experiment, *, ax=None, conditions=("baseline", "no_embedding", "unit_norm")):

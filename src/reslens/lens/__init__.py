@@ -9,6 +9,9 @@ Imports run one way inside the package, bottom to top:
   al. 2023), :class:`LinearShortcut` (Din et al. 2023); :func:`load_lens` (reslens files and the
   ``tuned-lens`` package's folders, through :mod:`~reslens.lens._tuned_lens_format`)
 - :mod:`~reslens.lens.result`: one text — :func:`logit_lens`, :func:`lens_of` -> :class:`LensResult`
+- :mod:`~reslens.lens.change`: why the lens changed between two rows — :func:`lens_change`,
+  :func:`lens_changes`, :func:`lens_change_of` -> :class:`LensChange` (the change of a logit split into
+  what the blocks in between wrote, on :mod:`reslens._dla`, which direct logit attribution shares)
 - :mod:`~reslens.lens.stats`: a data set — :func:`lens_stats` -> :class:`LensStats`
 - :mod:`~reslens.lens.shortcut`, :mod:`~reslens.lens.tuned`: fitting the learned lenses on a corpus
 - :mod:`~reslens.lens.compare`: :func:`compare_lenses` -> :class:`LensComparison` on held-out text
@@ -29,7 +32,9 @@ from typing import Any
 #: public name -> the wing module that defines it (imported on first access)
 _LAZY = {
     **dict.fromkeys(("LensResult", "lens_of", "logit_lens", "METRICS"), "result"),
-    "lens_table": "_plot",
+    **dict.fromkeys(("LensChange", "lens_change", "lens_changes", "lens_change_of", "CHANGE_KINDS"),
+                    "change"),
+    **dict.fromkeys(("lens_table", "plot_lens_change"), "_plot"),
     **dict.fromkeys(("LensStats", "MetricStats", "lens_stats", "QUANTILES"), "stats"),
     **dict.fromkeys(
         ("Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "as_lens", "load_lens"), "values"

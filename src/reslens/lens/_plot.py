@@ -13,7 +13,8 @@ from reslens._checks import check_int
 from reslens._figures import _check_seq, _figure, _pyplot, _text_colour
 from reslens._text import cell_text as _cell_text
 
-__all__ = ["LENS_PLOT_METRICS", "lens_table", "plot_lens", "plot_lens_stats", "plot_lens_comparison"]
+__all__ = ["LENS_PLOT_METRICS", "lens_table", "plot_lens", "plot_lens_stats", "plot_lens_comparison",
+           "plot_lens_change"]
 
 LENS_PLOT_METRICS = ("prob", "rank", "entropy", "kl")
 _LABELS = {
@@ -199,3 +200,32 @@ def lens_table(result: Any, seq: int = 0, *, width: int = 100, cell: int = 9) ->
         lines.append(f"{'input':<{label_w}}" + cells(ins))
         blocks.append("\n".join(line.rstrip() for line in lines))
     return title + "\n\n" + "\n\n".join(blocks)
+
+
+def plot_lens_change(change: Any, k: int = 10, *, ax: Any = None):
+    """A waterfall of a :class:`~reslens.lens.LensChange`: row ``start``'s value, pieces, row ``stop``'s.
+
+    The ``k`` pieces of largest magnitude, largest first, each a bar from the running total (blue up,
+    red down), then the other pieces as one bar, then the value at row ``stop`` (grey, from 0), which
+    the running total reaches. On ``ax`` or a new figure; returns the figure.
+    """
+    check_int(k, "k", low=1)
+    top = change.top(k)
+    rest = len(change.kind) - len(top)
+    steps = [*top, *([(f"other {rest} pieces", change.total - sum(v for _, v in top))] if rest else [])]
+    start, stop = float(change.logit[change.start]), float(change.logit[change.stop])
+    fig, ax = _figure(ax, (max(6.0, 0.45 * len(steps) + 2.5), 4.0))
+    ax.bar(0, start, color="tab:gray")
+    running = start
+    for i, (_, value) in enumerate(steps, 1):
+        ax.bar(i, value, bottom=running, color="tab:blue" if value >= 0 else "tab:red")
+        running += value
+    ax.bar(len(steps) + 1, stop, color="tab:gray")
+    labels = [f"row {change.start}", *(label for label, _ in steps), f"row {change.stop}"]
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylabel("logit difference" if change.against is not None else "logit")
+    ax.set_title(f"{change.describe()}\nchange {change.change:+.3f}, pieces sum to {change.total:+.3f}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
