@@ -18,6 +18,7 @@ TEXT = (
 #: script -> its arguments (small sizes): {text} a plain-text file, {corpus} a folder of them, {out} a folder
 ARGS = {
     "capture.py": [],
+    "generate_lens.py": ["--new", "4", "--out-dir", "{out}"],
     "logit_lens.py": [
         "--file",
         "{text}",
