@@ -54,7 +54,7 @@ def test_greedy_generation_equals_one_full_forward_and_plain_generate(family):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "gemma3", "gpt_neox", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sampled_generation_with_a_seed(family):
     model = make_family(family)
     a = generate(model, PROMPTS, max_new_tokens=5, stop=[], do_sample=True, seed=3, temperature=2.0)
@@ -107,7 +107,7 @@ def test_a_stop_token_ends_its_row_and_the_rest_is_padding():
     _assert_full_forward(model, out)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "olmoe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_lens_of_a_generation_is_the_lens_of_its_full_forward(family):
     model = make_family(family)
     out = generate(model, PROMPTS, max_new_tokens=5, stop=[], lens="logit", top_k=3)
