@@ -372,3 +372,61 @@ def test_the_wing_keeps_its_former_module_names_through_its_own_init_alone():
     assert out.stdout.strip() == "True", out  # importing reslens (and the wing's table) loads no torch
     src = Path(reslens.__file__).parent
     assert not (src / "lens_stats.py").exists() and not (src / "lenses").exists()  # no shim modules
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_a_warm_start_from_the_shortcut_reads_as_the_shortcut_before_training(family):
+    model = make_family(family)
+    arch = reslens.adapter(model)
+    shortcut = fit_shortcut(model, [_text(3)], tokenizer=Chars(), max_tokens=1024, max_length=32,
+                            progress=False)
+    translators = tuned_module._translators(arch, shortcut)
+    start = TunedLens(torch.stack([t.weight.detach() for t in translators]),
+                      torch.stack([t.bias.detach() for t in translators]))
+    a = logit_lens(model, IDS, lens=shortcut, top_k=3)
+    b = logit_lens(model, IDS, lens=start, top_k=3)
+    assert torch.equal(a.top_ids[..., 0], b.top_ids[..., 0])
+    torch.testing.assert_close(a.kl_final_layer, b.kl_final_layer, atol=1e-4, rtol=1e-4)
+
+
+def test_a_warm_started_tuned_lens_trains_from_the_shortcut_and_decays_towards_it():
+    model = make_family("llama")
+    kwargs = dict(tokenizer=Chars(), max_tokens=1024, max_length=32, progress=False)
+    shortcut = fit_shortcut(model, [_text(3)], **kwargs)
+    kwargs["tokens_per_step"] = 256
+    warm = train_tuned_lens(model, [_text(4)], init=shortcut, **kwargs)
+    cold = train_tuned_lens(model, [_text(4)], **kwargs)
+    assert warm.config["init"].startswith("linear shortcut ") and "init" not in cold.config
+    # the warm start begins far below the cold start's loss (the logit lens's), and stays below
+    assert warm.config["loss"][0][1] < cold.config["loss"][0][1]
+    eye = torch.eye(shortcut.d_model)
+    drift = (warm.weight - (shortcut.weight - eye)).abs().max()
+    assert 0 < float(drift) < float((shortcut.weight - eye).abs().max())
+    # pure weight decay (no gradient) moves the translators towards where they started, not to zero
+    p, p0 = torch.nn.Parameter(torch.tensor([2.0])), torch.tensor([1.0])
+    p.grad = torch.zeros(1)
+    tuned_module._decay_towards([p], [p0], 0.5)
+    assert float(p.grad.detach()) == 0.5
+    with pytest.raises(TypeError, match="init"):
+        train_tuned_lens(model, [_text(4)], init="shortcut", **kwargs)
+    with pytest.raises(ValueError, match="fitted on"):
+        train_tuned_lens(make_family("llama", seed=1), [_text(4)], init=shortcut, **kwargs)
+
+
+def test_a_lens_says_what_its_training_leaves_in_doubt_when_it_is_used():
+    model = make_family("gpt2")
+    short = train_tuned_lens(model, [_text(5)], tokenizer=Chars(), max_tokens=256, tokens_per_step=64,
+                             max_length=32, progress=False, held_out=[_text(6)], held_out_tokens=256)
+    held = short.config["held_out"]
+    assert len(held["kl_lens"]) == len(held["kl_logit"]) == reslens.adapter(model).n_layer + 1
+    assert held["n_tokens"] > 0
+    assert any("too few" in c for c in short.caveats)
+    with pytest.warns(UserWarning, match="too few to tell"):
+        logit_lens(model, IDS, lens=short)
+    falling = TunedLens(short.weight, short.bias, {"loss": [[10.0 - i, 10.0 - i] for i in range(8)]})
+    assert any("still falling fast" in c for c in falling.caveats)
+    flat = TunedLens(short.weight, short.bias, {"loss": [[1.0, 1.0]] * 8})
+    assert flat.caveats == []
+    held = {"kl_lens": [1.0, 3.0, 0.0, 0.0], "kl_logit": [2.0, 2.0, 0.0, 0.0], "n_tokens": 9}
+    worse = TunedLens(short.weight, short.bias, {"held_out": held})
+    assert worse.caveats == ["its held-out KL is worse than the logit lens's at layers [1]"]

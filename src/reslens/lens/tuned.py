@@ -39,7 +39,7 @@ from reslens._corpus import start_ids
 from reslens._distributed import Shard, shard_of, units_of
 from reslens._saving import read_safetensors, write_safetensors
 from reslens.arch import Arch, adapter
-from reslens.lens.values import TunedLens
+from reslens.lens.values import AffineLens, TunedLens
 from reslens.lens._data import corpus_windows, model_name, residual_batches
 
 __all__ = ["train_tuned_lens"]
@@ -69,23 +69,46 @@ def _step_loss(
     return losses
 
 
-def _zero_translators(arch: Arch) -> list[torch.nn.Linear]:
-    """One ``nn.Linear(d_model, d_model)`` per layer, all zero: the identity in the residual form."""
+def _translators(arch: Arch, init: AffineLens | None) -> list[torch.nn.Linear]:
+    """One ``nn.Linear(d_model, d_model)`` per layer in the residual form ``h + A h + b``.
+
+    ``init=None``: all zero, the identity (the logit lens); an affine lens: the same map in the
+    residual form (a shortcut's ``A h + b`` is ``h + (A - I) h + b``), so training starts where it reads.
+    """
     translators = [
         torch.nn.Linear(arch.d_model, arch.d_model, device=arch.device) for _ in range(arch.n_layer)
     ]
-    for t in translators:
-        torch.nn.init.zeros_(t.weight)
-        torch.nn.init.zeros_(t.bias)
+    with torch.no_grad():
+        for layer, t in enumerate(translators):
+            if init is None:
+                torch.nn.init.zeros_(t.weight)
+                torch.nn.init.zeros_(t.bias)
+                continue
+            weight = init.weight[layer].to(device=arch.device, dtype=torch.float32)
+            if not init.residual:
+                weight = weight - torch.eye(arch.d_model, device=arch.device)
+            t.weight.copy_(weight)
+            t.bias.copy_(init.bias[layer])
     return translators
 
 
-def _optimizer(params: list[torch.nn.Parameter], name: str, lr: float, momentum: float, weight_decay: float):
+def _decay_towards(params: list[torch.nn.Parameter], start: list[torch.Tensor], weight_decay: float) -> None:
+    """Weight decay towards the starting translators: ``grad += wd (p - p0)`` (``p0 = 0``: the identity).
+
+    From the identity it is the optimizer's own L2 decay (``grad += wd p``), bit for bit; from a warm
+    start it keeps the translators near the map they started from instead of pulling them to the logit
+    lens.
+    """
+    if weight_decay:
+        for p, p0 in zip(params, start):
+            p.grad.add_(p if p0 is None else p - p0, alpha=weight_decay)
+
+
+def _optimizer(params: list[torch.nn.Parameter], name: str, lr: float, momentum: float):
+    """The optimizer without weight decay (:func:`_decay_towards` adds it to the gradients first)."""
     if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr * (1 - momentum), momentum=momentum, nesterov=True, weight_decay=weight_decay
-        )
-    return torch.optim.Adam(params, lr=lr * 1e-3, betas=(momentum, 0.999), weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr * (1 - momentum), momentum=momentum, nesterov=True)
+    return torch.optim.Adam(params, lr=lr * 1e-3, betas=(momentum, 0.999))
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -219,6 +242,9 @@ def train_tuned_lens(
     save_every: int = 10,
     progress: bool = True,
     group: Any = None,
+    init: AffineLens | None = None,
+    held_out: Any = None,
+    held_out_tokens: int = 4_000,
 ) -> TunedLens:
     """Train a tuned lens on ``max_tokens`` corpus tokens, ``tokens_per_step`` per optimizer step.
 
@@ -237,6 +263,16 @@ def train_tuned_lens(
     the gradients summed (see the module docstring); every rank returns the same lens, and the
     loss history is the mean over all the step's tokens. Rank 0 alone writes ``checkpoint``
     (every rank resumes from it, so it must be on a file system all ranks see).
+
+    ``init``: where training starts: ``None``, the identity (the logit lens, the paper's recipe), or a
+    learned lens of this model — a :class:`~reslens.lens.LinearShortcut` from
+    :func:`~reslens.lens.fit_shortcut` (the warm start: the closed-form affine map that best predicts
+    the last residual, which the tuned lens then trains on the KL); weight decay then pulls towards
+    ``init`` instead of the identity. ``held_out``: a corpus the lens is scored on at the end
+    (``held_out_tokens`` tokens, the logit lens beside it): ``config["held_out"]`` keeps both lenses'
+    KL per layer. The lens's :attr:`~reslens.lens.AffineLens.caveats` (warned wherever it is used)
+    say when its loss was still falling fast at the end, when it trained too few steps to tell, and
+    when its held-out KL is worse than the logit lens's at some layer.
     """
     from tqdm.auto import tqdm
 
@@ -245,14 +281,21 @@ def train_tuned_lens(
         arch = adapter(model)
         _check_options(tokens_per_step, optimizer, lr, momentum, weight_decay, chunk_size, save_every,
                        progress, batch_size)
+        _check_init(init, arch)
+        check_int(held_out_tokens, "held_out_tokens", low=1)
         windows = corpus_windows(arch, corpus, tokenizer, max_tokens, max_length)
+        held = None if held_out is None else corpus_windows(arch, held_out, tokenizer, held_out_tokens,
+                                                            max_length)
     per_step = max(1, tokens_per_step // min(max_length, arch.n_ctx))
     options = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                "tokens_per_step": tokens_per_step, "max_length": max_length, "n_layer": arch.n_layer,
                "d_model": arch.d_model}  # fmt: skip
-    translators = _zero_translators(arch)
+    if init is not None:
+        options["init"] = f"{init.name} {init.fingerprint[:16]}"
+    translators = _translators(arch, init)
     params = [p for t in translators for p in t.parameters()]
-    opt = _optimizer(params, optimizer, lr, momentum, weight_decay)
+    start_params = [None if init is None else p.detach().clone() for p in params]
+    opt = _optimizer(params, optimizer, lr, momentum)
     fingerprint = _fingerprint(windows, options, list(start_ids(tokenizer)))
     shard.same(fingerprint, "the corpus, model shape and options")
     shard.same_model(arch)
@@ -269,6 +312,7 @@ def train_tuned_lens(
             step_windows = windows[step * per_step : (step + 1) * per_step]
             losses = _train_step(arch, tokenizer, translators, step_windows, batch_size, chunk_size, shard)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            _decay_towards(params, start_params, weight_decay)
             for param_group, base in zip(opt.param_groups, base_lrs):
                 param_group["lr"] = base * _lr_factor(step, steps, warmup)
             opt.step()
@@ -285,4 +329,30 @@ def train_tuned_lens(
     config = {"model": model_name(arch), "model_fingerprint": arch.fingerprint,
               "n_tokens": sum(map(len, windows)), "steps": steps, **options,
               "loss": history, "recipe": "Belrose et al. 2023 / tuned-lens train_loop (float32)"}  # fmt: skip
+    if held is not None:
+        scored = TunedLens(weight, bias, {"model_fingerprint": arch.fingerprint})  # no caveats yet
+        config["held_out"] = _held_out_kl(arch, tokenizer, held, batch_size, scored)
     return TunedLens(weight, bias, config)
+
+
+def _check_init(init: Any, arch: Arch) -> None:
+    if init is None:
+        return
+    if not isinstance(init, AffineLens):
+        raise TypeError("init must be None (the identity) or a learned lens of this model (a LinearShortcut "
+                        f"from fit_shortcut, a TunedLens); got {type(init).__name__}")
+    init.check(arch)
+
+
+def _held_out_kl(arch: Arch, tokenizer: Any, windows: list[list[int]], batch_size: int,
+                 lens: TunedLens) -> dict[str, Any]:
+    """KL(final || lens) and KL(final || logit lens) per ``resid`` layer on held-out windows."""
+    from reslens._stream import batches
+    from reslens.lens.stats import lens_stats
+
+    kl = {}
+    for name, value in (("logit", None), ("lens", lens)):
+        stats = lens_stats(arch, batches(tokenizer, windows, batch_size), tokenizer=tokenizer, progress=False,
+                           lens=value)
+        kl[name] = [round(float(x), 5) for x in stats.mean.kl_final_layer]
+    return {"n_tokens": sum(map(len, windows)), "kl_logit": kl["logit"], "kl_lens": kl["lens"]}

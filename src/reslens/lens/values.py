@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from reslens._inputs import caller_stacklevel
 from reslens._saving import read_safetensors, write_safetensors
 from reslens._text import html_table
 
@@ -116,6 +118,34 @@ class AffineLens(Lens):
         mapped = torch.nn.functional.linear(h, w, b)
         return h + mapped if self.residual else mapped
 
+    @property
+    def caveats(self) -> list[str]:
+        """What a reader should know from how this lens was trained (``config``); warned wherever it is used.
+
+        Too few steps to tell whether the loss settled (under 8); a loss still falling fast at the end
+        (the mean over layers fell more than 10% between the last two quarters of the steps); a
+        held-out KL (``config["held_out"]``, from ``train_tuned_lens(held_out=...)``) worse than the
+        logit lens's at some layer.
+        """
+        out = []
+        history = [sum(step) / len(step) for step in self.config.get("loss", []) if step]
+        if history and len(history) < 8:
+            out.append(f"it trained {len(history)} steps, too few to tell whether its loss had settled")
+        elif history:
+            quarter = len(history) // 4
+            before = sum(history[-2 * quarter : -quarter]) / quarter
+            last = sum(history[-quarter:]) / quarter
+            if before > 0 and (before - last) / before > 0.1:
+                out.append(f"its training loss was still falling fast when it stopped (mean KL {before:.3g} "
+                           f"-> {last:.3g} nats over the last two quarters of its steps): train it longer")
+        held = self.config.get("held_out")
+        if held:
+            worse = [layer for layer, (ours, logit) in enumerate(zip(held["kl_lens"], held["kl_logit"]))
+                     if ours > logit + 1e-6]
+            if worse:
+                out.append(f"its held-out KL is worse than the logit lens's at layers {worse}")
+        return out
+
     def check(self, arch: Any) -> None:
         """Refuse another shape, and another model than the one this lens was fitted on (when it says).
 
@@ -128,6 +158,8 @@ class AffineLens(Lens):
                 f"this {self.name} was made for {self.n_layer} layers of d_model {self.d_model}; "
                 f"the model has {arch.n_layer} layers of d_model {arch.d_model}"
             )
+        for caveat in self.caveats:
+            warnings.warn(f"this {self.name}: {caveat}", UserWarning, stacklevel=caller_stacklevel())
         made, package = self.config.get("model_fingerprint"), self.config.get("unembed_hash")
         if made:
             if made != arch.fingerprint:
