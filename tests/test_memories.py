@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_same_state, hook_counts, make_model, model_state
+from helpers import assert_same_state, hook_counts, make_family, make_model, model_state
+
+import reslens
 from reslens import kv_memory as kv
 from reslens._inputs import pad_ids
 from reslens.arch import GPT2, MLPWeights
@@ -578,3 +580,23 @@ def test_real_gated_memories_sum_to_the_mlp_output_and_trigger_with_both_signs(s
     assert index.signed and 0.2 < float((index.scores[..., 0] < 0).float().mean()) < 0.8
     result = kv.agreement(index, arch, n_shuffles=2)
     assert torch.equal(result.negative, index.scores[..., 0] < 0)
+
+
+def test_the_norm_aware_readout_is_the_cosine_and_keeps_a_hub_token_from_topping_every_value():
+    from reslens.kv_memory import value_tokens
+    from reslens.kv_memory.neurons import vocab_scores
+
+    model = make_family("llama")
+    arch = reslens.adapter(model)
+    with torch.no_grad():  # plant a hub: one unembedding row 50 times longer than the others
+        model.lm_head.weight[7] *= 50
+    dot = value_tokens(model, 1, k=1)
+    cos = value_tokens(model, 1, k=1, cosine=True)
+    assert float((dot.top_ids[:, 0] == 7).float().mean()) > 0.3
+    assert float((cos.top_ids[:, 0] == 7).float().mean()) < 0.2
+    assert cos.convention == "cos(W_U, v)" and dot.convention == "W_U v"
+    v = arch.mlp_weights(1).W_out[:4].detach().float()
+    want = torch.nn.functional.cosine_similarity(v[:, None], arch.W_U.detach().float()[None], dim=-1)
+    torch.testing.assert_close(vocab_scores(arch, v, False, cosine=True), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="cosine"):
+        value_tokens(model, 1, cosine="yes")

@@ -175,13 +175,15 @@ def _check_model(index: TriggerIndex, arch: Any) -> None:
 
 def agreement(
     index: TriggerIndex, model: Any, *, through_final_norm: bool = False, n_shuffles: int = 100,
-    seed: int = 0, chunk_size: int = 256,
+    seed: int = 0, chunk_size: int = 256, cosine: bool = False,
 ) -> KeyValueAgreement:
     """Per layer, the fraction of keys whose value promotes the token after their top trigger.
 
     Values are read as ``W_U v`` (Geva et al.) or, with ``through_final_norm=True``,
     ``W_U final_norm(v)``; under an MLP output norm (Gemma 2/3, OLMo 2) ``v`` is the direction the
-    value writes, ``γ_out ⊙ v`` (:func:`~reslens.kv_memory.value_directions`).
+    value writes, ``γ_out ⊙ v`` (:func:`~reslens.kv_memory.value_directions`); ``cosine=True`` reads
+    them by their cosine with the unembedding rows instead (the norm-aware readout, which keeps the
+    rows of largest norm from topping every value: :func:`~reslens.kv_memory.vocab_scores`).
     The token a value promotes is its top token, or, where the top
     trigger of a signed index (a gated MLP's, see :func:`~reslens.kv_memory.mine_triggers`)
     has a negative coefficient, its bottom token: ``m < 0`` writes ``-v``, whose top token is
@@ -197,6 +199,7 @@ def agreement(
                         f"got {type(index).__name__}")
     arch = adapter(model)
     check_bool(through_final_norm, "through_final_norm")
+    check_bool(cosine, "cosine")
     check_int(n_shuffles, "n_shuffles", low=1)
     check_int(seed, "seed")
     check_int(chunk_size, "chunk_size", low=1)
@@ -204,8 +207,8 @@ def agreement(
     next_token = _next_tokens(index)
     negative = (index.scores[..., 0] < 0) & (index.example[..., 0] >= 0) if index.signed else (
         torch.zeros(next_token.shape, dtype=torch.bool))
-    value_top, value_other, rank = _value_sides(arch, index, next_token, negative, through_final_norm,
-                                                chunk_size)
+    readout = (through_final_norm, cosine)
+    value_top, value_other, rank = _value_sides(arch, index, next_token, negative, readout, chunk_size)
     valid = next_token >= 0
     n_keys = valid.sum(-1)
     hits = ((value_top == next_token) & valid).sum(-1)
@@ -219,17 +222,17 @@ def agreement(
     return KeyValueAgreement(
         layers=index.layers, next_token=next_token, value_top=value_top, rank=rank,
         agreement=hits.float() / n_keys.clamp(min=1), n_keys=n_keys, shuffled=shuffled, d_vocab=arch.d_vocab,
-        convention=convention(through_final_norm, arch.out_norm("mlp", index.layers[0]) is not None),
+        convention=convention(through_final_norm, arch.out_norm("mlp", index.layers[0]) is not None, cosine),
         negative=negative, value_other=value_other,
     )
 
 
 def _value_sides(arch: Any, index: TriggerIndex, next_token: torch.Tensor, negative: torch.Tensor,
-                 through_final_norm: bool, chunk_size: int) -> tuple[torch.Tensor, ...]:
+                 readout: tuple[bool, bool], chunk_size: int) -> tuple[torch.Tensor, ...]:
     """``(value_top, value_other, rank)`` ``[L, d_mlp]``: promoted and suppressed tokens, next token's rank.
 
     The promoted token is the top one, or the bottom one where ``negative``; the rank counts
-    from that side (``-1`` without a next token).
+    from that side (``-1`` without a next token). ``readout``: ``(through_final_norm, cosine)``.
     """
     n_layers, d_mlp = len(index.layers), index.d_mlp
     value_top = torch.full((n_layers, d_mlp), -1, dtype=torch.long)
@@ -240,7 +243,7 @@ def _value_sides(arch: Any, index: TriggerIndex, next_token: torch.Tensor, negat
             for start in range(0, d_mlp, chunk_size):
                 part = slice(start, start + chunk_size)
                 rows = torch.arange(start, min(start + chunk_size, d_mlp))
-                scores = vocab_scores(arch, value_directions(arch, layer, rows), through_final_norm).cpu()
+                scores = vocab_scores(arch, value_directions(arch, layer, rows), *readout).cpu()
                 nxt, neg = next_token[r, part], negative[r, part]
                 valid = nxt >= 0
                 target = scores.gather(-1, nxt.clamp(min=0)[:, None])
