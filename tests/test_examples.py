@@ -19,6 +19,7 @@ TEXT = (
 ARGS = {
     "capture.py": [],
     "generate_lens.py": ["--new", "4", "--out-dir", "{out}"],
+    "head_ablation.py": ["--seq-len", "6", "--n", "2"],
     "logit_lens.py": [
         "--file",
         "{text}",

@@ -57,7 +57,7 @@ __all__ = [
 
 #: Sites :func:`patch` can replace: ``resid`` layer ``l`` is the input of block ``l`` (of
 #: the final norm for ``l = n_layer``); the others are per block, as in :func:`capture`.
-PATCH_SITES = ("resid", "attn_out", "mlp_out", "mlp_act", "mlp_raw")
+PATCH_SITES = ("resid", "attn_out", "mlp_out", "mlp_act", "mlp_raw", "attn_z")
 
 #: Active traces by model: a patch entered later moves their hooks behind its own.
 _ACTIVE_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -457,7 +457,7 @@ class Patch(_ThreadHooks):
         if site == "mlp_raw":  # the value projection's output, before any output norm (a weight edit's reach)
             self._add_post(a.mlp_out_proj(layer), replace_output)
             return
-        spec = a.site_hook(site, layer)  # attn_out, mlp_out: post-hooks; mlp_act: a pre-hook
+        spec = a.site_hook(site, layer)  # attn_out, mlp_out: post; mlp_act, attn_z: pre
         if spec.kind == "pre":
             self._add_pre(spec.module, replace_input)
         else:
@@ -491,7 +491,9 @@ def patch(model: Any, edits: Mapping[tuple[str, int], Any]) -> Patch:
     ``[batch, pos, d_model]`` (``[batch, pos, d_mlp]`` for ``mlp_act``) as this forward
     computed it and returns the tensor to use instead (or ``None`` after editing it in
     place). Sites: ``resid`` (layer ``l`` = the input of block ``l``, ``n_layer`` = the input
-    of the final norm; layer 0 is the embedding), ``attn_out``, ``mlp_out``, ``mlp_act``, and
+    of the final norm; layer 0 is the embedding), ``attn_out``, ``mlp_out``, ``mlp_act``, ``attn_z``
+    (every head's output ``[batch, pos, n_head * d_head]``, head ``h`` in columns ``h * d_head ..``:
+    the attention output projection's input; :mod:`reslens.heads.ablation` builds its edits), and
     ``mlp_raw``: the MLP value projection's output, before the output norm of families that have one
     (Gemma 2/3, OLMo 2; ``mlp_out`` elsewhere, a mixture of experts' weighted sum), which is what a
     weight edit of that projection reaches.

@@ -2,7 +2,8 @@
 
 Head scores from attention patterns (:mod:`reslens.heads.scores`: induction, previous-token,
 duplicate-token, current-token), circuits from the weights (:mod:`reslens.heads.circuits`:
-OV and QK circuits, the OV eigenvalue summary; :mod:`reslens.heads.composition`: Q/K/V
+OV and QK circuits, the OV eigenvalue summary; :mod:`reslens.heads.ablation`: zero-, mean- and
+resample-ablation of heads as patch edits; :mod:`reslens.heads.composition`: Q/K/V
 composition, by query-key offset under rotary positions), all on the unmodified
 HuggingFace model through its family adapter (:mod:`reslens.arch`). Direct logit attribution,
 which reads these heads, is :mod:`reslens.attribution`, a floor above. Heads are written
@@ -20,6 +21,7 @@ from reslens.heads.composition import (
     composition_by_offset,
     composition_scores,
 )
+from reslens.heads.ablation import head_ablation, parse_heads
 from reslens.heads.scores import (
     HeadScores,
     attention_patterns,
@@ -35,6 +37,8 @@ from reslens.heads.scores import (
 )
 
 __all__ = [
+    "head_ablation",
+    "parse_heads",
     "HeadScores",
     "OVSummary",
     "CompositionScores",
