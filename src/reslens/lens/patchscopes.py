@@ -42,10 +42,13 @@ from reslens.lens.values import Lens
 __all__ = ["PROMPTS", "Patchscope", "PatchscopeResult", "patchscope"]
 
 #: target prompts by name: ``(text, the text whose last token is patched)``; the prediction is read at the
-#: prompt's last token. ``token_identity`` is the paper's; the attribute prompts follow its Section 4.3
-#: style (a placeholder ``x`` then the start of the attribute), worded for next-token reading
+#: prompt's last token. ``token_identity`` is the paper's (patched and read at ``"?"``, so its demonstrations
+#: also invite ``" ->"`` next); ``token_identity_arrow`` reads after ``" ->"`` instead, where a repeated token
+#: comes. The attribute prompts follow the paper's Section 4.3 style (a placeholder ``x`` then the start of
+#: the attribute), worded for next-token reading
 PROMPTS: dict[str, tuple[str, str]] = {
     "token_identity": ("cat -> cat\n1135 -> 1135\nhello -> hello\n?", "?"),
+    "token_identity_arrow": ("cat -> cat\n1135 -> 1135\nhello -> hello\n? ->", "?"),
     "city": ("Q: In which city is x?\nA: It is in the city of", "x"),
     "country": ("Q: In which country is x?\nA: It is in the country of", "x"),
     "description": ("Syria: Country in the Middle East\nLeonardo DiCaprio: American actor\nx:", "x"),
