@@ -14,6 +14,7 @@ Prints
 
     python examples/patchscope.py                                   # the embedded 4-layer GPT-2
     python examples/patchscope.py --model smollm2 --threads 2       # SmolLM2-135M-Instruct
+    python examples/patchscope.py --model smollm2 --source "The Colosseum" --position um --tokens 0
 
 The default book is Persuasion, one of the corpus's three held-out books (../shared/corpus/README.md),
 from character ``--skip``; the shortcut reads the other books.
@@ -39,7 +40,7 @@ parser.add_argument("--position", default=" Tower", help="its token read in (a):
 parser.add_argument("--layer", type=int, default=12, help="the resid layer read in (a) (at most n_layer - 1)")
 parser.add_argument("--file", type=Path, default=CORPUS / HELD_OUT[0], help="the book of (b)")
 parser.add_argument("--corpus", type=Path, default=CORPUS, help="the shortcut's books: a .txt or a folder")
-parser.add_argument("--tokens", type=int, default=512, help="book tokens scored (default 512)")
+parser.add_argument("--tokens", type=int, default=512, help="book tokens scored (default 512; 0: (a) only)")
 parser.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
 parser.add_argument("--skip", type=int, default=20_000, help="characters of the book to skip (default 20000)")
 parser.add_argument("--shortcut-tokens", type=int, default=20_000, help="the shortcut's tokens (0: none)")
@@ -67,6 +68,9 @@ for name in PROMPTS:
                                                                              prior.values.tolist()))
     print(f"{name:>21}: layer {layer} at {args.position!r} of {args.source!r} -> {shown}   "
           f"(unpatched: {unpatched})")
+
+if args.tokens == 0:
+    sys.exit()
 
 # (b) agreement per layer over a held-out book: windows of `window` tokens, each led by the tokenizer's
 # start tokens (none for GPT-2 or SmolLM2), marked special so that they are never scored
