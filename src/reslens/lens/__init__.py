@@ -8,6 +8,10 @@ Imports run one way inside the package, bottom to top:
 - :mod:`~reslens.lens.values`: a lens as a value — :class:`LogitLens`, :class:`TunedLens` (Belrose et
   al. 2023), :class:`LinearShortcut` (Din et al. 2023); :func:`load_lens` (reslens files and the
   ``tuned-lens`` package's folders, through :mod:`~reslens.lens._tuned_lens_format`)
+- :mod:`~reslens.lens.patchscopes`: :class:`Patchscope` (Ghandeharioun et al. 2024), a lens that runs the
+  model on a target prompt (every row in one batched forward, :mod:`~reslens.lens._scope_forward`), and
+  :func:`patchscope` -> :class:`PatchscopeResult` (one position, every source × target layer cell);
+  :data:`PROMPTS` (the token-identity prompt, attribute prompts)
 - :mod:`~reslens.lens.result`: one text — :func:`logit_lens`, :func:`lens_of` -> :class:`LensResult`
 - :mod:`~reslens.lens.change`: why the lens changed between two rows — :func:`lens_change`,
   :func:`lens_changes`, :func:`lens_change_of` -> :class:`LensChange` (the change of a logit split into
@@ -41,6 +45,7 @@ _LAZY = {
     ),
     **dict.fromkeys(("fit_shortcut", "ShortcutMoments"), "shortcut"),
     "train_tuned_lens": "tuned",
+    **dict.fromkeys(("Patchscope", "PatchscopeResult", "patchscope", "PROMPTS"), "patchscopes"),
     **dict.fromkeys(("compare_lenses", "LensComparison"), "compare"),
 }
 

@@ -278,12 +278,11 @@ def _reduce_positions(
     final_finite = torch.empty(n_real, dtype=torch.bool, device=dev)
     reduce, last = reducer(fused), ("resid", arch.n_layer)
 
-    def source(site: str, layer: int) -> torch.Tensor:  # [N, d_model], as the lens reads it
-        h = residuals.get(site, layer)[real_b, real_p].to(device=dev, dtype=arch.dtype)
-        return lens.translate(layer, h)
-
-    final_resid = source(*last)
-    sources = {row: source(*row) for row in rows if row != last}
+    # every row as the lens reads it [N, d_model], the final layer first, in one call (a patchscope batches)
+    order = [last, *(row for row in rows if row != last)]
+    read = lens.translate_rows([(layer, residuals.get(site, layer)[real_b, real_p].to(dev, arch.dtype))
+                                for site, layer in order])
+    final_resid, sources = read[0], dict(zip(order[1:], read[1:]))
     final_row = rows.index(last) if last in rows else None
     others = [r for r, row in enumerate(rows) if row in sources]
     # Positions per block: a multiple of SUB_ROWS so each reduction reads views, not copies.

@@ -6,6 +6,8 @@
   logit lens, the initialisation).
 - :class:`LinearShortcut` (Din et al. 2023): a least-squares map to the last residual,
   ``W_U norm(A_l h_l + b_l)``.
+- :class:`~reslens.lens.Patchscope` (Ghandeharioun et al. 2024, in :mod:`reslens.lens.patchscopes`): the
+  model's own final residual of a target prompt into which ``h_l`` is patched.
 
 Every lens reads ``resid`` layers ``0..n_layer``; at the last layer, ``n_layer``, each one is the
 identity (the residual is returned as it is), so its last row is exactly the model's logits.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +46,14 @@ class Lens:
     def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The residual ``h: [..., d_model]`` at ``resid`` layer ``layer`` as the final norm reads it."""
         return h
+
+    def translate_rows(self, items: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """:meth:`translate` of each ``(layer, h)`` of ``items``, in order: one call for all of a lens's rows.
+
+        The default translates one item at a time; a lens that runs the model (a patchscope) overrides
+        it to run every row in one batched forward.
+        """
+        return [self.translate(layer, h) for layer, h in items]
 
     def check(self, arch: Any) -> None:
         """Refuse a model this lens was not made for (a ``ValueError`` saying what differs)."""
