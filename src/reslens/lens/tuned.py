@@ -128,6 +128,16 @@ def _fingerprint(windows: list[list[int]], options: dict[str, Any], start: list[
 
 
 def _save_checkpoint(
+    path: Path, translators, opt, step: int, fingerprint: str, history: list[list[float]], arch: Arch,
+    shard: Shard,
+) -> None:
+    """Rank 0 writes the checkpoint; every rank waits for it."""
+    if shard.primary:
+        _write_checkpoint(path, translators, opt, step, fingerprint, history, arch)
+    shard.barrier()
+
+
+def _write_checkpoint(
     path: Path, translators, opt, step: int, fingerprint: str, history: list[list[float]], arch: Arch
 ) -> None:
     tensors = {
@@ -248,31 +258,20 @@ def train_tuned_lens(
 ) -> TunedLens:
     """Train a tuned lens on ``max_tokens`` corpus tokens, ``tokens_per_step`` per optimizer step.
 
-    ``corpus``: a ``.txt`` file, a folder of them, a list of files or an iterable of strings, read
-    as windows of ``max_length`` tokens, each led by the tokenizer's start tokens (never trained on;
-    see :mod:`reslens._stream`); whole windows make a step: a step holds
-    ``tokens_per_step // max_length`` windows, at least one. ``optimizer``: ``"sgd"`` (the paper's
-    code default: Nesterov momentum, ``lr`` 1.0 scaled by ``1 - momentum``) or ``"adam"``
-    (``lr`` scaled by 1e-3); see the module docstring for the rest of the recipe. ``chunk_size``
-    positions are unembedded at a time. ``checkpoint``: a file to save to every ``save_every`` steps
-    and at the end, and to resume from when it exists. Returns the lens; its ``config`` holds the
-    recipe, the tokens and steps trained and the per-step, per-layer loss (``loss``, nats).
+    ``corpus``: a ``.txt`` file, a folder, a list of files or an iterable of strings, read as windows of
+    ``max_length`` tokens led by the tokenizer's start tokens (never trained on; :mod:`reslens._stream`);
+    a step holds ``tokens_per_step // max_length`` whole windows, at least one. ``optimizer``: ``"sgd"``
+    (the paper's: Nesterov momentum, ``lr`` 1.0 scaled by ``1 - momentum``) or ``"adam"`` (``lr`` x 1e-3).
+    ``chunk_size`` positions are unembedded at a time. ``checkpoint``: a file saved every ``save_every``
+    steps and at the end, resumed from when it exists. ``group``: a torch.distributed process group
+    (data-parallel, see the module docstring; every rank returns the same lens). Returns the lens; its
+    ``config`` holds the recipe, the tokens and steps and the per-step, per-layer loss (``loss``, nats).
 
-    ``group``: a torch.distributed process group; None = the default group under torchrun, else
-    one process; see :mod:`reslens._distributed`. Each step's windows are split over the ranks,
-    the gradients summed (see the module docstring); every rank returns the same lens, and the
-    loss history is the mean over all the step's tokens. Rank 0 alone writes ``checkpoint``
-    (every rank resumes from it, so it must be on a file system all ranks see).
-
-    ``init``: where training starts: ``None``, the identity (the logit lens, the paper's recipe), or a
-    learned lens of this model — a :class:`~reslens.lens.LinearShortcut` from
-    :func:`~reslens.lens.fit_shortcut` (the warm start: the closed-form affine map that best predicts
-    the last residual, which the tuned lens then trains on the KL); weight decay then pulls towards
-    ``init`` instead of the identity. ``held_out``: a corpus the lens is scored on at the end
-    (``held_out_tokens`` tokens, the logit lens beside it): ``config["held_out"]`` keeps both lenses'
-    KL per layer. The lens's :attr:`~reslens.lens.AffineLens.caveats` (warned wherever it is used)
-    say when its loss was still falling fast at the end, when it trained too few steps to tell, and
-    when its held-out KL is worse than the logit lens's at some layer.
+    ``init``: ``None`` (the identity, the paper's start) or a learned lens of this model, e.g. a
+    :class:`~reslens.lens.LinearShortcut` (the warm start), which weight decay then pulls towards.
+    ``held_out``: a corpus scored at the end (``held_out_tokens``) beside the logit lens, kept in
+    ``config["held_out"]``; the lens's :attr:`~reslens.lens.AffineLens.caveats` are warned wherever
+    it is used (too few steps, a loss still falling fast, a held-out KL worse than the logit lens's).
     """
     from tqdm.auto import tqdm
 
@@ -292,10 +291,7 @@ def train_tuned_lens(
                "d_model": arch.d_model}  # fmt: skip
     if init is not None:
         options["init"] = f"{init.name} {init.fingerprint[:16]}"
-    translators = _translators(arch, init)
-    params = [p for t in translators for p in t.parameters()]
-    start_params = [None if init is None else p.detach().clone() for p in params]
-    opt = _optimizer(params, optimizer, lr, momentum)
+    translators, params, start_params, opt = _start(arch, init, optimizer, lr, momentum)
     fingerprint = _fingerprint(windows, options, list(start_ids(tokenizer)))
     shard.same(fingerprint, "the corpus, model shape and options")
     shard.same_model(arch)
@@ -309,26 +305,44 @@ def train_tuned_lens(
     with tqdm(total=steps, initial=start, desc="tuned lens", unit="step",
               disable=not progress or not shard.primary) as bar:
         for step in range(start, steps):
-            step_windows = windows[step * per_step : (step + 1) * per_step]
-            losses = _train_step(arch, tokenizer, translators, step_windows, batch_size, chunk_size, shard)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            _decay_towards(params, start_params, weight_decay)
-            for param_group, base in zip(opt.param_groups, base_lrs):
-                param_group["lr"] = base * _lr_factor(step, steps, warmup)
-            opt.step()
-            opt.zero_grad(set_to_none=False)
+            part = windows[step * per_step : (step + 1) * per_step]
+            losses = _train_step(arch, tokenizer, translators, part, batch_size, chunk_size, shard)
+            _apply_step(opt, params, start_params, weight_decay, base_lrs, _lr_factor(step, steps, warmup))
             history.append([round(x, 5) for x in losses])
             bar.set_postfix(kl=f"{sum(losses) / len(losses):.3f}")
             bar.update(1)
             if path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                if shard.primary:
-                    _save_checkpoint(path, translators, opt, step + 1, fingerprint, history, arch)
-                shard.barrier()
-    weight = torch.stack([t.weight.detach().cpu() for t in translators])
-    bias = torch.stack([t.bias.detach().cpu() for t in translators])
+                _save_checkpoint(path, translators, opt, step + 1, fingerprint, history, arch, shard)
     config = {"model": model_name(arch), "model_fingerprint": arch.fingerprint,
               "n_tokens": sum(map(len, windows)), "steps": steps, **options,
               "loss": history, "recipe": "Belrose et al. 2023 / tuned-lens train_loop (float32)"}  # fmt: skip
+    return _trained_lens(arch, translators, config, held, tokenizer, batch_size)
+
+
+def _start(arch: Arch, init: AffineLens | None, optimizer: str, lr: float, momentum: float) -> tuple:
+    """``(translators, their parameters, the parameters' starting values or None, the optimizer)``."""
+    translators = _translators(arch, init)
+    params = [p for t in translators for p in t.parameters()]
+    start = [None if init is None else p.detach().clone() for p in params]
+    return translators, params, start, _optimizer(params, optimizer, lr, momentum)
+
+
+def _apply_step(opt: Any, params: list[torch.nn.Parameter], start: list[torch.Tensor | None],
+                weight_decay: float, base_lrs: list[float], factor: float) -> None:
+    """Clip the step's gradients to norm 1, decay towards ``start``, step at ``base * factor``, zero them."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    _decay_towards(params, start, weight_decay)
+    for param_group, base in zip(opt.param_groups, base_lrs):
+        param_group["lr"] = base * factor
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+
+
+def _trained_lens(arch: Arch, translators: list[torch.nn.Linear], config: dict[str, Any],
+                  held: list[list[int]] | None, tokenizer: Any, batch_size: int) -> TunedLens:
+    """The lens of the trained translators; with ``held`` windows, scored on them beside the logit lens."""
+    weight = torch.stack([t.weight.detach().cpu() for t in translators])
+    bias = torch.stack([t.bias.detach().cpu() for t in translators])
     if held is not None:
         scored = TunedLens(weight, bias, {"model_fingerprint": arch.fingerprint})  # no caveats yet
         config["held_out"] = _held_out_kl(arch, tokenizer, held, batch_size, scored)
