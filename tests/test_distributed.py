@@ -157,6 +157,19 @@ def test_shortcut_under_torchrun_equal_one_process(tmp_path, one_thread):
 
 @needs_gloo
 @pytest.mark.slow
+def test_jacobian_lens_under_torchrun_equals_one_process(tmp_path, one_thread):
+    ranks = _ranks(_torchrun("jacobian_lens", tmp_path))
+    want = cases.jacobian_lens_case()
+    assert int(want["n_windows"]) == 8
+    for got in ranks:
+        assert all(torch.equal(got[k], want[k]) for k in ("n_windows", "n_tokens"))
+        scale = float(want["weight"].abs().max())
+        torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-6, atol=1e-7 * scale)
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])  # every rank the same
+
+
+@needs_gloo
+@pytest.mark.slow
 def test_tuned_lens_under_torchrun_equal_one_process_and_its_checkpoint_resumes_alone(tmp_path, one_thread):
     ranks = _ranks(_torchrun("tuned_lens", tmp_path))
     want = cases.tuned_lens_case()

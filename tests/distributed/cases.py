@@ -86,6 +86,19 @@ def shortcut_case(group=None) -> dict[str, torch.Tensor]:
     return {"weight": lens.weight, "bias": lens.bias, "n_tokens": torch.tensor(lens.config["n_tokens"])}
 
 
+def jacobian_lens_case(group=None) -> dict[str, torch.Tensor]:
+    """The Jacobian lens of a tiny Llama: 8 windows in 3 batches (3 + 3 + 2; rank 0 reads two, rank 1 one)."""
+    from helpers import make_family
+
+    from reslens.lens import fit_jacobian_lens
+
+    model = make_family("llama")
+    lens = fit_jacobian_lens(model, [TEXT], tokenizer=Chars(), max_tokens=300, max_length=40, batch_size=3,
+                             skip_first=4, progress=False, group=group)
+    return {"weight": lens.weight, "n_windows": torch.tensor(lens.config["n_windows"]),
+            "n_tokens": torch.tensor(lens.config["n_tokens"])}
+
+
 def tuned_lens_case(group=None, checkpoint=None) -> dict[str, torch.Tensor]:
     """A tuned lens of a tiny GPT-2: 13 windows, 3 a step (2 + 1 on two ranks; the last step 1 + 0)."""
     from helpers import make_family

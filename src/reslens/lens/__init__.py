@@ -6,8 +6,10 @@ Imports run one way inside the package, bottom to top:
 - :mod:`~reslens.lens._plot`: the figures and the text table of the results (no other wing module; read by
   :mod:`reslens.plot` too)
 - :mod:`~reslens.lens.values`: a lens as a value — :class:`LogitLens`, :class:`TunedLens` (Belrose et
-  al. 2023), :class:`LinearShortcut` (Din et al. 2023); :func:`load_lens` (reslens files and the
-  ``tuned-lens`` package's folders, through :mod:`~reslens.lens._tuned_lens_format`)
+  al. 2023), :class:`LinearShortcut` (Din et al. 2023), :class:`JacobianLens` (Gurnee et al. 2026);
+  :func:`load_lens` (reslens files, the ``tuned-lens`` package's folders and the Jacobian-lens artifacts
+  of TransformerLens, through :mod:`~reslens.lens._tuned_lens_format` and
+  :mod:`~reslens.lens._jacobian_lens_format`)
 - :mod:`~reslens.lens.patchscopes`: :class:`Patchscope` (Ghandeharioun et al. 2024), a lens that runs the
   model on a target prompt (every row in one batched forward, :mod:`~reslens.lens._scope_forward`), and
   :func:`patchscope` -> :class:`PatchscopeResult` (one position, every source × target layer cell);
@@ -17,7 +19,8 @@ Imports run one way inside the package, bottom to top:
   :func:`lens_changes`, :func:`lens_change_of` -> :class:`LensChange` (the change of a logit split into
   what the blocks in between wrote, on :mod:`reslens._dla`, which direct logit attribution shares)
 - :mod:`~reslens.lens.stats`: a data set — :func:`lens_stats` -> :class:`LensStats`
-- :mod:`~reslens.lens.shortcut`, :mod:`~reslens.lens.tuned`: fitting the learned lenses on a corpus
+- :mod:`~reslens.lens.shortcut`, :mod:`~reslens.lens.tuned`, :mod:`~reslens.lens.jacobian`: fitting the
+  learned lenses on a corpus (and :func:`load_jacobian_lens`, the reference artifacts)
 - :mod:`~reslens.lens.compare`: :func:`compare_lenses` -> :class:`LensComparison` on held-out text
 
 Every public name is reachable from here (``from reslens.lens import logit_lens, lens_stats, TunedLens``)
@@ -41,11 +44,13 @@ _LAZY = {
     **dict.fromkeys(("lens_table", "plot_lens_change"), "_plot"),
     **dict.fromkeys(("LensStats", "MetricStats", "lens_stats", "QUANTILES"), "stats"),
     **dict.fromkeys(
-        ("Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "as_lens", "load_lens"), "values"
+        ("Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "JacobianLens", "as_lens",
+         "load_lens"), "values"
     ),
     **dict.fromkeys(("fit_shortcut", "ShortcutMoments"), "shortcut"),
     "train_tuned_lens": "tuned",
     **dict.fromkeys(("Patchscope", "PatchscopeResult", "patchscope", "PROMPTS"), "patchscopes"),
+    **dict.fromkeys(("fit_jacobian_lens", "load_jacobian_lens", "JacobianSums"), "jacobian"),
     **dict.fromkeys(("compare_lenses", "LensComparison"), "compare"),
 }
 

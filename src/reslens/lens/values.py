@@ -6,6 +6,8 @@
   logit lens, the initialisation).
 - :class:`LinearShortcut` (Din et al. 2023): a least-squares map to the last residual,
   ``W_U norm(A_l h_l + b_l)``.
+- :class:`JacobianLens` (Gurnee et al. 2026): the average Jacobian of the last residual with respect
+  to layer ``l``'s, ``W_U norm(J_l h_l)``.
 - :class:`~reslens.lens.Patchscope` (Ghandeharioun et al. 2024, in :mod:`reslens.lens.patchscopes`): the
   model's own final residual of a target prompt into which ``h_l`` is patched.
 
@@ -13,7 +15,8 @@ Every lens reads ``resid`` layers ``0..n_layer``; at the last layer, ``n_layer``
 identity (the residual is returned as it is), so its last row is exactly the model's logits.
 Learned lenses save to one safetensors file (their config as JSON in its metadata) and
 :func:`load_lens` also reads the ``tuned-lens`` package's own format (a folder with ``config.json``
-and ``params.pt``) without unpickling anything but tensors.
+and ``params.pt``) and the Jacobian-lens artifacts of TransformerLens and ``anthropics/jacobian-lens``
+(one ``.pt`` file), without unpickling anything but tensors.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +36,8 @@ from reslens._inputs import caller_stacklevel
 from reslens._saving import read_safetensors, write_safetensors
 from reslens._text import html_table
 
-__all__ = ["Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "load_lens", "as_lens"]
+__all__ = ["Lens", "LogitLens", "AffineLens", "TunedLens", "LinearShortcut", "JacobianLens", "load_lens",
+           "as_lens"]
 
 
 class Lens:
@@ -241,7 +246,33 @@ class LinearShortcut(AffineLens):
     name: ClassVar[str] = "linear shortcut"
 
 
-_CLASSES = {cls.__name__: cls for cls in (TunedLens, LinearShortcut)}
+@dataclass(frozen=True, repr=False, eq=False)
+class JacobianLens(AffineLens):
+    """The Jacobian lens (Gurnee et al. 2026): ``W_U norm(J_l h_l)``, ``J_l = weight[l]`` (``bias`` is zero).
+
+    ``J_l``: the average Jacobian of the last residual with respect to ``resid`` layer ``l``
+    (:func:`~reslens.lens.fit_jacobian_lens` says exactly which average). ``config["layers"]``, when
+    present, lists the ``resid`` layers it holds a Jacobian for: a reference artifact
+    (:func:`~reslens.lens.load_jacobian_lens`) fits the blocks' outputs only, so it has none for
+    ``resid 0`` (the embedding), and reading that layer is refused rather than read as zero.
+    """
+
+    kind: ClassVar[str] = "jacobian"
+    name: ClassVar[str] = "Jacobian lens"
+    formula: ClassVar[str] = "W_U norm(J_l h_l)"
+
+    def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        held = self.config.get("layers")
+        if held is not None and layer != self.n_layer and 0 <= layer < self.n_layer and layer not in held:
+            raise ValueError(
+                f"layer={layer}: this Jacobian lens holds no Jacobian for resid layer {layer} (it holds "
+                f"resid layers {held[0]}..{held[-1]} and the output; a reference artifact fits the blocks' "
+                f"outputs, not the embedding); read it with layers=range({held[0]}, {self.n_layer + 1})"
+            )
+        return super().translate(layer, h)
+
+
+_CLASSES = {cls.__name__: cls for cls in (TunedLens, LinearShortcut, JacobianLens)}
 
 
 def as_lens(lens: Any) -> Lens:
@@ -251,27 +282,39 @@ def as_lens(lens: Any) -> Lens:
     if isinstance(lens, Lens):
         return lens
     raise TypeError(
-        "lens must be None (the logit lens), 'logit', or a reslens lens (TunedLens, LinearShortcut; "
-        f"see reslens.lens.load_lens); got {type(lens).__name__}"
+        "lens must be None (the logit lens), 'logit', or a reslens lens (TunedLens, LinearShortcut, "
+        f"JacobianLens; see reslens.lens.load_lens); got {type(lens).__name__}"
     )
 
 
 def load_lens(path: str | os.PathLike, *, model: Any = None) -> AffineLens:
-    """Read a learned lens: a reslens file (:meth:`AffineLens.save`) or a ``tuned-lens`` package folder.
+    """Read a learned lens: a reslens file, a ``tuned-lens`` folder, or a Jacobian-lens ``.pt`` artifact.
 
-    The ``tuned-lens`` format is a folder with ``config.json`` and ``params.pt`` (a state dict
-    ``{i}.weight``, ``{i}.bias``), read with ``torch.load(weights_only=True)``: only tensors are
-    unpickled, never code (:mod:`reslens.lens._tuned_lens_format`). With ``model=``, the
+    A reslens file is what :meth:`AffineLens.save` writes. The ``tuned-lens`` format is a folder with
+    ``config.json`` and ``params.pt`` (a state dict ``{i}.weight``, ``{i}.bias``); a Jacobian-lens
+    artifact is the file TransformerLens or ``anthropics/jacobian-lens`` saves
+    (:func:`~reslens.lens.load_jacobian_lens`). Both are read with ``torch.load(weights_only=True)``:
+    only tensors are unpickled, never code (:mod:`reslens.lens._tuned_lens_format`,
+    :mod:`reslens.lens._jacobian_lens_format`). With ``model=``, the
     lens is checked against it as every use checks it (:meth:`AffineLens.check`: layers, width, and
     the model it was fitted on: the fingerprint a reslens file records, or a ``tuned-lens`` folder's
     hash of the unembedding); a ``ValueError`` names both models.
     """
     shown = os.fspath(path)
     p = Path(shown).expanduser()
+    arch = None
+    if model is not None:
+        from reslens.arch import adapter
+
+        arch = adapter(model)
     if p.is_dir():
         from reslens.lens._tuned_lens_format import read_folder
 
         lens = read_folder(p, TunedLens)
+    elif zipfile.is_zipfile(p):  # torch.save's format: a Jacobian-lens artifact
+        from reslens.lens._jacobian_lens_format import read_artifact
+
+        lens = read_artifact(p, JacobianLens, arch)
     else:
         tensors, meta = read_safetensors(p, None, what="reslens lens")
         fmt = meta.get("format", "")
@@ -287,11 +330,9 @@ def load_lens(path: str | os.PathLike, *, model: Any = None) -> AffineLens:
             lens = cls(tensors["weight"], tensors["bias"], json.loads(meta.get("config", "{}")))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{shown!r} holds an inconsistent {cls.__name__}: {error}") from None
-    if model is not None:
-        from reslens.arch import adapter
-
+    if arch is not None:
         try:
-            lens.check(adapter(model))
+            lens.check(arch)
         except ValueError as error:
             raise ValueError(f"{shown}: {error}") from None
     return lens
