@@ -27,6 +27,7 @@ PACKAGE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "MODEL_CARD.md",
+    "shortcut.safetensors",  # the learned lens it ships with (reslens.model_lens)
 )
 
 

@@ -274,13 +274,14 @@ def test_a_long_input_is_wrapped_into_stacked_panels_that_share_one_scale(model)
     matplotlib.use("Agg")
     ids = torch.randint(0, model.config.vocab_size, (1, 38), generator=torch.Generator().manual_seed(0))
     lens = logit_lens(model, ids)
-    fig = lens.plot(per_row=16)  # 38 positions: panels of 16, 16 and 6, one colour bar
+    fig = lens.plot(per_row=16)  # 38 positions: three panels of equal widths (13, 13, 12), one colour bar
     panels = [ax for ax in fig.axes if ax.get_ylabel() == "layer"]
     assert len(panels) == 3 and len(fig.axes) == 4
-    assert [len(ax.get_xticklabels()) for ax in panels] == [16, 16, 6]
+    assert [len(ax.get_xticklabels()) for ax in panels] == [13, 13, 12]
     assert all(ax.get_xlim() == panels[0].get_xlim() for ax in panels)  # same cell width in every panel
     width, height = fig.get_size_inches()
     assert width < 17 and height > width / 2  # page proportions, not a 35-inch strip
+    assert len([ax for ax in lens.plot().axes if ax.get_ylabel() == "layer"]) == 2  # default: two of 19
     assert len([ax for ax in lens.plot(per_row=40).axes if ax.get_ylabel() == "layer"]) == 1
     assert "logit lens" in panels[0].get_title()
     with pytest.raises(ValueError, match="per_row"):

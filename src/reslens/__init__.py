@@ -36,6 +36,7 @@ _SUBMODULES = (
     "hooks",
     "kv_memory",
     "lens",
+    "model_lens",
     "models",
     "pca",
     "plot",

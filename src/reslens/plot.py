@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from reslens._figures import _check_seq, _figure, _pyplot, _text_colour
 from reslens.lens._plot import (LENS_PLOT_METRICS, plot_lens, plot_lens_change, plot_lens_comparison,
-                                 plot_lens_stats)
+                                 plot_lens_stats, plot_lenses)
 
-__all__ = ["plot_lens", "plot_lens_stats", "plot_pca_experiment", "LENS_PLOT_METRICS",
+__all__ = ["plot_lens", "plot_lenses", "plot_lens_stats", "plot_pca_experiment", "LENS_PLOT_METRICS",
            "plot_head_scores", "plot_head_score_panels", "plot_composition", "plot_logit_attribution",
            "plot_logit_attribution_bars",
            "plot_agreement", "plot_deletion_neurons", "plot_trace", "plot_trace_summary",

@@ -34,7 +34,7 @@ FLOAT_ROWS = ("target_logprob", "entropy", "kl_final_layer", "kl_layer_final", "
               "final_top1_prob")
 VS_FINAL = ("kl_final_layer", "kl_layer_final", "js", "final_top1_prob")  # read the final distribution
 BLOCK_OUTPUTS = ("top_ids", "top_probs", "target_rank", "target_logprob", "entropy",
-                 "kl_layer_final", "kl_final_layer", "js", "max_prob", "final_top1_prob")
+                 "kl_layer_final", "kl_final_layer", "js", "max_prob", "final_top1_prob", "final_top1_rank")
 
 
 @dataclass
@@ -97,6 +97,7 @@ def _block_metrics(
         js.clamp(min=0),
         top_probs[:, 0],
         p.gather(1, ref_top1[:, None]).squeeze(1),
+        (z > z.gather(1, ref_top1[:, None])).sum(-1),  # the final top-1's rank in this row
     )
 
 
@@ -140,6 +141,7 @@ def _block_metrics_fused(
         js.clamp(min=0).float(),
         top_probs[:, 0],
         p.gather(1, ref_top1[:, None]).squeeze(1),
+        (z > z.gather(1, ref_top1[:, None])).sum(-1),  # the final top-1's rank in this row
     )
 
 
@@ -214,6 +216,7 @@ def mark_non_finite(out: dict[str, torch.Tensor], final_top1: torch.Tensor,
     out["top_ids"].masked_fill_(bad[..., None], -1)
     out["top_probs"].masked_fill_(bad[..., None], torch.nan)
     out["target_rank"].masked_fill_(bad, -1)
+    out["final_top1_rank"].masked_fill_(bad | ~final_finite, -1)
     for name in FLOAT_ROWS:
         out[name].masked_fill_(bad, torch.nan)
     for name in VS_FINAL:

@@ -1,8 +1,9 @@
 """The lens figures (the layers x positions grid of one sequence, per-layer curves) and the text table.
 
 :func:`lens_table` is the classic logit-lens table as text. In the grid a long input is split into
-stacked panels of ``per_row`` positions that share one colour scale, so the figure keeps a page's
-proportions and its cell text stays legible when the figure is shrunk.
+stacked panels of equal widths (at most ``per_row`` positions) that share one colour scale, so the figure
+keeps a page's proportions and its cell text stays legible when the figure is shrunk; :func:`plot_lenses`
+puts several lenses of one text in one figure, one unwrapped panel each, on one colour scale.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from reslens._checks import check_int
 from reslens._figures import _check_seq, _figure, _pyplot, _text_colour
 from reslens._text import cell_text as _cell_text
 
-__all__ = ["LENS_PLOT_METRICS", "lens_table", "plot_lens", "plot_lens_stats", "plot_lens_comparison",
-           "plot_lens_change"]
+__all__ = ["LENS_PLOT_METRICS", "lens_table", "plot_lens", "plot_lenses", "plot_lens_stats",
+           "plot_lens_comparison", "plot_lens_change"]
 
 LENS_PLOT_METRICS = ("prob", "rank", "entropy", "kl")
 _LABELS = {
@@ -66,37 +67,46 @@ def _panel(ax: Any, result: Any, values: Any, seq: int, cols: Any, scale: dict, 
     return image
 
 
+def _scale(metric: str, values: list) -> tuple[dict, str]:
+    """One colour scale over every array in ``values`` (the matplotlib norm or limits) and the colour map."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    finite = [v[np.isfinite(v)] for v in values]
+    vmax = max((float(f.max()) for f in finite if f.size), default=2.0)
+    scale = {"rank": dict(norm=LogNorm(vmin=1, vmax=max(2.0, vmax))), "prob": dict(vmin=0, vmax=1)}.get(
+        metric, dict(vmin=0, vmax=max(vmax, 1e-6)))
+    return scale, "Blues" if metric == "prob" else "Blues_r" if metric == "rank" else "viridis_r"
+
+
+def _check_plot(result: Any, metric: str, seq: int, max_positions: Any) -> None:
+    if metric not in LENS_PLOT_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(LENS_PLOT_METRICS)}; got {metric!r}")
+    _check_seq(result, seq)
+    check_int(max_positions, "max_positions", low=1)
+    if metric == "rank" and result.target_rank is None:
+        raise ValueError("metric='rank' needs targets; this lens ran with targets=None")
+
+
 def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positions: int = 40,
-              per_row: int = 16):
+              per_row: int = 24):
     """Layers x positions heatmap of a :class:`~reslens.lens.LensResult` with each cell's top-1 token.
 
     ``prob``: the layer's top-1 probability; ``rank``: rank of the actual next token (log
     colour scale); ``entropy``: nats; ``kl``: KL(final || layer) in nats. The last
-    ``max_positions`` real positions are shown, ``per_row`` per panel: a longer input is wrapped
-    into stacked panels sharing one colour scale (with ``ax=``, everything goes on that one axes).
-    Non-finite cells are blank and say ``NaN``. Returns the matplotlib figure.
+    ``max_positions`` real positions are shown, at most ``per_row`` per panel: a longer input is
+    wrapped into stacked panels of equal widths sharing one colour scale (with ``ax=``, everything
+    goes on that one axes). Non-finite cells are blank and say ``NaN``. Returns the matplotlib figure.
     """
-    import numpy as np
-
-    if metric not in LENS_PLOT_METRICS:
-        raise ValueError(f"metric must be one of {', '.join(LENS_PLOT_METRICS)}; got {metric!r}")
-    _check_seq(result, seq)
-    for name, value in (("max_positions", max_positions), ("per_row", per_row)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
-    if metric == "rank" and result.target_rank is None:
-        raise ValueError("metric='rank' needs targets; this lens ran with targets=None")
-    from matplotlib.colors import LogNorm
-
+    _check_plot(result, metric, seq, max_positions)
+    check_int(per_row, "per_row", low=1)
     real = result.attention_mask[seq].nonzero().flatten()[-max_positions:]
     values = _values(result, metric, seq, real)  # [R, P']
     n_rows, n_pos = values.shape
-    vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 2.0
-    scale = {"rank": dict(norm=LogNorm(vmin=1, vmax=max(2.0, vmax))), "prob": dict(vmin=0, vmax=1)}.get(
-        metric, dict(vmin=0, vmax=max(vmax, 1e-6)))
-    cmap = "Blues" if metric == "prob" else "Blues_r" if metric == "rank" else "viridis_r"
-    starts = [0] if ax is not None else list(range(0, n_pos, per_row))
-    width = n_pos if ax is not None else min(n_pos, per_row)
+    scale, cmap = _scale(metric, [values])
+    n_panels = 1 if ax is not None else -(-n_pos // per_row)
+    width = -(-n_pos // n_panels)  # balanced: 23 positions in one panel, 38 in two of 19 at per_row=24
+    starts = list(range(0, n_pos, width))
     if ax is None:
         size = (max(6, 0.85 * width + 2.5), len(starts) * max(3, 0.42 * n_rows + 2.2))
         fig, axes = _pyplot().subplots(len(starts), 1, squeeze=False, figsize=size, layout="constrained")
@@ -104,13 +114,49 @@ def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positi
     else:
         fig, axes = ax.figure, [ax]
     for panel, start in zip(axes, starts):
-        stop = n_pos if ax is not None else min(start + per_row, n_pos)
+        stop = min(start + width, n_pos)
         image = _panel(panel, result, values[:, start:stop], seq, real[start:stop], scale, cmap)
         panel.set_xlim(-0.5, width - 0.5)
     fig.colorbar(image, ax=axes, label=_LABELS[metric], fraction=0.03, pad=0.02)
     shown = f"positions {int(real[0])}..{int(real[-1])}" if len(starts) > 1 else "text = top-1 token"
     axes[0].set_title(f"{result.lens_name}: {_LABELS[metric]} ({shown}; text = top-1 token)"
                       if len(starts) > 1 else f"{result.lens_name}: {_LABELS[metric]} ({shown})", fontsize=10)
+    return fig
+
+
+def plot_lenses(results, metric: str = "prob", seq: int = 0, *, max_positions: int = 40):
+    """Several lenses of one text in one figure: one panel per lens, stacked, with ONE colour scale.
+
+    ``results``: :class:`~reslens.lens.LensResult` of the same inputs (e.g. the logit lens and a learned
+    lens); each panel shows the last ``max_positions`` real positions of sequence ``seq`` in one row (no
+    wrapping; the figure's width follows the number of positions), titled with its lens's name. The
+    colour scale (and the one colour bar) spans every panel, so a colour means one value in all of them.
+    Returns the matplotlib figure.
+    """
+    import torch
+
+    results = list(results) if isinstance(results, (list, tuple)) else results
+    if not isinstance(results, list) or not results:
+        raise TypeError(f"results must be a non-empty list of LensResult; got {type(results).__name__}")
+    first = results[0]
+    for k, result in enumerate(results):
+        _check_plot(result, metric, seq, max_positions)
+        if k and (result.input_ids.shape != first.input_ids.shape
+                  or not torch.equal(result.input_ids[seq].cpu(), first.input_ids[seq].cpu())):
+            raise ValueError(f"results[{k}] reads other inputs than results[0]; give lenses of one text")
+    real = first.attention_mask[seq].nonzero().flatten()[-max_positions:]
+    values = [_values(result, metric, seq, real) for result in results]  # each [R, P']
+    scale, cmap = _scale(metric, values)
+    n_pos = len(real)
+    heights = [max(3.0, 0.3 * v.shape[0] + 1.9) for v in values]
+    size = (max(6, 0.8 * n_pos + 2.8), sum(heights))
+    fig, axes = _pyplot().subplots(len(results), 1, squeeze=False, figsize=size, layout="constrained",
+                                   gridspec_kw={"height_ratios": heights})
+    axes = list(axes[:, 0])
+    for panel, result, value in zip(axes, results, values):
+        image = _panel(panel, result, value, seq, real, scale, cmap)
+        panel.set_title(f"{result.lens_name} (text = top-1 token)", fontsize=10)
+    fig.colorbar(image, ax=axes, label=_LABELS[metric], fraction=0.03, pad=0.02)
     return fig
 
 

@@ -17,7 +17,7 @@ Metric definitions (``p`` = the layer's distribution, ``q`` = the final layer's)
 - ``entropy`` = ``H(p)`` in nats; ``max_prob`` = ``max p``
 - ``kl_final_layer`` = ``KL(q || p)``; ``kl_layer_final`` = ``KL(p || q)`` (nats)
 - ``js`` = ``JS(p, q) = H((p + q) / 2) - (H(p) + H(q)) / 2`` (nats, at most ``ln 2``)
-- ``final_top1_prob`` = ``p(argmax q)``
+- ``final_top1_prob`` = ``p(argmax q)``; ``final_top1_rank`` = the rank of ``argmax q`` in ``p`` (0 = top-1)
 
 Non-finite residuals (NaN or inf, e.g. a float16 overflow) never pass for a prediction: a lens
 cell whose logits are not finite gets ids and rank -1 and NaN metrics, and a warning says how many.
@@ -78,6 +78,8 @@ class LensResult(Saveable):
     - ``final_top1: [B, P]``: the model's own top-1 token (-1 at pads and where it is not finite)
     - ``convergence_layer: [B, P]``: first ``resid`` layer from which the top-1 stays equal
       to the final top-1 (-1 if the last lens row disagrees, or at pads)
+    - ``final_top1_rank: [R, B, P]`` (int64): the rank of the model's own top-1 in each row (0 = top-1;
+      -1 at pads and non-finite cells; None in results saved before it existed)
     - ``token_strings``: id -> decoded string for every id above (None without a tokenizer)
     - ``lens_name``: the name of the lens read (``"logit lens"``, ``"tuned lens"``, ``"linear shortcut"``; see
       :mod:`reslens.lens.values`; the lens itself is a :class:`~reslens.lens.Lens` value)
@@ -102,6 +104,7 @@ class LensResult(Saveable):
     convergence_layer: torch.Tensor
     token_strings: dict[int, str] | None = field(default=None, compare=False)
     lens_name: str = "logit lens"
+    final_top1_rank: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site_of_row", tuple(self.site_of_row))
@@ -114,7 +117,7 @@ class LensResult(Saveable):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != batch_pos:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {batch_pos}")
-        for name in (*_FLOAT_ROWS, "target_rank"):
+        for name in (*_FLOAT_ROWS, "target_rank", "final_top1_rank"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (n_rows, *batch_pos):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(n_rows, *batch_pos)}")
@@ -199,13 +202,25 @@ class LensResult(Saveable):
         """
         return lens_table(self, seq=seq, width=width, cell=cell)
 
+    def summary(self, seq: int = 0, *, width: int = 100) -> str:
+        """What to read from the table (a few lines of text; :mod:`reslens.lens._summary`).
+
+        At the last position: the model's top-1 and its rank in every row (0 = top-1, from
+        ``final_top1_rank``) and the row from which it stays top-1; over the positions, the median layer
+        at which the final top-1 settles.
+        """
+        from reslens.lens._summary import lens_summary
+
+        return lens_summary(self, seq, width=width)
+
     def plot(self, metric: str = "prob", seq: int = 0, *, ax=None, max_positions: int = 40,
-             per_row: int = 16):
+             per_row: int = 24):
         """Heatmap (layers x positions) of ``metric`` with the top-1 token written in each cell.
 
         ``metric``: ``"prob"`` (top-1 probability), ``"rank"`` (rank of the actual next token),
         ``"entropy"``, ``"kl"`` (KL(final || layer)). Longer inputs are wrapped into stacked panels
-        of ``per_row`` positions. Needs matplotlib. Returns the figure.
+        of at most ``per_row`` positions, of equal widths. Needs matplotlib. Returns the figure.
+        Several lenses of one text in one figure: :func:`reslens.plot.plot_lenses`.
         """
         from reslens.lens._plot import plot_lens
 
@@ -274,6 +289,7 @@ def _reduce_positions(
     out["top_ids"] = torch.full((n_rows, n_real, top_k), -1, dtype=torch.long, device=dev)
     out["top_probs"] = torch.full((n_rows, n_real, top_k), torch.nan, device=dev)
     out["target_rank"] = torch.full((n_rows, n_real), -1, dtype=torch.long, device=dev)
+    out["final_top1_rank"] = torch.full((n_rows, n_real), -1, dtype=torch.long, device=dev)
     final_top1 = torch.empty(n_real, dtype=torch.long, device=dev)
     final_finite = torch.empty(n_real, dtype=torch.bool, device=dev)
     reduce, last = reducer(fused), ("resid", arch.n_layer)
@@ -383,6 +399,7 @@ def _lens_of(residuals: Residuals, arch: Arch, *, rows: list[tuple[str, int]], l
         target_rank=None if target_ids is None else spread(out["target_rank"], shape, real, -1),
         final_top1=top1_final, convergence_layer=convergence(top_ids[..., 0], top1_final, rows),
         token_strings=token_strings(tokenizer, top_ids, input_ids, target_ids), lens_name=lens.name,
+        final_top1_rank=spread(out["final_top1_rank"], shape, real, -1),
     )
     for name in _FLOAT_ROWS:
         result[name] = spread(out[name], shape, real, torch.nan)
