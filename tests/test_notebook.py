@@ -20,7 +20,7 @@ TEXT = "When the old sailor came back to the inn, he asked for a glass of rum."
 
 #: the public modules whose classes are results or values (reslens.arch, the adapter, is not a result)
 PUBLIC = ("reslens", "reslens.residuals", "reslens.hooks", "reslens.lens", "reslens.pca", "reslens.kv_memory",
-          "reslens.heads", "reslens.attribution", "reslens.tracing", "reslens.rome")
+          "reslens.heads", "reslens.attribution", "reslens.tracing", "reslens.rome", "reslens.generation")
 #: public classes that are not results or values: the hook context managers and the lenses' base class
 NOT_RESULTS = {"Trace", "Patch", "Lens"}
 
@@ -60,6 +60,7 @@ def results():
     moments.add(res.resid[:, 0])
     experiment = pca.pca_experiment(model, tok, [book], n=8, max_length=16, min_context=4, progress=False)
     noise = tracing.Noise(samples=2)
+    scope = lens.Patchscope(model, tokenizer=tok)
     out = {
         "Batch": batch,
         "Residuals": res,
@@ -99,6 +100,13 @@ def results():
         "RankOneEdit": rome.RankOneEdit(model, 1, torch.ones(d_mlp), torch.ones(d_model),
                                         key=torch.ones(d_mlp), value=torch.ones(d_model)),
         "Known": hub.KNOWN["smollm2"],
+        "JacobianLens": lens.fit_jacobian_lens(model, [book], tokenizer=tok, max_tokens=48, max_length=16,
+                                               skip_first=2, progress=False),
+        "JacobianSums": lens.JacobianSums(n_layer, d_model),
+        "LensChange": lens.lens_change(model, [TEXT], " the", tokenizer=tok, layers=1),
+        "Patchscope": scope,
+        "PatchscopeResult": lens.patchscope(model, TEXT, -1, tokenizer=tok, layers=[1, 2]),
+        "Generation": reslens.generate(model, [TEXT], tokenizer=tok, max_new_tokens=3, lens="logit"),
     }
     return out
 

@@ -39,6 +39,7 @@ from reslens._checks import check_bool, check_int
 from reslens._distributed import Shard, shard_of
 from reslens._inputs import Batch, as_batch
 from reslens._stream import batches, chunks
+from reslens._text import html_table
 from reslens.arch import Arch, adapter
 from reslens.hooks import patch
 from reslens.lens._data import corpus_windows, model_name
@@ -98,6 +99,12 @@ class JacobianSums:
         n_layer, d_model, _ = self.total.shape
         return (f"JacobianSums(n_layer={n_layer}, d_model={d_model}, windows={self.n_windows}, "
                 f"tokens={self.n_tokens})")
+
+    def _repr_html_(self) -> str:
+        n_layer, d_model, _ = self.total.shape
+        rows = [("layers", n_layer), ("d_model", d_model), ("windows", self.n_windows),
+                ("tokens", self.n_tokens)]
+        return html_table(repr(self), (), rows)
 
     def add(self, arch: Arch, batch: Batch, skip_first: int) -> None:
         """Add the windows of a checked ``batch`` (on the model's device): a forward, ``d_model`` products."""
