@@ -71,17 +71,16 @@ def main() -> None:
                            progress=False)
     rest = [compare_lenses(model, held_out, [lens], tokenizer=tokenizer, max_tokens=args.eval_tokens,
                            progress=False) for lens in lenses[3:]]
-    kl = torch.cat([first.kl_final_layer, *(r.kl_final_layer for r in rest)])
-    scores = type(first)(tuple(names), first.layers, kl, kl, kl, first.n_tokens)  # KL is what is printed
+    kl = torch.cat([first.kl_final_layer, *(r.kl_final_layer for r in rest)])  # [lenses, layers]
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"held out: {scores.n_tokens} tokens of {held_out.name}")
+          f"held out: {first.n_tokens} tokens of {held_out.name}")
     print("| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-    for r, layer in enumerate(scores.layers):
-        print(f"| {layer} | " + " | ".join(f"{float(scores.kl_final_layer[k, r]):.2f}"
+    for r, layer in enumerate(first.layers):
+        print(f"| {layer} | " + " | ".join(f"{float(kl[k, r]):.2f}"
                                          for k in range(len(names))) + " |")
-    mean = scores.kl_final_layer[:, :-1].mean(1)
+    mean = kl[:, :-1].mean(1)
     print("| mean 0..L-1 | " + " | ".join(f"{float(m):.2f}" for m in mean) + " |")
-    below = [(scores.kl_final_layer[k, :-1] < scores.kl_final_layer[1, :-1]).all().item()
+    below = [(kl[k, :-1] < kl[1, :-1]).all().item()
              for k in range(len(names))]
     print("below the shortcut at every layer: " + ", ".join(f"{n}: {b}" for n, b in zip(names, below)))
 
