@@ -8,6 +8,7 @@ import matplotlib
 import pytest
 import torch
 
+from reslens import heads
 from reslens._text import cell_text
 from reslens.lens import logit_lens
 from reslens.lens._plot import plot_lens, plot_lens_stats, plot_lenses
@@ -69,3 +70,34 @@ def test_every_whitespace_token_shows_visibly_and_distinctly():
     assert len(set(shown)) == len(shown), dict(zip(WHITESPACE, shown))
     assert cell_text("\u00a0", 8) == "⍽" and cell_text("  ", 8) == "␣␣"
     assert cell_text(" the", 8) == "the" and cell_text("the\u00a0cat", 8) == "the⍽cat"
+
+
+def test_the_composition_figure_stays_readable_with_many_heads_and_shows_the_strongest_pair():
+    model = make_model(n_layer=4, n_embd=64, n_head=16)  # 64 heads: a 64 x 64 grid before
+    comp = heads.composition_scores(model, "k", n_baseline=4)
+    fig = comp.plot()
+    labelled = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    for ax in labelled:
+        assert len(ax.get_xticklabels()) <= 24 and len(ax.get_yticklabels()) <= 24
+    writer, reader, _ = comp.top(1)[0]
+    shown = [t.get_text() for ax in labelled for t in ax.get_yticklabels()]
+    assert f"{writer} -> {reader}" in shown
+    # the layer heatmap's strongest cell is that pair's block
+    blocks = labelled[0].images[0].get_array()
+    a, b = (int(label.split(".")[0]) for label in (writer, reader))
+    assert float(blocks[a, b]) == pytest.approx(comp.top(1)[0][2])
+
+
+def test_the_copying_panel_has_a_continuous_scale_and_says_what_it_shows():
+    # one eigenvalue dwarfs three negative ones: the copying score reads nearly +1, the signs -0.5
+    eig = torch.tensor([[[100.0, -1.0, -1.0, -1.0], [1.0, 1.0, -2.0, 0.5]]], dtype=torch.complex64)
+    ov = heads.OVSummary(eig, (eig.sum(-1).real / eig.abs().sum(-1)).float())
+    assert float(ov.copying[0, 0]) > 0.9
+    assert ov.sign_balance.tolist() == [[-0.5, 0.5]]
+    fig = ov.plot()
+    panels = [ax for ax in fig.axes if ax.get_ylabel() == "layer"]
+    assert [ax.get_title() for ax in panels] == ["copying scores", "copying (eigenvalue signs) scores"]
+    bars = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert "Σλ/Σ|λ|" in bars[0] and "d_head" in bars[1]  # each colour bar says what its colour is
+    image = panels[1].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (-1, 1)  # diverging, centred on 0
