@@ -101,3 +101,20 @@ def test_the_copying_panel_has_a_continuous_scale_and_says_what_it_shows():
     assert "Σλ/Σ|λ|" in bars[0] and "d_head" in bars[1]  # each colour bar says what its colour is
     image = panels[1].images[0]
     assert (image.norm.vmin, image.norm.vmax) == (-1, 1)  # diverging, centred on 0
+
+
+def test_the_lens_repr_names_its_lens_and_model_and_says_how_to_read_it():
+    from reslens import adapter, capture
+    from reslens.lens import LinearShortcut, lens_of
+
+    model = make_model()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    res = capture(model, ids, sites=("resid",))
+    d, n = model.config.n_embd, model.config.n_layer
+    shortcut = LinearShortcut(torch.eye(d).repeat(n, 1, 1), torch.zeros(n, d))
+    for lens, name in ((None, "logit lens"), (shortcut, "linear shortcut")):
+        result = lens_of(res, adapter(model), lens=lens)
+        page = result._repr_html_()
+        caption = page[: page.index("<table")]
+        assert f"{name} of GPT2LMHeadModel" in caption and result.model_name == "GPT2LMHeadModel"
+        assert "top-1 token" in caption and "embedding" in caption
