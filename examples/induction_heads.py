@@ -232,7 +232,7 @@ def main() -> None:
     dla = report_attribution(arch, tokenizer, bos)
 
     figures["head_scores.png"] = plot_head_score_panels(
-        [induction, previous] + ([ov.copying_scores] if copying else []))
+        [induction, previous] + ([ov.copying_scores, ov.sign_scores] if copying else []))
     figures["induction_logit_attribution.png"] = dla.plot()
     for name, figure in figures.items():
         figure.savefig(args.out_dir / name, dpi=150, bbox_inches="tight")

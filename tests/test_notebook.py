@@ -131,6 +131,18 @@ def test_every_result_has_a_short_repr_and_an_html_table(results):
         assert isinstance(html, str) and "<table" in html, name
 
 
+def test_the_main_reprs_say_what_they_show_and_how_to_read_it(results):
+    """A caption before the table (issue 28): what is shown, and how to read it."""
+    phrases = {"LensResult": "top-1 token of that layer", "LensStats": "one row per layer",
+               "TraceResult": "restored to its clean value", "HeadScores": "a row per layer",
+               "OVSummary": "a row per layer", "CompositionScores": "random matrices",
+               "MemoryContributions": "sum of memories"}
+    for name, phrase in phrases.items():
+        page = results[name]._repr_html_()
+        assert phrase in page[: page.index("<table")].replace("&#x27;", "'"), name
+    assert "logit lens of " in results["LensResult"]._repr_html_()
+
+
 def test_tables_are_text_not_escaped_strings(results):
     table = results["LensResult"].table()
     assert isinstance(table, str) and "\n" in table

@@ -13,15 +13,34 @@ from typing import Any
 __all__ = ["cell_text", "show", "head_label", "pandas", "blue", "html_table"]
 
 
-def cell_text(token: str, width: int) -> str:
-    """A token as it fits in a table cell: newlines escaped, leading space dropped, cut to ``width``.
+#: whitespace and invisible characters a cell shows by a visible stand-in (any other is escaped ``\\uXXXX``)
+_VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\u00a0": "⍽"}
 
-    A token of spaces only shows as ``␣`` (one per space), so it never looks like an empty cell.
+
+def _visible(ch: str) -> str:
+    if ch in _VISIBLE:
+        return _VISIBLE[ch]
+    if ch.isspace() or not ch.isprintable():  # thin, zero-width, en/em spaces, controls: their code point
+        return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+    return ch
+
+
+def cell_text(token: str, width: int) -> str:
+    r"""A token as it fits in a table cell: never blank, leading space dropped, cut to ``width``.
+
+    Newlines, tabs and carriage returns are escaped (``\n``, ``\t``, ``\r``), the no-break space shows
+    as ``⍽`` and any other whitespace or invisible character as its code point (``\u2009``). A token that
+    is whitespace only shows every character, a space as ``␣`` (``"  "`` is ``␣␣``), so no two such
+    tokens look alike and none looks like an empty cell; otherwise a single leading space is dropped.
+
+    >>> [cell_text(t, 8) for t in (" ", "\u00a0", "\t", "\r\n", "\u2009", " the")]
+    ['␣', '⍽', '\\t', '\\r\\n', '\\u2009', 'the']
     """
-    text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if text and not text.strip(" "):
-        text = "␣" * len(text)
-    text = text[1:] if text.startswith(" ") and len(text) > 1 else text
+    if token.isspace():
+        text = "".join(_visible(ch) for ch in token)
+    else:
+        text = token[1:] if token.startswith(" ") and len(token) > 1 else token
+        text = "".join(ch if ch == " " else _visible(ch) for ch in text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

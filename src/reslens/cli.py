@@ -271,7 +271,8 @@ def _heads(args: argparse.Namespace) -> int:
         repeats = repeated_tokens(arch, seq_len=seq_len, n=args.n, seed=args.seed)
         previous = previous_token_scores(arch, repeats)
     limits = arch.limits  # the weight circuits some families refuse (QK-norm, norms on the heads' sum)
-    copying = None if "ov_circuit" in limits else ov_eigen_summary(arch).copying_scores
+    ov = None if "ov_circuit" in limits else ov_eigen_summary(arch)
+    copying = None if ov is None else ov.copying_scores
     refused = next((limits[key] for key in ("ov_circuit", "qk_circuit") if key in limits), None)
     k_comp = None if refused else composition_scores(arch, "k")
     panels = [scores for scores in (induction, previous, copying) if scores is not None]
@@ -286,7 +287,8 @@ def _heads(args: argparse.Namespace) -> int:
     if args.out is not None:
         from reslens.plot import plot_head_score_panels
 
-        _save(plot_head_score_panels(panels), args.out)
+        # the copying panel counts eigenvalue signs: Σλ/Σ|λ| is set by the largest one and reads ±1
+        _save(plot_head_score_panels([ov.sign_scores if s is copying else s for s in panels]), args.out)
     return 0
 
 

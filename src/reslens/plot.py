@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from reslens._figures import _check_seq, _figure, _pyplot, _text_colour
 from reslens.lens._plot import (LENS_PLOT_METRICS, plot_lens, plot_lens_change, plot_lens_comparison,
                                  plot_lens_stats, plot_lenses)
@@ -42,7 +44,7 @@ def plot_head_scores(scores, *, ax=None, annotate: bool | None = None):
     Values are written in the cells when ``annotate`` (default: at most 16 x 16 heads).
     Scores with negative values (copying, logit attribution) get a diverging colour map
     centred on 0. Scores within [-1, 1] (attention fractions, copying) keep the full 0..1 or
-    -1..1 colour scale, so weak heads look weak.
+    -1..1 colour scale, so weak heads look weak. The colour bar's label is the score's description.
     """
     import numpy as np
 
@@ -69,12 +71,17 @@ def plot_head_scores(scores, *, ax=None, annotate: bool | None = None):
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(f"{scores.name} scores", fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    if scores.description:  # what the colour means, e.g. the copying score's formula and reading
+        bar.set_label(textwrap.fill(scores.description, 60), fontsize=7)
     return fig
 
 
-def plot_head_score_panels(all_scores, *, ncols: int | None = None):
-    """Several :class:`~reslens.heads.HeadScores` heatmaps side by side in one figure."""
+def plot_head_score_panels(all_scores, *, ncols: int | None = None, annotate: bool | None = None):
+    """Several :class:`~reslens.heads.HeadScores` heatmaps side by side in one figure.
+
+    ``annotate``: as :func:`plot_head_scores`.
+    """
     plt = _pyplot()
     all_scores = list(all_scores)
     if not all_scores:
@@ -85,41 +92,67 @@ def plot_head_score_panels(all_scores, *, ncols: int | None = None):
     width, height = max(3.5, 0.55 * n_head + 2), max(2.5, 0.45 * n_layer + 1.2)
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(ncols * width, nrows * height))
     for ax, scores in zip(axes.flat, all_scores):
-        plot_head_scores(scores, ax=ax)
+        plot_head_scores(scores, ax=ax, annotate=annotate)
     for ax in list(axes.flat)[len(all_scores):]:
         ax.axis("off")
     fig.tight_layout()
     return fig
 
 
-def plot_composition(comp, *, ax=None):
-    """Writer heads (rows) x reader heads (columns) heatmap of a :class:`~reslens.heads.CompositionScores`.
+def _layer_blocks(comp):
+    """``[n_layer, n_layer]`` strongest score per (writer layer, reader layer) block (NaN where none)."""
+    import torch
 
-    Lines separate the layers. Returns the figure.
+    blocks = torch.where(comp.mask & ~comp.scores.isnan(), comp.scores, float("-inf")).amax(dim=(1, 3))
+    return torch.where(blocks.isfinite(), blocks, float("nan")).numpy()
+
+
+def plot_composition(comp, *, ax=None, top: int = 20):
+    """A :class:`~reslens.heads.CompositionScores` readable at any model size: layer blocks and the top pairs.
+
+    Left: a writer layer x reader layer heatmap, each cell the strongest head pair of that block (score
+    = raw minus the random baseline; white 0 = as random). Right: the ``top`` strongest head pairs as
+    bars labelled ``writer -> reader`` (``layer.head``). A 30-layer, 270-head model gives a 30 x 30 grid
+    and 20 bars instead of a 270 x 270 grid. ``ax``: None (a new figure), a pair of axes ``(left,
+    right)``, or one axes for the layer heatmap alone. Returns the figure.
     """
     import numpy as np
 
-    n_layer, n_head = comp.n_layer, comp.n_head
-    n = n_layer * n_head
-    values = comp.scores.reshape(n, n).numpy()
-    size = min(12, max(4, 0.3 * n + 2))
-    fig, ax = _figure(ax, (size + 1, size))
-    finite = values[np.isfinite(values)]
+    from reslens._checks import check_int
+
+    check_int(top, "top", low=1)
+    if ax is None:
+        size = (min(14, max(9, 0.3 * comp.n_layer + 7)), min(10, max(4, 0.25 * comp.n_layer + 2.5)))
+        fig, (left, right) = _pyplot().subplots(1, 2, figsize=size, gridspec_kw={"width_ratios": [1.2, 1]},
+                                                layout="constrained")
+    elif isinstance(ax, (tuple, list)) and len(ax) == 2:
+        (left, right), fig = ax, ax[0].figure
+    else:
+        fig, left, right = ax.figure, ax, None
+    blocks = _layer_blocks(comp)
+    finite = blocks[np.isfinite(blocks)]
     bound = max(float(np.abs(finite).max()) if finite.size else 1.0, 1e-12)
-    image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound)
-    for edge in range(1, n_layer):
-        ax.axhline(edge * n_head - 0.5, color="grey", lw=0.5)
-        ax.axvline(edge * n_head - 0.5, color="grey", lw=0.5)
-    labels = [f"{layer}.{head}" for layer in range(n_layer) for head in range(n_head)]
-    step = max(1, n // 48)
-    ax.set_xticks(range(0, n, step), labels[::step], rotation=90, fontsize=6)
-    ax.set_yticks(range(0, n, step), labels[::step], fontsize=6)
-    ax.set_xlabel("reader head (later layer)")
-    ax.set_ylabel("writer head (earlier layer)")
+    image = left.imshow(blocks, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    step = max(1, -(-comp.n_layer // 24))  # at most 24 labels a side
+    ticks = list(range(0, comp.n_layer, step))
+    left.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+    left.set_yticks(ticks, [str(t) for t in ticks], fontsize=8)
+    left.set_xlabel("reader layer (later)")
+    left.set_ylabel("writer layer (earlier)")
     offset = getattr(comp, "offset", None)  # Q/K-composition under rotary: the query-key offset
     title = f"{comp.kind.upper()}-composition" + ("" if offset is None else f" at offset {offset}")
-    ax.set_title(f"{title} minus random baseline {comp.baseline:.3f}", fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    left.set_title(f"{title}: strongest head pair per layer pair", fontsize=10)
+    fig.colorbar(image, ax=left, fraction=0.046, pad=0.03,
+                 label=f"score = raw − random baseline {comp.baseline:.3f}")
+    if right is not None:
+        pairs = comp.top(top)
+        values = [score for _, _, score in pairs]
+        right.barh(range(len(pairs)), values, color=["tab:red" if v >= 0 else "tab:blue" for v in values])
+        right.set_yticks(range(len(pairs)), [f"{w} -> {r}" for w, r, _ in pairs], fontsize=8)
+        right.invert_yaxis()
+        right.axvline(0, color="black", lw=0.5)
+        right.set_xlabel("score (raw − random baseline)")
+        right.set_title(f"the {len(pairs)} strongest pairs (writer -> reader, layer.head)", fontsize=10)
     return fig
 
 

@@ -97,6 +97,23 @@ class OVSummary(Saveable):
             how += f", embedding {self.effective_embedding}"
         return HeadScores(self.copying, "copying", how)
 
+    @property
+    def sign_balance(self) -> torch.Tensor:
+        """``[n_layer, n_head]`` in [-1, 1]: ``(#(Re λ > 0) − #(Re λ < 0)) / d_head``, one vote each.
+
+        The copying score ``Σλ / Σ|λ|`` is set by the largest eigenvalues: on a trained model one of them
+        often dwarfs the rest, so most heads score near +1 or −1 (a checkerboard). This counts in how
+        many of its directions a head copies (+) or suppresses (−), whatever their size.
+        """
+        real = self.eigenvalues.real
+        return ((real > 0).sum(-1) - (real < 0).sum(-1)).float() / real.shape[-1]
+
+    @property
+    def sign_scores(self) -> HeadScores:
+        """:attr:`sign_balance` as :class:`HeadScores`: the copying panel's continuous scale."""
+        return HeadScores(self.sign_balance, "copying (eigenvalue signs)",
+                          "(#Re λ>0 − #Re λ<0) / d_head: +1 copies in every direction, −1 suppresses")
+
     def top(self, k: int = 5, *, largest: bool = True) -> list[tuple[str, float]]:
         """Heads with the highest (``largest=False``: most negative) copying scores."""
         return self.copying_scores.top(k, largest=largest)
@@ -136,8 +153,20 @@ class OVSummary(Saveable):
         return self.copying_scores.table(k)
 
     def plot(self, *, ax=None, annotate: bool | None = None):
-        """Heatmap of the copying scores (diverging colours, -1..1). Returns the figure."""
-        return self.copying_scores.plot(ax=ax, annotate=annotate)
+        """Two layers x heads heatmaps (diverging, centred on 0): the copying score and :attr:`sign_balance`.
+
+        The first (``Σλ/Σ|λ|``) is set by each head's largest eigenvalues, so it mostly reads ±1; the
+        second counts every eigenvalue once and shows how far each head copies. ``ax``: None (a new
+        figure), a pair of axes for the two, or one axes for the copying score alone. Returns the figure.
+        """
+        from reslens.plot import plot_head_score_panels, plot_head_scores
+
+        if ax is None:
+            return plot_head_score_panels([self.copying_scores, self.sign_scores], annotate=annotate)
+        if isinstance(ax, (tuple, list)) and len(ax) == 2:
+            plot_head_scores(self.sign_scores, ax=ax[1], annotate=annotate)
+            ax = ax[0]
+        return plot_head_scores(self.copying_scores, ax=ax, annotate=annotate)
 
     def __repr__(self) -> str:
         n_layer, n_head, d_head = self.eigenvalues.shape

@@ -131,7 +131,7 @@ class CompositionScores(Saveable):
         return "\n".join([self._title()] + [f"  {w:>6} -> {r:<6} {s:+.4f}" for w, r, s in self.top(k)])
 
     def plot(self, *, ax=None):
-        """``[n_layer * n_head]^2`` heatmap, writers as rows, readers as columns. Returns the figure."""
+        """Layer x layer blocks (the strongest pair of each) beside the top head pairs. Returns the figure."""
         from reslens.plot import plot_composition
 
         return plot_composition(self, ax=ax)
@@ -143,7 +143,9 @@ class CompositionScores(Saveable):
                 f"baseline={self.baseline:.4f}, top: {top})")
 
     def _repr_html_(self) -> str:
-        return html_table(self._title(), ["writer", "reader", "score"], self.top(10))
+        note = ("— the 10 strongest pairs of an earlier head (writer) and a later head (reader); score = the "
+                "composition minus its mean on random matrices (0 = as random; the ± is their spread).")
+        return html_table(self._title(), ["writer", "reader", "score"], self.top(10), note=note)
 
 
 

@@ -107,7 +107,8 @@ class HeadScores(Saveable):
     def _repr_html_(self) -> str:
         rows = [[f"L{layer}", *self.scores[layer].tolist()] for layer in range(self.n_layer)]
         title = f"{self.name} scores" + (f" ({self.description})" if self.description else "")
-        return html_table(title, ["", *(f"h{h}" for h in range(self.n_head))], rows)
+        note = "— one score per head: a row per layer (L), a column per head (h); .top(k): the strongest."
+        return html_table(title, ["", *(f"h{h}" for h in range(self.n_head))], rows, note=note)
 
 
 # --- capturing patterns ---------------------------------------------------------------------

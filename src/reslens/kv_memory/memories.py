@@ -205,7 +205,11 @@ class MemoryContributions(Saveable):
 
     def _repr_html_(self) -> str:
         rows = [(m.label, f"{m.coefficient:+.3f}", f"{m.score:+.3f}") for m in self.top(10)]
-        return html_table(f"MemoryContributions: {self._describe()}", ("neuron", "m", "score"), rows)
+        score = "|m|·‖v‖" if self.rank_by == "magnitude" else "m (v · the token's unembedding)"
+        note = (f"— the MLP's output here as a sum of memories m·v: the 10 with the largest score = {score}; "
+                "neuron = layer.key, m = the key's coefficient.")
+        title = f"MemoryContributions: {self._describe()}"
+        return html_table(title, ("neuron", "m", "score"), rows, note=note)
 
 
 def _check_contribution_options(arch: Arch, token: Any, tokenizer: Any, rank_by: Any,

@@ -12,9 +12,10 @@ from typing import Any
 
 from reslens._checks import check_int
 from reslens._figures import _check_seq, _figure, _pyplot, _text_colour
+from reslens._text import blue
 from reslens._text import cell_text as _cell_text
 
-__all__ = ["LENS_PLOT_METRICS", "lens_table", "plot_lens", "plot_lenses", "plot_lens_stats",
+__all__ = ["LENS_PLOT_METRICS", "lens_table", "lens_html", "plot_lens", "plot_lenses", "plot_lens_stats",
            "plot_lens_comparison", "plot_lens_change"]
 
 LENS_PLOT_METRICS = ("prob", "rank", "entropy", "kl")
@@ -67,16 +68,37 @@ def _panel(ax: Any, result: Any, values: Any, seq: int, cols: Any, scale: dict, 
     return image
 
 
-def _scale(metric: str, values: list) -> tuple[dict, str]:
-    """One colour scale over every array in ``values`` (the matplotlib norm or limits) and the colour map."""
+def _embedding_row(result: Any) -> int | None:
+    """The lens row that reads the embedding (``resid`` at layer 0), or None."""
+    rows = zip(result.site_of_row, result.layer_of_row)
+    return next((r for r, (site, layer) in enumerate(rows) if site == "resid" and layer == 0), None)
+
+
+def _scale(metric: str, values: list, embedding: list) -> tuple[dict, str, str, str]:
+    """One colour scale over every array in ``values``: ``(norm or limits, colour map, bar label, extend)``.
+
+    KL's scale is set by the rows after the embedding: the embedding row (``embedding[i]`` of
+    ``values[i]``; 100+ nats on a trained model, against a few elsewhere) would otherwise make every
+    other row one colour. Where it reaches beyond them, the scale is clipped at their largest value and
+    the bar's label says so.
+    """
     import numpy as np
     from matplotlib.colors import LogNorm
 
     finite = [v[np.isfinite(v)] for v in values]
     vmax = max((float(f.max()) for f in finite if f.size), default=2.0)
+    label, extend = _LABELS[metric], "neither"
+    if metric == "kl":
+        rest = [np.delete(v, e, axis=0) if e is not None else v for v, e in zip(values, embedding)]
+        rest = [r[np.isfinite(r)] for r in rest]
+        top = max((float(r.max()) for r in rest if r.size), default=vmax)
+        if vmax > 1.05 * top and top > 0:
+            label = f"KL(final ‖ layer), nats; clipped at {top:.3g} (embedding row up to {vmax:.3g})"
+            vmax, extend = top, "max"
     scale = {"rank": dict(norm=LogNorm(vmin=1, vmax=max(2.0, vmax))), "prob": dict(vmin=0, vmax=1)}.get(
         metric, dict(vmin=0, vmax=max(vmax, 1e-6)))
-    return scale, "Blues" if metric == "prob" else "Blues_r" if metric == "rank" else "viridis_r"
+    cmap = "Blues" if metric == "prob" else "Blues_r" if metric == "rank" else "viridis_r"
+    return scale, cmap, label, extend
 
 
 def _check_plot(result: Any, metric: str, seq: int, max_positions: Any) -> None:
@@ -103,7 +125,7 @@ def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positi
     real = result.attention_mask[seq].nonzero().flatten()[-max_positions:]
     values = _values(result, metric, seq, real)  # [R, P']
     n_rows, n_pos = values.shape
-    scale, cmap = _scale(metric, [values])
+    scale, cmap, label, extend = _scale(metric, [values], [_embedding_row(result)])
     n_panels = 1 if ax is not None else -(-n_pos // per_row)
     width = -(-n_pos // n_panels)  # balanced: 23 positions in one panel, 38 in two of 19 at per_row=24
     starts = list(range(0, n_pos, width))
@@ -117,7 +139,7 @@ def plot_lens(result, metric: str = "prob", seq: int = 0, *, ax=None, max_positi
         stop = min(start + width, n_pos)
         image = _panel(panel, result, values[:, start:stop], seq, real[start:stop], scale, cmap)
         panel.set_xlim(-0.5, width - 0.5)
-    fig.colorbar(image, ax=axes, label=_LABELS[metric], fraction=0.03, pad=0.02)
+    fig.colorbar(image, ax=axes, label=label, fraction=0.03, pad=0.02, extend=extend)
     shown = f"positions {int(real[0])}..{int(real[-1])}" if len(starts) > 1 else "text = top-1 token"
     axes[0].set_title(f"{result.lens_name}: {_LABELS[metric]} ({shown}; text = top-1 token)"
                       if len(starts) > 1 else f"{result.lens_name}: {_LABELS[metric]} ({shown})", fontsize=10)
@@ -146,7 +168,7 @@ def plot_lenses(results, metric: str = "prob", seq: int = 0, *, max_positions: i
             raise ValueError(f"results[{k}] reads other inputs than results[0]; give lenses of one text")
     real = first.attention_mask[seq].nonzero().flatten()[-max_positions:]
     values = [_values(result, metric, seq, real) for result in results]  # each [R, P']
-    scale, cmap = _scale(metric, values)
+    scale, cmap, label, extend = _scale(metric, values, [_embedding_row(result) for result in results])
     n_pos = len(real)
     heights = [max(3.0, 0.3 * v.shape[0] + 1.9) for v in values]
     size = (max(6, 0.8 * n_pos + 2.8), sum(heights))
@@ -156,7 +178,7 @@ def plot_lenses(results, metric: str = "prob", seq: int = 0, *, max_positions: i
     for panel, result, value in zip(axes, results, values):
         image = _panel(panel, result, value, seq, real, scale, cmap)
         panel.set_title(f"{result.lens_name} (text = top-1 token)", fontsize=10)
-    fig.colorbar(image, ax=axes, label=_LABELS[metric], fraction=0.03, pad=0.02)
+    fig.colorbar(image, ax=axes, label=label, fraction=0.03, pad=0.02, extend=extend)
     return fig
 
 
@@ -178,11 +200,34 @@ def plot_lens_stats(stats, *, ax=None):
     left.set_ylabel("fraction / probability")
     left.set_ylim(0, 1)
     right.set_ylabel("nats (dashed)")
+    _clip_embedding_kl(right, layers, stats.mean.kl_final_layer.numpy(), stats.mean.entropy.numpy())
     lines = left.get_lines() + right.get_lines()
     left.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
     left.set_title(f"{stats.lens_name} over {stats.n_tokens} tokens", fontsize=10)
     fig.tight_layout()
     return fig
+
+def _clip_embedding_kl(ax: Any, layers: list, kl: Any, entropy: Any) -> None:
+    """Keep the nats axis on the layers after the embedding when the embedding's KL dwarfs them.
+
+    The embedding's mean KL (100+ nats on a trained model, against a few elsewhere) is then drawn at
+    the top edge, marked with its value, and the axis label says the scale is clipped.
+    """
+    import numpy as np
+
+    if not layers or layers[0] != 0 or len(layers) < 2:
+        return
+    rest = np.concatenate([kl[1:], entropy])
+    top = float(np.nanmax(rest)) if np.isfinite(rest).any() else 0.0
+    limit = 1.15 * top
+    if not (top > 0 and float(kl[0]) > limit):
+        return
+    ax.set_ylim(0, limit)
+    ax.plot([layers[0]], [limit], "^", color="tab:red", clip_on=False)
+    ax.annotate(f"embedding KL {float(kl[0]):.3g}", (layers[0], limit), xytext=(6, -12),
+                textcoords="offset points", fontsize=7, color="tab:red")
+    ax.set_ylabel(f"nats (dashed); clipped at {limit:.3g}, the embedding's KL is off the scale")
+
 
 def plot_lens_comparison(comparison, *, ax=None):
     """Per layer, a line per lens: KL(final || lens) (log scale) beside the cross-entropy with the next token.
@@ -246,6 +291,53 @@ def lens_table(result: Any, seq: int = 0, *, width: int = 100, cell: int = 9) ->
         lines.append(f"{'input':<{label_w}}" + cells(ins))
         blocks.append("\n".join(line.rstrip() for line in lines))
     return title + "\n\n" + "\n\n".join(blocks)
+
+
+def _short_model_name(name: str) -> str:
+    """A recorded model name as a caption says it: a local path by its last part (``smollm2``)."""
+    if not name:
+        return "a model not recorded"
+    return name.rstrip("/").rsplit("/", 1)[-1] if name.startswith(("/", "~", ".")) else name
+
+
+def lens_html(result: Any, max_positions: int = 40) -> str:
+    """A :class:`~reslens.lens.LensResult`'s notebook view: a coloured grid of sequence 0, deepest row on top.
+
+    A caption names the lens and the model and says how to read the grid; each cell's background is
+    the layer's top-1 probability, its text the top-1 token (hover: the probability).
+    """
+    import html
+
+    real = result.attention_mask[0].nonzero().flatten()[:max_positions].tolist()
+    top1, prob = result.top_ids[:, 0, :, 0].cpu(), result.top_probs[:, 0, :, 0].cpu()
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"<tr><th style='text-align:right'>{html.escape(label)}</th>{''.join(cells)}</tr>"
+
+    def plain(ids: list[int]) -> list[str]:
+        return [f"<td><i>{html.escape(_cell_text(result.token(i), 10))}</i></td>" for i in ids]
+
+    lines = []
+    if result.targets is not None:
+        lines.append(row("next", plain(result.targets[0, real].tolist())))
+    for r in reversed(range(len(result.site_of_row))):
+        cells = []
+        for p in real:
+            value, token = float(prob[r, p]), int(top1[r, p])
+            back, text = blue(value)
+            shown = html.escape(_cell_text(result.token(token), 10)) if token >= 0 else "NaN"
+            cells.append(f"<td style='background:{back};color:{text}' title='p={value:.3f}'>{shown}</td>")
+        lines.append(row(result.row_labels[r], cells))
+    lines.append(row("input", plain(result.input_ids[0, real].tolist())))
+    model = _short_model_name(getattr(result, "model_name", ""))
+    n_real = int(result.attention_mask[0].sum())
+    shown = f"{len(real)} of {n_real} positions" if len(real) < n_real else f"{n_real} positions"
+    caption = (f"sequence 0, {shown}. Each cell: the top-1 token of that layer's prediction, on its "
+               "probability (white 0 to dark blue 1); rows from the embedding (bottom) to the model's output "
+               "(top)" + ("; 'next' is the actual next token" if result.targets is not None else "") + ".")
+    return (f"<div><b>{html.escape(result.lens_name)} of {html.escape(model)}</b> "
+            f"<span>{html.escape(caption)}</span> <small>{html.escape(repr(result))}</small>"
+            f"<table style='font-family:monospace;font-size:11px'>{''.join(lines)}</table></div>")
 
 
 def plot_lens_change(change: Any, k: int = 10, *, ax: Any = None):

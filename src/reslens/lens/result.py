@@ -25,7 +25,6 @@ cell whose logits are not finite gets ids and rank -1 and NaN metrics, and a war
 
 from __future__ import annotations
 
-import html
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +38,11 @@ from reslens.lens._plot import lens_table
 from reslens.lens._metrics import (SUB_ROWS, convergence, mark_non_finite, reduce_rows, reducer, reference,
                                    resolve_targets, spread)
 from reslens._saving import Saveable
-from reslens._text import blue, cell_text, pandas
+from reslens._text import pandas
 from reslens._tokens import token_strings
 from reslens.arch import Arch, adapter
 from reslens.hooks import _capture
+from reslens.lens._data import model_name
 from reslens.lens.values import Lens, as_lens
 from reslens.residuals import Residuals
 
@@ -82,7 +82,8 @@ class LensResult(Saveable):
       -1 at pads and non-finite cells; None in results saved before it existed)
     - ``token_strings``: id -> decoded string for every id above (None without a tokenizer)
     - ``lens_name``: the name of the lens read (``"logit lens"``, ``"tuned lens"``, ``"linear shortcut"``; see
-      :mod:`reslens.lens.values`; the lens itself is a :class:`~reslens.lens.Lens` value)
+      :mod:`reslens.lens.values`; the lens itself is a :class:`~reslens.lens.Lens` value); ``model_name``:
+      the checkpoint's name or path, else the model's class (``""`` in results saved before it existed)
     """
 
     site_of_row: tuple[str, ...]
@@ -105,6 +106,7 @@ class LensResult(Saveable):
     token_strings: dict[int, str] | None = field(default=None, compare=False)
     lens_name: str = "logit lens"
     final_top1_rank: torch.Tensor | None = None
+    model_name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site_of_row", tuple(self.site_of_row))
@@ -229,31 +231,12 @@ class LensResult(Saveable):
     def _repr_html_(self) -> str:
         """A coloured grid of sequence 0 (at most 40 positions), deepest layer on top.
 
-        Each cell's background is the layer's top-1 probability, its text the top-1 token.
+        A caption names the lens and the model. Each cell's background is the layer's top-1
+        probability, its text the top-1 token.
         """
-        real = self.attention_mask[0].nonzero().flatten()[:40].tolist()
-        top1, prob = self.top_ids[:, 0, :, 0].cpu(), self.top_probs[:, 0, :, 0].cpu()
+        from reslens.lens._plot import lens_html
 
-        def row(label: str, cells: list[str]) -> str:
-            return f"<tr><th style='text-align:right'>{html.escape(label)}</th>{''.join(cells)}</tr>"
-
-        def plain(ids: list[int]) -> list[str]:
-            return [f"<td><i>{html.escape(cell_text(self.token(i), 10))}</i></td>" for i in ids]
-
-        lines = []
-        if self.targets is not None:
-            lines.append(row("next", plain(self.targets[0, real].tolist())))
-        for r in reversed(range(len(self.site_of_row))):
-            cells = []
-            for p in real:
-                value, token = float(prob[r, p]), int(top1[r, p])
-                back, text = blue(value)
-                shown = html.escape(cell_text(self.token(token), 10)) if token >= 0 else "NaN"
-                cells.append(f"<td style='background:{back};color:{text}' title='p={value:.3f}'>{shown}</td>")
-            lines.append(row(self.row_labels[r], cells))
-        lines.append(row("input", plain(self.input_ids[0, real].tolist())))
-        return (f"<div><b>{html.escape(repr(self))}</b> (sequence 0; colour = top-1 probability)"
-                f"<table style='font-family:monospace;font-size:11px'>{''.join(lines)}</table></div>")
+        return lens_html(self)
 
     def __repr__(self) -> str:
         n_rows = len(self.site_of_row)
@@ -399,7 +382,7 @@ def _lens_of(residuals: Residuals, arch: Arch, *, rows: list[tuple[str, int]], l
         target_rank=None if target_ids is None else spread(out["target_rank"], shape, real, -1),
         final_top1=top1_final, convergence_layer=convergence(top_ids[..., 0], top1_final, rows),
         token_strings=token_strings(tokenizer, top_ids, input_ids, target_ids), lens_name=lens.name,
-        final_top1_rank=spread(out["final_top1_rank"], shape, real, -1),
+        final_top1_rank=spread(out["final_top1_rank"], shape, real, -1), model_name=model_name(arch),
     )
     for name in _FLOAT_ROWS:
         result[name] = spread(out[name], shape, real, torch.nan)

@@ -145,7 +145,11 @@ class LensStats(Saveable):
     def _repr_html_(self) -> str:
         header = ("layer", "top1=final", "p(final)", "top1=input", "KL(f||l)", "entropy", "logp(next)",
                   "med rank")
-        return html_table(repr(self), header, self._rows())
+        note = (f"— {self.lens_name} over {self.n_tokens} tokens, one row per layer (0 = the embedding): "
+                "how often the layer's top-1 is the model's final top-1 or the input token, the mean p of "
+                "the final top-1, KL(final ‖ layer) and entropy in nats, the mean log p and median rank "
+                "(0 = top-1) of the actual next token.")
+        return html_table(repr(self), header, self._rows(), note=note)
 
     def __repr__(self) -> str:
         lens = "" if self.lens_name == "logit lens" else f", lens_name={self.lens_name!r}"

@@ -313,7 +313,11 @@ class TraceResult(Saveable):
                 ("noise", f"{self.samples} samples x {self.noise:g} x std = {self.noise_std:.4g}, "
                           f"seed {self.seed}")]
         title = f"TraceResult [{self.n_layer} layers x {self.n_tokens} tokens]"
-        return html_table(title, ("", "value"), rows)
+        window = f" (a window of {self.window} layers)" if self.kind != "resid" else ""
+        note = (f"— a causal trace: p({show(self.answer)}) with the subject (*) noised, then with the "
+                f"{self.label} at one layer{window} and token restored to its clean value; the peak is the "
+                "restoration that brings most of it back (.plot() draws every cell).")
+        return html_table(title, ("", "value"), rows, note=note)
 
 
 # --- causal_trace ---------------------------------------------------------------------------
