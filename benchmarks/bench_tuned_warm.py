@@ -35,15 +35,34 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=6_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=".", help="where the lenses are saved")
+    parser.add_argument("--score-only", metavar="DIR", default=None,
+                        help="score the lenses an earlier run saved in DIR (shortcut.safetensors, "
+                             "tuned_*.safetensors) instead of fitting and training")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     import reslens
-    from reslens.lens import compare_lenses, fit_shortcut, train_tuned_lens
+    from reslens.lens import load_lens
 
     model, tokenizer = reslens.load_model("smollm2")
-    train = [f for f in sorted(CORPUS.glob("*.txt")) if f.name not in HELD_OUT]
     held_out = CORPUS / HELD_OUT[0]
+    if args.score_only is not None:
+        saved = Path(args.score_only)
+        tuned = sorted(saved.glob("tuned_*.safetensors"), key=lambda f: (f.stem.split("_")[1] != "cold",
+                                                                         int(f.stem.split("_")[2])))
+        lenses = [None, load_lens(saved / "shortcut.safetensors", model=model)]
+        lenses += [load_lens(f, model=model) for f in tuned]
+        names = ["logit lens", "shortcut"] + [f.stem.replace("_", " ") for f in tuned]
+    else:
+        lenses, names = fit_and_train(args, model, tokenizer)
+    score(model, tokenizer, held_out, lenses, names, args.eval_tokens)
+
+
+def fit_and_train(args, model, tokenizer):
+    """The shortcut and every tuned lens of ``args``, each saved in ``args.out_dir``; their names."""
+    from reslens.lens import fit_shortcut, train_tuned_lens
+
+    train = [f for f in sorted(CORPUS.glob("*.txt")) if f.name not in HELD_OUT]
     start = time.perf_counter()
     shortcut = fit_shortcut(model, train, tokenizer=tokenizer, max_tokens=args.shortcut_tokens,
                             progress=False)
@@ -66,10 +85,17 @@ def main() -> None:
         lenses.append(lens)
         lens.save(Path(args.out_dir) / f"tuned_{kind}_{budget}.safetensors")
         names.append(f"tuned {kind} {budget / 1000:g}k")
+    return lenses, names
+
+
+def score(model, tokenizer, held_out, lenses, names, eval_tokens) -> None:
+    """Print every lens's held-out KL(final || lens) per layer, and whether it is below the shortcut's."""
+    from reslens.lens import compare_lenses
+
     # compare_lenses scores lenses of different kinds in one capture: the tuned lenses one call each
-    first = compare_lenses(model, held_out, lenses[:3], tokenizer=tokenizer, max_tokens=args.eval_tokens,
+    first = compare_lenses(model, held_out, lenses[:3], tokenizer=tokenizer, max_tokens=eval_tokens,
                            progress=False)
-    rest = [compare_lenses(model, held_out, [lens], tokenizer=tokenizer, max_tokens=args.eval_tokens,
+    rest = [compare_lenses(model, held_out, [lens], tokenizer=tokenizer, max_tokens=eval_tokens,
                            progress=False) for lens in lenses[3:]]
     kl = torch.cat([first.kl_final_layer, *(r.kl_final_layer for r in rest)])  # [lenses, layers]
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
