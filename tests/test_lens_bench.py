@@ -210,3 +210,33 @@ def test_the_bench_saves_reads_back_and_shows_itself(tmp_path):
     assert len(fig.axes) == 5 and fig.axes[0].get_yscale() == "log"
     old = LensComparison(("logit lens",), (0, 1), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), 5)
     assert "KL(f‖l)" in old.table() and "ECE" not in old.table()  # a bench saved before these scores
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_bench_equals_one_process(tmp_path):
+    import importlib.util
+
+    from test_distributed import WORKERS, _ranks, _torchrun, needs_gloo
+
+    if needs_gloo.args[0]:
+        pytest.skip("torch.distributed with gloo is not available")
+    spec = importlib.util.spec_from_file_location("reslens_bench_worker", WORKERS / "lens_bench.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run: the same kernels' blocking
+    try:
+        want = worker.lens_bench_case()
+    finally:
+        torch.set_num_threads(threads)
+    ranks = _ranks(_torchrun("lens_bench", tmp_path))
+    assert int(want["causal_positions"]) == 5 and bool(want["causal_win"].isfinite().all())
+    for got in ranks:
+        assert got.keys() == want.keys()
+        for key in ("n_tokens", "causal_positions"):  # counts: exact
+            assert torch.equal(got[key], want[key]), key
+        for column in (0, 2):  # the calibration bins' positions and hits: counts, exact
+            assert torch.equal(got["calibration_bins"][..., column], want["calibration_bins"][..., column])
+        for key in want:  # float64 sums in another order: equal to float32 rounding
+            torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in want)  # every rank returns the same

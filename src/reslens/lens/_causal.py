@@ -40,13 +40,13 @@ class CausalSums:
 
     def __init__(self, n_lens: int, n_rows: int) -> None:
         self.sums = torch.zeros(4, n_lens, n_rows, dtype=torch.float64)
-        self.n_positions = 0
+        self.n_edited = 0
 
     def merge(self, shard: Shard) -> None:
         if shard.parallel:
-            count = torch.tensor([float(self.n_positions)], dtype=torch.float64)
+            count = torch.tensor([float(self.n_edited)], dtype=torch.float64)
             both = shard.sum(torch.cat([self.sums.flatten(), count]))
-            self.sums, self.n_positions = both[:-1].view(self.sums.shape), int(both[-1])
+            self.sums, self.n_edited = both[:-1].view(self.sums.shape), int(both[-1])
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean Δ lens, mean Δ random, fraction lens > random)``, each ``[K, R]`` float32 (NaN: none)."""
@@ -124,7 +124,7 @@ def causal_check(arch: Any, lenses: list[Any], cells: list[tuple[int, int]], win
                                   disable=not progress or not shard.primary):
             ids = batch_of([windows[w]], start).input_ids[0, : p + 1].to(arch.device)
             _one_position(arch, lenses, TargetRun(arch, ids, p), scale, seed + index, sums)
-            sums.n_positions += 1
+            sums.n_edited += 1
     sums.merge(shard)
     return sums
 

@@ -235,7 +235,7 @@ def compare_lenses(
         found = causal_check(arch, chosen, cells, windows, tuple(start_ids(tokenizer)), causal_scale, seed,
                              progress, shard)
         causal = dict(zip(causal, found.means()))
-        causal_positions = found.n_positions
+        causal_positions = found.n_edited
     return LensComparison(
         lenses=tuple(labels),
         layers=kept,
