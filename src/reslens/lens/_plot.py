@@ -190,14 +190,15 @@ def plot_lens_comparison(comparison, *, ax=None):
     ``comparison``: a :class:`~reslens.lens.LensComparison`. Panels: KL(final || lens) on a log scale
     (the embedding row's KL is often orders of magnitude above the rest, so a linear axis would flatten
     every other layer; values below 1e-4 are drawn at 1e-4, and the output row, 0 for every lens, is left
-    out), the cross-entropy with the next token, the top-1 agreement with the output, the expected
+    out), the cross-entropy with the next token (log scale too: the embedding row of a tied-embedding model
+    can be 25× the rest), the top-1 agreement with the output, the expected
     calibration error, and (when measured) the causal check: mean change of the output's log-probability
     of the token, solid for the lens's edit and dotted for the norm-matched random edit. With ``ax=``,
     the KL panel alone is drawn on that axes. Returns the figure.
     """
     c = comparison
     panels = [("kl_final_layer", "KL(final ‖ lens), nats (log)"),
-              ("cross_entropy", "cross-entropy with the next token, nats"),
+              ("cross_entropy", "cross-entropy with the next token, nats (log)"),
               ("top1_agreement", "top-1 agreement with the output"),
               ("calibration", "calibration error (ECE, 10 bins)"),
               ("causal_lens", "causal: Δ log p_out(t) (dotted: random edit)")]
@@ -222,7 +223,7 @@ def plot_lens_comparison(comparison, *, ax=None):
         panel.set_title(title, fontsize=9)
         panel.set_xlabel("layer (0 = embedding, last = output)", fontsize=8)
         panel.xaxis.get_major_locator().set_params(integer=True)
-        if name == "kl_final_layer":
+        if name in ("kl_final_layer", "cross_entropy"):
             panel.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{len(c.lenses)} lenses on {c.n_tokens} held-out tokens"
