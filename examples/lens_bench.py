@@ -13,7 +13,7 @@ agreement, calibration) and ``--causal-positions`` positions are edited along ea
     python examples/lens_bench.py --model embedded --eval-tokens 2000 --causal-positions 16   # seconds
 
 The training corpus is ../shared/corpus without its three held-out books (see its README); the held-out
-text is ``105-persuasion.txt``.
+text is its ``105-persuasion.txt`` unless ``--held-out FILE``.
 """
 
 import argparse
@@ -35,6 +35,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, or embedded")
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="a folder of .txt books")
+    parser.add_argument("--held-out", type=Path, default=None, help="held-out .txt (default: Persuasion)")
     parser.add_argument("--tuned", type=Path, default=None, help="a saved tuned lens (else warm-started)")
     parser.add_argument("--tuned-tokens", type=int, default=1_200, help="tokens to warm-start the tuned lens")
     parser.add_argument("--jacobian-tokens", type=int, default=64, help="Jacobian-lens tokens (0: none)")
@@ -58,8 +59,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.corpus.is_dir():
         sys.exit(f"no corpus at {args.corpus}: pass --corpus FOLDER (of .txt books)")
-    train = [f for f in sorted(args.corpus.glob("*.txt")) if f.name not in HELD_OUT]
-    held_out = args.corpus / HELD_OUT[0]
+    train = [f for f in sorted(args.corpus.glob("*.txt")) if f.name not in HELD_OUT and f != args.held_out]
+    held_out = args.held_out or args.corpus / HELD_OUT[0]
+    if not held_out.is_file():
+        sys.exit(f"no held-out text at {held_out}: pass --held-out FILE (a .txt not in the training corpus)")
     name = None if args.model == "embedded" else args.model
     model, tokenizer = reslens.load_model(name)
     shortcut = model_lens(name, model)
