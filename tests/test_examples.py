@@ -42,6 +42,9 @@ ARGS = {
     "causal_trace.py": ["--samples", "2", "--window", "1", "--out", "{out}"],
     "rank_one_edit.py": ["--corpus", "{corpus}", "--stats-tokens", "2000"],
     "lens_change.py": ["--memories", "2", "--top", "5", "--out-dir", "{out}"],
+    "lens_bench.py": ["--model", "embedded", "--corpus", "{corpus}", "--held-out", "{text}", "--tuned-tokens",
+                      "256", "--jacobian-tokens", "48", "--eval-tokens", "200", "--causal-positions", "3",
+                      "--out-dir", "{out}"],
     "patchscope.py": ["--file", "{text}", "--corpus", "{corpus}", "--tokens", "64", "--window", "32",
                       "--skip", "0", "--shortcut-tokens", "500"],
 }

@@ -304,7 +304,7 @@ def test_bad_lenses_are_refused_with_clear_errors(tmp_path):
         logit_lens(make_family("llama", hidden_size=16, intermediate_size=32), IDS, lens=tuned)
     with pytest.raises(ValueError, match="weight must be"):
         TunedLens(torch.zeros(3, 4, 5), torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="two of the same kind"):
+    with pytest.raises(ValueError, match="two of the same kind.*mapping"):
         compare_lenses(model, ["some text here"], [None, "logit"], tokenizer=Chars())
     with pytest.raises(ValueError, match="ridge=-1.0 is out of range"):
         fit_shortcut(model, ["text"], tokenizer=Chars(), ridge=-1.0)
@@ -332,7 +332,8 @@ def test_lens_stats_and_the_comparison_name_their_lens(tmp_path):
     torch.testing.assert_close(scores.kl_final_layer[0], plain.mean.kl_final_layer)
     torch.testing.assert_close(scores.cross_entropy[0], -plain.mean.target_logprob)
     frame = scores.to_frame()
-    assert list(frame.columns) == ["lens", "layer", "kl_final_layer", "cross_entropy", "top1_agreement"]
+    assert list(frame.columns) == ["lens", "layer", "kl_final_layer", "kl_layer_final", "cross_entropy",
+                                   "top1_agreement", "calibration"]
     assert len(frame) == 8 and "linear shortcut" in scores.table() and "<table>" in scores._repr_html_()
     assert scores.plot().axes
     scores.save(tmp_path / "cmp.safetensors")

@@ -230,33 +230,49 @@ def _clip_embedding_kl(ax: Any, layers: list, kl: Any, entropy: Any) -> None:
 
 
 def plot_lens_comparison(comparison, *, ax=None):
-    """Per layer, a line per lens: KL(final || lens) (log scale) beside the cross-entropy with the next token.
+    """Per layer, a line per lens: KL, cross-entropy, top-1 agreement, calibration and the causal check.
 
-    ``comparison``: a :class:`~reslens.lens.LensComparison`. Two panels; with ``ax=``, the KL
-    panel alone is drawn on that axes. Returns the figure.
+    ``comparison``: a :class:`~reslens.lens.LensComparison`. Panels: KL(final || lens) on a log scale
+    (the embedding row's KL is often orders of magnitude above the rest, so a linear axis would flatten
+    every other layer; values below 1e-4 are drawn at 1e-4, and the output row, 0 for every lens, is left
+    out), the cross-entropy with the next token (log scale too: the embedding row of a tied-embedding model
+    can be 25× the rest), the top-1 agreement with the output, the expected
+    calibration error, and (when measured) the causal check: mean change of the output's log-probability
+    of the token, solid for the lens's edit and dotted for the norm-matched random edit. With ``ax=``,
+    the KL panel alone is drawn on that axes. Returns the figure.
     """
+    c = comparison
+    panels = [("kl_final_layer", "KL(final ‖ lens), nats (log)"),
+              ("cross_entropy", "cross-entropy with the next token, nats (log)"),
+              ("top1_agreement", "top-1 agreement with the output"),
+              ("calibration", "calibration error (ECE, 10 bins)"),
+              ("causal_lens", "causal: Δ log p_out(t) (dotted: random edit)")]
+    panels = [(n, t) for n, t in panels if getattr(c, n, None) is not None
+              and not bool(getattr(c, n).isnan().all())]
     if ax is None:
-        fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
+        fig, axes = _pyplot().subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), layout="constrained")
+        axes = list(axes) if len(panels) > 1 else [axes]
     else:
-        fig, left, right = ax.figure, ax, None
-    layers = list(comparison.layers)
-    for k, name in enumerate(comparison.lenses):
-        kl = comparison.kl_final_layer[k].clamp(min=1e-4).numpy()
-        left.plot(layers[:-1], kl[:-1], "o-", color=f"C{k}", label=name)
-        if right is not None:
-            right.plot(layers, comparison.cross_entropy[k].numpy(), "o-", color=f"C{k}", label=name)
-    left.set_yscale("log")
-    left.set_ylabel("KL(final ‖ lens), nats")
-    left.set_title(f"KL to the output on {comparison.n_tokens} held-out tokens", fontsize=10)
-    for panel in (left, right):
-        if panel is not None:
-            panel.set_xlabel("layer (0 = embedding; the last = the output)")
-            panel.xaxis.get_major_locator().set_params(integer=True)
-            panel.legend(fontsize=8)
-    if right is not None:
-        right.set_yscale("log")
-        right.set_ylabel("cross-entropy with the next token, nats")
-        right.set_title("cross-entropy (the output's is the model's loss)", fontsize=10)
+        fig, axes, panels = ax.figure, [ax], panels[:1]
+    layers = list(c.layers)
+    for panel, (name, title) in zip(axes, panels):
+        for k, label in enumerate(c.lenses):
+            values = getattr(c, name)[k].float()
+            if name == "kl_final_layer":
+                panel.plot(layers[:-1], values.clamp(min=1e-4).numpy()[:-1], "o-", color=f"C{k}", label=label,
+                           markersize=3)
+                continue
+            panel.plot(layers, values.numpy(), "o-", color=f"C{k}", label=label, markersize=3)
+            if name == "causal_lens":
+                panel.plot(layers, c.causal_random[k].numpy(), ":", color=f"C{k}")
+        panel.set_title(title, fontsize=9)
+        panel.set_xlabel("layer (0 = embedding, last = output)", fontsize=8)
+        panel.xaxis.get_major_locator().set_params(integer=True)
+        if name in ("kl_final_layer", "cross_entropy"):
+            panel.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{len(c.lenses)} lenses on {c.n_tokens} held-out tokens"
+                 + (f" of {c.model}" if getattr(c, "model", "") else ""), fontsize=10)
     return fig
 
 
