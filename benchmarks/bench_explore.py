@@ -1,0 +1,87 @@
+"""The explorer page of SmolLM2 at 31 rows x 512 positions x top-10: its size, build time and first paint.
+
+The text is the first 512 tokens (as the tokenizer gives them to the model) of a corpus book SmolLM2 was
+not trained on (``--book``, default Pride and Prejudice, from ``$RESLENS_CORPUS`` or ../shared/corpus).
+``reslens.explore(model, ids, top_k=10, changes=N)`` captures once, reads the logit lens and the model's
+learned lens where it has one (``--lenses logit`` for the logit lens alone), computes exact trajectories and
+the causes of ``N`` cells; the page is written, opened in headless Chromium over the DevTools Protocol and
+the first paint read from ``performance.getEntriesByType('paint')`` (median of ``--repeats`` fresh loads).
+The time of one cause (``lens_change_of``) is printed too, to size the ``changes`` budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import reslens  # noqa: E402
+from cdp import Browser, chromium  # noqa: E402
+
+
+def _text(book: str) -> str:
+    root = Path(os.environ.get("RESLENS_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
+    path = next(root.glob(f"*{book}*.txt"))
+    return path.read_text(encoding="utf-8")[20_000:60_000]  # past the front matter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--book", default="pride-and-prejudice")
+    parser.add_argument("--positions", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--changes", type=int, default=64)
+    parser.add_argument("--lenses", default="own", choices=("own", "logit"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="keep the page here")
+    args = parser.parse_args()
+
+    model, tok = reslens.load_model(args.model)
+    ids = torch.tensor([tok(_text(args.book)).input_ids[: args.positions]])
+    lenses = [None]
+    if args.lenses == "own":
+        from reslens.model_lens import model_lens
+
+        own = model_lens(args.model, model)
+        lenses += [own] if own is not None else []
+    start = time.perf_counter()
+    options = dict(tokenizer=tok, lenses=lenses, top_k=args.top_k)
+    explorer = reslens.explore(model, ids, changes=args.changes, **options)
+    built = time.perf_counter() - start
+    n_rows = reslens.adapter(model).n_layer + 1
+    print(f"{args.model}: {n_rows} rows x {ids.shape[1]} positions x top-{args.top_k}, {len(lenses)} "
+          f"lens(es), {args.changes} causes: built in {built:.1f} s")
+    print(f"page size: {explorer.size / 1e6:.3f} MB ({explorer.size:,} bytes)")
+    print(f"holds: {explorer.holds}")
+    start = time.perf_counter()
+    reslens.explore(model, ids, changes=0, **options)
+    without = time.perf_counter() - start
+    print(f"without causes: {without:.1f} s; one cause (lens_change_of): "
+          f"{(built - without) / max(1, args.changes) * 1000:.0f} ms")
+
+    path = args.out or Path(tempfile.mkdtemp()) / "explore.html"
+    explorer.save(path)
+    paints, ready = [], []
+    with Browser(chromium()) as browser:
+        for _ in range(args.repeats):
+            browser.open(path, timeout=120)
+            entries = browser.eval("JSON.stringify(performance.getEntriesByType('paint').map(e => [e.name, "
+                                   "e.startTime]))")
+            first = dict(eval(entries))  # [[name, ms], ...]
+            paints.append(first.get("first-contentful-paint", first.get("first-paint")))
+            ready.append(browser.eval("performance.now()"))
+    print(f"first contentful paint (headless Chromium, median of {args.repeats}): "
+          f"{statistics.median(paints):.0f} ms (all: {', '.join(f'{p:.0f}' for p in paints)})")
+
+
+if __name__ == "__main__":
+    main()
