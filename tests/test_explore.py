@@ -191,7 +191,8 @@ def test_hover_shows_the_cells_top_k_rank_and_log_prob(page, model, browser):
         browser.hover(f'td.c[data-r="{r}"][data-p="{p}"]')
         shown = tip(browser)
         assert [t for t, _ in shown] == [str(i) for i in result.top_ids[r, 0, p].tolist()]
-        np.testing.assert_allclose([v for _, v in shown], result.top_probs[r, 0, p].numpy(), rtol=6e-3)  # 3 digits of a float16
+        np.testing.assert_allclose([v for _, v in shown], result.top_probs[r, 0, p].numpy(),
+                                   rtol=6e-3)  # 3 digits of a float16
         if p < 15:
             assert browser.eval("document.querySelector('#tip .rank').textContent") == str(
                 int(result.target_rank[r, 0, p]))
