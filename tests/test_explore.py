@@ -297,3 +297,35 @@ def test_the_cli_writes_the_pages(tmp_path):
         assert [v["kind"] for v in data["views"]] == [kind]
     data = json.loads(re.search(r'id="data">(.*?)</script>', trace_page.read_text(), re.S).group(1))
     assert [m["kind"] for m in data["views"][0]["maps"]] == ["resid", "mlp", "attn"]
+
+
+def _synthetic(R: int, P: int, k: int, V: int, seed: int = 0):
+    """A LensResult of ``R`` rows x ``P`` positions with random ids (``V`` tokens named ``w<id>``)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (1, P), generator=g)
+    top_probs = torch.rand(R, 1, P, k, generator=g).sort(-1, descending=True).values
+    floats = {name: torch.rand(R, 1, P, generator=g) for name in
+              ("target_logprob", "entropy", "kl_final_layer", "kl_layer_final", "js", "max_prob",
+               "final_top1_prob")}
+    ranks = torch.randint(0, V, (R, 1, P), generator=g)
+    return reslens.lens.LensResult(
+        site_of_row=("resid",) * R, layer_of_row=tuple(range(R)), input_ids=ids,
+        attention_mask=torch.ones(1, P, dtype=torch.bool), targets=ids,
+        top_ids=torch.randint(0, V, (R, 1, P, k), generator=g), top_probs=top_probs, target_rank=ranks,
+        final_top1=ids, convergence_layer=ids, final_top1_rank=ranks, **floats,
+        token_strings={i: f"w{i}" for i in range(V)})
+
+
+def test_a_long_text_is_built_end_first_then_whole_and_scrolls(browser, tmp_path):
+    """The last 96 positions are painted first, the earlier ones after, and the view stays at the end."""
+    result = _synthetic(3, 300, 4, 500)
+    browser.open(reslens.explore(result).save(tmp_path / "long.html"))  # waits for the whole grid
+    assert browser.eval("document.querySelectorAll('td.c').length") == 3 * 300
+    order = browser.eval("[...document.querySelectorAll('tr')[1].querySelectorAll('td.c')]"
+                         ".map(td => +td.dataset.p)")
+    assert order == list(range(300))
+    at_end = browser.eval("(() => { const s = document.querySelector('.scroll'); "
+                          "return s.scrollWidth - s.clientWidth - s.scrollLeft; })()")
+    assert at_end < 60 and browser.eval("document.querySelector('.scroll').scrollLeft") > 1000
+    browser.hover('td.c[data-r="1"][data-p="0"]')
+    assert [t for t, _ in tip(browser)] == [f"w{i}" for i in result.top_ids[1, 0, 0].tolist()]

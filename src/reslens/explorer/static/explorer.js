@@ -102,6 +102,7 @@
       if (L.m.target_logprob) L.m.target = L.m.target_logprob.map(Math.exp);
       return L;
     }
+    performance.mark("reslens-start");
     const lenses = V.lenses.map((L) => derived({
       name: L.name, top: arr(L.top), probs: arr(L.probs), m: Object.fromEntries(
         Object.entries(L.metrics).map(([k, a]) => [k, arr(a)])),
@@ -110,7 +111,11 @@
       changes: new Map(L.changes.map((c) => [c.r * P + c.p, c])),
     }));
     const ORDER = ["top1", "final", "target", "target_rank", "final_rank", "entropy", "kl_fl", "kl_lf", "js"];
-    const state = { lens: 0, metric: "top1", sel: { r: R - 1, p: P - 1 }, trajBy: "prob" };
+    const CELL = T.map((t) => esc(cellText(t, 8)));  // each token's cell text, once
+    // selected first: the last position, at its deepest row with a cause (the last row where it has none)
+    const last = V.lenses[0].changes.filter((c) => c.p === P - 1).map((c) => c.r);
+    const state = { lens: 0, metric: "top1", sel: { r: last.length ? Math.max(...last) : R - 1, p: P - 1 },
+      trajBy: "prob" };
     const tokenOf = (i) => (NONE.has(i) || i < 0 ? null : T[i]);
     const nChanges = V.lenses.reduce((n, L) => n + L.changes.length, 0);
     root.innerHTML =
@@ -128,27 +133,59 @@
     lenses.forEach((L, i) => lensSel.appendChild(el("option", { value: i }, esc(L.name))));
     for (const k of ORDER) if (k in lenses[0].m) metricSel.appendChild(el("option", { value: k }, METRICS[k][0]));
 
-    // the grid: the next token on top, rows deepest first, the input at the bottom
-    const io = (ids, label, cls) => '<tr class="io ' + cls + '"><th>' + label + "</th>" + ids.map((t, p) =>
-      '<td data-p="' + p + '" title="' + esc(tipText(tokenOf(t) ?? "")) + '">' +
-      esc(cellText(tokenOf(t) ?? "", 8)) + "</td>").join("") + "</tr>";
-    const parts = [];
-    if (V.next) parts.push(io(V.next, "next", "next"));
-    for (let r = R - 1; r >= 0; r--) {
-      const cells = [];
-      for (let p = 0; p < P; p++) cells.push('<td class="c" data-r="' + r + '" data-p="' + p + '"></td>');
-      parts.push("<tr><th>" + esc(V.rows[r]) + "</th>" + cells.join("") + "</tr>");
+    // the grid: the next token on top, rows deepest first, the input at the bottom. The last FIRST positions
+    // are built first (what the reader sees first), the earlier ones after the first paint, CHUNK at a time.
+    const FIRST = 96, CHUNK = 128, W0 = 64, W = 50;
+    const ioCells = (ids, a, b) => ids.slice(a, b).map((t, j) => '<td data-p="' + (a + j) + '" title="' +
+      esc(tipText(tokenOf(t) ?? "")) + '">' + esc(cellText(tokenOf(t) ?? "", 8)) + "</td>").join("");
+    const lensCells = (r, a, b) => {
+      const out = [];
+      for (let p = a; p < b; p++) {
+        const [bg, fg, text, has] = look(r * P + p);
+        out.push('<td class="c' + (has ? " has" : "") + '" data-r="' + r + '" data-p="' + p + '" style="background:' +
+          bg + ";color:" + fg + '">' + text + "</td>");
+      }
+      return out.join("");
+    };
+    const rowsOf = [];  // [label html, class, cells(a, b), lens row or -1], top to bottom
+    if (V.next) rowsOf.push(["next", "io next", (a, b) => ioCells(V.next, a, b), -1]);
+    for (let r = R - 1; r >= 0; r--) rowsOf.push([esc(V.rows[r]), "", (a, b) => lensCells(r, a, b), r]);
+    rowsOf.push(["input", "io input", (a, b) => ioCells(V.input, a, b), -1]);
+    let look = scale(), from = Math.max(0, P - FIRST);
+    performance.mark("reslens-decoded");
+    const table = q("table.grid"), cells = new Array(R * P);
+    // fixed column widths: the browser lays out hundreds of columns without measuring every cell
+    table.style.width = W0 + W * (P - from) + "px";
+    table.innerHTML = '<colgroup><col style="width:' + W0 + 'px"><col span="' + (P - from) + '" style="width:' + W +
+      'px"></colgroup>' + rowsOf.map(([label, cls, html]) => '<tr class="' + cls + '"><th>' + label + "</th>" +
+      html(from, P) + "</tr>").join("");
+    const trs = table.querySelectorAll("tr");
+    function keep(a, b) {  // the cells of positions a..b-1, just built
+      rowsOf.forEach(([, , , r], k) => {
+        if (r < 0) return;
+        const tds = trs[k].children;
+        for (let p = a; p < b; p++) cells[r * P + p] = tds[1 + p - from];
+      });
     }
-    parts.push(io(V.input, "input", "input"));
-    const table = q("table.grid");
-    table.innerHTML = parts.join("");
-    const cells = new Array(R * P);
-    table.querySelectorAll("td.c").forEach((td) => { cells[+td.dataset.r * P + +td.dataset.p] = td; });
+    keep(from, P);
+    performance.mark("reslens-table");
+    function more() {  // prepend the next CHUNK of earlier positions, keeping the view where it was
+      if (from === 0) { window.reslensReady = true; return; }
+      const a = Math.max(0, from - CHUNK), b = from, scroller = q(".scroll");
+      rowsOf.forEach(([, , html], k) => trs[k].firstElementChild.insertAdjacentHTML("afterend", html(a, b)));
+      from = a;
+      keep(a, b);
+      table.style.width = W0 + W * (P - from) + "px";
+      table.querySelector("col[span]").span = P - from;
+      scroller.scrollLeft += W * (b - a);
+      setTimeout(more, 0);
+    }
 
-    function paint() {
+    // the colour scale of the chosen lens and metric (the legend says it); returns cell i's look
+    function scale() {
       const L = lenses[state.lens], kind = METRICS[state.metric][1], m = L.m[state.metric];
       let lo = 0, hi = 1, what = "";
-      if (kind === "rank") { hi = Math.log10(V.tokens.length > 0 ? 1e4 : 10); what = "rank, log scale (dark = rank 0)"; }
+      if (kind === "rank") { hi = 4; what = "rank, log scale (dark = rank 0)"; }
       if (kind === "clip") {
         hi = quantile(m, 0.99) || 1;
         const max = Math.max(...Array.from(m).filter((x) => x === x));
@@ -157,14 +194,23 @@
       q(".lo").textContent = kind === "rank" ? "≥10⁴" : fmt(lo);
       q(".hi").textContent = kind === "rank" ? "0" : fmt(hi);
       q(".what").textContent = METRICS[state.metric][0] + (what ? "; " + what : "");
-      for (let i = 0; i < R * P; i++) {
-        const v = m[i];
+      return (i) => {
+        const v = m[i], t = L.top[i * K];
         const x = kind === "rank" ? (v >= RANK_CAP ? 0 : 1 - Math.log10(v + 1) / hi) : (v - lo) / (hi - lo);
-        const [bg, fg] = blue(x), td = cells[i], t = tokenOf(L.top[i * K]);
+        const [bg, fg] = blue(x);
+        return [bg, fg, NONE.has(t) ? "NaN" : CELL[t], L.changes.has(i)];
+      };
+    }
+    function paint() {
+      look = scale();
+      for (let i = 0; i < R * P; i++) {
+        const td = cells[i];
+        if (!td) continue;
+        const [bg, fg, text, has] = look(i);
         td.style.background = bg;
         td.style.color = fg;
-        td.textContent = t === null ? "NaN" : cellText(t, 8);
-        td.classList.toggle("has", L.changes.has(i));
+        td.innerHTML = text;
+        td.classList.toggle("has", has);
       }
     }
 
@@ -273,10 +319,13 @@
     lensSel.addEventListener("change", () => { state.lens = +lensSel.value; hideTip(); paint(); select(state.sel.r, state.sel.p); });
     metricSel.addEventListener("change", () => { state.metric = metricSel.value; paint(); });
     q("select.trajby").addEventListener("change", (ev) => { state.trajBy = ev.target.value; drawTraj(); });
-    paint();
+    performance.mark("reslens-cells");
     select(state.sel.r, state.sel.p);
+    performance.mark("reslens-selected");
     const scroller = q(".scroll");
     scroller.scrollLeft = scroller.scrollWidth;
+    performance.mark("reslens-scrolled");
+    addEventListener("reslens-painted", () => setTimeout(more, 0), { once: true });  // after the first paint
     root.reslens = { state, select, cells };
   }
 
@@ -376,5 +425,12 @@
     }
   });
   if (tabs.firstChild) tabs.firstChild.classList.add("on");
-  window.reslensReady = true;
+  if (!document.querySelector(".view.lens")) window.reslensReady = true;  // a lens view says when it is whole
+  // the views are built: mark it, and mark again once the frame that shows them has been painted
+  performance.mark("reslens-built");
+  requestAnimationFrame(() => setTimeout(() => {
+    performance.mark("reslens-painted");
+    window.reslensPainted = true;
+    dispatchEvent(new Event("reslens-painted"));
+  }));
 })();
