@@ -63,10 +63,9 @@ def main() -> None:
           f"lens(es), {args.changes} causes: built in {built:.1f} s")
     print(f"page size: {explorer.size / 1e6:.3f} MB ({explorer.size:,} bytes)")
     print(f"holds: {explorer.holds}")
-    _time_causes(model, ids)
-
     path = args.out or Path(tempfile.mkdtemp()) / "explore.html"
     explorer.save(path)
+    _time_causes(model, ids)
     marks = []
     with Browser(chromium()) as browser:
         for _ in range(args.repeats):
@@ -87,7 +86,8 @@ def main() -> None:
 def _time_causes(model, ids) -> None:
     """The time of one cause: ``lens_change_of`` on 8 cells where the top-1 changes, from one capture."""
     from reslens.explorer._lens import _change_cells
-    from reslens.lens import CHANGE_SITES, lens_change_of, lens_of
+    from reslens.lens import lens_change_of, lens_of
+    from reslens.lens.change import CHANGE_SITES
 
     res = reslens.capture(model, ids, sites=CHANGE_SITES)
     top1 = lens_of(res, model, top_k=1).top_ids[:, 0, :, 0]

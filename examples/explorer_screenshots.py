@@ -24,7 +24,7 @@ import reslens  # noqa: E402
 from cdp import Browser, chromium  # noqa: E402
 
 TEXT = "When the old sailor came back to the inn, he asked for a glass of rum and sat by the fire."
-CLIP = {"x": 0, "y": 0, "width": 1200, "height": 760}
+CLIP = {"x": 0, "y": 0, "width": 1200, "height": 1000}
 
 
 def _lens(model, tok, browser: Browser, folder: Path, out: Path) -> None:
@@ -57,7 +57,7 @@ def _heads(model, tok, browser: Browser, folder: Path, out: Path) -> None:
     best = scores[0].top(1)[0][0]
     layer, head = best.split(".")
     browser.hover(f'table.heads[data-s="0"] td.c[data-l="{layer}"][data-h="{head}"]')
-    browser.screenshot(out / "explorer-heads.png", {**CLIP, "height": 560})
+    browser.screenshot(out / "explorer-heads.png", {**CLIP, "height": 640})
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = reslens.load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as folder, Browser(browser_path, width=1200, height=760) as browser:
+    with tempfile.TemporaryDirectory() as folder, Browser(browser_path, width=1200, height=1000) as browser:
         for view in (_lens, _trace, _heads):
             view(model, tok, browser, Path(folder), args.out)
     for name in ("lens", "trace", "heads"):

@@ -381,7 +381,7 @@
             (v === null ? "" : v.toFixed(2)) + "</td>";
         }).join("") + "</tr>";
       });
-      box.insertAdjacentHTML("beforeend", h + "</table>");
+      box.insertAdjacentHTML("beforeend", "<div>" + h + "</table></div>");
     });
     function drawPattern(l, hd) {
       const c = root.querySelector("canvas.pattern"), g = c.getContext("2d"), img = g.createImageData(n, n);
