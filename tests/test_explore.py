@@ -329,3 +329,16 @@ def test_a_long_text_is_built_end_first_then_whole_and_scrolls(browser, tmp_path
     assert at_end < 60 and browser.eval("document.querySelector('.scroll').scrollLeft") > 1000
     browser.hover('td.c[data-r="1"][data-p="0"]')
     assert [t for t, _ in tip(browser)] == [f"w{i}" for i in result.top_ids[1, 0, 0].tolist()]
+
+
+def test_the_kl_scale_is_not_swamped_by_the_embedding_row(browser, tmp_path):
+    result = _synthetic(31, 20, 3, 100)
+    kl = torch.rand(31, 1, 20) * 2
+    kl[0] = 100.0  # the embedding row, as on SmolLM2
+    result = dataclasses.replace(result, kl_final_layer=kl)
+    browser.open(reslens.explore(result).save(tmp_path / "kl.html"))
+    browser.select("select.metric", "kl_fl")
+    hi = float(browser.eval("document.querySelector('.legend .hi').textContent"))
+    assert hi <= 2 and "max 100" in browser.eval("document.querySelector('.legend .what').textContent")
+    dark = browser.eval("getComputedStyle(document.querySelector('td.c[data-r=\"0\"][data-p=\"0\"]')).color")
+    assert dark == "rgb(255, 255, 255)"  # clipped to the darkest blue, white text

@@ -187,9 +187,10 @@
       let lo = 0, hi = 1, what = "";
       if (kind === "rank") { hi = 4; what = "rank, log scale (dark = rank 0)"; }
       if (kind === "clip") {
-        hi = quantile(m, 0.99) || 1;
+        // the embedding row (100+ nats of KL) would swamp the scale: clip at the rows above it
+        hi = quantile(R > 1 ? m.subarray(P) : m, 0.99) || 1;
         const max = Math.max(...Array.from(m).filter((x) => x === x));
-        what = "clipped at the 99th percentile " + fmt(hi) + " (max " + fmt(max) + ")";
+        what = "clipped at " + fmt(hi) + ", the 99th percentile of the rows above the embedding (max " + fmt(max) + ")";
       }
       q(".lo").textContent = kind === "rank" ? "≥10⁴" : fmt(lo);
       q(".hi").textContent = kind === "rank" ? "0" : fmt(hi);
