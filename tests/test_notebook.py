@@ -107,6 +107,7 @@ def results():
         "Patchscope": scope,
         "PatchscopeResult": lens.patchscope(model, TEXT, -1, tokenizer=tok, layers=[1, 2]),
         "Generation": reslens.generate(model, [TEXT], tokenizer=tok, max_new_tokens=3, lens="logit"),
+        "Explorer": reslens.explore(model, TEXT, tokenizer=tok, changes=4),
     }
     return out
 

@@ -25,12 +25,15 @@ _LAZY = {
     "adapter": "reslens.arch",
     "verify": "reslens.verification",
     "generate": "reslens.generation",
+    "explore": "reslens.explorer",
+    "Explorer": "reslens.explorer",
 }
 
 #: submodules reachable as attributes of ``reslens`` without an explicit import
 _SUBMODULES = (
     "arch",
     "attribution",
+    "explorer",
     "generation",
     "heads",
     "hooks",
@@ -48,9 +51,11 @@ _SUBMODULES = (
 
 __all__ = [
     "Batch",
+    "Explorer",
     "Residuals",
     "adapter",
     "capture",
+    "explore",
     "generate",
     "load_model",
     "patch",

@@ -27,7 +27,7 @@ _AT_LEAST = {
 #: path options read as text files
 _INPUT_FILES = ("file",)
 #: path options written at the end (checked before the work starts)
-_OUTPUT_FILES = ("out", "figure")
+_OUTPUT_FILES = ("out", "figure", "html")
 
 
 class UsageError(ValueError):

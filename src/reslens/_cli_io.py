@@ -35,6 +35,13 @@ def save_figure(figure, path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def save_page(explorer, path: Path) -> None:
+    """Write an explorer page (:mod:`reslens.explorer`; its folder made first) and say so, with its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    explorer.save(path)
+    print(f"wrote {path} ({explorer.size / 1e6:.2f} MB: open it in a browser)", file=sys.stderr)
+
+
 def load_model_of(args: argparse.Namespace):
     """``(model, tokenizer)`` of ``--model`` on ``--device``; a first line of output names the model."""
     import os

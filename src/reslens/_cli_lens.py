@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 from reslens._cli_checks import UsageError
-from reslens._cli_io import load_model_of, save_figure
+from reslens._cli_io import load_model_of, save_figure, save_page
 
 __all__ = ["add_lens_parser", "run_lens"]
 
@@ -39,6 +39,9 @@ def add_lens_parser(commands) -> None:
     lens.add_argument("--mid", action="store_true",
                       help="also read the residual after each attention (resid_mid; logit lens only)")
     lens.add_argument("--out", type=Path, help="write the figure to this PNG file")
+    lens.add_argument("--html", type=Path,
+                      help="write the interactive explorer page (every lens shown, top-10 or more per cell, "
+                      "trajectories and the causes of the cells where the top-1 changes) to this HTML file")
     lens.add_argument("--width", type=int, default=100, help="table width in characters (default 100)")
     lens.add_argument("--max-length", type=int, default=128, help="--stats: tokens per window (default 128)")
     lens.add_argument("--max-tokens", type=int, default=None,
@@ -94,6 +97,8 @@ def run_lens(args: argparse.Namespace) -> int:
     text = args.text if args.file is None else args.file.read_text(encoding="utf-8")
     if not text.strip():
         raise UsageError("the text is empty")
+    if args.stats and args.html is not None:
+        raise UsageError("--html writes the explorer of one text; it does not go with --stats")
     path = None if args.lens in (None, "logit") else Path(args.lens)
     if path is not None and not path.exists():
         raise UsageError(f"--lens {args.lens}: no such file or folder (or 'logit' for the logit lens alone)")
@@ -135,4 +140,18 @@ def run_lens(args: argparse.Namespace) -> int:
         pair = len(results) > 1
         figure = plot_lenses(results, args.metric) if pair else results[0].plot(metric=args.metric)
         save_figure(figure, args.out)
+    if args.html is not None:
+        _write_page(args, model, tokenizer, batch_of([ids], start, pad_id=0), results,
+                   [lens for lens in (learned, own) if lens is not None])
     return 0
+
+
+def _write_page(args: argparse.Namespace, model, tokenizer, batch, results, learned) -> None:
+    """``--html``: the explorer page of the same text, read by the same lenses (:mod:`reslens.explorer`)."""
+    from reslens.explorer import explore
+
+    by_name = {result.lens_name: None for result in results}
+    for lens in learned:
+        by_name[lens.name] = lens
+    explorer = explore(model, batch, tokenizer=tokenizer, lenses=by_name, top_k=max(args.top_k, 10))
+    save_page(explorer, args.html)

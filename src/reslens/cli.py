@@ -1,14 +1,14 @@
 """The ``reslens`` command: readable tables in the terminal, figures on request.
 
-reslens lens "The quick brown fox" [--model NAME_OR_PATH] [--top-k K] [--lens logit|F] [--out F.png]
+reslens lens "The quick brown fox" [--model NAME] [--top-k K] [--lens logit|F] [--out F.png] [--html F.html]
 reslens lens --file corpus.txt --stats [--out FILE.png]
 reslens generate "PROMPT" [--max-new-tokens N] [--sample --seed S] [--lens logit|none|F] [--out FILE.png]
 reslens pca --file corpus.txt [--n 200] [--model NAME_OR_PATH] [--out FILE.png]
 reslens memories "TEXT" [--layer L] [--top 10] [--token " word"]
 reslens memories --mine CORPUS --out INDEX.safetensors [--max-tokens N] [--figure FILE.png]
 reslens memories --index INDEX.safetensors --show L.K [--n 10]
-reslens heads [--model NAME_OR_PATH] [--file TEXT.txt] [--top K] [--out FILE.png]
-reslens trace "PROMPT" --subject S [--answer " A"] [--kind resid|mlp|attn] [--out FILE.png]
+reslens heads [--model NAME_OR_PATH] [--file TEXT.txt] [--top K] [--out FILE.png] [--html F.html]
+reslens trace "PROMPT" --subject S [--answer " A"] [--kind resid|mlp|attn] [--out FILE.png] [--html F.html]
 reslens verify MODEL [--dtype float32|bfloat16|float16] [--n-tokens N] [--seed S]   (exit 1 if a check fails)
 """
 
@@ -24,6 +24,7 @@ from reslens._cli_generate import add_generate_parser, run_generate
 from reslens._cli_lens import add_lens_parser, run_lens
 from reslens._cli_io import load_model_of as _load
 from reslens._cli_io import save_figure as _save
+from reslens._cli_io import save_page
 
 __all__ = ["main"]
 
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     heads.add_argument("--seed", type=int, default=0)
     heads.add_argument("--top", type=int, default=5, help="heads listed per score (default 5)")
     heads.add_argument("--out", type=Path, help="write the heatmaps to this PNG file")
+    heads.add_argument("--html", type=Path, help="write the explorer page of the scores, with each head's "
+                       "attention pattern on one repeated random sequence, to this HTML file")
     heads.add_argument("--device", default=None, help="torch device (default: cpu)")
 
     mem = commands.add_parser("memories", description="The MLP as key-value memories (Geva et al. 2021).",
@@ -198,6 +201,8 @@ def _add_trace_parser(commands) -> None:
     trace.add_argument("--model", default=None,
                        help="model name or local directory (default: the embedded model)")
     trace.add_argument("--out", type=Path, help="write ROME's heatmap to this PNG file")
+    trace.add_argument("--html", type=Path, help="write the explorer page of the three traces (hidden state, "
+                       "MLP, attention: the other two kinds are traced too) to this HTML file")
     trace.add_argument("--device", default=None, help="torch device (default: cpu)")
 
 
@@ -224,6 +229,13 @@ def _trace(args: argparse.Namespace) -> int:
     print(result.table())
     if args.out is not None:
         _save(result.plot(), args.out)
+    if args.html is not None:
+        from reslens.explorer import explore
+
+        traces = {kind: result if kind == args.kind else causal_trace(
+            model, tokenizer, args.prompt, args.subject, answer=args.answer, kind=kind, window=args.window,
+            noise=noise) for kind in ("resid", "mlp", "attn")}
+        save_page(explore(list(traces.values())), args.html)
     return 0
 
 
@@ -289,7 +301,20 @@ def _heads(args: argparse.Namespace) -> int:
 
         # the copying panel counts eigenvalue signs: Σλ/Σ|λ| is set by the largest one and reads ±1
         _save(plot_head_score_panels([ov.sign_scores if s is copying else s for s in panels]), args.out)
+    if args.html is not None:
+        _heads_page(arch, tokenizer, panels, min(seq_len, 24), args)
     return 0
+
+
+def _heads_page(arch, tokenizer, panels, seq_len: int, args: argparse.Namespace) -> None:
+    """``--html``: the explorer of the scores with each head's pattern on one repeated random sequence."""
+    from reslens._tokens import decode_each
+    from reslens.explorer import explore
+    from reslens.heads import attention_patterns, repeated_tokens
+
+    ids = repeated_tokens(arch, seq_len=seq_len, n=1, seed=args.seed)
+    patterns = attention_patterns(arch, ids)[:, 0]  # [n_layer, n_head, query, key]
+    save_page(explore(panels, patterns=patterns, tokens=decode_each(tokenizer, ids[0].tolist())), args.html)
 
 
 def _memories(args: argparse.Namespace) -> int:

@@ -100,6 +100,15 @@ class HeadScores(Saveable):
 
         return plot_head_scores(self, ax=ax, annotate=annotate)
 
+    def explore(self, *others: HeadScores, patterns: Any = None, tokens: Any = None):
+        """The explorer page of these scores (and ``others``), with one prompt's ``patterns`` per head.
+
+        ``patterns: [n_layer, n_head, query, key]`` (e.g. ``attention_patterns(model, ids)[:, 0]``).
+        """
+        from reslens.explorer import explore
+
+        return explore([self, *others], patterns=patterns, tokens=tokens)
+
     def __repr__(self) -> str:
         top = ", ".join(f"{label}={score:.3f}" for label, score in self.top(3))
         return f"HeadScores({self.name!r}, [{self.n_layer} x {self.n_head}], top: {top})"

@@ -228,6 +228,12 @@ class LensResult(Saveable):
 
         return plot_lens(self, metric=metric, seq=seq, ax=ax, max_positions=max_positions, per_row=per_row)
 
+    def explore(self, **options: Any):
+        """The interactive explorer page of this result (:func:`reslens.explorer.explore`'s options)."""
+        from reslens.explorer import explore
+
+        return explore(self, **options)
+
     def _repr_html_(self) -> str:
         """A coloured grid of sequence 0 (at most 40 positions), deepest layer on top.
 

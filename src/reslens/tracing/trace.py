@@ -294,6 +294,12 @@ class TraceResult(Saveable):
 
         return plot_trace(self, ax=ax)
 
+    def explore(self, *others: TraceResult):
+        """The explorer page of this trace (and ``others`` of the same prompt, e.g. MLP and attention)."""
+        from reslens.explorer import explore
+
+        return explore([self, *others])
+
     def __repr__(self) -> str:
         layer, token, value = self.peak
         return (
