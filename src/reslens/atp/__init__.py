@@ -1,0 +1,9 @@
+"""Attribution patching that checks itself: gradient estimates of every component's patching effect
+(AtP, integrated gradients), verified by exact batched patches (:func:`attribution_patching`).
+"""
+
+from reslens.atp.estimate import attribution_patching
+from reslens.atp.metrics import KLToClean, kl_to_clean, log_prob, logit_diff, prob
+from reslens.atp.result import AtPResult
+
+__all__ = ["attribution_patching", "AtPResult", "logit_diff", "log_prob", "prob", "kl_to_clean", "KLToClean"]
