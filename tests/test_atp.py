@@ -40,8 +40,9 @@ def test_estimate_is_the_exact_patch_to_first_order(family):
                                  metric=METRIC, verify=4, sample=3)
         errs[eps] = {kind: _rel_err(r, kind) for kind in KINDS}
         assert r.spearman() > 0.95
-    # MoE memories' coefficients are read in float32 (the routed-coefficient hook), so they are exact to float32
-    tol = {kind: 0.05 if (family in MOE and kind == "memories") else 0.01 for kind in KINDS}
+    # MoE: the routed coefficients are read in float32 and the router's top-k choice is a kink (a near-tie
+    # flips under a patch), so the first-order match is looser there (measured <= 0.026 at eps 1e-4)
+    tol = {kind: 0.05 if family in MOE else 0.01 for kind in KINDS}
     for kind in KINDS:
         assert errs[1e-4][kind] < tol[kind], (kind, errs)
     if family not in MOE:  # (a routing choice may flip at the larger eps: a true discontinuity)

@@ -123,5 +123,5 @@ def exact_effects(arch: Arch, batch: Batch, candidates: Sequence[Candidate], met
         with torch.no_grad():
             for j in range(len(chunk) + 1):
                 values.append(float(metric(wide(arch.unembed(hidden[j * rows : (j + 1) * rows])))))
-        out[torch.tensor(idx)] = torch.tensor(values[:-1]) - values[-1]
+        out[torch.tensor(idx)] = (torch.tensor(values[:-1], dtype=torch.float64) - values[-1]).float()
     return out
