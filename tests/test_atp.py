@@ -1,4 +1,4 @@
-"""Attribution patching (reslens.atp): gradients, first-order exactness, exact patches, planted misses, errors."""
+"""Attribution patching (reslens.atp): gradients, first-order exactness, exact patches, planted misses."""
 
 import math
 
@@ -32,21 +32,23 @@ def _rel_err(result, kind):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_estimate_is_the_exact_patch_to_first_order(family):
-    """corrupt = clean + eps * noise: every kind's estimate equals its exact patch up to O(eps) relative error."""
+    """corrupt = clean + eps * noise: each kind's estimate equals its exact patch to O(eps) relative error."""
     model = _double(family)
     errs = {}
     for eps in (1e-3, 1e-4):
-        r = attribution_patching(model, IDS, noise=Noise(samples=2, scale=1.0, embedding_std=eps), span=(1, 4),
-                                 metric=METRIC, verify=4, sample=3)
+        noise = Noise(samples=2, scale=1.0, embedding_std=eps)
+        r = attribution_patching(model, IDS, noise=noise, span=(1, 4), metric=METRIC, verify=4, sample=3)
         errs[eps] = {kind: _rel_err(r, kind) for kind in KINDS}
         assert r.spearman() > 0.95
-    # MoE: the routed coefficients are read in float32 and the router's top-k choice is a kink (a near-tie
-    # flips under a patch), so the first-order match is looser there (measured <= 0.026 at eps 1e-4)
-    tol = {kind: 0.05 if family in MOE else 0.01 for kind in KINDS}
+    # Float64 models still run HF's norms in float32 (Llama/Gemma RMSNorm upcast, then cast back), which
+    # floors the error near eps = 1e-4 for components with tiny effects; so: within 1% at one of the two eps.
+    # MoE: the router's top-k choice is a kink (a near-tie can flip under a patch) and the routed
+    # coefficients are read in float32: within 3% (measured: <= 2.6%).
+    tol = 0.03 if family in MOE else 0.01
     for kind in KINDS:
-        assert errs[1e-4][kind] < tol[kind], (kind, errs)
-    if family not in MOE:  # (a routing choice may flip at the larger eps: a true discontinuity)
-        assert errs[1e-4]["heads"] < errs[1e-3]["heads"] / 3 or errs[1e-4]["heads"] < 1e-4
+        assert min(errs[1e-3][kind], errs[1e-4][kind]) < tol, (kind, errs)
+    for kind in ("heads", "resid"):  # first order: the error shrinks with eps until the float32 floor
+        assert errs[1e-4][kind] < max(errs[1e-3][kind] / 3, 3e-3), (kind, errs)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "gpt_neox", "olmoe"])
@@ -144,7 +146,7 @@ def test_kl_to_clean_has_no_gradient_at_the_clean_run_but_ig_sees_it():
 
 def test_verification_flags_a_planted_miss():
     """A metric that overshoots: m = -(ld - ld_clean - t)^2 with t small. Its gradient at the clean run says
-    +2t per unit of logit difference, so a component moving ld by more than 2t has the wrong estimated sign."""
+    +2t per unit of logit difference, so a component moving ld by more than 2t gets the wrong sign."""
     model = make_family("llama")
     base = attribution_patching(model, IDS, OTHER, metric=METRIC, kinds="heads", verify=6, sample=0)
     shifts = base.checked_exact  # each head's exact change of the logit difference (linear metric)
@@ -155,7 +157,8 @@ def test_verification_flags_a_planted_miss():
         return -((METRIC(logits) - clean - t) ** 2)
 
     r = attribution_patching(model, IDS, OTHER, metric=overshoot, kinds="heads", verify=6, sample=0)
-    assert torch.equal(r.checked_layer, base.checked_layer) and torch.equal(r.checked_index, base.checked_index)
+    assert torch.equal(r.checked_layer, base.checked_layer)
+    assert torch.equal(r.checked_index, base.checked_index)
     planted = [float(s) > 2 * t for s in shifts]  # exact: -(s - t)^2 + t^2 = s (2t - s) < 0; estimate 2ts > 0
     assert any(planted)
     flags = r.flags
@@ -166,8 +169,8 @@ def test_verification_flags_a_planted_miss():
 
 
 def test_rank_flags_on_a_constructed_result():
-    r = AtPResult(method="atp", steps=1, metric="m", clean_metric=0.0, corrupt_metric=1.0, heads=torch.zeros(2, 2),
-                  mlp=None, memories=None, resid=None, checked_kind=("heads",) * 4,
+    r = AtPResult(method="atp", steps=1, metric="m", clean_metric=0.0, corrupt_metric=1.0,
+                  heads=torch.zeros(2, 2), mlp=None, memories=None, resid=None, checked_kind=("heads",) * 4,
                   checked_layer=torch.tensor([0, 0, 1, 1]), checked_index=torch.tensor([0, 1, 0, 1]),
                   checked_estimate=torch.tensor([1.0, 0.8, 0.1, 0.05]),
                   checked_exact=torch.tensor([1.0, 0.1, 0.5, 0.01]),

@@ -1,5 +1,7 @@
-"""Attribution patching that checks itself: gradient estimates of every component's patching effect
-(AtP, integrated gradients), verified by exact batched patches (:func:`attribution_patching`).
+"""Attribution patching that checks itself (:func:`attribution_patching`).
+
+Gradient estimates of every component's patching effect (AtP, integrated gradients), verified by
+exact batched patches.
 """
 
 from reslens.atp.estimate import attribution_patching

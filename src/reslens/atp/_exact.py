@@ -58,7 +58,7 @@ def _replacement(arch: Arch, cand: Candidate, clean: States, corrupt: States) ->
 
 
 def _edits(arch: Arch, chunk: Sequence[Candidate], rows: int, clean: States, corrupt: States) -> dict:
-    """One :func:`reslens.patch` edit per ``(site, layer)``: copy ``j`` (rows ``j * rows ..``) gets ``chunk[j]``."""
+    """One :func:`reslens.patch` edit per ``(site, layer)``: copy ``j`` (rows ``j * rows ..``) patched."""
     n_pos = clean.final.shape[1]
     by_key: dict[tuple[str, int], list[tuple[int, Any]]] = {}
     for j, cand in enumerate(chunk):
@@ -86,7 +86,8 @@ def _staged(arch: Arch, batch: Batch) -> bool:
     return bool(batch.attention_mask.all()) and impl in ("eager", "sdpa")
 
 
-def _final_hidden(arch: Arch, batch: Batch, copies: int, start: int, clean: States, edits: dict) -> torch.Tensor:
+def _final_hidden(arch: Arch, batch: Batch, copies: int, start: int, clean: States,
+                  edits: dict) -> torch.Tensor:
     """The final norm's output ``[copies * rows, pos, d_model]`` of ``copies`` patched copies of the batch."""
     with torch.no_grad(), patch(arch, edits):
         if not _staged(arch, batch):
@@ -97,7 +98,8 @@ def _final_hidden(arch: Arch, batch: Batch, copies: int, start: int, clean: Stat
         hidden = clean.sites[("resid", start)].repeat(copies, 1, 1)
         rows = hidden.shape[0]
         for b in range(start, arch.n_layer):
-            empty = torch.zeros((rows, arch.n_kv_head, 0, arch.d_head), dtype=hidden.dtype, device=hidden.device)
+            empty = torch.zeros((rows, arch.n_kv_head, 0, arch.d_head), dtype=hidden.dtype,
+                                device=hidden.device)
             hidden = arch.run_block_suffix(b, hidden, empty, empty)
         return arch.final_norm_module(hidden)
 

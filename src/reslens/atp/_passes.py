@@ -1,12 +1,13 @@
-"""The forwards and backwards of attribution patching: corrupted states, clean gradients, integrated gradients.
+"""The forwards and backwards of attribution patching: corrupted states, clean gradients, IG.
 
 Components and the site whose gradient they read:
 
 - ``heads``: ``attn_z`` (the output projection's input, head ``h`` in columns ``h * d_head ..``; one slice
   per query head, so grouped K/V needs nothing special);
 - ``mlp``: ``mlp_out`` (what the MLP adds to the residual);
-- ``memories``: ``mlp_raw`` (the value projection's output): memory ``i`` writes ``mlp_act[..., i] · W_out[i]``
-  there, so its gradient is ``grad(mlp_raw) · W_out[i]``; for a mixture of experts ``mlp_act`` holds
+- ``memories``: ``mlp_raw`` (the value projection's output): memory ``i`` writes
+  ``mlp_act[..., i] · W_out[i]`` there, so its gradient is ``grad(mlp_raw) · W_out[i]``; for a mixture of
+  experts ``mlp_act`` holds
   every expert's routed coefficients and ``W_out`` every expert's value rows (memory ``e * d_expert + j``);
 - ``resid``: ``resid`` (the input of block ``l``; ``n_layer``: of the final norm), per position.
 
@@ -82,8 +83,9 @@ def _states_of(arch: Arch, res: Any, kinds: tuple[str, ...]) -> States:
 
 def corrupted_states(arch: Arch, batch: Batch, kinds: tuple[str, ...],
                      resid0_edit: Callable | None) -> States:
-    """The corrupted run's sites (one forward, no grad): ``batch`` is the corrupted batch, or the clean
-    batch with ``resid0_edit`` adding the noise to ``resid`` layer 0.
+    """The corrupted run's sites (one forward, no grad).
+
+    ``batch``: the corrupted batch, or the clean batch with ``resid0_edit`` adding noise to ``resid`` 0.
     """
     edits = {} if resid0_edit is None else {("resid", 0): resid0_edit}
     with patch(arch, edits):
@@ -176,8 +178,10 @@ def _resid_keys(arch: Arch) -> list[tuple[str, int]]:
 
 def estimates(arch: Arch, kinds: tuple[str, ...], grads: dict[tuple[str, int], torch.Tensor],
               clean: States, corrupt: States) -> dict[str, torch.Tensor]:
-    """``grad · (corrupt - clean)`` summed per component: heads ``[n_layer, n_head]``, mlp ``[n_layer]``,
-    memories ``[n_layer, d_mlp]``, resid ``[n_layer + 1, pos]`` (float32, on the CPU).
+    """``grad · (corrupt - clean)`` summed per component (on the CPU).
+
+    heads ``[n_layer, n_head]``, mlp ``[n_layer]``, memories ``[n_layer, d_mlp]``,
+    resid ``[n_layer + 1, pos]``.
     """
     out = {}
     n = arch.n_layer

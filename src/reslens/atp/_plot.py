@@ -10,13 +10,16 @@ __all__ = ["plot_atp"]
 
 
 def plot_atp(result: Any, *, ax: Any = None):
-    """Left: each checked component at (exact, estimate), flagged ones in red, the diagonal dashed.
-    Right (when heads were estimated): the heads' estimates, layer x head. ``ax``: one axes or two.
+    """Estimate vs exact effect (left), and the heads' estimates, layer x head (right).
+
+    Left: each checked component at (exact, estimate), flagged ones in red, the diagonal dashed.
+    ``ax``: one axes (the scatter only) or two.
     """
     plt = _pyplot()
     heads = result.heads
     if ax is None:
-        fig, axes = plt.subplots(1, 2 if heads is not None else 1, figsize=(11 if heads is not None else 5, 4.5))
+        wide = heads is not None
+        fig, axes = plt.subplots(1, 2 if wide else 1, figsize=(11 if wide else 5, 4.5))
         axes = list(axes) if heads is not None else [axes]
     else:
         axes = list(ax) if isinstance(ax, (list, tuple)) else [ax]

@@ -53,16 +53,17 @@ def _corruption(arch: Arch, batch: Batch, corrupt: Any, noise: Any, span: Any,
                 tokenizer: Any) -> tuple[Batch, Batch, Any]:
     """``(clean batch, corrupted batch, resid-0 edit or None)`` as the passes run them."""
     if (corrupt is None) == (noise is None):
-        raise ValueError("give exactly one corruption: corrupt= (a second batch of the clean batch's shape) "
-                         f"or noise= (a reslens.tracing.Noise, with span=); got corrupt={type(corrupt).__name__}, "
-                         f"noise={noise!r}")
+        raise ValueError("give exactly one corruption: corrupt= (a second batch of the clean batch's "
+                         "shape) or noise= (a reslens.tracing.Noise, with span=); got "
+                         f"corrupt={type(corrupt).__name__}, noise={noise!r}")
     if corrupt is not None:
         other = as_batch(corrupt, arch, tokenizer)
         if other.input_ids.shape != batch.input_ids.shape:
             raise ValueError(f"corrupt is {tuple(other.input_ids.shape)} (batch, pos); the clean batch is "
                              f"{tuple(batch.input_ids.shape)}: patching needs the same positions")
         if not torch.equal(other.attention_mask, batch.attention_mask):
-            raise ValueError("corrupt has another padding (attention_mask) than the clean batch; pad both alike")
+            raise ValueError("corrupt has another padding (attention_mask) than the clean batch; "
+                             "pad both alike")
         return batch, other, None
     from reslens.tracing import Noise
     from reslens.tracing._engine import draw_noise
@@ -73,15 +74,24 @@ def _corruption(arch: Arch, batch: Batch, corrupt: Any, noise: Any, span: Any,
     n_pos = batch.input_ids.shape[1]
     ok = isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(x, int) for x in span)
     if not ok or not 0 <= span[0] < span[1] <= n_pos:
-        raise ValueError(f"span must be (start, end) positions with 0 <= start < end <= {n_pos}; got {span!r}")
+        raise ValueError(f"span must be (start, end) positions with 0 <= start < end <= {n_pos}; "
+                         f"got {span!r}")
     std = noise.embedding_std
     std = (embedding_std(arch, batch.input_ids[:, span[0]:span[1]]) if std is None else
            embedding_std(arch) if std == "vocab" else float(std))
     drawn = draw_noise(arch, noise.samples, tuple(span), noise.scale * std, noise.seed)  # [samples, span, d]
     rows = _repeat(batch, noise.samples)
-    shift = torch.zeros((rows.input_ids.shape[0], n_pos, arch.d_model), dtype=torch.float32, device=arch.device)
+    shift = torch.zeros((rows.input_ids.shape[0], n_pos, arch.d_model), dtype=torch.float32,
+                        device=arch.device)
     shift[:, span[0]:span[1]] = drawn.repeat_interleave(batch.input_ids.shape[0], 0)
     return rows, rows, lambda x: x + shift.to(x.dtype)
+
+
+def _name(metric: Any) -> str:
+    """The metric as text: the repr of reslens's metrics, a function's name, or the class's."""
+    if hasattr(metric, "positions"):
+        return repr(metric)
+    return getattr(metric, "__name__", type(metric).__name__)
 
 
 def _candidates(est: dict[str, torch.Tensor], verify: int, sample: int,
@@ -162,7 +172,8 @@ def attribution_patching(
         d0 = wide(corrupt_st.sites[("resid", 0)]) - wide(clean_st.sites[("resid", 0)])
         grads = {}
         for k in range(steps):
-            gp = gradient_pass(arch, batch, keys, metric, kinds=kinds, shift=(k + 0.5) / steps * d0, keep=False)
+            shift = (k + 0.5) / steps * d0  # the midpoint of the k-th of `steps` equal segments
+            gp = gradient_pass(arch, batch, keys, metric, kinds=kinds, shift=shift, keep=False)
             for key, g in gp.grads.items():
                 grads[key] = grads.get(key, 0) + wide(g) / steps
     with torch.no_grad():
@@ -173,8 +184,8 @@ def attribution_patching(
              if cands else torch.zeros(0))
     lookup = [float((est[k][:, None] if est[k].ndim == 1 else est[k])[lay, i]) for k, lay, i in cands]
     return AtPResult(
-        method=method, steps=steps if method == "ig" else 1, metric=repr(metric).split("(")[0] if not
-        hasattr(metric, "positions") else repr(metric), clean_metric=clean_value, corrupt_metric=corrupt_value,
+        method=method, steps=steps if method == "ig" else 1, metric=_name(metric),
+        clean_metric=clean_value, corrupt_metric=corrupt_value,
         heads=est.get("heads"), mlp=est.get("mlp"), memories=est.get("memories"), resid=est.get("resid"),
         checked_kind=tuple(k for k, _, _ in cands),
         checked_layer=torch.tensor([lay for _, lay, _ in cands], dtype=torch.long),

@@ -1,4 +1,4 @@
-"""The result of attribution patching: every component's estimate, and the verified ones beside their exact effect."""
+"""The result of attribution patching: every component's estimate; the verified ones beside the truth."""
 
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AtPResult(Saveable):
-    """Attribution-patching estimates of ``metric(patched) - metric(clean)`` for every component, and exact effects.
+    """Estimates of ``metric(patched) - metric(clean)`` for every component, and the exact effects of some.
 
     A component's estimate is ``grad · (corrupt - clean)`` of its activation, summed over sequences and
     positions (``method="atp"``: the gradient at the clean run; ``"ig"``: averaged over ``steps`` points on
-    the straight path from the clean to the corrupted embedding). Estimates per kind (``None`` when not asked):
+    the straight path from the clean to the corrupted embedding). Per kind (``None`` when not asked):
 
     - ``heads: [n_layer, n_head]`` (each query head's ``attn_z`` slice), ``mlp: [n_layer]``,
       ``memories: [n_layer, d_mlp]``, ``resid: [n_layer + 1, pos]`` (the input of block ``l`` at a position).
@@ -61,7 +61,8 @@ class AtPResult(Saveable):
         for name in ("checked_layer", "checked_index", "checked_estimate", "checked_exact", "checked_top"):
             t = getattr(self, name)
             if t.ndim != 1 or t.shape[0] != n:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{n}] (one per checked component)")
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{n}] "
+                                 "(one per checked component)")
 
     # --- what the verification says -------------------------------------------------------------
 
@@ -72,12 +73,12 @@ class AtPResult(Saveable):
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """The checked components as text: ``"17.3"`` (a head), ``"mlp 5"``, ``"mem 5.812"``, ``"resid 3@7"``."""
+        """The checked components as text: ``"17.3"`` (head), ``"mlp 5"``, ``"mem 5.81"``, ``"resid 3@7"``."""
         return tuple(_label(k, int(lay), int(i))
                      for k, lay, i in zip(self.checked_kind, self.checked_layer, self.checked_index))
 
     def spearman(self, kind: str | None = None) -> float:
-        """Spearman rank correlation of estimate and exact effect over the checked components (of ``kind``)."""
+        """Spearman rank correlation of estimate and exact effect over the checked (``kind``)."""
         keep = torch.tensor([kind is None or k == kind for k in self.checked_kind], dtype=torch.bool)
         est, exact = self.checked_estimate[keep], self.checked_exact[keep]
         if est.numel() < 3:
@@ -89,9 +90,11 @@ class AtPResult(Saveable):
 
     @property
     def flags(self) -> tuple[str, ...]:
-        """Per checked component: ``"sign"`` (the estimate has the wrong sign of a non-negligible effect),
-        ``"overrated"`` (a top candidate whose exact effect is smaller than one of the random sample's of its
-        kind), ``"missed"`` (a sampled component whose exact effect beats a top candidate's of its kind), or ``""``.
+        """Per checked component, what the estimate got wrong: ``""`` (nothing), or one flag.
+
+        ``"sign"``: the estimate has the wrong sign of a non-negligible effect; ``"overrated"``: a top
+        candidate whose ``|exact|`` is smaller than a sampled one's of its kind; ``"missed"``: a sampled
+        component whose ``|exact|`` beats a top candidate's of its kind (by more than the negligible).
 
         Negligible: ``|exact|`` under 5% of the largest ``|exact|`` of its kind.
         """
@@ -100,21 +103,22 @@ class AtPResult(Saveable):
         for c, kind in enumerate(self.checked_kind):
             same = torch.tensor([k == kind for k in self.checked_kind], dtype=torch.bool)
             top, rest = same & self.checked_top, same & ~self.checked_top
-            scale = float(exact[same].max())
+            floor = 0.05 * float(exact[same].max())  # effects under it are negligible
             flag = ""
-            if exact[c] > 0.05 * scale and float(est[c]) * float(self.checked_exact[c]) < 0:
+            if exact[c] > floor and float(est[c]) * float(self.checked_exact[c]) < 0:
                 flag = "sign"
-            elif bool(self.checked_top[c]) and rest.any() and exact[c] < exact[rest].max():
+            elif bool(self.checked_top[c]) and rest.any() and exact[c] < exact[rest].max() - floor:
                 flag = "overrated"
-            elif not bool(self.checked_top[c]) and top.any() and exact[c] > exact[top].min():
+            elif not bool(self.checked_top[c]) and top.any() and exact[c] > exact[top].min() + floor:
                 flag = "missed"
             out.append(flag)
         return tuple(out)
 
     def largest_misses(self, n: int = 5) -> list[tuple[str, float, float]]:
-        """The ``n`` checked components with the largest ``|estimate - exact|``: ``(label, estimate, exact)``."""
-        order = (self.checked_estimate - self.checked_exact).abs().argsort(descending=True)[:n]
-        return [(self.labels[i], float(self.checked_estimate[i]), float(self.checked_exact[i])) for i in order]
+        """The ``n`` checked components of largest ``|estimate - exact|``: ``(label, estimate, exact)``."""
+        order = (self.checked_estimate - self.checked_exact).abs().argsort(descending=True)[:n].tolist()
+        est, exact = self.checked_estimate, self.checked_exact
+        return [(self.labels[i], float(est[i]), float(exact[i])) for i in order]
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -124,7 +128,8 @@ class AtPResult(Saveable):
             raise ValueError(f"kind={kind!r} is not one of {_KIND_ORDER}")
         t = getattr(self, kind)
         if t is None:
-            raise ValueError(f"kind {kind!r} was not estimated; pass kinds=(..., {kind!r}) to attribution_patching")
+            raise ValueError(f"kind {kind!r} was not estimated; pass kinds=(..., {kind!r}) to "
+                             "attribution_patching")
         return t
 
     def top(self, kind: str = "heads", n: int = 10) -> list[tuple[str, float]]:
@@ -149,14 +154,17 @@ class AtPResult(Saveable):
             for layer in range(t2.shape[0]):
                 for index in range(t2.shape[1]):
                     x, is_top = exact.get((kind, layer, index), (math.nan, False))
-                    rows.append((kind, layer, index, _label(kind, layer, index), float(t2[layer, index]), x, is_top))
+                    label = _label(kind, layer, index)
+                    rows.append((kind, layer, index, label, float(t2[layer, index]), x, is_top))
         return pd.DataFrame(rows, columns=["kind", "layer", "index", "label", "estimate", "exact", "top"])
 
     def table(self, n: int = 12) -> str:
-        """Text: the totals, the top ``n`` checked components (estimate, exact, flag), the rank correlation,
-        the largest misses, and what to read from them.
+        """Text: totals, the top ``n`` checked components, the rank correlation, misses, what to read.
+
+        Each component line: its estimate, its exact effect and its flag (:attr:`flags`).
         """
-        lines = [f"attribution patching ({self.method}{f', {self.steps} steps' if self.method == 'ig' else ''}) "
+        how = f"{self.method}, {self.steps} steps" if self.method == "ig" else self.method
+        lines = [f"attribution patching ({how}) "
                  f"of {self.metric}: clean {self.clean_metric:.4f}, corrupted {self.corrupt_metric:.4f}, "
                  f"total effect {self.total_effect:+.4f}"]
         flags = self.flags
@@ -166,19 +174,20 @@ class AtPResult(Saveable):
             lines.append(f"{self.labels[i]:<16}{float(self.checked_estimate[i]):>+10.4f}"
                          f"{float(self.checked_exact[i]):>+10.4f}  {flags[i]}")
         n_top = int(self.checked_top.sum())
-        lines.append(f"verified {len(self.checked_kind)} components exactly ({n_top} top by |estimate|, "
-                     f"{len(self.checked_kind) - n_top} sampled); Spearman rank correlation {self.spearman():.3f}")
+        n_checked = len(self.checked_kind)
+        lines.append(f"verified {n_checked} components exactly ({n_top} top by |estimate|, "
+                     f"{n_checked - n_top} sampled); Spearman rank correlation {self.spearman():.3f}")
         misses = ", ".join(f"{lab} {e:+.3f} vs {x:+.3f}" for lab, e, x in self.largest_misses(3))
         lines.append(f"largest misses (estimate vs exact): {misses}")
         n_flag = sum(bool(f) for f in flags)
-        lines.append(f"Read: the estimate is a first-order guess of each component's patching effect; the exact "
-                     f"column is the truth. {n_flag} checked component(s) are flagged (sign: wrong direction; "
-                     "overrated / missed: the estimate's ranking is wrong there) -- trust a ranking only where "
-                     "the rank correlation is high and nothing important is flagged.")
+        lines.append(f"Read: the estimate is a first-order guess of each patching effect; the exact column "
+                     f"is the truth. {n_flag} checked component(s) are flagged (sign: wrong direction; "
+                     "overrated / missed: the estimate's ranking is wrong there) -- trust a ranking only "
+                     "where the rank correlation is high and nothing important is flagged.")
         return "\n".join(lines)
 
     def plot(self, *, ax=None):
-        """Estimate vs exact effect of the checked components (scatter), beside the heads' estimates (layer x head)."""
+        """Estimate vs exact effect of the checked components, beside the heads' estimates (layer x head)."""
         from reslens.atp._plot import plot_atp
 
         return plot_atp(self, ax=ax)
@@ -190,8 +199,10 @@ class AtPResult(Saveable):
                 for i in order]
         note = (f"({self.metric}: clean {self.clean_metric:.4g}, corrupted {self.corrupt_metric:.4g}; "
                 f"Spearman {self.spearman():.3f})")
-        return html_table(f"AtPResult ({self.method})", ("component", "estimate", "exact", "flag"), rows, note=note)
+        header = ("component", "estimate", "exact", "flag")
+        return html_table(f"AtPResult ({self.method})", header, rows, note=note)
 
     def __repr__(self) -> str:
-        return (f"AtPResult(method={self.method!r}, metric={self.metric!r}, total_effect={self.total_effect:+.4f}, "
-                f"checked={len(self.checked_kind)}, spearman={self.spearman():.3f})")
+        return (f"AtPResult(method={self.method!r}, metric={self.metric!r}, "
+                f"total_effect={self.total_effect:+.4f}, checked={len(self.checked_kind)}, "
+                f"spearman={self.spearman():.3f})")
