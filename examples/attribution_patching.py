@@ -8,7 +8,7 @@
 2. Facts (ROME's causal-tracing facts): the subject's embedding is noised (``Noise(samples=3)``, 3x the
    subject embeddings' std, as the causal-tracing section); metric: log p(answer) at the last token.
 
-    python examples/attribution_patching.py --model smollm2
+    python examples/attribution_patching.py --model smollm2 [--method ig --steps 8]
     python examples/attribution_patching.py                 # the embedded GPT-2 (no induction heads)
 """
 
@@ -38,6 +38,9 @@ def parse_args():
     parser.add_argument("--n", type=int, default=4, help="repeated random sequences")
     parser.add_argument("--top", type=int, default=20, help="top candidates of each kind patched exactly")
     parser.add_argument("--sample", type=int, default=10, help="other components per kind patched exactly")
+    parser.add_argument("--method", default="atp", choices=("atp", "ig"), help="AtP or integrated gradients")
+    parser.add_argument("--steps", type=int, default=8, help="integrated-gradients steps (--method ig)")
+    parser.add_argument("--skip-facts", action="store_true", help="the induction part only")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -55,11 +58,13 @@ def induction(model, tokenizer, args):
     metric = log_prob(clean[:, length + 2 :], positions)
     start = time.perf_counter()
     r = attribution_patching(model, clean, corrupt, metric=metric, kinds=("heads", "mlp"), verify=args.top,
-                             sample=args.sample, seed=args.seed)
+                             sample=args.sample, seed=args.seed, method=args.method, steps=args.steps)
     took = time.perf_counter() - start
     print(f"== induction: {args.n} x 2 x {length} random tokens, metric = mean log p(second copy) ==")
     print(r.table(n=15))
     print("top heads by estimate:", ", ".join(f"{lab} {v:+.3f}" for lab, v in r.top("heads", 8)))
+    exact = sorted(zip(r.checked_exact.tolist(), r.labels))[:8]
+    print("largest exact effects:", ", ".join(f"{lab} {x:+.3f}" for x, lab in exact))
     print(f"Spearman (heads) {r.spearman('heads'):.3f}, (mlp) {r.spearman('mlp'):.3f}; {took:.1f} s")
     return r
 
@@ -72,7 +77,7 @@ def facts(model, tokenizer, args):
         target = tokenizer(answer, add_special_tokens=False).input_ids[0]
         r = attribution_patching(model, ids, noise=Noise(samples=3), span=(start, end),
                                  metric=log_prob([target]), kinds=("heads", "mlp"), verify=args.top,
-                                 sample=args.sample, seed=args.seed)
+                                 sample=args.sample, seed=args.seed, method=args.method, steps=args.steps)
         print(f"\n== fact: {prompt!r} -> {answer!r} (subject tokens {start}..{end - 1}) ==")
         print(r.table(n=8))
         print("top heads:", ", ".join(f"{lab} {v:+.3f}" for lab, v in r.top("heads", 5)),
@@ -84,7 +89,8 @@ def main():
     model, tokenizer = reslens.load_model(args.model)
     torch.manual_seed(args.seed)
     induction(model, tokenizer, args)
-    facts(model, tokenizer, args)
+    if not args.skip_facts:
+        facts(model, tokenizer, args)
 
 
 if __name__ == "__main__":

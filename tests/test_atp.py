@@ -225,3 +225,34 @@ def test_bad_inputs():
         attribution_patching(model, IDS, OTHER, metric=lambda logits: logits[:, -1, :3])
     with pytest.raises(ValueError, match="steps"):
         attribution_patching(model, IDS, OTHER, metric=METRIC, method="ig", steps=0)
+
+
+def test_graddrop_scores_what_dropping_each_block_changes():
+    """GradDrop (AtP*): the score of block L-2's MLP is |AtP through the direct path only - AtP|, the direct
+    gradient computed here by detaching the last block's outputs; nothing comes after the last block."""
+    model = make_family("llama")
+    arch = reslens.adapter(model)
+    r = attribution_patching(model, IDS, OTHER, metric=METRIC, graddrop=True, verify=3, sample=1)
+    gd, last = r.graddrop, arch.n_layer - 1
+    assert all((getattr(gd, k) >= 0).all() for k in KINDS)
+    assert float(gd.heads[last].abs().max()) == 0.0 and float(gd.mlp[last]) == 0.0
+    assert float(gd.resid[last + 1].abs().max()) == 0.0
+    assert float(gd.heads[0].sum()) > 0 and float(gd.resid[last].sum()) > 0
+    held = {}
+
+    def hold(x):
+        held["x"] = x
+        return x
+
+    edits = {("mlp_out", last - 1): hold, ("attn_out", last): lambda x: x.detach(),
+             ("mlp_out", last): lambda x: x.detach()}
+    with reslens.patch(model, edits):
+        value = METRIC(model(input_ids=IDS).logits.float())
+    (g,) = torch.autograd.grad(value, [held["x"]])
+    delta = (reslens.capture(model, OTHER, sites="mlp_out").get("mlp_out", last - 1)
+             - reslens.capture(model, IDS, sites="mlp_out").get("mlp_out", last - 1))
+    direct = float((g * delta).sum())
+    assert float(gd.mlp[last - 1]) == pytest.approx(abs(direct - float(r.mlp[last - 1])), rel=1e-4, abs=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="graddrop"):
+        attribution_patching(model, IDS, OTHER, metric=METRIC, method="ig", graddrop=True)

@@ -122,27 +122,48 @@ class GradPass:
     metric: Any  # the metric as used (bound to this run's logits where it binds)
 
 
+class _Gate(torch.autograd.Function):
+    """Identity forward; backward scales the gradient by ``gates[layer]`` (GradDrop's switch)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gates: list[float], layer: int) -> torch.Tensor:
+        ctx.gates, ctx.layer = gates, layer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad * ctx.gates[ctx.layer], None, None
+
+
 def gradient_pass(arch: Arch, batch: Batch, keys: list[tuple[str, int]], metric: Any, *,
-                  kinds: tuple[str, ...], shift: torch.Tensor | None = None, keep: bool = True) -> GradPass:
+                  kinds: tuple[str, ...], shift: torch.Tensor | None = None, keep: bool = True,
+                  on_drop: Callable | None = None) -> GradPass:
     """One forward with grad and one backward of ``metric`` at the ``keys`` tensors.
 
     ``shift [rows, pos, d_model]``: added to ``resid`` layer 0 (a point on the integrated-gradients path).
     ``keep``: also return this run's states (its sites, ``mlp_act`` and final hidden) and bind the metric
-    to its logits.
+    to its logits. ``on_drop(layer, grads, states)`` (with ``keep``): GradDrop; after the plain backward,
+    one more per block with the gradient into that block's attention and MLP outputs set to zero.
     """
     held: dict[tuple[str, int], torch.Tensor] = {}
+    gates = [1.0] * arch.n_layer
 
-    def hold(key: tuple[str, int]) -> Callable:
+    def hold(key: tuple[str, int], grab: bool) -> Callable:
         def fn(x: torch.Tensor) -> torch.Tensor:
             if key == ("resid", 0):
                 x = x.detach() + (0 if shift is None else shift.to(x.dtype))
                 x.requires_grad_(True)
-            held[key] = x
+            if on_drop is not None and key[0] in ("attn_out", "mlp_out"):
+                x = _Gate.apply(x, gates, key[1])
+            if grab:
+                held[key] = x
             return x
 
         return fn
 
-    edits = {key: hold(key) for key in dict.fromkeys([*keys, *_resid_keys(arch)] if keep else keys)}
+    grab = list(dict.fromkeys([*keys, *_resid_keys(arch)] if keep else keys))
+    gated = [(s, b) for b in range(arch.n_layer) for s in ("attn_out", "mlp_out")] if on_drop else []
+    edits = {key: hold(key, key in grab) for key in dict.fromkeys([*grab, *gated])}
     sites = ("mlp_act",) if keep and "memories" in kinds else ()
     with no_weight_grads(arch.model), torch.enable_grad():
         recorder = trace(arch, sites=sites) if sites else None
@@ -157,19 +178,25 @@ def gradient_pass(arch: Arch, batch: Batch, keys: list[tuple[str, int]], metric:
             raise ValueError(f"metric must return a scalar tensor; got {got}")
         if not value.requires_grad:
             raise ValueError("metric returned a tensor that does not depend on the logits (no gradient)")
+        del logits
+        states = None
+        if keep:
+            acts = {}
+            if "memories" in kinds:
+                res = recorder.residuals
+                acts = {layer: res.get("mlp_act", layer) for layer in range(arch.n_layer)}
+            states = States({key: t.detach() for key, t in held.items()}, acts, final.detach())
         tensors = [held[key] for key in keys]
-        grads = torch.autograd.grad(value, tensors, allow_unused=True)
-    del logits
-    out = {key: torch.zeros_like(t) if g is None else g.detach() for key, t, g in zip(keys, tensors, grads)}
-    states = None
-    if keep:
-        sites = {key: t.detach() for key, t in held.items()}
-        acts = {}
-        if "memories" in kinds:
-            res = recorder.residuals
-            acts = {layer: res.get("mlp_act", layer) for layer in range(arch.n_layer)}
-        states = States(sites, acts, final.detach())
+        out = _grads(value, keys, tensors, retain=on_drop is not None)
+        for layer in range(arch.n_layer) if on_drop is not None else ():
+            gates[:] = [float(b != layer) for b in range(arch.n_layer)]
+            on_drop(layer, _grads(value, keys, tensors, retain=layer < arch.n_layer - 1), states)
     return GradPass(float(value.detach()), out, states, metric)
+
+
+def _grads(value: torch.Tensor, keys: list, tensors: list, *, retain: bool) -> dict:
+    grads = torch.autograd.grad(value, tensors, allow_unused=True, retain_graph=retain)
+    return {key: torch.zeros_like(t) if g is None else g.detach() for key, t, g in zip(keys, tensors, grads)}
 
 
 def _resid_keys(arch: Arch) -> list[tuple[str, int]]:

@@ -24,9 +24,9 @@ from reslens._checks import check_choice, check_int
 from reslens._inputs import Batch, as_batch
 from reslens.arch import Arch, adapter
 from reslens.atp._exact import Candidate, exact_effects
-from reslens.atp._passes import (KINDS, clean_states, corrupted_states, estimates, gradient_pass,
+from reslens.atp._passes import (KINDS, States, clean_states, corrupted_states, estimates, gradient_pass,
                                  grad_keys)
-from reslens.atp.result import AtPResult
+from reslens.atp.result import AtPResult, KindScores
 
 __all__ = ["attribution_patching"]
 
@@ -94,15 +94,15 @@ def _name(metric: Any) -> str:
     return getattr(metric, "__name__", type(metric).__name__)
 
 
-def _candidates(est: dict[str, torch.Tensor], verify: int, sample: int,
+def _candidates(rank: dict[str, torch.Tensor], verify: int, sample: int,
                 seed: int) -> tuple[list[Candidate], list[bool]]:
-    """Per kind, the ``verify`` largest ``|estimate|`` and ``sample`` others drawn at random."""
+    """Per kind, the ``verify`` largest ``rank`` scores and ``sample`` others drawn at random."""
     gen = torch.Generator().manual_seed(seed)
     cands, top = [], []
-    for kind, t in est.items():
+    for kind, t in rank.items():
         t2 = t[:, None] if t.ndim == 1 else t
         flat = t2.reshape(-1)
-        order = flat.abs().argsort(descending=True)
+        order = flat.argsort(descending=True)
         k = min(verify, flat.numel())
         rest = order[k:]
         drawn = rest[torch.randperm(rest.numel(), generator=gen)[: min(sample, rest.numel())]]
@@ -110,6 +110,52 @@ def _candidates(est: dict[str, torch.Tensor], verify: int, sample: int,
             cands.append((kind, i // t2.shape[1], i % t2.shape[1]))
             top.append(is_top)
     return cands, top
+
+
+def _graddrop(est: dict[str, torch.Tensor], dropped: list[dict[str, torch.Tensor]]) -> dict:
+    """``Σ_l |AtP with block l's gradient dropped - AtP|`` per component, over the blocks after its own.
+
+    Drop ``l`` gates the gradient into block ``l``'s attention and MLP outputs, so it removes the paths
+    through that block; a component of block ``l`` itself is not counted there (its gradient is read
+    before the MLP's gate, after the heads'), so every kind counts the paths through later blocks only.
+    """
+    out = {}
+    for kind, base in est.items():
+        total = torch.zeros_like(base)
+        for layer, d in enumerate(dropped):
+            diff = (d[kind] - base).abs()
+            if kind != "resid":
+                diff[layer] = 0  # the block's own components
+            total += diff
+        out[kind] = total
+    return out
+
+
+def _gradients(arch: Arch, batch: Batch, kinds: tuple[str, ...], metric: Any, method: str, steps: int,
+               corrupt_st: States, on_drop: Any) -> tuple[dict, States, Any, float]:
+    """``(grads, clean states, metric as bound, clean value)`` of AtP or integrated gradients.
+
+    AtP: one gradient pass at the clean run; IG: ``steps`` passes, at the midpoints of the straight path from
+    the clean to the corrupted embedding (``resid`` layer 0), the gradients averaged.
+    """
+    keys = grad_keys(arch, kinds)
+    if method == "atp":
+        gp = gradient_pass(arch, batch, keys, metric, kinds=kinds, keep=True, on_drop=on_drop)
+        return gp.grads, gp.states, gp.metric, gp.value
+    clean_st = clean_states(arch, batch, kinds)
+    with torch.no_grad():
+        logits = wide(arch.unembed(clean_st.final))
+        metric = metric.bind(logits) if hasattr(metric, "bind") else metric
+        clean_value = float(metric(logits))
+    del logits
+    d0 = wide(corrupt_st.sites[("resid", 0)]) - wide(clean_st.sites[("resid", 0)])
+    grads: dict = {}
+    for k in range(steps):
+        shift = (k + 0.5) / steps * d0  # the midpoint of the k-th of `steps` equal segments
+        gp = gradient_pass(arch, batch, keys, metric, kinds=kinds, shift=shift, keep=False)
+        for key, g in gp.grads.items():
+            grads[key] = grads.get(key, 0) + wide(g) / steps
+    return grads, clean_st, metric, clean_value
 
 
 def attribution_patching(
@@ -127,6 +173,7 @@ def attribution_patching(
     sample: int = 10,
     seed: int = 0,
     batch_size: int = 64,
+    graddrop: bool = False,
     tokenizer: Any = None,
 ) -> AtPResult:
     """Estimate every component's patching effect on ``metric``, and verify the top ones exactly.
@@ -136,7 +183,9 @@ def attribution_patching(
     [batch, pos, d_vocab]) -> scalar`` (:mod:`reslens.atp.metrics`). ``kinds``: of ``heads``, ``mlp``,
     ``memories``, ``resid``. ``method``: ``"atp"`` or ``"ig"`` (``steps`` points). ``verify``/``sample``:
     per kind, the top candidates and the random others patched exactly (0 and 0: no verification);
-    ``batch_size``: rows per verification forward. The model's weights never get a gradient.
+    ``batch_size``: rows per verification forward. ``graddrop``: also AtP*'s GradDrop scores (one more
+    backward per block, ``method="atp"`` only); candidates are then ranked by ``max(|estimate|, GradDrop)``.
+    The model's weights never get a gradient.
 
     >>> import torch, reslens
     >>> from reslens.atp import attribution_patching, logit_diff
@@ -155,31 +204,22 @@ def attribution_patching(
     steps = check_int(steps, "steps", low=1)
     verify, sample = check_int(verify, "verify", low=0), check_int(sample, "sample", low=0)
     batch_size = check_int(batch_size, "batch_size", low=1)
+    if graddrop and method != "atp":
+        raise ValueError(f"graddrop=True goes with method='atp' (AtP*); got method={method!r}")
     batch = as_batch(clean, arch, tokenizer)
     batch, other, resid0_edit = _corruption(arch, batch, corrupt, noise, span, tokenizer)
     corrupt_st = corrupted_states(arch, other, kinds, resid0_edit)
-    keys = grad_keys(arch, kinds)
-    if method == "atp":
-        gp = gradient_pass(arch, batch, keys, metric, kinds=kinds, keep=True)
-        clean_st, grads, metric, clean_value = gp.states, gp.grads, gp.metric, gp.value
-    else:
-        clean_st = clean_states(arch, batch, kinds)
-        with torch.no_grad():
-            logits = wide(arch.unembed(clean_st.final))
-            metric = metric.bind(logits) if hasattr(metric, "bind") else metric
-            clean_value = float(metric(logits))
-        del logits
-        d0 = wide(corrupt_st.sites[("resid", 0)]) - wide(clean_st.sites[("resid", 0)])
-        grads = {}
-        for k in range(steps):
-            shift = (k + 0.5) / steps * d0  # the midpoint of the k-th of `steps` equal segments
-            gp = gradient_pass(arch, batch, keys, metric, kinds=kinds, shift=shift, keep=False)
-            for key, g in gp.grads.items():
-                grads[key] = grads.get(key, 0) + wide(g) / steps
+    dropped: list[dict[str, torch.Tensor]] = []
+    on_drop = ((lambda layer, g, states: dropped.append(estimates(arch, kinds, g, states, corrupt_st)))
+               if graddrop else None)
+    grads, clean_st, metric, clean_value = _gradients(arch, batch, kinds, metric, method, steps, corrupt_st,
+                                                      on_drop)
     with torch.no_grad():
         corrupt_value = float(metric(wide(arch.unembed(corrupt_st.final))))
     est = estimates(arch, kinds, grads, clean_st, corrupt_st)
-    cands, top = _candidates(est, verify, sample, seed) if verify + sample else ([], [])
+    scores = _graddrop(est, dropped) if graddrop else None
+    rank = {k: v.abs() if scores is None else torch.maximum(v.abs(), scores[k]) for k, v in est.items()}
+    cands, top = _candidates(rank, verify, sample, seed) if verify + sample else ([], [])
     exact = (exact_effects(arch, batch, cands, metric, clean_st, corrupt_st, batch_size=batch_size)
              if cands else torch.zeros(0))
     lookup = [float((est[k][:, None] if est[k].ndim == 1 else est[k])[lay, i]) for k, lay, i in cands]
@@ -192,4 +232,5 @@ def attribution_patching(
         checked_index=torch.tensor([i for _, _, i in cands], dtype=torch.long),
         checked_estimate=torch.tensor(lookup, dtype=torch.float32),
         checked_exact=wide(exact), checked_top=torch.tensor(top, dtype=torch.bool),
+        graddrop=None if scores is None else KindScores(**scores),
     )

@@ -10,7 +10,7 @@ import torch
 from reslens._saving import Saveable
 from reslens._text import html_table, pandas
 
-__all__ = ["AtPResult"]
+__all__ = ["AtPResult", "KindScores"]
 
 _KIND_ORDER = ("heads", "mlp", "memories", "resid")
 
@@ -22,6 +22,16 @@ def _label(kind: str, layer: int, index: int) -> str:
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     return x.argsort().argsort().double()
+
+
+@dataclass(frozen=True)
+class KindScores:
+    """One score per component, by kind (shapes as :class:`AtPResult`'s estimates; ``None``: not asked)."""
+
+    heads: torch.Tensor | None = None
+    mlp: torch.Tensor | None = None
+    memories: torch.Tensor | None = None
+    resid: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,10 @@ class AtPResult(Saveable):
 
     Verified components (``checked_*``, ``[n_checked]``): the top ones by ``|estimate|`` of each kind
     (``checked_top``) and a random sample of the others, each patched exactly, alone: ``checked_exact``.
+
+    ``graddrop`` (with ``graddrop=True``): AtP*'s GradDrop score of every component, ``Σ_l |AtP with the
+    gradient into block l's attention and MLP outputs dropped - AtP|`` over the blocks ``l`` after the
+    component's own (Kramár et al. 2024, sec. 3.1.2): large where paths through some block cancel.
     """
 
     method: str
@@ -54,6 +68,7 @@ class AtPResult(Saveable):
     checked_estimate: torch.Tensor
     checked_exact: torch.Tensor
     checked_top: torch.Tensor
+    graddrop: KindScores | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checked_kind", tuple(self.checked_kind))
