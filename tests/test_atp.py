@@ -203,6 +203,11 @@ def test_weights_keep_no_gradient_and_hooks_go(tmp_path):
     assert r.table().splitlines()[-1].startswith("Read:")
     assert len(r.to_frame()) == r.heads.numel() + r.mlp.numel() + r.memories.numel() + r.resid.numel()
     assert "AtPResult" in r._repr_html_()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = r.plot()
+    assert len(fig.axes) == 3  # the scatter, the heads' heatmap and its colour bar
 
 
 def test_bad_inputs():
