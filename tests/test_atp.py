@@ -261,3 +261,40 @@ def test_graddrop_scores_what_dropping_each_block_changes():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="graddrop"):
         attribution_patching(model, IDS, OTHER, metric=METRIC, method="ig", graddrop=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gpt_neox_seq", "phi3", "mixtral"])
+@pytest.mark.parametrize("method", ["atp", "ig"])
+def test_edges_sum_to_node_estimates(family, method, tmp_path):
+    """Each upstream's edges sum to its node estimate (the residual's gradient is the sum of its readers');
+    the last MLP feeds only the logits; a reader never comes before its writer."""
+    from reslens.atp import EdgeResult, edge_attribution
+
+    model = make_family(family)
+    arch = reslens.adapter(model)
+    edges = edge_attribution(model, IDS, OTHER, metric=METRIC, method=method, steps=3)
+    nodes = attribution_patching(model, IDS, OTHER, metric=METRIC, kinds=("heads", "mlp", "resid"),
+                                 method=method, steps=3, verify=0, sample=0)
+    totals = dict(zip(edges.upstream, edges.node_totals.tolist()))
+    scale = float(nodes.heads.abs().max())
+    for layer in range(arch.n_layer):
+        for head in range(arch.n_head):
+            node = float(nodes.heads[layer, head])
+            assert totals[f"{layer}.{head}"] == pytest.approx(node, abs=1e-4 * scale)
+        assert totals[f"mlp {layer}"] == pytest.approx(float(nodes.mlp[layer]), rel=1e-4, abs=1e-6)
+    assert totals["embed"] == pytest.approx(float(nodes.resid[0].sum()), rel=1e-4, abs=1e-6)
+    last = edges.upstream.index(f"mlp {arch.n_layer - 1}")
+    assert edges.scores[last, :-1].isnan().all() and not edges.scores[last, -1].isnan()
+    assert edges.scores[edges.upstream.index("1.0"), edges.downstream.index("attn 1")].isnan()
+    assert not edges.scores[edges.upstream.index("1.0"), edges.downstream.index("mlp 1")].isnan()
+    edges.save(tmp_path / "edges.safetensors")
+    assert torch.equal(EdgeResult.load(tmp_path / "edges.safetensors").scores.isnan(), edges.scores.isnan())
+    assert edges.table().splitlines()[-1].startswith("Read:")
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma2", "olmo2"])
+def test_edges_refused_where_the_reader_split_or_head_writes_are_not_linear(family):
+    from reslens.atp import edge_attribution
+
+    with pytest.raises(ValueError, match="refused"):
+        edge_attribution(make_family(family), IDS, OTHER, metric=METRIC)

@@ -132,13 +132,14 @@ def _graddrop(est: dict[str, torch.Tensor], dropped: list[dict[str, torch.Tensor
 
 
 def _gradients(arch: Arch, batch: Batch, kinds: tuple[str, ...], metric: Any, method: str, steps: int,
-               corrupt_st: States, on_drop: Any) -> tuple[dict, States, Any, float]:
+               corrupt_st: States, on_drop: Any, extra: tuple = ()) -> tuple[dict, States, Any, float]:
     """``(grads, clean states, metric as bound, clean value)`` of AtP or integrated gradients.
 
     AtP: one gradient pass at the clean run; IG: ``steps`` passes, at the midpoints of the straight path from
-    the clean to the corrupted embedding (``resid`` layer 0), the gradients averaged.
+    the clean to the corrupted embedding (``resid`` layer 0), the gradients averaged. ``extra``: more
+    ``(site, layer)`` keys whose gradients to return.
     """
-    keys = grad_keys(arch, kinds)
+    keys = list(dict.fromkeys([*grad_keys(arch, kinds), *extra]))
     if method == "atp":
         gp = gradient_pass(arch, batch, keys, metric, kinds=kinds, keep=True, on_drop=on_drop)
         return gp.grads, gp.states, gp.metric, gp.value
