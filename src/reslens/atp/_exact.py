@@ -9,7 +9,7 @@ component replaced through :func:`reslens.patch`, and the metric reads each copy
 Shortcut, exact by construction: a copy equals the clean run before its candidate's block, so a chunk
 (candidates sorted by layer) starts from the clean ``resid`` at its first candidate's layer and runs only
 the blocks from there (:meth:`~reslens.arch.Arch.run_block_suffix` with no prefix), where the batch has
-no padding and the attention runs ``eager`` or ``sdpa``; otherwise every copy runs the whole body.
+no padding and the adapter can run a block alone; otherwise every copy runs the whole body.
 """
 
 from __future__ import annotations
@@ -81,27 +81,30 @@ def _edits(arch: Arch, chunk: Sequence[Candidate], rows: int, clean: States, cor
     return {key: edit_of(items) for key, items in by_key.items()}
 
 
-def _staged(arch: Arch, batch: Batch) -> bool:
-    impl = getattr(arch.config, "_attn_implementation", None)
-    return bool(batch.attention_mask.all()) and impl in ("eager", "sdpa")
-
-
 def _final_hidden(arch: Arch, batch: Batch, copies: int, start: int, clean: States,
                   edits: dict) -> torch.Tensor:
-    """The final norm's output ``[copies * rows, pos, d_model]`` of ``copies`` patched copies of the batch."""
+    """The final norm's output ``[copies * rows, pos, d_model]`` of ``copies`` patched copies of the batch.
+
+    Staged from block ``start`` where the batch has no padding and the adapter runs a block alone (eager
+    or sdpa attention: :meth:`~reslens.arch.Arch.run_block_suffix` refuses others before it runs one);
+    otherwise the whole body.
+    """
     with torch.no_grad(), patch(arch, edits):
-        if not _staged(arch, batch):
-            rep = dict(input_ids=batch.input_ids.repeat(copies, 1),
-                       attention_mask=batch.attention_mask.long().repeat(copies, 1),
-                       position_ids=batch.position_ids.repeat(copies, 1), use_cache=False)
-            return arch.body(**rep).last_hidden_state
-        hidden = clean.sites[("resid", start)].repeat(copies, 1, 1)
-        rows = hidden.shape[0]
-        for b in range(start, arch.n_layer):
+        if bool(batch.attention_mask.all()):
+            hidden = clean.sites[("resid", start)].repeat(copies, 1, 1)
+            rows = hidden.shape[0]
             empty = torch.zeros((rows, arch.n_kv_head, 0, arch.d_head), dtype=hidden.dtype,
                                 device=hidden.device)
-            hidden = arch.run_block_suffix(b, hidden, empty, empty)
-        return arch.final_norm_module(hidden)
+            try:
+                for b in range(start, arch.n_layer):
+                    hidden = arch.run_block_suffix(b, hidden, empty, empty)
+                return arch.final_norm_module(hidden)
+            except NotImplementedError:
+                pass
+        rep = dict(input_ids=batch.input_ids.repeat(copies, 1),
+                   attention_mask=batch.attention_mask.long().repeat(copies, 1),
+                   position_ids=batch.position_ids.repeat(copies, 1), use_cache=False)
+        return arch.body(**rep).last_hidden_state
 
 
 def exact_effects(arch: Arch, batch: Batch, candidates: Sequence[Candidate], metric: Any, clean: States,

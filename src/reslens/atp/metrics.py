@@ -54,7 +54,7 @@ class _Metric:
         self.name = name
 
     def _gather(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``[rows, n_positions]`` of ``logits [rows, pos, vocab]`` at ``ids`` (per row or per position)."""
+        """``[rows, n]``: ``logits [rows, pos, vocab]`` at the ``n`` positions and at ``ids``."""
         ids = _rows(ids.to(logits.device), logits.shape[0], "targets")
         at = logits[:, self.positions.to(logits.device)]  # [rows, n, vocab]
         if ids.ndim == 1:
