@@ -82,6 +82,7 @@ def timed(fn, repeats, warm=True):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
+    print(f"  ... {statistics.median(times):.2f} s", flush=True)  # progress, before the table
     return statistics.median(times), result
 
 
