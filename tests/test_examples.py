@@ -17,6 +17,7 @@ TEXT = (
 
 #: script -> its arguments (small sizes): {text} a plain-text file, {corpus} a folder of them, {out} a folder
 ARGS = {
+    "attribution_patching.py": ["--seq-len", "6", "--n", "2", "--top", "3", "--sample", "2"],
     "capture.py": [],
     "generate_lens.py": ["--new", "4", "--out-dir", "{out}"],
     "head_ablation.py": ["--seq-len", "6", "--n", "2"],
