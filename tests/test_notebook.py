@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import reslens
-from reslens import attribution, heads, hub, lens, lens_stats, pca, rome, tracing
+from reslens import atp, attribution, heads, hub, lens, lens_stats, pca, rome, tracing
 from reslens import kv_memory as kv
 from reslens.lens._metrics import reference
 
@@ -20,7 +20,8 @@ TEXT = "When the old sailor came back to the inn, he asked for a glass of rum."
 
 #: the public modules whose classes are results or values (reslens.arch, the adapter, is not a result)
 PUBLIC = ("reslens", "reslens.residuals", "reslens.hooks", "reslens.lens", "reslens.pca", "reslens.kv_memory",
-          "reslens.heads", "reslens.attribution", "reslens.tracing", "reslens.rome", "reslens.generation")
+          "reslens.heads", "reslens.attribution", "reslens.tracing", "reslens.rome", "reslens.generation",
+          "reslens.atp")
 #: public classes that are not results or values: the hook context managers and the lenses' base class
 NOT_RESULTS = {"Trace", "Patch", "Lens"}
 
@@ -108,6 +109,13 @@ def results():
         "PatchscopeResult": lens.patchscope(model, TEXT, -1, tokenizer=tok, layers=[1, 2]),
         "Generation": reslens.generate(model, [TEXT], tokenizer=tok, max_new_tokens=3, lens="logit"),
         "Explorer": reslens.explore(model, TEXT, tokenizer=tok, changes=4),
+        "AtPResult": atp.attribution_patching(model, batch.input_ids, noise=noise, span=(1, 3),
+                                              metric=atp.log_prob([13]), kinds=("heads", "mlp"), verify=2,
+                                              sample=1, graddrop=True),
+        "KindScores": atp.KindScores(mlp=torch.zeros(n_layer)),
+        "KLToClean": atp.kl_to_clean(),
+        "EdgeResult": atp.edge_attribution(model, batch.input_ids, noise=noise, span=(1, 3),
+                                           metric=atp.log_prob([13])),
     }
     return out
 

@@ -32,6 +32,7 @@ _LAZY = {
 #: submodules reachable as attributes of ``reslens`` without an explicit import
 _SUBMODULES = (
     "arch",
+    "atp",
     "attribution",
     "explorer",
     "generation",

@@ -131,6 +131,9 @@ class KLToClean:
     def __repr__(self) -> str:
         return f"kl_to_clean(positions={self.positions.tolist()})"
 
+    def _repr_html_(self) -> str:
+        return f"<div><b>{self!r}</b> (a metric: mean KL(p_clean ‖ p) at these positions)</div>"
+
 
 def kl_to_clean(positions: Any = -1) -> KLToClean:
     """A :class:`KLToClean` metric at ``positions``."""

@@ -33,6 +33,19 @@ class KindScores:
     memories: torch.Tensor | None = None
     resid: torch.Tensor | None = None
 
+    def _given(self) -> list[tuple[str, torch.Tensor]]:
+        return [(k, getattr(self, k)) for k in _KIND_ORDER if getattr(self, k) is not None]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={list(t.shape)}" for k, t in self._given())
+        return f"KindScores({shapes})"
+
+    def _repr_html_(self) -> str:
+        rows = [(k, "×".join(map(str, t.shape)), float(t.abs().max()) if t.numel() else math.nan)
+                for k, t in self._given()]
+        return html_table("KindScores", ("kind", "shape", "largest |score|"), rows,
+                          note="(one score per component of each kind)")
+
 
 @dataclass(frozen=True)
 class AtPResult(Saveable):
