@@ -34,7 +34,7 @@ from reslens.atp._passes import corrupted_states
 __all__ = ["EdgeResult", "edge_attribution"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class EdgeResult(Saveable):
     """Edge scores ``scores [n_upstream, n_downstream]`` (NaN where the reader comes before the writer).
 
@@ -88,6 +88,11 @@ class EdgeResult(Saveable):
                      "into that reader's input is corrupted; an upstream's edges sum to its node estimate. "
                      "Estimates, not verified: check a circuit by patching.")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"EdgeResult(method={self.method!r}, metric={self.metric!r}, "
+                f"upstream={len(self.upstream)}, downstream={len(self.downstream)}, "
+                f"total_effect={self.corrupt_metric - self.clean_metric:+.4f})")
 
     def _repr_html_(self) -> str:
         return html_table(f"EdgeResult ({self.method})", ("upstream", "downstream", "score"), self.top(12),

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from reslens._text import html_table
+
 __all__ = ["logit_diff", "log_prob", "prob", "KLToClean", "kl_to_clean"]
 
 
@@ -132,7 +134,9 @@ class KLToClean:
         return f"kl_to_clean(positions={self.positions.tolist()})"
 
     def _repr_html_(self) -> str:
-        return f"<div><b>{self!r}</b> (a metric: mean KL(p_clean ‖ p) at these positions)</div>"
+        bound = "bound to a clean run" if self._clean is not None else "not bound yet (bind(clean_logits))"
+        return html_table("kl_to_clean", (), [("positions", str(self.positions.tolist())), ("clean", bound)],
+                          note="(a metric: mean KL(p_clean ‖ p) at these positions)")
 
 
 def kl_to_clean(positions: Any = -1) -> KLToClean:
