@@ -46,6 +46,7 @@ ARGS = {
     "lens_bench.py": ["--model", "embedded", "--corpus", "{corpus}", "--held-out", "{text}", "--tuned-tokens",
                       "256", "--jacobian-tokens", "48", "--eval-tokens", "200", "--causal-positions", "3",
                       "--out-dir", "{out}"],
+    "explorer_screenshots.py": ["--out", "{out}"],
     "patchscope.py": ["--file", "{text}", "--corpus", "{corpus}", "--tokens", "64", "--window", "32",
                       "--skip", "0", "--shortcut-tokens", "500"],
 }
@@ -55,8 +56,17 @@ def test_every_example_is_listed():
     assert sorted(p.name for p in (ROOT / "examples").glob("*.py")) == sorted(ARGS)
 
 
+#: scripts that drive a headless Chromium (they skip, saying why, where there is none)
+BROWSER = {"explorer_screenshots.py"}
+
+
 @pytest.mark.parametrize("script", sorted(ARGS))
 def test_example_runs(script, tmp_path):
+    if script in BROWSER:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from cdp import need_browser
+
+        need_browser()  # skips, saying why, where there is no Chromium (fails with RESLENS_REQUIRE_BROWSER=1)
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "book.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
@@ -77,3 +87,6 @@ def test_example_runs(script, tmp_path):
     )
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     assert done.stdout.strip(), f"{script} printed nothing"
+    if script in BROWSER:
+        assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+            "explorer-heads.png", "explorer-lens.png", "explorer-trace.png"]
