@@ -17,9 +17,7 @@ from typing import Any
 import torch
 
 from reslens._distributed import Shard
-from reslens._stream import stream
-from reslens.lens._metrics import resolve_targets
-from reslens.lens.result import LensResult, _lens_of, _lens_rows
+from reslens.lens.result import LensResult
 from reslens.lens.stats import _Sums
 from reslens.lens.values import as_lens
 
@@ -69,23 +67,10 @@ class BenchSums(_Sums):
 def read_bench(arch: Any, data: Any, total: int | None, lenses: list[Any], kept: tuple[int, ...],
                progress: bool, shard: Shard) -> list[BenchSums]:
     """Every lens's bench sums over this rank's batches of ``data`` (merged), each batch captured once."""
-    from tqdm.auto import tqdm
+    from reslens.lens.stats import _read
 
-    sums = [BenchSums(len(kept), shard.rank) for _ in lenses]
-    mine = None if total is None else len(range(shard.rank, total, shard.world))
-    rows = _lens_rows(kept, ("resid",), arch.n_layer)
-    read = stream(arch, data, sites=("resid",), layers=sorted({*kept, arch.n_layer}), shard=shard)
-    with shard.together():  # a batch that fails on one rank stops every rank at the merge
-        for _, _, res in tqdm(read, total=mine, desc="lens bench", unit="batch",
-                              disable=not progress or not shard.primary):
-            mask = res.attention_mask.to(arch.device)
-            target_ids = resolve_targets("next", res.input_ids.to(arch.device), mask, arch.d_vocab)
-            for lens, acc in zip(lenses, sums):
-                acc.add(_lens_of(res, arch, rows=rows, lens=lens, target_ids=target_ids, top_k=1,
-                                 chunk_size=384, fused=False, tokenizer=None, warn=False), res.stat_mask)
-    for acc in sums:
-        acc.merge(shard)
-    return sums
+    return _read(arch, data, total, lenses, kept, lambda: BenchSums(len(kept), shard.rank), 384, False,
+                 progress, shard, desc="lens bench")
 
 
 def check_lenses(lenses: Any, arch: Any) -> tuple[list[str], list[Any]]:

@@ -325,17 +325,20 @@ def _input_batches(data: Any, tokenizer: Any, arch: Any, max_length: int, batch_
     return batches(tokenizer, windows, batch_size), -(-len(windows) // batch_size)
 
 
-def _read(arch: Any, data: Any, total: int | None, lenses: list[Any], kept: tuple[int, ...], max_samples: int,
-          chunk_size: int, fused: bool, progress: bool, shard: Shard) -> list[_Sums]:
-    """Every lens's running sums over this rank's batches of ``data`` (merged), each batch captured once."""
+def _read(arch: Any, data: Any, total: int | None, lenses: list[Any], kept: tuple[int, ...], make: Any,
+          chunk_size: int, fused: bool, progress: bool, shard: Shard, desc: str = "lens stats") -> list[Any]:
+    """Every lens's running sums over this rank's batches of ``data`` (merged), each batch captured once.
+
+    ``make()`` makes one lens's empty sums (:class:`_Sums` here; the lens bench's ``BenchSums``).
+    """
     from tqdm.auto import tqdm
 
-    sums = [_Sums(len(kept), max_samples, shard.rank) for _ in lenses]
+    sums = [make() for _ in lenses]
     mine = None if total is None else len(range(shard.rank, total, shard.world))
     rows = _lens_rows(kept, ("resid",), arch.n_layer)  # the options were checked once, by the caller
     read = stream(arch, data, sites=("resid",), layers=sorted({*kept, arch.n_layer}), shard=shard)
     with shard.together():  # a batch that fails on one rank stops every rank at the merge
-        for _, _, res in tqdm(read, total=mine, desc="lens stats", unit="batch",
+        for _, _, res in tqdm(read, total=mine, desc=desc, unit="batch",
                               disable=not progress or not shard.primary):
             mask = res.attention_mask.to(arch.device)
             target_ids = resolve_targets("next", res.input_ids.to(arch.device), mask, arch.d_vocab)
@@ -403,7 +406,8 @@ def lens_stats(
         data, total = _input_batches(data, tokenizer, arch, max_length, batch_size)
     shard.same((kept, quantiles, max_samples, total), "the layers, quantiles, max_samples and batch count")
     shard.same_model(arch, [lens])
-    (sums,) = _read(arch, data, total, [lens], kept, max_samples, chunk_size, fused, progress, shard)
+    (sums,) = _read(arch, data, total, [lens], kept, lambda: _Sums(len(kept), max_samples, shard.rank),
+                    chunk_size, fused, progress, shard)
     stats = sums.result(kept, quantiles, max_samples, lens.name)
     if int(stats.n_non_finite.sum()) and shard.primary:
         warnings.warn(f"lens_stats: {int(stats.n_non_finite.sum())} lens cells (layer, position) had "
