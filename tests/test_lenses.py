@@ -428,6 +428,10 @@ def test_a_lens_says_what_its_training_leaves_in_doubt_when_it_is_used():
     assert any("still falling fast" in c for c in falling.caveats)
     flat = TunedLens(short.weight, short.bias, {"loss": [[1.0, 1.0]] * 8})
     assert flat.caveats == []
+    # a loss that rose (Gemma 3 under the paper's SGD step: 2.29 -> 5.13 nats in two steps)
+    rose = TunedLens(short.weight, short.bias, {"loss": [[2.0, 2.6], [5.0, 5.3]]})
+    assert any("training loss rose" in c and "2.3 -> 5.15" in c for c in rose.caveats), rose.caveats
+    assert not any("rose" in c for c in falling.caveats)
     held = {"kl_lens": [1.0, 3.0, 0.0, 0.0], "kl_logit": [2.0, 2.0, 0.0, 0.0], "n_tokens": 9}
     worse = TunedLens(short.weight, short.bias, {"held_out": held})
     assert worse.caveats == ["its held-out KL is worse than the logit lens's at layers [1]"]

@@ -138,10 +138,12 @@ class AffineLens(Lens):
     def caveats(self) -> list[str]:
         """What a reader should know from how this lens was trained (``config``); warned wherever it is used.
 
-        Too few steps to tell whether the loss settled (under 8); a loss still falling fast at the end
-        (the mean over layers fell more than 10% between the last two quarters of the steps); a
-        held-out KL (``config["held_out"]``, from ``train_tuned_lens(held_out=...)``) worse than the
-        logit lens's at some layer.
+        Too few steps to tell whether the loss settled (under 8); a loss that rose (the last step's mean
+        over layers more than 10% above the first's: each step's loss is taken before it trains on its
+        windows, so training made the lens worse, e.g. a step too large for the model); a loss still
+        falling fast at the end (the mean over layers fell more than 10% between the last two quarters of
+        the steps); a held-out KL (``config["held_out"]``, from ``train_tuned_lens(held_out=...)``) worse
+        than the logit lens's at some layer.
         """
         out = []
         history = [sum(step) / len(step) for step in self.config.get("loss", []) if step]
@@ -154,6 +156,10 @@ class AffineLens(Lens):
             if before > 0 and (before - last) / before > 0.1:
                 out.append(f"its training loss was still falling fast when it stopped (mean KL {before:.3g} "
                            f"-> {last:.3g} nats over the last two quarters of its steps): train it longer")
+        if len(history) > 1 and history[-1] > 1.1 * history[0]:
+            out.append(f"its training loss rose (mean KL {history[0]:.3g} -> {history[-1]:.3g} nats from its "
+                       "first step to its last): training made it worse (a step too large for this model?); "
+                       "score it on held-out text (held_out=) before reading it")
         held = self.config.get("held_out")
         if held:
             worse = [layer for layer, (ours, logit) in enumerate(zip(held["kl_lens"], held["kl_logit"]))
