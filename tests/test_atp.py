@@ -200,6 +200,7 @@ def test_weights_keep_no_gradient_and_hooks_go(tmp_path):
     r.save(tmp_path / "atp.safetensors")
     back = AtPResult.load(tmp_path / "atp.safetensors")
     assert torch.equal(back.heads, r.heads) and back.checked_kind == r.checked_kind
+    assert back.model_fingerprint == reslens.adapter(model).fingerprint != ""  # it knows which model made it
     assert r.table().splitlines()[-1].startswith("Read:")
     assert len(r.to_frame()) == r.heads.numel() + r.mlp.numel() + r.memories.numel() + r.resid.numel()
     assert "AtPResult" in r._repr_html_()
@@ -288,7 +289,9 @@ def test_edges_sum_to_node_estimates(family, method, tmp_path):
     assert edges.scores[edges.upstream.index("1.0"), edges.downstream.index("attn 1")].isnan()
     assert not edges.scores[edges.upstream.index("1.0"), edges.downstream.index("mlp 1")].isnan()
     edges.save(tmp_path / "edges.safetensors")
-    assert torch.equal(EdgeResult.load(tmp_path / "edges.safetensors").scores.isnan(), edges.scores.isnan())
+    loaded = EdgeResult.load(tmp_path / "edges.safetensors")
+    assert torch.equal(loaded.scores.isnan(), edges.scores.isnan())
+    assert loaded.model_fingerprint == arch.fingerprint != ""
     assert edges.table().splitlines()[-1].startswith("Read:")
 
 

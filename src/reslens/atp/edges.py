@@ -30,6 +30,7 @@ from reslens.arch import adapter
 from reslens.atp.estimate import _corruption, _gradients, _name
 from reslens.atp.metrics import wide
 from reslens.atp._passes import corrupted_states
+from reslens.lens._data import model_name
 
 __all__ = ["EdgeResult", "edge_attribution"]
 
@@ -39,7 +40,8 @@ class EdgeResult(Saveable):
     """Edge scores ``scores [n_upstream, n_downstream]`` (NaN where the reader comes before the writer).
 
     ``upstream``: ``"embed"``, heads ``"l.h"``, ``"mlp l"``; ``downstream``: ``"attn l"`` (block ``l``'s
-    attention input), ``"mlp l"`` (its MLP input), ``"logits"``.
+    attention input), ``"mlp l"`` (its MLP input), ``"logits"``. ``model``, ``model_fingerprint``: the model
+    that was read.
     """
 
     method: str
@@ -50,6 +52,8 @@ class EdgeResult(Saveable):
     upstream: tuple[str, ...]
     downstream: tuple[str, ...]
     scores: torch.Tensor
+    model: str = ""
+    model_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "upstream", tuple(self.upstream))
@@ -185,4 +189,5 @@ def edge_attribution(
     scores = scores.masked_fill(~visible, float("nan")).float()
     return EdgeResult(method=method, steps=steps if method == "ig" else 1, metric=_name(metric),
                       clean_metric=clean_value, corrupt_metric=corrupt_value, upstream=tuple(up),
-                      downstream=tuple(down), scores=scores)
+                      downstream=tuple(down), scores=scores, model=model_name(arch),
+                      model_fingerprint=arch.fingerprint)

@@ -27,6 +27,7 @@ from reslens.atp._exact import Candidate, exact_effects
 from reslens.atp._passes import (KINDS, States, clean_states, corrupted_states, estimates, gradient_pass,
                                  grad_keys)
 from reslens.atp.result import AtPResult, KindScores
+from reslens.lens._data import model_name
 
 __all__ = ["attribution_patching"]
 
@@ -234,4 +235,5 @@ def attribution_patching(
         checked_estimate=torch.tensor(lookup, dtype=torch.float32),
         checked_exact=wide(exact), checked_top=torch.tensor(top, dtype=torch.bool),
         graddrop=None if scores is None else KindScores(**scores),
+        model=model_name(arch), model_fingerprint=arch.fingerprint,
     )

@@ -64,6 +64,8 @@ class AtPResult(Saveable):
     ``graddrop`` (with ``graddrop=True``): AtP*'s GradDrop score of every component, ``Σ_l |AtP with the
     gradient into block l's attention and MLP outputs dropped - AtP|`` over the blocks ``l`` after the
     component's own (Kramár et al. 2024, sec. 3.1.2): large where paths through some block cancel.
+
+    ``model``, ``model_fingerprint``: the model that was patched (``""`` in results saved before them).
     """
 
     method: str
@@ -82,6 +84,8 @@ class AtPResult(Saveable):
     checked_exact: torch.Tensor
     checked_top: torch.Tensor
     graddrop: KindScores | None = None
+    model: str = ""
+    model_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checked_kind", tuple(self.checked_kind))
